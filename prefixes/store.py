@@ -1,0 +1,235 @@
+"""Durable task store on disk plus a byte-budgeted in-memory LRU of serving-ready prefixes.
+
+Disk layout under ``root``::
+
+    tasks/<task>/v<version>/prefix.safetensors   canonical tensors (prefix-serve format)
+    tasks/<task>/v<version>/meta.json            the TaskRecord
+    tasks/<task>/CURRENT                         the served version number
+    tmp/  trash/                                 staging for atomic writes and deletes
+
+A version directory is fully written and fsynced in ``tmp/`` before one ``rename`` puts it in place, and
+``CURRENT`` changes by ``os.replace``. A crash at any point leaves either the old version or the new one
+served, never a half-written file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from prefixes.artifact import PrefixArtifact, PrefixKind
+from prefixes.formats import from_own_format, to_own_format
+
+TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+TENSOR_FILE = "prefix.safetensors"
+META_FILE = "meta.json"
+CURRENT_FILE = "CURRENT"
+
+
+class TaskNotFound(KeyError):
+    pass
+
+
+class InvalidTaskName(ValueError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class TaskRecord:
+    task: str
+    kind: str
+    num_virtual_tokens: int
+    sha256: str
+    version: int
+    bytes: int
+    source_format: str
+    created_at: float
+
+    def as_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class ResidentPrefix:
+    """A task ready for the engine: its record and its tensor already on the serving device and dtype."""
+
+    record: TaskRecord
+    kind: PrefixKind
+    tensor: torch.Tensor
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        return self.record.num_virtual_tokens
+
+
+@dataclass(slots=True)
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    resident_bytes: int = 0
+    resident_tasks: int = 0
+    load_seconds_total: float = 0.0
+
+
+def check_task_name(task: str) -> str:
+    if not TASK_NAME.match(task):
+        raise InvalidTaskName(
+            f"Task name {task!r} is invalid: use 1-128 characters from letters, digits, '.', '_' and '-', "
+            "starting with a letter or digit."
+        )
+    return task
+
+
+def _fsync_write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class PrefixStore:
+    def __init__(self, root: Path, cache_bytes: int, prepare: Callable[[torch.Tensor], torch.Tensor]):
+        """``prepare`` moves a loaded tensor to the serving device and dtype (called once per load)."""
+        self.root = Path(root)
+        self.cache_bytes = cache_bytes
+        self.prepare = prepare
+        self.stats = CacheStats()
+        self._resident: OrderedDict[str, ResidentPrefix] = OrderedDict()
+        self._lock = threading.Lock()  # guards _resident, stats and version allocation
+        for sub in ("tasks", "tmp", "trash"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        self._sweep_staging()
+
+    # -- disk ---------------------------------------------------------------------------------------------
+
+    def _task_dir(self, task: str) -> Path:
+        return self.root / "tasks" / check_task_name(task)
+
+    def _current_version(self, task: str) -> int | None:
+        try:
+            return int((self._task_dir(task) / CURRENT_FILE).read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def _sweep_staging(self) -> None:
+        """Remove what an interrupted write or delete left behind; never touches served versions."""
+        for sub in ("tmp", "trash"):
+            for leftover in (self.root / sub).iterdir():
+                shutil.rmtree(leftover, ignore_errors=True)
+
+    def put(self, task: str, artifact: PrefixArtifact) -> TaskRecord:
+        task_dir = self._task_dir(task)
+        data = to_own_format(artifact)
+        stage = self.root / "tmp" / uuid.uuid4().hex
+        stage.mkdir()
+        try:
+            _fsync_write(stage / TENSOR_FILE, data)
+            with self._lock:
+                task_dir.mkdir(exist_ok=True)
+                existing = [int(p.name[1:]) for p in task_dir.glob("v*") if p.name[1:].isdigit()]
+                version = max(existing, default=0) + 1
+                record = TaskRecord(
+                    task=task, kind=artifact.kind.value, num_virtual_tokens=artifact.num_virtual_tokens,
+                    sha256=artifact.sha256(), version=version, bytes=artifact.nbytes,
+                    source_format=artifact.source_format, created_at=time.time(),
+                )
+                _fsync_write(stage / META_FILE, json.dumps(record.as_json()).encode())
+                _fsync_dir(stage)
+                os.rename(stage, task_dir / f"v{version}")
+                pointer = task_dir / f"{CURRENT_FILE}.{uuid.uuid4().hex}"
+                _fsync_write(pointer, str(version).encode())
+                os.replace(pointer, task_dir / CURRENT_FILE)
+                _fsync_dir(task_dir)
+                self._drop_resident(task)
+            for old in existing:  # superseded versions: the new one is durable, so they can go
+                shutil.rmtree(task_dir / f"v{old}", ignore_errors=True)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+        return record
+
+    def info(self, task: str) -> TaskRecord:
+        version = self._current_version(task)
+        if version is None:
+            raise TaskNotFound(task)
+        meta = json.loads((self._task_dir(task) / f"v{version}" / META_FILE).read_text())
+        return TaskRecord(**meta)
+
+    def list(self) -> list[TaskRecord]:
+        records = []
+        for task_dir in sorted((self.root / "tasks").iterdir()):
+            try:
+                records.append(self.info(task_dir.name))
+            except (TaskNotFound, InvalidTaskName, FileNotFoundError):
+                continue
+        return records
+
+    def delete(self, task: str) -> None:
+        task_dir = self._task_dir(task)
+        with self._lock:
+            if self._current_version(task) is None:
+                raise TaskNotFound(task)
+            trash = self.root / "trash" / uuid.uuid4().hex
+            os.rename(task_dir, trash)
+            self._drop_resident(task)
+        shutil.rmtree(trash, ignore_errors=True)
+
+    # -- memory tier --------------------------------------------------------------------------------------
+
+    def get(self, task: str) -> ResidentPrefix:
+        """The task's current version, from memory when resident, else loaded from disk."""
+        with self._lock:
+            resident = self._resident.get(task)
+            if resident is not None:
+                self._resident.move_to_end(task)
+                self.stats.hits += 1
+                return resident
+            self.stats.misses += 1
+        start = time.perf_counter()
+        record = self.info(task)
+        path = self._task_dir(task) / f"v{record.version}" / TENSOR_FILE
+        artifact = from_own_format(path.read_bytes(), str(path))
+        resident = ResidentPrefix(record, artifact.kind, self.prepare(artifact.tensor))
+        with self._lock:
+            self.stats.load_seconds_total += time.perf_counter() - start
+            if self._current_version(task) == record.version:  # not replaced or deleted meanwhile
+                self._admit(task, resident)
+        return resident
+
+    def _admit(self, task: str, resident: ResidentPrefix) -> None:
+        self._drop_resident(task)
+        size = resident.tensor.numel() * resident.tensor.element_size()
+        if size > self.cache_bytes:
+            return  # served to this request, but too large to keep
+        while self._resident and self.stats.resident_bytes + size > self.cache_bytes:
+            _, evicted = self._resident.popitem(last=False)
+            self.stats.resident_bytes -= evicted.tensor.numel() * evicted.tensor.element_size()
+            self.stats.evictions += 1
+        self._resident[task] = resident
+        self.stats.resident_bytes += size
+        self.stats.resident_tasks = len(self._resident)
+
+    def _drop_resident(self, task: str) -> None:
+        dropped = self._resident.pop(task, None)
+        if dropped is not None:
+            self.stats.resident_bytes -= dropped.tensor.numel() * dropped.tensor.element_size()
+        self.stats.resident_tasks = len(self._resident)

@@ -1,0 +1,230 @@
+"""The serving loop: the scheduler picks who joins, the runner computes, the engine post-processes.
+
+``step()`` admits waiting requests into the running batch (one prefill forward for all of them), then
+advances every running request by one token (one decode forward), then lets finished requests leave. New
+requests therefore join between decode steps and finished ones leave at once: continuous batching.
+
+Runs on one background thread (``start``); ``submit`` may be called from any thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from server.engine.model import BaseModel
+from server.engine.runner import ModelRunner
+from server.engine.sampling import make_generator, sample
+from server.engine.sequence import FinishReason, Sequence
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    max_batch_size: int = 32
+    # Key/value memory the batch may use (rows x columns x bytes per slot); bounds admission.
+    kv_cache_bytes: int = 2 << 30
+
+    def __post_init__(self):
+        if self.max_batch_size < 1:
+            raise ValueError("max_batch_size must be at least 1")
+        if self.kv_cache_bytes <= 0:
+            raise ValueError("kv_cache_bytes must be positive")
+
+
+class ContextTooLong(ValueError):
+    pass
+
+
+class Scheduler:
+    """Decides which waiting requests join the batch; knows counts and lengths, never tensors."""
+
+    def __init__(self, config: EngineConfig, bytes_per_slot: int):
+        self.config = config
+        self.max_slots = config.kv_cache_bytes // bytes_per_slot  # rows x columns that fit
+        self.waiting: deque[Sequence] = deque()
+
+    def fits(self, seq: Sequence) -> bool:
+        """Whether ``seq`` could ever run, alone in the batch."""
+        return seq.total_len <= self.max_slots
+
+    def pick(self, running: list[Sequence], end: int, start: int) -> list[Sequence]:
+        """Waiting requests (first come, first served) that fit beside ``running`` to their last token."""
+        picked: list[Sequence] = []
+        while self.waiting and len(running) + len(picked) < self.config.max_batch_size:
+            if not self._fits_with(running, picked + [self.waiting[0]], end - start):
+                break
+            picked.append(self.waiting.popleft())
+        return picked
+
+    def _fits_with(self, running: list[Sequence], joining: list[Sequence], running_span: int) -> bool:
+        # Columns the batch will span once every row has produced its last token: joining rows are
+        # right-aligned to the frontier and need ``width`` columns left of it; running rows already span
+        # ``running_span``; to the right every row grows by at most its remaining budget.
+        width = max(seq.input_len for seq in joining) + max(seq.num_prefix_kv for seq in joining)
+        span_left = max(running_span, width) if running else width
+        span_right = max(seq.remaining_tokens for seq in running + joining)
+        return (len(running) + len(joining)) * (span_left + span_right) <= self.max_slots
+
+
+class Engine:
+    def __init__(self, base: BaseModel, config: EngineConfig = EngineConfig()):
+        self.base = base
+        self.config = config
+        self.scheduler = Scheduler(config, base.shape.kv_width * base.dtype.itemsize)
+        self.runner = ModelRunner(base, self.scheduler.max_slots)
+        self._lock = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.num_steps = 0
+
+    # -- requests -----------------------------------------------------------------------------------------
+
+    def check_fits(self, seq: Sequence) -> None:
+        """Raise :class:`ContextTooLong` (a client error) for a request that can never be served."""
+        limit = self.base.shape.max_positions
+        if seq.total_len > limit:
+            raise ContextTooLong(
+                f"prompt ({len(seq.prompt_ids)} tokens) + task prefix ({seq.num_prefix_kv + seq.num_soft_tokens} "
+                f"virtual tokens) + max_new_tokens ({seq.params.max_new_tokens}) = {seq.total_len} exceeds the "
+                f"model's context of {limit} positions; shorten the prompt or lower max_new_tokens."
+            )
+        if not self.scheduler.fits(seq):
+            raise ContextTooLong(
+                f"request needs {seq.total_len} cache positions but the key/value budget holds "
+                f"{self.scheduler.max_slots}; lower max_new_tokens or raise --kv-cache-bytes."
+            )
+        if not seq.prompt_ids and not seq.num_soft_tokens:
+            raise ContextTooLong("the prompt is empty: send at least one token of prompt text.")
+
+    def submit(self, seq: Sequence) -> None:
+        self.check_fits(seq)
+        seq.generator = make_generator(seq.params, self.base.device)
+        with self._lock:
+            self.scheduler.waiting.append(seq)
+            self._lock.notify()
+
+    @property
+    def num_running(self) -> int:
+        return self.runner.num_rows
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    # -- the loop -----------------------------------------------------------------------------------------
+
+    def step(self) -> int:
+        """One admission + decode round; returns how many tokens it produced."""
+        runner = self.runner
+        with self._lock:
+            joining = self.scheduler.pick(runner.rows, runner.cache.end, runner.cache.start)
+        produced = 0
+        if joining:
+            now = time.monotonic()
+            logits = runner.admit(joining)
+            first = runner.num_rows - len(joining)
+            produced += self._append_tokens(sample(logits, joining), first, now)
+        if runner.num_rows:
+            logits = runner.decode()
+            produced += self._append_tokens(sample(logits, runner.rows), 0, time.monotonic())
+        self.num_steps += 1
+        return produced
+
+    def _append_tokens(self, tokens: list[int], first_row: int, now: float) -> int:
+        """Give rows ``first_row..`` their new tokens, then let finished rows leave the batch."""
+        rows = self.runner.rows
+        done: dict[int, FinishReason] = {}
+        for offset, token in enumerate(tokens):
+            seq = rows[first_row + offset]
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            seq.output_ids.append(token)
+            reason = FinishReason.CANCELLED if seq.cancelled else self._stop_reason(seq, token)
+            if reason is not None:
+                done[first_row + offset] = reason
+        self.runner.set_last_tokens([seq.output_ids[-1] for seq in rows])
+        # Descending: release(row) moves the last row into ``row``, and every later finished row is gone.
+        for row in sorted(done, reverse=True):
+            seq = rows[row]
+            self.runner.release(row)
+            if not seq.text:
+                seq.text = self.base.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+            self._finish(seq, done[row])
+        return len(tokens)
+
+    def _stop_reason(self, seq: Sequence, token: int) -> FinishReason | None:
+        params = seq.params
+        if token in self.base.eos_token_ids and not params.ignore_eos:
+            return FinishReason.STOP
+        if params.stop:
+            text = self.base.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+            hits = [i for i in (text.find(s) for s in params.stop) if i >= 0]
+            if hits:
+                seq.text = text[: min(hits)]  # the stop string itself is not returned
+                return FinishReason.STOP
+        if len(seq.output_ids) >= params.max_new_tokens:
+            return FinishReason.LENGTH
+        return None
+
+    def _finish(self, seq: Sequence, reason: FinishReason, error: str | None = None) -> None:
+        seq.finish_reason, seq.error = reason, error
+        if seq.on_finish is not None:
+            try:
+                seq.on_finish(seq)
+            except Exception:  # a broken callback must not stop the loop for everyone else
+                log.exception("on_finish callback failed for request %s", seq.id)
+
+    def cancel(self, seq: Sequence) -> None:
+        """Stop ``seq`` (e.g. its client went away): at once if waiting, at the next step if running."""
+        with self._lock:
+            if seq in self.scheduler.waiting:
+                self.scheduler.waiting.remove(seq)
+                self._finish(seq, FinishReason.CANCELLED)
+                return
+            seq.cancelled = True
+
+    def _fail_all(self, message: str) -> None:
+        failed = list(self.runner.rows)
+        self.runner.reset()
+        for seq in failed:
+            self._finish(seq, FinishReason.ERROR, message)
+
+    def run_until_idle(self) -> None:
+        """Step until nothing is waiting or running (for tests, benchmarks and offline use)."""
+        while self.num_waiting or self.num_running:
+            self.step()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="prefix-serve-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopping = True
+            self._lock.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stopping and not self.scheduler.waiting and not self.runner.num_rows:
+                    self._lock.wait()
+                if self._stopping:
+                    break
+            try:
+                self.step()
+            except Exception as exc:
+                log.exception("engine step failed; failing the running requests")
+                self._fail_all(f"internal engine error: {type(exc).__name__}: {exc}")
+        with self._lock:
+            abandoned = list(self.scheduler.waiting)
+            self.scheduler.waiting.clear()
+        for seq in abandoned:
+            self._finish(seq, FinishReason.ERROR, "server shutting down")
+        self._fail_all("server shutting down")
