@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from server.engine.model import BaseModel
@@ -81,6 +82,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.num_steps = 0
+        self.on_decode: Callable[[int], None] | None = None  # observes each decode step's batch size
 
     # -- requests -----------------------------------------------------------------------------------------
 
@@ -130,6 +132,8 @@ class Engine:
             first = runner.num_rows - len(joining)
             produced += self._append_tokens(sample(logits, joining), first, now)
         if runner.num_rows:
+            if self.on_decode is not None:
+                self.on_decode(runner.num_rows)
             logits = runner.decode()
             produced += self._append_tokens(sample(logits, runner.rows), 0, time.monotonic())
         self.num_steps += 1

@@ -1,0 +1,82 @@
+"""POST /generate: one completion for one task (or the bare base model)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from fastapi import APIRouter, HTTPException, Query
+from starlette.concurrency import run_in_threadpool
+
+from prefixes.store import InvalidTaskName, ResidentPrefix, TaskNotFound
+from server.api.schemas import GenerateRequest, GenerateResponse, Usage
+from server.engine.engine import ContextTooLong
+from server.engine.sequence import FinishReason, SamplingParams, Sequence
+from server.state import ServerState, State
+
+router = APIRouter(tags=["generate"])
+
+
+async def resolve_prefix(state: ServerState, task: str | None) -> ResidentPrefix | None:
+    if task is None:
+        return None
+    try:
+        return await run_in_threadpool(state.store.get, task)
+    except InvalidTaskName as exc:
+        raise HTTPException(400, str(exc)) from None
+    except TaskNotFound:
+        raise HTTPException(404, f"Unknown task {task!r}: upload it with POST /prefixes/{task} first.") from None
+
+
+async def run_sequence(state: ServerState, seq: Sequence) -> Sequence:
+    """Submit ``seq`` to the engine and wait for it; a cancelled wait cancels the request."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[Sequence] = loop.create_future()
+
+    def on_finish(finished: Sequence) -> None:  # runs on the engine thread
+        loop.call_soon_threadsafe(lambda: done.done() or done.set_result(finished))
+
+    seq.on_finish = on_finish
+    try:
+        state.engine.submit(seq)
+    except ContextTooLong as exc:
+        state.metrics.requests.labels("rejected").inc()
+        raise HTTPException(400, str(exc)) from None
+    try:
+        await done
+    except asyncio.CancelledError:
+        state.engine.cancel(seq)
+        raise
+    record_finished(state, seq)
+    if seq.finish_reason is FinishReason.ERROR:
+        raise HTTPException(500, seq.error or "generation failed")
+    return seq
+
+
+def record_finished(state: ServerState, seq: Sequence) -> None:
+    m = state.metrics
+    m.requests.labels(seq.finish_reason.value).inc()
+    m.prompt_tokens.inc(len(seq.prompt_ids))
+    m.generation_tokens.inc(len(seq.output_ids))
+    if seq.first_token_time is not None:
+        m.ttft.observe(seq.first_token_time - seq.arrival_time)
+    m.e2e.observe(time.monotonic() - seq.arrival_time)
+
+
+@router.post("/generate", response_model=GenerateResponse)
+async def generate(body: GenerateRequest, state: State,
+                   task: str | None = Query(None, description="task name; omit for the base model")):
+    prefix = await resolve_prefix(state, task)
+    prompt_ids = state.base.tokenizer(body.prompt)["input_ids"]
+    try:
+        params = SamplingParams(
+            max_new_tokens=body.max_new_tokens, temperature=body.temperature, top_p=body.top_p,
+            top_k=body.top_k, seed=body.seed, stop=tuple(body.stop), ignore_eos=body.ignore_eos,
+        )
+    except ValueError as exc:
+        raise HTTPException(400, str(exc)) from None
+    seq = await run_sequence(state, Sequence(prompt_ids, params, prefix))
+    return GenerateResponse(
+        task=task, text=seq.text, token_ids=seq.output_ids, finish_reason=seq.finish_reason.value,
+        usage=Usage(prompt_tokens=len(prompt_ids), completion_tokens=len(seq.output_ids)),
+    )

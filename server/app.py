@@ -1,0 +1,55 @@
+"""Builds the FastAPI app: load the model, open the store, start the engine, mount the routers."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+import torch
+from fastapi import FastAPI
+
+from prefixes.store import PrefixStore
+from prefixes.validate import ArtifactLimits
+from server.api import generate, health, prefixes
+from server.config import Settings
+from server.engine.engine import Engine, EngineConfig
+from server.engine.model import BaseModel, load_base_model
+from server.metrics import Metrics
+from server.state import ServerState
+
+log = logging.getLogger(__name__)
+
+
+def build_state(settings: Settings, base: BaseModel | None = None) -> ServerState:
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    if base is None:
+        base = load_base_model(settings.model, settings.torch_dtype, settings.device)
+    engine = Engine(base, EngineConfig(max_batch_size=settings.max_batch_size,
+                                       kv_cache_bytes=settings.kv_cache_bytes))
+    store = PrefixStore(settings.store_dir, settings.cache_bytes,
+                        prepare=lambda t: t.to(device=base.device, dtype=base.dtype))
+    metrics = Metrics(store, lambda: engine.num_running, lambda: engine.num_waiting)
+    engine.on_decode = metrics.batch_size.observe
+    limits = ArtifactLimits(max_virtual_tokens=settings.max_virtual_tokens)
+    return ServerState(settings, base, engine, store, metrics, limits)
+
+
+def create_app(settings: Settings, base: BaseModel | None = None) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        state = build_state(settings, base)
+        app.state.server = state
+        state.engine.start()
+        log.info("serving %s (%s, %s on %s); store at %s", state.base.model_id, state.base.shape.model_type,
+                 settings.dtype, settings.device, settings.store_dir)
+        try:
+            yield
+        finally:
+            state.engine.stop()
+
+    app = FastAPI(title="prefix-serve", version="0.1.0", lifespan=lifespan)
+    app.include_router(health.router)
+    app.include_router(generate.router)
+    app.include_router(prefixes.router)
+    return app
