@@ -132,7 +132,7 @@ def _parse_peft(files: Mapping[str, bytes], shape: ModelShape) -> PrefixArtifact
     task_type = config.get("task_type")
     if task_type not in (None, "CAUSAL_LM"):
         raise InvalidArtifact(f"{PEFT_CONFIG}: task_type {task_type!r}; only CAUSAL_LM adapters fit a causal LM.")
-    if int(config.get("num_transformer_submodules") or 1) != 1:
+    if _config_int(config, "num_transformer_submodules", 1) != 1:
         raise InvalidArtifact(f"{PEFT_CONFIG}: num_transformer_submodules must be 1 for a decoder-only model.")
 
     weights = [n for n in PEFT_WEIGHTS if n in files]
@@ -145,22 +145,32 @@ def _parse_peft(files: Mapping[str, bytes], shape: ModelShape) -> PrefixArtifact
             "PeftModel.save_pretrained."
         )
     flat = _as_matrix(tensors[EMBEDDING_TENSOR], f"{weights[0]}:{EMBEDDING_TENSOR}")
-    num_virtual_tokens = config.get("num_virtual_tokens")
-    if num_virtual_tokens is not None and int(num_virtual_tokens) != flat.shape[0]:
+    num_virtual_tokens = _config_int(config, "num_virtual_tokens", None)
+    if num_virtual_tokens is not None and num_virtual_tokens != flat.shape[0]:
         raise InvalidArtifact(
             f"{PEFT_CONFIG} says num_virtual_tokens={num_virtual_tokens} but {EMBEDDING_TENSOR} has "
             f"{flat.shape[0]} rows: the config and weights come from different adapters."
         )
     metadata = {"peft_type": peft_type}
     if kind.is_deep:
-        if config.get("num_layers") not in (None, shape.num_layers):
+        num_layers = _config_int(config, "num_layers", None)
+        if num_layers not in (None, shape.num_layers):
             raise InvalidArtifact(
-                f"{PEFT_CONFIG}: num_layers={config['num_layers']} but the base model has {shape.num_layers} "
+                f"{PEFT_CONFIG}: num_layers={num_layers} but the base model has {shape.num_layers} "
                 "layers: this adapter was trained for another model."
             )
         kv = _unflatten_checked(flat, shape, weights[0])
         return PrefixArtifact(kind, kv, "peft", metadata)
     return PrefixArtifact(kind, _soft_prompt_checked(flat, shape, weights[0]), "peft", metadata)
+
+
+def _config_int(config: dict, key: str, default: int | None) -> int | None:
+    value = config.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidArtifact(f"{PEFT_CONFIG}: {key} must be an integer, got {value!r}.")
+    return value
 
 
 def _parse_chatglm(tensors: dict[str, torch.Tensor], shape: ModelShape, name: str) -> PrefixArtifact:
@@ -202,8 +212,14 @@ def _parse_own(tensors: dict[str, torch.Tensor], metadata: dict[str, str], name:
     tensor_name = KV_TENSOR if kind.is_deep else EMBEDDING_TENSOR
     if set(tensors) != {tensor_name}:
         raise InvalidArtifact(f"{name}: a {kind.value} file holds exactly one tensor '{tensor_name}'.")
+    tensor = tensors[tensor_name]
+    expected_dims = 5 if kind.is_deep else 2
+    if tensor.ndim != expected_dims:
+        raise InvalidArtifact(
+            f"{name}: '{tensor_name}' must have {expected_dims} dimensions, got shape {tuple(tensor.shape)}."
+        )
     keep = {k: v for k, v in metadata.items() if k not in ("format", "kind")}
-    return PrefixArtifact(kind, tensors[tensor_name], OWN_FORMAT, keep)
+    return PrefixArtifact(kind, tensor, OWN_FORMAT, keep)
 
 
 def _as_matrix(t: torch.Tensor, what: str) -> torch.Tensor:

@@ -31,7 +31,7 @@ import torch
 from prefixes.artifact import PrefixArtifact, PrefixKind
 from prefixes.formats import from_own_format, to_own_format
 
-TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 TENSOR_FILE = "prefix.safetensors"
 META_FILE = "meta.json"
 CURRENT_FILE = "CURRENT"
@@ -84,7 +84,7 @@ class CacheStats:
 
 
 def check_task_name(task: str) -> str:
-    if not TASK_NAME.match(task):
+    if not TASK_NAME.fullmatch(task):
         raise InvalidTaskName(
             f"Task name {task!r} is invalid: use 1-128 characters from letters, digits, '.', '_' and '-', "
             "starting with a letter or digit."
@@ -126,8 +126,9 @@ class PrefixStore:
         return self.root / "tasks" / check_task_name(task)
 
     def _current_version(self, task: str) -> int | None:
+        pointer = self._task_dir(task) / CURRENT_FILE  # raises InvalidTaskName before any file access
         try:
-            return int((self._task_dir(task) / CURRENT_FILE).read_text().strip())
+            return int(pointer.read_text().strip())
         except (FileNotFoundError, ValueError):
             return None
 
@@ -136,6 +137,17 @@ class PrefixStore:
         for sub in ("tmp", "trash"):
             for leftover in (self.root / sub).iterdir():
                 shutil.rmtree(leftover, ignore_errors=True)
+        for task_dir in (self.root / "tasks").iterdir():
+            current = self._current_version(task_dir.name) if TASK_NAME.fullmatch(task_dir.name) else None
+            if current is None:  # a first upload that never got its CURRENT pointer
+                shutil.rmtree(task_dir, ignore_errors=True)
+                continue
+            for entry in task_dir.iterdir():
+                if entry.name != CURRENT_FILE and entry.name != f"v{current}":
+                    if entry.is_dir():
+                        shutil.rmtree(entry, ignore_errors=True)
+                    else:
+                        entry.unlink(missing_ok=True)
 
     def put(self, task: str, artifact: PrefixArtifact) -> TaskRecord:
         task_dir = self._task_dir(task)
@@ -168,11 +180,16 @@ class PrefixStore:
         return record
 
     def info(self, task: str) -> TaskRecord:
-        version = self._current_version(task)
-        if version is None:
-            raise TaskNotFound(task)
-        meta = json.loads((self._task_dir(task) / f"v{version}" / META_FILE).read_text())
-        return TaskRecord(**meta)
+        for _attempt in range(3):  # a version superseded between reading CURRENT and its metadata: reread
+            version = self._current_version(task)
+            if version is None:
+                break
+            try:
+                meta = json.loads((self._task_dir(task) / f"v{version}" / META_FILE).read_text())
+            except FileNotFoundError:
+                continue
+            return TaskRecord(**meta)
+        raise TaskNotFound(task)
 
     def list(self) -> list[TaskRecord]:
         records = []
@@ -205,9 +222,17 @@ class PrefixStore:
                 return resident
             self.stats.misses += 1
         start = time.perf_counter()
-        record = self.info(task)
-        path = self._task_dir(task) / f"v{record.version}" / TENSOR_FILE
-        artifact = from_own_format(path.read_bytes(), str(path))
+        for _attempt in range(3):  # a concurrent re-upload or delete may remove the version being read
+            record = self.info(task)
+            path = self._task_dir(task) / f"v{record.version}" / TENSOR_FILE
+            try:
+                data = path.read_bytes()
+                break
+            except FileNotFoundError:
+                continue
+        else:
+            raise TaskNotFound(task)
+        artifact = from_own_format(data, str(path))
         resident = ResidentPrefix(record, artifact.kind, self.prepare(artifact.tensor))
         with self._lock:
             self.stats.load_seconds_total += time.perf_counter() - start

@@ -23,7 +23,9 @@ def _serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"prefix-serve: {exc}", file=sys.stderr)
         return 2
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level)
+    # A bounded graceful shutdown: open requests get a moment to finish, then the engine stops.
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level,
+                timeout_graceful_shutdown=10)
     return 0
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from fastapi import APIRouter, HTTPException, Query
+from fastapi import APIRouter, HTTPException, Query, Request
 from starlette.concurrency import run_in_threadpool
 
 from prefixes.store import InvalidTaskName, ResidentPrefix, TaskNotFound
@@ -28,8 +28,11 @@ async def resolve_prefix(state: ServerState, task: str | None) -> ResidentPrefix
         raise HTTPException(404, f"Unknown task {task!r}: upload it with POST /prefixes/{task} first.") from None
 
 
-async def run_sequence(state: ServerState, seq: Sequence) -> Sequence:
-    """Submit ``seq`` to the engine and wait for it; a cancelled wait cancels the request."""
+DISCONNECT_POLL_S = 0.25
+
+
+async def run_sequence(state: ServerState, seq: Sequence, request: Request) -> Sequence:
+    """Submit ``seq`` to the engine and wait for it. A client that goes away cancels it, freeing its slot."""
     loop = asyncio.get_running_loop()
     done: asyncio.Future[Sequence] = loop.create_future()
 
@@ -43,7 +46,11 @@ async def run_sequence(state: ServerState, seq: Sequence) -> Sequence:
         state.metrics.requests.labels("rejected").inc()
         raise HTTPException(400, str(exc)) from None
     try:
-        await done
+        while not done.done():
+            await asyncio.wait([done], timeout=DISCONNECT_POLL_S)
+            if not done.done() and await request.is_disconnected():
+                state.engine.cancel(seq)
+                await done  # the engine confirms at its next step; the slot is free from then on
     except asyncio.CancelledError:
         state.engine.cancel(seq)
         raise
@@ -64,7 +71,7 @@ def record_finished(state: ServerState, seq: Sequence) -> None:
 
 
 @router.post("/generate", response_model=GenerateResponse)
-async def generate(body: GenerateRequest, state: State,
+async def generate(body: GenerateRequest, state: State, request: Request,
                    task: str | None = Query(None, description="task name; omit for the base model")):
     prefix = await resolve_prefix(state, task)
     prompt_ids = state.base.tokenizer(body.prompt)["input_ids"]
@@ -75,8 +82,8 @@ async def generate(body: GenerateRequest, state: State,
         )
     except ValueError as exc:
         raise HTTPException(400, str(exc)) from None
-    seq = await run_sequence(state, Sequence(prompt_ids, params, prefix))
+    seq = await run_sequence(state, Sequence(prompt_ids, params, prefix), request)
     return GenerateResponse(
-        task=task, text=seq.text, token_ids=seq.output_ids, finish_reason=seq.finish_reason.value,
+        task=task, text=seq.text or "", token_ids=seq.output_ids, finish_reason=seq.finish_reason.value,
         usage=Usage(prompt_tokens=len(prompt_ids), completion_tokens=len(seq.output_ids)),
     )

@@ -151,13 +151,13 @@ class Engine:
             reason = FinishReason.CANCELLED if seq.cancelled else self._stop_reason(seq, token)
             if reason is not None:
                 done[first_row + offset] = reason
+                if seq.text is None:  # not already cut at a stop string
+                    seq.text = self.base.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
         self.runner.set_last_tokens([seq.output_ids[-1] for seq in rows])
         # Descending: release(row) moves the last row into ``row``, and every later finished row is gone.
         for row in sorted(done, reverse=True):
             seq = rows[row]
             self.runner.release(row)
-            if not seq.text:
-                seq.text = self.base.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
             self._finish(seq, done[row])
         return len(tokens)
 

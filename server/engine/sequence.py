@@ -56,7 +56,7 @@ class Sequence:
     on_finish: Callable[[Sequence], None] | None = None
     id: int = field(default_factory=lambda: next(_ids))
     output_ids: list[int] = field(default_factory=list)
-    text: str = ""
+    text: str | None = None  # set when the request finishes
     finish_reason: FinishReason | None = None
     error: str | None = None
     cancelled: bool = False
