@@ -1,0 +1,158 @@
+"""The engine must produce PEFT's tokens exactly, for every architecture, in mixed continuous batches.
+
+Each scenario mixes prefix-tuning (bare and MLP-reparameterised), P-Tuning v1, prompt tuning, ChatGLM
+P-Tuning v2 checkpoints (bare and projected) and base-model rows, with different prefix and prompt lengths,
+and lets requests arrive while others decode.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import pytest
+import torch
+
+from server.engine.engine import ContextTooLong, Engine, EngineConfig
+from server.engine.model import SUPPORTED_MODEL_TYPES, UnsupportedModel, wrap_model
+from server.engine.sequence import SamplingParams, Sequence
+from support import KINDS, TINY_CONFIGS, VOCAB, assert_oracle_tokens, make_adapter, oracle_logits, tiny_model
+
+
+def run_staggered(engine: Engine, seqs: list[Sequence], arrivals: list[int]) -> None:
+    """Submit ``seqs[i]`` before step ``arrivals[i]``, stepping until all are done."""
+    pending = sorted(zip(arrivals, range(len(seqs))))
+    step = 0
+    while pending or engine.num_running or engine.num_waiting:
+        while pending and pending[0][0] <= step:
+            engine.submit(seqs[pending.pop(0)[1]])
+        engine.step()
+        step += 1
+    assert all(seq.finished for seq in seqs)
+
+
+def check_against_oracle(base, adapters, seqs, tasks) -> None:
+    changed = {a.name: False for a in adapters}
+    for seq, adapter in zip(seqs, tasks):
+        model = adapter.oracle if adapter else base.model
+        assert len(seq.output_ids) == seq.params.max_new_tokens
+        assert_oracle_tokens(model, seq.prompt_ids, seq.output_ids, f"{adapter.name if adapter else 'base'}")
+        if adapter is not None:
+            # The prefix must really matter, or matching PEFT would prove nothing.
+            with_prefix = oracle_logits(adapter.oracle, seq.prompt_ids, seq.output_ids)
+            without = oracle_logits(base.model, seq.prompt_ids, seq.output_ids)
+            changed[adapter.name] |= bool((with_prefix.argmax(-1) != without.argmax(-1)).any())
+    assert all(changed.values()), f"adapters that never changed a token: {[k for k, v in changed.items() if not v]}"
+
+
+@pytest.mark.parametrize("arch", sorted(TINY_CONFIGS))
+def test_mixed_batch_matches_peft(arch, tokenizer, tmp_path):
+    base = wrap_model(tiny_model(arch), tokenizer, arch)
+    lengths = [5, 2, 7, 3, 4, 6]
+    adapters = [make_adapter(base, kind, n, tmp_path, seed) for seed, (kind, n) in enumerate(zip(KINDS, lengths))]
+    rng = random.Random(arch)
+    seqs, tasks, arrivals = [], [], []
+    for i in range(14):
+        adapter = None if i % 7 == 6 else adapters[i % len(adapters)]
+        prompt = [rng.randrange(VOCAB) for _ in range(rng.randint(1, 12))]
+        params = SamplingParams(max_new_tokens=rng.randint(2, 10), ignore_eos=True)
+        seqs.append(Sequence(prompt, params, adapter.prefix if adapter else None))
+        tasks.append(adapter)
+        arrivals.append(0 if i < 5 else rng.randint(1, 12))
+    run_staggered(Engine(base), seqs, arrivals)
+    check_against_oracle(base, adapters, seqs, tasks)
+
+
+def test_cache_layout_under_churn(tokenizer, tmp_path):
+    """Long prompts joining short-frontier batches (shift right), long runs (compaction), growth."""
+    base = wrap_model(tiny_model("llama", seed=3), tokenizer, "llama")
+    adapters = [make_adapter(base, kind, n, tmp_path, seed)
+                for seed, (kind, n) in enumerate([("prefix", 20), ("prompt_tuning", 9), ("prefix", 1)])]
+    rng = random.Random(7)
+    seqs, tasks, arrivals = [], [], []
+    for i in range(24):
+        adapter = rng.choice([None, *adapters])
+        prompt = [rng.randrange(VOCAB) for _ in range(rng.choice([1, 3, 40, 90]))]
+        seqs.append(Sequence(prompt, SamplingParams(max_new_tokens=rng.randint(1, 30), ignore_eos=True),
+                             adapter.prefix if adapter else None))
+        tasks.append(adapter)
+        arrivals.append(rng.randint(0, 60))
+    engine = Engine(base, EngineConfig(max_batch_size=6, kv_cache_bytes=6 * 200 * base.shape.kv_width * 4))
+    run_staggered(engine, seqs, arrivals)
+    check_against_oracle(base, adapters, seqs, tasks)
+
+
+def test_seeded_sampling_ignores_batch_neighbours(tokenizer, tmp_path):
+    base = wrap_model(tiny_model("llama", seed=1), tokenizer, "llama")
+    adapter = make_adapter(base, "prefix", 4, tmp_path, 0)
+    params = SamplingParams(max_new_tokens=12, temperature=1.0, top_p=0.9, top_k=50, seed=1234, ignore_eos=True)
+
+    def run(with_neighbours: bool) -> list[int]:
+        engine = Engine(base)
+        seq = Sequence([5, 6, 7], params, adapter.prefix)
+        others = [Sequence([i + 1] * (i + 2), SamplingParams(max_new_tokens=9, temperature=0.7, ignore_eos=True))
+                  for i in range(5)] if with_neighbours else []
+        for s in [*others[:2], seq, *others[2:]]:
+            engine.submit(s)
+        engine.run_until_idle()
+        return seq.output_ids
+
+    alone = run(False)
+    assert run(True) == alone
+    other_seed = Engine(base)
+    seq = Sequence([5, 6, 7], dataclasses.replace(params, seed=99), adapter.prefix)
+    other_seed.submit(seq)
+    other_seed.run_until_idle()
+    assert seq.output_ids != alone, "a different seed should give a different sample"
+
+
+def test_top_k_one_is_greedy(tokenizer):
+    base = wrap_model(tiny_model("gpt2"), tokenizer, "gpt2")
+    engine = Engine(base)
+    greedy = Sequence([1, 2, 3], SamplingParams(max_new_tokens=8, ignore_eos=True))
+    top1 = Sequence([1, 2, 3], SamplingParams(max_new_tokens=8, temperature=1.5, top_k=1, ignore_eos=True))
+    engine.submit(greedy)
+    engine.submit(top1)
+    engine.run_until_idle()
+    assert greedy.output_ids == top1.output_ids
+
+
+def test_context_limit_is_a_client_error(tokenizer, tmp_path):
+    base = wrap_model(tiny_model("llama"), tokenizer, "llama")  # 512 positions
+    adapter = make_adapter(base, "prefix", 10, tmp_path, 0)
+    engine = Engine(base)
+    with pytest.raises(ContextTooLong, match="exceeds the model's context of 512"):
+        engine.submit(Sequence([1] * 400, SamplingParams(max_new_tokens=103), adapter.prefix))
+    engine.submit(Sequence([1] * 400, SamplingParams(max_new_tokens=102, ignore_eos=True), adapter.prefix))
+    engine.run_until_idle()
+
+
+def test_unsupported_architecture_is_refused(tokenizer):
+    from transformers import BloomConfig, BloomForCausalLM
+
+    assert "bloom" not in SUPPORTED_MODEL_TYPES
+    model = BloomForCausalLM(BloomConfig(vocab_size=VOCAB, hidden_size=64, n_layer=2, n_head=4))
+    with pytest.raises(UnsupportedModel, match="not supported"):
+        wrap_model(model, tokenizer, "bloom")
+
+
+@pytest.mark.slow
+def test_default_model_mixed_batch_matches_peft(default_model, tokenizer, tmp_path):
+    """The real SmolLM2-135M-Instruct: every adapter kind plus base rows, requests joining mid-decode."""
+    base = default_model
+    specs = [("prefix", 10), ("prefix", 3), ("prompt_tuning", 6), ("p_tuning", 4), ("chatglm_projection", 5)]
+    # Real embeddings have norm ~3: soft prompts keep PEFT's scale, KV prefixes are enlarged to matter.
+    adapters = [make_adapter(base, kind, n, tmp_path, seed, scale={"prompt_tuning": 1.0, "p_tuning": 2.0}.get(kind, 4.0))
+                for seed, (kind, n) in enumerate(specs)]
+    prompts = ["The capital of France is", "Write a haiku about the sea.", "1, 2, 3, 4,",
+               "Translate to French: good morning", "def fibonacci(n):", "Once upon a time",
+               "The best way to learn is", "Q: What is 2+2?\nA:"]
+    assignment = [0, 2, 3, None, 4, 1, 3, None]  # index into adapters; None is the base model
+    seqs, tasks = [], []
+    for prompt, which in zip(prompts, assignment):
+        adapter = None if which is None else adapters[which]
+        seqs.append(Sequence(tokenizer(prompt)["input_ids"], SamplingParams(max_new_tokens=8 + len(seqs), ignore_eos=True),
+                             adapter.prefix if adapter else None))
+        tasks.append(adapter)
+    run_staggered(Engine(base), seqs, [0, 0, 0, 2, 3, 5, 5, 9])
+    check_against_oracle(base, adapters, seqs, tasks)
