@@ -210,6 +210,19 @@ class PrefixStore:
             self._drop_resident(task)
         shutil.rmtree(trash, ignore_errors=True)
 
+    def _read_current(self, task: str) -> tuple[TaskRecord, bytes]:
+        for _attempt in range(3):  # a concurrent re-upload or delete may remove the version being read
+            record = self.info(task)
+            try:
+                return record, (self._task_dir(task) / f"v{record.version}" / TENSOR_FILE).read_bytes()
+            except FileNotFoundError:
+                continue
+        raise TaskNotFound(task)
+
+    def read_artifact(self, task: str) -> bytes:
+        """The current version's file, in prefix-serve's format."""
+        return self._read_current(task)[1]
+
     # -- memory tier --------------------------------------------------------------------------------------
 
     def get(self, task: str) -> ResidentPrefix:
@@ -222,17 +235,8 @@ class PrefixStore:
                 return resident
             self.stats.misses += 1
         start = time.perf_counter()
-        for _attempt in range(3):  # a concurrent re-upload or delete may remove the version being read
-            record = self.info(task)
-            path = self._task_dir(task) / f"v{record.version}" / TENSOR_FILE
-            try:
-                data = path.read_bytes()
-                break
-            except FileNotFoundError:
-                continue
-        else:
-            raise TaskNotFound(task)
-        artifact = from_own_format(data, str(path))
+        record, data = self._read_current(task)
+        artifact = from_own_format(data, f"{task} v{record.version}")
         resident = ResidentPrefix(record, artifact.kind, self.prepare(artifact.tensor))
         with self._lock:
             self.stats.load_seconds_total += time.perf_counter() - start

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from server.config import DTYPES, Settings
 
@@ -35,6 +36,34 @@ def _bench(args: argparse.Namespace) -> int:
     return bench_main(args)
 
 
+def _train(args: argparse.Namespace) -> int:
+    import torch
+
+    from prefixes.training import TrainConfig, TrainingError, train
+    from server.engine.model import UnsupportedModel, load_base_model
+
+    try:
+        cfg = TrainConfig(
+            data=Path(args.data), out=Path(args.out), model=args.model, method=args.method,
+            num_virtual_tokens=args.num_virtual_tokens, prefix_projection=args.prefix_projection,
+            encoder=args.encoder, encoder_hidden_size=args.encoder_hidden_size, epochs=args.epochs,
+            steps=args.steps, lr=args.lr, batch_size=args.batch_size,
+            eval=Path(args.eval) if args.eval else None, seed=args.seed, init_from=args.init_from,
+            server=args.upload, task=args.task,
+        )
+        base = load_base_model(cfg.model, DTYPES[args.dtype], args.device)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        result = train(cfg, base)
+    except (TrainingError, UnsupportedModel, ValueError) as exc:
+        print(f"prefix-serve train: {exc}", file=sys.stderr)
+        return 2
+    print(f"saved PEFT adapter to {result.out}")
+    if result.upload is not None:
+        print(f"uploaded as task {result.upload['task']!r} version {result.upload['version']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prefix-serve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -56,6 +85,31 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--threads", type=int, default=defaults.threads, help="torch threads (0: one per core)")
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(func=_serve)
+
+    train = sub.add_parser("train", help="learn a prefix for a task (saves a PEFT adapter folder)")
+    train.add_argument("--data", required=True, help='JSONL: {"prompt", "completion"} or {"messages": [...]}')
+    train.add_argument("--out", required=True, help="folder for the PEFT adapter")
+    train.add_argument("--model", default="default")
+    train.add_argument("--method", default="prefix", choices=["prefix", "p-tuning", "prompt"])
+    train.add_argument("--num-virtual-tokens", type=int, default=16)
+    train.add_argument("--prefix-projection", action="store_true",
+                       help="train prefix-tuning through an MLP (ChatGLM PrefixEncoder style), folded on save")
+    train.add_argument("--encoder", default="mlp", choices=["mlp", "lstm"], help="p-tuning prompt encoder")
+    train.add_argument("--encoder-hidden-size", type=int, default=128)
+    length = train.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=int)
+    length.add_argument("--steps", type=int)
+    train.add_argument("--lr", type=float, default=1e-2)
+    train.add_argument("--batch-size", type=int, default=8)
+    train.add_argument("--eval", help="held-out JSONL: eval loss and exact-match accuracy per epoch")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--init-from", help="start from an existing prefix: a folder/file, or a task on --upload")
+    train.add_argument("--upload", help="prefix-serve URL to upload the result to (with --task)")
+    train.add_argument("--task", help="task name for --upload")
+    train.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    train.add_argument("--device", default="cpu")
+    train.add_argument("--threads", type=int, default=0)
+    train.set_defaults(func=_train)
 
     bench = sub.add_parser("bench", help="measure decode throughput (mixed vs single task, batched vs serial)")
     bench.add_argument("--model", default="default")

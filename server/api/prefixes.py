@@ -75,6 +75,18 @@ async def get_prefix(task: str, state: State):
         raise HTTPException(404, f"Unknown task {task!r}.") from None
 
 
+@router.get("/{task}/artifact", response_class=Response,
+            responses={200: {"content": {"application/octet-stream": {}}}})
+async def download_prefix(task: str, state: State):
+    """The task's served tensors in prefix-serve's format (re-uploadable; a start for `train --init-from`)."""
+    try:
+        data = await run_in_threadpool(state.store.read_artifact, _task_name(task))
+    except TaskNotFound:
+        raise HTTPException(404, f"Unknown task {task!r}.") from None
+    return Response(data, media_type="application/octet-stream",
+                    headers={"Content-Disposition": f'attachment; filename="{task}.safetensors"'})
+
+
 @router.delete("/{task}", status_code=204)
 async def delete_prefix(task: str, state: State):
     try:
