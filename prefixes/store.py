@@ -32,6 +32,10 @@ from prefixes.artifact import PrefixArtifact, PrefixKind
 from prefixes.formats import from_own_format, to_own_format
 
 TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+# Store keys are a task name, optionally qualified by its owner's namespace: "acme~summary". Namespaces
+# follow the task-name rules; a leading "_" marks namespaces the server reserves (e.g. "_shared").
+NAMESPACE_SEP = "~"
+STORE_KEY = re.compile(r"(?:_?[A-Za-z0-9][A-Za-z0-9._-]{0,63}~)?[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 TENSOR_FILE = "prefix.safetensors"
 META_FILE = "meta.json"
 CURRENT_FILE = "CURRENT"
@@ -58,6 +62,15 @@ class TaskRecord:
 
     def as_json(self) -> dict:
         return asdict(self)
+
+    @property
+    def name(self) -> str:
+        """The task's name as its owner sees it (the key without the namespace)."""
+        return split_key(self.task)[1]
+
+    @property
+    def namespace(self) -> str | None:
+        return split_key(self.task)[0]
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +105,17 @@ def check_task_name(task: str) -> str:
     return task
 
 
+def task_key(name: str, namespace: str | None = None) -> str:
+    """The store key of task ``name`` owned by ``namespace`` (None: the unqualified single-user key)."""
+    check_task_name(name)
+    return name if namespace is None else f"{namespace}{NAMESPACE_SEP}{name}"
+
+
+def split_key(key: str) -> tuple[str | None, str]:
+    namespace, sep, name = key.rpartition(NAMESPACE_SEP)
+    return (namespace if sep else None), name
+
+
 def _fsync_write(path: Path, data: bytes) -> None:
     with open(path, "wb") as f:
         f.write(data)
@@ -122,8 +146,15 @@ class PrefixStore:
 
     # -- disk ---------------------------------------------------------------------------------------------
 
-    def _task_dir(self, task: str) -> Path:
-        return self.root / "tasks" / check_task_name(task)
+    def tier_stats(self) -> dict[str, CacheStats]:
+        """Counters per tier, for metrics."""
+        return {"memory": self.stats}
+
+    def _task_dir(self, key: str) -> Path:
+        if not STORE_KEY.fullmatch(key):
+            check_task_name(split_key(key)[1])  # the user-facing message when the name is at fault
+            raise InvalidTaskName(f"Invalid namespace in store key {key!r}.")
+        return self.root / "tasks" / key
 
     def _current_version(self, task: str) -> int | None:
         pointer = self._task_dir(task) / CURRENT_FILE  # raises InvalidTaskName before any file access
@@ -138,7 +169,7 @@ class PrefixStore:
             for leftover in (self.root / sub).iterdir():
                 shutil.rmtree(leftover, ignore_errors=True)
         for task_dir in (self.root / "tasks").iterdir():
-            current = self._current_version(task_dir.name) if TASK_NAME.fullmatch(task_dir.name) else None
+            current = self._current_version(task_dir.name) if STORE_KEY.fullmatch(task_dir.name) else None
             if current is None:  # a first upload that never got its CURRENT pointer
                 shutil.rmtree(task_dir, ignore_errors=True)
                 continue
@@ -191,9 +222,12 @@ class PrefixStore:
             return TaskRecord(**meta)
         raise TaskNotFound(task)
 
-    def list(self) -> list[TaskRecord]:
+    def list(self, namespace: str | None = None) -> list[TaskRecord]:
+        """Every task, or only those whose key is in ``namespace``."""
         records = []
         for task_dir in sorted((self.root / "tasks").iterdir()):
+            if namespace is not None and split_key(task_dir.name)[0] != namespace:
+                continue
             try:
                 records.append(self.info(task_dir.name))
             except (TaskNotFound, InvalidTaskName, FileNotFoundError):

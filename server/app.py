@@ -25,12 +25,11 @@ def build_state(settings: Settings, base: BaseModel | None = None) -> ServerStat
         torch.set_num_threads(settings.threads)
     if base is None:
         base = load_base_model(settings.model, settings.torch_dtype, settings.device)
-    engine = Engine(base, EngineConfig(max_batch_size=settings.max_batch_size,
-                                       kv_cache_bytes=settings.kv_cache_bytes))
     store = PrefixStore(settings.store_dir, settings.cache_bytes,
                         prepare=lambda t: t.to(device=base.device, dtype=base.dtype))
     metrics = Metrics(store, lambda: engine.num_running, lambda: engine.num_waiting)
-    engine.on_decode = metrics.batch_size.observe
+    engine = Engine(base, EngineConfig(max_batch_size=settings.max_batch_size,
+                                       kv_cache_bytes=settings.kv_cache_bytes), observer=metrics)
     limits = ArtifactLimits(max_virtual_tokens=settings.max_virtual_tokens)
     return ServerState(settings, base, engine, store, metrics, limits)
 

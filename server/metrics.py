@@ -1,53 +1,72 @@
-"""Prometheus metrics, one registry per app (so several apps can live in one test process)."""
+"""Prometheus metrics, in the vLLM style under our own prefix, one registry per app.
+
+Labels are bounded: ``tenant`` (configured tenants only), ``outcome`` and ``tier``; never the task name.
+Request timings are observed on the engine thread through :class:`EngineObserver`.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from prefixes.store import PrefixStore
+from server.engine.engine import EngineObserver
+from server.engine.sequence import Sequence
 
 NAMESPACE = "prefix_serve"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5)
 
 
 class _StoreCollector:
-    """Reads the store's counters at scrape time instead of instrumenting its hot path."""
+    """Reads the store's per-tier counters at scrape time instead of instrumenting its hot path."""
 
     def __init__(self, store: PrefixStore):
         self.store = store
 
     def collect(self):
-        s = self.store.stats
-        for name, value, help_ in (
-            ("prefix_cache_hits", s.hits, "Prefix lookups served from memory."),
-            ("prefix_cache_misses", s.misses, "Prefix lookups that loaded from disk."),
-            ("prefix_cache_evictions", s.evictions, "Prefixes evicted from memory by the byte budget."),
-            ("prefix_cache_load_seconds", s.load_seconds_total, "Time spent loading prefixes from disk."),
-        ):
+        tiers = self.store.tier_stats()
+        counters = (
+            ("prefix_cache_hits", "hits", "Prefix lookups answered by this tier."),
+            ("prefix_cache_misses", "misses", "Prefix lookups this tier could not answer."),
+            ("prefix_cache_evictions", "evictions", "Prefixes evicted from this tier by its byte budget."),
+            ("prefix_cache_load_seconds", "load_seconds_total", "Time spent loading prefixes from this tier."),
+        )
+        for name, field, help_ in counters:
             family = CounterMetricFamily(f"{NAMESPACE}_{name}", help_, labels=["tier"])
-            family.add_metric(["memory"], value)
+            for tier, stats in tiers.items():
+                family.add_metric([tier], getattr(stats, field))
             yield family
-        for name, value, help_ in (
-            ("prefix_cache_resident_bytes", s.resident_bytes, "Bytes of prefixes resident in memory."),
-            ("prefix_cache_resident_tasks", s.resident_tasks, "Tasks resident in memory."),
-        ):
+        gauges = (
+            ("prefix_cache_resident_bytes", "resident_bytes", "Bytes of prefixes held by this tier."),
+            ("prefix_cache_resident_tasks", "resident_tasks", "Tasks held by this tier."),
+        )
+        for name, field, help_ in gauges:
             family = GaugeMetricFamily(f"{NAMESPACE}_{name}", help_, labels=["tier"])
-            family.add_metric(["memory"], value)
+            for tier, stats in tiers.items():
+                family.add_metric([tier], getattr(stats, field))
             yield family
 
 
-class Metrics:
-    def __init__(self, store: PrefixStore, num_running, num_waiting):
-        self.registry = CollectorRegistry()
-        r = self.registry
-        self.requests = Counter(f"{NAMESPACE}_requests", "Finished requests by outcome.", ["outcome"], registry=r)
-        self.prompt_tokens = Counter(f"{NAMESPACE}_prompt_tokens", "Prompt tokens prefilled.", registry=r)
-        self.generation_tokens = Counter(f"{NAMESPACE}_generation_tokens", "Tokens generated.", registry=r)
-        self.ttft = Histogram(f"{NAMESPACE}_time_to_first_token_seconds", "Arrival to first token.",
+class Metrics(EngineObserver):
+    def __init__(self, store: PrefixStore, num_running: Callable[[], int], num_waiting: Callable[[], int]):
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter(f"{NAMESPACE}_requests", "Requests by tenant and outcome (stop, length, "
+                                "cancelled, error, rejected, rate_limited).", ["tenant", "outcome"], registry=r)
+        self.prompt_tokens = Counter(f"{NAMESPACE}_prompt_tokens", "Prompt tokens prefilled.", ["tenant"],
+                                     registry=r)
+        self.generation_tokens = Counter(f"{NAMESPACE}_generation_tokens", "Tokens generated.", ["tenant"],
+                                         registry=r)
+        self.ttft = Histogram(f"{NAMESPACE}_time_to_first_token_seconds", "Arrival to first token.", ["tenant"],
                               buckets=LATENCY_BUCKETS, registry=r)
-        self.e2e = Histogram(f"{NAMESPACE}_e2e_request_latency_seconds", "Arrival to last token.",
+        self.itl = Histogram(f"{NAMESPACE}_inter_token_latency_seconds", "Time between consecutive tokens.",
+                             ["tenant"], buckets=TOKEN_LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram(f"{NAMESPACE}_e2e_request_latency_seconds", "Arrival to last token.", ["tenant"],
                              buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_time = Histogram(f"{NAMESPACE}_request_queue_time_seconds", "Arrival to joining the batch.",
+                                    ["tenant"], buckets=LATENCY_BUCKETS, registry=r)
         self.batch_size = Histogram(f"{NAMESPACE}_batch_size", "Rows in each decode step.",
                                     buckets=(1, 2, 4, 8, 16, 24, 32, 48, 64, 128), registry=r)
         Gauge(f"{NAMESPACE}_num_requests_running", "Requests in the running batch.",
@@ -55,3 +74,28 @@ class Metrics:
         Gauge(f"{NAMESPACE}_num_requests_waiting", "Requests waiting to join the batch.",
               registry=r).set_function(num_waiting)
         r.register(_StoreCollector(store))
+
+    # -- EngineObserver -------------------------------------------------------------------------------------
+
+    def admitted(self, seqs: list[Sequence], now: float) -> None:
+        for seq in seqs:
+            self.queue_time.labels(seq.tenant).observe(now - seq.arrival_time)
+            self.prompt_tokens.labels(seq.tenant).inc(len(seq.prompt_ids))
+
+    def decoded(self, batch_size: int) -> None:
+        self.batch_size.observe(batch_size)
+
+    def token(self, seq: Sequence, now: float) -> None:
+        if seq.last_token_time is None:
+            self.ttft.labels(seq.tenant).observe(now - seq.arrival_time)
+        else:
+            self.itl.labels(seq.tenant).observe(now - seq.last_token_time)
+
+    def finished(self, seq: Sequence, now: float) -> None:
+        self.requests.labels(seq.tenant, seq.finish_reason.value).inc()
+        self.generation_tokens.labels(seq.tenant).inc(len(seq.output_ids))
+        self.e2e.labels(seq.tenant).observe(now - seq.arrival_time)
+
+    def rejected(self, tenant: str, outcome: str) -> None:
+        """A request refused before reaching the engine (``rejected``: bad request, ``rate_limited``: 429)."""
+        self.requests.labels(tenant, outcome).inc()

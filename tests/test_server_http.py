@@ -576,7 +576,8 @@ def test_client_disconnect_cancels_generation(model_dir, tmp_path):
                 break
             time.sleep(0.25)
         assert running == 0, "the abandoned generation is still running"
-        assert 'prefix_serve_requests_total{outcome="cancelled"} 1.0' in httpx.get(srv.url + "/metrics").text
+        assert 'prefix_serve_requests_total{outcome="cancelled",tenant="default"} 1.0' in \
+            httpx.get(srv.url + "/metrics").text
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -614,16 +615,17 @@ def test_metrics_count_traffic(api, refs):
         key = (name, tuple(sorted(labels)))
         return after.get(key, 0.0) - before.get(key, 0.0)
 
-    outcome = (("outcome", body["finish_reason"]),)
+    tenant = (("tenant", "default"),)
+    outcome = (("outcome", body["finish_reason"]), *tenant)
     assert delta("prefix_serve_requests_total", outcome) == 1
-    assert delta("prefix_serve_generation_tokens_total") == body["usage"]["completion_tokens"] == 5
-    assert delta("prefix_serve_prompt_tokens_total") == body["usage"]["prompt_tokens"]
+    assert delta("prefix_serve_generation_tokens_total", tenant) == body["usage"]["completion_tokens"] == 5
+    assert delta("prefix_serve_prompt_tokens_total", tenant) == body["usage"]["prompt_tokens"]
     assert after[("prefix_serve_requests_total", outcome)] > 0
-    assert after[("prefix_serve_generation_tokens_total", ())] > 0
+    assert after[("prefix_serve_generation_tokens_total", tenant)] > 0
 
     text = api.get("/metrics").text
     assert "# TYPE prefix_serve_requests_total counter" in text
-    assert re.search(r"^prefix_serve_generation_tokens_total [1-9]", text, re.M)
+    assert re.search(r'^prefix_serve_generation_tokens_total\{tenant="default"\} [1-9]', text, re.M)
 
 
 def test_server_log_has_no_tracebacks(server):

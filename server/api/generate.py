@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 from fastapi import APIRouter, HTTPException, Query, Request
 from starlette.concurrency import run_in_threadpool
@@ -43,7 +42,7 @@ async def run_sequence(state: ServerState, seq: Sequence, request: Request) -> S
     try:
         state.engine.submit(seq)
     except ContextTooLong as exc:
-        state.metrics.requests.labels("rejected").inc()
+        state.metrics.rejected(seq.tenant, "rejected")
         raise HTTPException(400, str(exc)) from None
     try:
         while not done.done():
@@ -54,20 +53,9 @@ async def run_sequence(state: ServerState, seq: Sequence, request: Request) -> S
     except asyncio.CancelledError:
         state.engine.cancel(seq)
         raise
-    record_finished(state, seq)
     if seq.finish_reason is FinishReason.ERROR:
         raise HTTPException(500, seq.error or "generation failed")
     return seq
-
-
-def record_finished(state: ServerState, seq: Sequence) -> None:
-    m = state.metrics
-    m.requests.labels(seq.finish_reason.value).inc()
-    m.prompt_tokens.inc(len(seq.prompt_ids))
-    m.generation_tokens.inc(len(seq.output_ids))
-    if seq.first_token_time is not None:
-        m.ttft.observe(seq.first_token_time - seq.arrival_time)
-    m.e2e.observe(time.monotonic() - seq.arrival_time)
 
 
 @router.post("/generate", response_model=GenerateResponse)

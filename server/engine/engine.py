@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -41,25 +41,69 @@ class ContextTooLong(ValueError):
     pass
 
 
+class EngineObserver:
+    """Hooks for metrics. Every method runs on the engine thread, so each must be cheap; no-ops here."""
+
+    def admitted(self, seqs: list[Sequence], now: float) -> None:
+        """``seqs`` joined the batch (their queue time ends ``now``)."""
+
+    def decoded(self, batch_size: int) -> None:
+        """A decode step ran over ``batch_size`` rows."""
+
+    def token(self, seq: Sequence, now: float) -> None:
+        """``seq`` got a token; ``seq.last_token_time`` still holds the previous token's time."""
+
+    def finished(self, seq: Sequence, now: float) -> None:
+        """``seq`` left (``seq.finish_reason`` says why)."""
+
+
 class Scheduler:
-    """Decides which waiting requests join the batch; knows counts and lengths, never tensors."""
+    """Decides which waiting requests join the batch; knows counts and lengths, never tensors.
+
+    Each tenant has its own first-come-first-served queue and admission takes one request per tenant
+    in turn, so a tenant flooding the server delays its own requests, not everyone else's.
+    """
 
     def __init__(self, config: EngineConfig, bytes_per_slot: int):
         self.config = config
         self.max_slots = config.kv_cache_bytes // bytes_per_slot  # rows x columns that fit
-        self.waiting: deque[Sequence] = deque()
+        self._queues: OrderedDict[str, deque[Sequence]] = OrderedDict()  # tenant -> its waiting requests
+
+    def __len__(self) -> int:
+        return sum(len(q) for q in self._queues.values())
+
+    def add(self, seq: Sequence) -> None:
+        self._queues.setdefault(seq.tenant, deque()).append(seq)
+
+    def remove(self, seq: Sequence) -> bool:
+        queue = self._queues.get(seq.tenant)
+        if queue is None or seq not in queue:
+            return False
+        queue.remove(seq)
+        if not queue:
+            del self._queues[seq.tenant]
+        return True
+
+    def drain(self) -> list[Sequence]:
+        waiting = [seq for q in self._queues.values() for seq in q]
+        self._queues.clear()
+        return waiting
 
     def fits(self, seq: Sequence) -> bool:
         """Whether ``seq`` could ever run, alone in the batch."""
         return seq.total_len <= self.max_slots
 
     def pick(self, running: list[Sequence], end: int, start: int) -> list[Sequence]:
-        """Waiting requests (first come, first served) that fit beside ``running`` to their last token."""
+        """Waiting requests that fit beside ``running`` to their last token, one per tenant in turn."""
         picked: list[Sequence] = []
-        while self.waiting and len(running) + len(picked) < self.config.max_batch_size:
-            if not self._fits_with(running, picked + [self.waiting[0]], end - start):
+        while self._queues and len(running) + len(picked) < self.config.max_batch_size:
+            tenant, queue = next(iter(self._queues.items()))
+            if not self._fits_with(running, picked + [queue[0]], end - start):
                 break
-            picked.append(self.waiting.popleft())
+            picked.append(queue.popleft())
+            self._queues.move_to_end(tenant)  # the next pick starts with the next tenant
+            if not queue:
+                del self._queues[tenant]
         return picked
 
     def _fits_with(self, running: list[Sequence], joining: list[Sequence], running_span: int) -> bool:
@@ -73,7 +117,8 @@ class Scheduler:
 
 
 class Engine:
-    def __init__(self, base: BaseModel, config: EngineConfig = EngineConfig()):
+    def __init__(self, base: BaseModel, config: EngineConfig = EngineConfig(),
+                 observer: EngineObserver | None = None):
         self.base = base
         self.config = config
         self.scheduler = Scheduler(config, base.shape.kv_width * base.dtype.itemsize)
@@ -82,7 +127,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.num_steps = 0
-        self.on_decode: Callable[[int], None] | None = None  # observes each decode step's batch size
+        self.observer = observer or EngineObserver()
 
     # -- requests -----------------------------------------------------------------------------------------
 
@@ -107,7 +152,7 @@ class Engine:
         self.check_fits(seq)
         seq.generator = make_generator(seq.params, self.base.device)
         with self._lock:
-            self.scheduler.waiting.append(seq)
+            self.scheduler.add(seq)
             self._lock.notify()
 
     @property
@@ -116,7 +161,7 @@ class Engine:
 
     @property
     def num_waiting(self) -> int:
-        return len(self.scheduler.waiting)
+        return len(self.scheduler)
 
     # -- the loop -----------------------------------------------------------------------------------------
 
@@ -128,12 +173,14 @@ class Engine:
         produced = 0
         if joining:
             now = time.monotonic()
+            for seq in joining:
+                seq.admit_time = now
+            self.observer.admitted(joining, now)
             logits = runner.admit(joining)
             first = runner.num_rows - len(joining)
             produced += self._append_tokens(sample(logits, joining), first, now)
         if runner.num_rows:
-            if self.on_decode is not None:
-                self.on_decode(runner.num_rows)
+            self.observer.decoded(runner.num_rows)
             logits = runner.decode()
             produced += self._append_tokens(sample(logits, runner.rows), 0, time.monotonic())
         self.num_steps += 1
@@ -147,6 +194,8 @@ class Engine:
             seq = rows[first_row + offset]
             if seq.first_token_time is None:
                 seq.first_token_time = now
+            self.observer.token(seq, now)
+            seq.last_token_time = now
             seq.output_ids.append(token)
             reason = FinishReason.CANCELLED if seq.cancelled else self._stop_reason(seq, token)
             if reason is not None:
@@ -154,6 +203,10 @@ class Engine:
                 if seq.text is None:  # not already cut at a stop string
                     seq.text = self.base.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
         self.runner.set_last_tokens([seq.output_ids[-1] for seq in rows])
+        for offset in range(len(tokens)):
+            seq = rows[first_row + offset]
+            if seq.on_token is not None:
+                self._call(seq.on_token, seq)
         # Descending: release(row) moves the last row into ``row``, and every later finished row is gone.
         for row in sorted(done, reverse=True):
             seq = rows[row]
@@ -177,17 +230,21 @@ class Engine:
 
     def _finish(self, seq: Sequence, reason: FinishReason, error: str | None = None) -> None:
         seq.finish_reason, seq.error = reason, error
+        self.observer.finished(seq, time.monotonic())
         if seq.on_finish is not None:
-            try:
-                seq.on_finish(seq)
-            except Exception:  # a broken callback must not stop the loop for everyone else
-                log.exception("on_finish callback failed for request %s", seq.id)
+            self._call(seq.on_finish, seq)
+
+    @staticmethod
+    def _call(callback: Callable[[Sequence], None], seq: Sequence) -> None:
+        try:
+            callback(seq)
+        except Exception:  # a broken callback must not stop the loop for everyone else
+            log.exception("callback %s failed for request %s", callback, seq.id)
 
     def cancel(self, seq: Sequence) -> None:
         """Stop ``seq`` (e.g. its client went away): at once if waiting, at the next step if running."""
         with self._lock:
-            if seq in self.scheduler.waiting:
-                self.scheduler.waiting.remove(seq)
+            if self.scheduler.remove(seq):
                 self._finish(seq, FinishReason.CANCELLED)
                 return
             seq.cancelled = True
@@ -217,7 +274,7 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._lock:
-                while not self._stopping and not self.scheduler.waiting and not self.runner.num_rows:
+                while not self._stopping and not len(self.scheduler) and not self.runner.num_rows:
                     self._lock.wait()
                 if self._stopping:
                     break
@@ -227,8 +284,7 @@ class Engine:
                 log.exception("engine step failed; failing the running requests")
                 self._fail_all(f"internal engine error: {type(exc).__name__}: {exc}")
         with self._lock:
-            abandoned = list(self.scheduler.waiting)
-            self.scheduler.waiting.clear()
+            abandoned = self.scheduler.drain()
         for seq in abandoned:
             self._finish(seq, FinishReason.ERROR, "server shutting down")
         self._fail_all("server shutting down")

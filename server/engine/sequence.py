@@ -53,7 +53,9 @@ class Sequence:
     prompt_ids: list[int]
     params: SamplingParams
     prefix: ResidentPrefix | None = None
-    on_finish: Callable[[Sequence], None] | None = None
+    tenant: str = "default"  # whose queue it waits in (fair scheduling)
+    on_finish: Callable[[Sequence], None] | None = None  # called once on the engine thread
+    on_token: Callable[[Sequence], None] | None = None  # called after each new token (streaming)
     id: int = field(default_factory=lambda: next(_ids))
     output_ids: list[int] = field(default_factory=list)
     text: str | None = None  # set when the request finishes
@@ -62,7 +64,9 @@ class Sequence:
     cancelled: bool = False
     generator: torch.Generator | None = None  # set for seeded sampling
     arrival_time: float = field(default_factory=time.monotonic)
+    admit_time: float | None = None  # when it joined the batch
     first_token_time: float | None = None
+    last_token_time: float | None = None
 
     @property
     def num_soft_tokens(self) -> int:
