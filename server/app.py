@@ -11,16 +11,22 @@ from fastapi import FastAPI
 from prefixes.store import PrefixStore
 from prefixes.validate import ArtifactLimits
 from server.api import generate, health, prefixes
+from server.auth import AuthConfig
 from server.config import Settings
 from server.engine.engine import Engine, EngineConfig
 from server.engine.model import BaseModel, load_base_model
 from server.metrics import Metrics
 from server.state import ServerState
+from server.tasks import ConcurrencyLimiter
 
 log = logging.getLogger(__name__)
 
 
 def build_state(settings: Settings, base: BaseModel | None = None) -> ServerState:
+    auth = AuthConfig.load(settings.auth_file) if settings.auth_file else AuthConfig.open()
+    if auth.is_open:
+        log.warning("no --auth-file: the server is OPEN (single-user mode); anyone who can reach it may "
+                    "upload, delete and use tasks")
     if settings.threads:
         torch.set_num_threads(settings.threads)
     if base is None:
@@ -31,7 +37,8 @@ def build_state(settings: Settings, base: BaseModel | None = None) -> ServerStat
     engine = Engine(base, EngineConfig(max_batch_size=settings.max_batch_size,
                                        kv_cache_bytes=settings.kv_cache_bytes), observer=metrics)
     limits = ArtifactLimits(max_virtual_tokens=settings.max_virtual_tokens)
-    return ServerState(settings, base, engine, store, metrics, limits)
+    return ServerState(settings, base, engine, store, metrics, limits, auth,
+                       ConcurrencyLimiter(on_reject=lambda tenant: metrics.rejected(tenant, "rate_limited")))
 
 
 def create_app(settings: Settings, base: BaseModel | None = None) -> FastAPI:

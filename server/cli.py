@@ -14,13 +14,17 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from server.app import create_app
+    from server.auth import AuthConfig
 
     try:
         settings = Settings(
             model=args.model, store_dir=args.store_dir, dtype=args.dtype, device=args.device,
             max_batch_size=args.max_batch_size, kv_cache_bytes=args.kv_cache_bytes, cache_bytes=args.cache_bytes,
             max_upload_bytes=args.max_upload_bytes, threads=args.threads,
+            auth_file=Path(args.auth_file) if args.auth_file else None,
         )
+        if settings.auth_file is not None:
+            AuthConfig.load(settings.auth_file)  # refuse a broken auth file before loading the model
     except ValueError as exc:
         print(f"prefix-serve: {exc}", file=sys.stderr)
         return 2
@@ -83,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="memory budget for resident prefixes")
     serve.add_argument("--max-upload-bytes", type=int, default=defaults.max_upload_bytes)
     serve.add_argument("--threads", type=int, default=defaults.threads, help="torch threads (0: one per core)")
+    serve.add_argument("--auth-file", help="JSON with tenants, API keys, quotas and admin keys; "
+                       "without it the server is open (single-user mode)")
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(func=_serve)
 

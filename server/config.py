@@ -22,6 +22,7 @@ class Settings:
     max_upload_bytes: int = 256 << 20
     max_virtual_tokens: int = 1024
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default (one per core)
+    auth_file: Path | None = None  # tenants and keys; None serves everyone (single-user mode)
 
     def __post_init__(self):
         if self.dtype not in DTYPES:

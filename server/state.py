@@ -9,10 +9,12 @@ from fastapi import Depends, Request
 
 from prefixes.store import PrefixStore
 from prefixes.validate import ArtifactLimits
+from server.auth import AuthConfig
 from server.config import Settings
 from server.engine.engine import Engine
 from server.engine.model import BaseModel
 from server.metrics import Metrics
+from server.tasks import ConcurrencyLimiter
 
 
 @dataclass(slots=True)
@@ -23,6 +25,8 @@ class ServerState:
     store: PrefixStore
     metrics: Metrics
     limits: ArtifactLimits
+    auth: AuthConfig
+    limiter: ConcurrencyLimiter
 
 
 def get_state(request: Request) -> ServerState:

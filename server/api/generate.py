@@ -5,26 +5,15 @@ from __future__ import annotations
 import asyncio
 
 from fastapi import APIRouter, HTTPException, Query, Request
-from starlette.concurrency import run_in_threadpool
 
-from prefixes.store import InvalidTaskName, ResidentPrefix, TaskNotFound
 from server.api.schemas import GenerateRequest, GenerateResponse, Usage
 from server.engine.engine import ContextTooLong
 from server.engine.sequence import FinishReason, SamplingParams, Sequence
+from server.auth import CurrentPrincipal
 from server.state import ServerState, State
+from server.tasks import resolve_prefix
 
 router = APIRouter(tags=["generate"])
-
-
-async def resolve_prefix(state: ServerState, task: str | None) -> ResidentPrefix | None:
-    if task is None:
-        return None
-    try:
-        return await run_in_threadpool(state.store.get, task)
-    except InvalidTaskName as exc:
-        raise HTTPException(400, str(exc)) from None
-    except TaskNotFound:
-        raise HTTPException(404, f"Unknown task {task!r}: upload it with POST /prefixes/{task} first.") from None
 
 
 DISCONNECT_POLL_S = 0.25
@@ -59,9 +48,9 @@ async def run_sequence(state: ServerState, seq: Sequence, request: Request) -> S
 
 
 @router.post("/generate", response_model=GenerateResponse)
-async def generate(body: GenerateRequest, state: State, request: Request,
+async def generate(body: GenerateRequest, state: State, request: Request, principal: CurrentPrincipal,
                    task: str | None = Query(None, description="task name; omit for the base model")):
-    prefix = await resolve_prefix(state, task)
+    prefix = await resolve_prefix(state.store, principal, task)
     prompt_ids = state.base.tokenizer(body.prompt)["input_ids"]
     try:
         params = SamplingParams(
@@ -70,7 +59,8 @@ async def generate(body: GenerateRequest, state: State, request: Request,
         )
     except ValueError as exc:
         raise HTTPException(400, str(exc)) from None
-    seq = await run_sequence(state, Sequence(prompt_ids, params, prefix), request)
+    async with state.limiter.slot(principal):
+        seq = await run_sequence(state, Sequence(prompt_ids, params, prefix, tenant=principal.tenant), request)
     return GenerateResponse(
         task=task, text=seq.text or "", token_ids=seq.output_ids, finish_reason=seq.finish_reason.value,
         usage=Usage(prompt_tokens=len(prompt_ids), completion_tokens=len(seq.output_ids)),

@@ -1,20 +1,23 @@
-"""Prefix artifacts: upload (any supported format), list, inspect, delete."""
+"""Prefix artifacts: upload (any supported format), list, inspect, download, delete."""
 
 from __future__ import annotations
 
 import os
 
-from fastapi import APIRouter, File, HTTPException, Response, UploadFile
+from fastapi import APIRouter, File, HTTPException, Query, Response, UploadFile
 from starlette.concurrency import run_in_threadpool
 
 from prefixes.formats import InvalidArtifact, parse_artifact
-from prefixes.store import InvalidTaskName, TaskNotFound, TaskRecord, check_task_name
+from prefixes.store import TaskNotFound, TaskRecord
 from prefixes.validate import validate_artifact
 from server.api.schemas import PrefixInfo, PrefixList
+from server.auth import CurrentPrincipal, Principal
 from server.state import ServerState, State
+from server.tasks import check_storage_quota, checked_name, resolve_record, visible_records
 
 router = APIRouter(prefix="/prefixes", tags=["prefixes"])
 _CHUNK = 1 << 20
+TenantParam = Query(None, description="admins only: act on this tenant's task instead of a shared one")
 
 
 async def read_upload(files: list[UploadFile], limit: int) -> dict[str, bytes]:
@@ -37,60 +40,58 @@ async def read_upload(files: list[UploadFile], limit: int) -> dict[str, bytes]:
     return out
 
 
-def _store_artifact(state: ServerState, task: str, files: dict[str, bytes]) -> TaskRecord:
+def info(record: TaskRecord) -> dict:
+    """A record as its owner sees it: the plain task name, plus who owns it."""
+    return {**record.as_json(), "task": record.name, "owner": record.namespace}
+
+
+def _store_artifact(state: ServerState, principal: Principal, key: str, files: dict[str, bytes]) -> TaskRecord:
     artifact = parse_artifact(files, state.base.shape)
     validate_artifact(artifact, state.base.shape, state.limits)
-    return state.store.put(task, artifact)
-
-
-def _task_name(task: str) -> str:
-    try:
-        return check_task_name(task)
-    except InvalidTaskName as exc:
-        raise HTTPException(400, str(exc)) from None
+    check_storage_quota(state.store, principal, key, artifact.nbytes)
+    return state.store.put(key, artifact)
 
 
 @router.post("/{task}", status_code=201, response_model=PrefixInfo)
-async def upload_prefix(task: str, state: State, files: list[UploadFile] = File(...)):
-    task = _task_name(task)
+async def upload_prefix(task: str, state: State, principal: CurrentPrincipal,
+                        files: list[UploadFile] = File(...), tenant: str | None = TenantParam):
+    key = principal.write_key(checked_name(task), tenant)
     contents = await read_upload(files, state.settings.max_upload_bytes)
     try:
-        record = await run_in_threadpool(_store_artifact, state, task, contents)
+        record = await run_in_threadpool(_store_artifact, state, principal, key, contents)
     except InvalidArtifact as exc:
         raise HTTPException(400, f"Invalid artifact for task {task!r}: {exc}") from None
-    return record.as_json()
+    return info(record)
 
 
 @router.get("", response_model=PrefixList)
-async def list_prefixes(state: State):
-    records = await run_in_threadpool(state.store.list)
-    return {"prefixes": [r.as_json() for r in records]}
+async def list_prefixes(state: State, principal: CurrentPrincipal):
+    records = await run_in_threadpool(visible_records, state.store, principal)
+    return {"prefixes": [info(r) for r in records]}
 
 
 @router.get("/{task}", response_model=PrefixInfo)
-async def get_prefix(task: str, state: State):
-    try:
-        return (await run_in_threadpool(state.store.info, _task_name(task))).as_json()
-    except TaskNotFound:
-        raise HTTPException(404, f"Unknown task {task!r}.") from None
+async def get_prefix(task: str, state: State, principal: CurrentPrincipal):
+    return info(await resolve_record(state.store, principal, task))
 
 
 @router.get("/{task}/artifact", response_class=Response,
             responses={200: {"content": {"application/octet-stream": {}}}})
-async def download_prefix(task: str, state: State):
+async def download_prefix(task: str, state: State, principal: CurrentPrincipal):
     """The task's served tensors in prefix-serve's format (re-uploadable; a start for `train --init-from`)."""
+    record = await resolve_record(state.store, principal, task)
     try:
-        data = await run_in_threadpool(state.store.read_artifact, _task_name(task))
+        data = await run_in_threadpool(state.store.read_artifact, record.task)
     except TaskNotFound:
         raise HTTPException(404, f"Unknown task {task!r}.") from None
     return Response(data, media_type="application/octet-stream",
-                    headers={"Content-Disposition": f'attachment; filename="{task}.safetensors"'})
+                    headers={"Content-Disposition": f'attachment; filename="{record.name}.safetensors"'})
 
 
 @router.delete("/{task}", status_code=204)
-async def delete_prefix(task: str, state: State):
+async def delete_prefix(task: str, state: State, principal: CurrentPrincipal, tenant: str | None = TenantParam):
     try:
-        await run_in_threadpool(state.store.delete, _task_name(task))
+        await run_in_threadpool(state.store.delete, principal.write_key(checked_name(task), tenant))
     except TaskNotFound:
         raise HTTPException(404, f"Unknown task {task!r}.") from None
     return Response(status_code=204)

@@ -51,6 +51,7 @@ class PrefixInfo(BaseModel):
     bytes: int
     source_format: str
     created_at: float
+    owner: str | None = None  # the owning tenant's namespace; "_shared" for admin-published tasks
 
 
 class PrefixList(BaseModel):

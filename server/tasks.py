@@ -1,0 +1,90 @@
+"""The service rules between HTTP and the store: which task a name means for a caller, and quotas."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+
+from fastapi import HTTPException
+from starlette.concurrency import run_in_threadpool
+
+from prefixes.store import InvalidTaskName, PrefixStore, ResidentPrefix, TaskNotFound, TaskRecord, check_task_name
+from server.auth import SHARED_NAMESPACE, Principal
+
+RETRY_AFTER_S = 1
+
+
+def checked_name(name: str) -> str:
+    try:
+        return check_task_name(name)
+    except InvalidTaskName as exc:
+        raise HTTPException(400, str(exc)) from None
+
+
+def _first_visible(store: PrefixStore, principal: Principal, name: str, load):
+    for key in principal.lookup_keys(checked_name(name)):
+        try:
+            return load(key)
+        except TaskNotFound:
+            continue
+    raise HTTPException(404, f"Unknown task {name!r}: upload it with POST /prefixes/{name} first.")
+
+
+async def resolve_prefix(store: PrefixStore, principal: Principal, name: str | None) -> ResidentPrefix | None:
+    """The served prefix a caller means by ``name`` (None: the base model). 404 when not visible."""
+    if name is None:
+        return None
+    return await run_in_threadpool(_first_visible, store, principal, name, store.get)
+
+
+async def resolve_record(store: PrefixStore, principal: Principal, name: str) -> TaskRecord:
+    return await run_in_threadpool(_first_visible, store, principal, name, store.info)
+
+
+def visible_records(store: PrefixStore, principal: Principal) -> list[TaskRecord]:
+    if principal.namespace is None:
+        return store.list()
+    own = [] if principal.is_admin else store.list(principal.namespace)
+    return own + store.list(SHARED_NAMESPACE)
+
+
+def check_storage_quota(store: PrefixStore, principal: Principal, key: str, new_bytes: int) -> None:
+    """429 when storing ``new_bytes`` under ``key`` would exceed the tenant's task count or bytes."""
+    policy = principal.policy
+    if principal.is_admin or (policy.max_tasks is None and policy.max_bytes is None):
+        return
+    records = store.list(principal.namespace)
+    replaced = next((r for r in records if r.task == key), None)
+    count = len(records) + (0 if replaced else 1)
+    used = sum(r.bytes for r in records) - (replaced.bytes if replaced else 0) + new_bytes
+    if policy.max_tasks is not None and count > policy.max_tasks:
+        raise HTTPException(429, f"Tenant {principal.tenant!r} already has {len(records)} tasks, its quota is "
+                            f"{policy.max_tasks}: delete one first.", headers={"Retry-After": str(RETRY_AFTER_S)})
+    if policy.max_bytes is not None and used > policy.max_bytes:
+        raise HTTPException(429, f"Storing this task would use {used} bytes, over tenant {principal.tenant!r}'s "
+                            f"quota of {policy.max_bytes}: delete tasks or use fewer virtual tokens.",
+                            headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
+class ConcurrencyLimiter:
+    """Per-tenant cap on requests in flight (``max_concurrent_requests``); lives on the event loop."""
+
+    def __init__(self, on_reject: Callable[[str], None]):
+        """``on_reject(tenant)`` is told about each refusal (for metrics)."""
+        self._in_flight: defaultdict[str, int] = defaultdict(int)
+        self._on_reject = on_reject
+
+    @asynccontextmanager
+    async def slot(self, principal: Principal):
+        # check-and-increment has no await in between: atomic on the event loop
+        limit = principal.policy.max_concurrent_requests
+        if limit is not None and self._in_flight[principal.tenant] >= limit:
+            self._on_reject(principal.tenant)
+            raise HTTPException(429, f"Tenant {principal.tenant!r} has {limit} requests in flight, its limit; "
+                                "retry shortly.", headers={"Retry-After": str(RETRY_AFTER_S)})
+        self._in_flight[principal.tenant] += 1
+        try:
+            yield
+        finally:
+            self._in_flight[principal.tenant] -= 1
