@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -60,14 +60,17 @@ class EngineObserver:
 class Scheduler:
     """Decides which waiting requests join the batch; knows counts and lengths, never tensors.
 
-    Each tenant has its own first-come-first-served queue and admission takes one request per tenant
-    in turn, so a tenant flooding the server delays its own requests, not everyone else's.
+    Each tenant has its own first-come-first-served queue, and each admission goes to the tenant served
+    least recently (a newcomer first), so a tenant flooding the server delays its own requests, not
+    everyone else's.
     """
 
     def __init__(self, config: EngineConfig, bytes_per_slot: int):
         self.config = config
         self.max_slots = config.kv_cache_bytes // bytes_per_slot  # rows x columns that fit
-        self._queues: OrderedDict[str, deque[Sequence]] = OrderedDict()  # tenant -> its waiting requests
+        self._queues: dict[str, deque[Sequence]] = {}  # tenant -> its waiting requests, in arrival order
+        self._last_served: dict[str, int] = {}  # tenant -> admission counter when last served
+        self._admissions = 0
 
     def __len__(self) -> int:
         return sum(len(q) for q in self._queues.values())
@@ -94,14 +97,16 @@ class Scheduler:
         return seq.total_len <= self.max_slots
 
     def pick(self, running: list[Sequence], end: int, start: int) -> list[Sequence]:
-        """Waiting requests that fit beside ``running`` to their last token, one per tenant in turn."""
+        """Waiting requests that fit beside ``running`` to their last token, least recently served tenant first."""
         picked: list[Sequence] = []
         while self._queues and len(running) + len(picked) < self.config.max_batch_size:
-            tenant, queue = next(iter(self._queues.items()))
+            tenant = min(self._queues, key=lambda t: self._last_served.get(t, -1))  # ties: earliest queue
+            queue = self._queues[tenant]
             if not self._fits_with(running, picked + [queue[0]], end - start):
                 break
             picked.append(queue.popleft())
-            self._queues.move_to_end(tenant)  # the next pick starts with the next tenant
+            self._last_served[tenant] = self._admissions
+            self._admissions += 1
             if not queue:
                 del self._queues[tenant]
         return picked
