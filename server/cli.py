@@ -117,15 +117,24 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--threads", type=int, default=0)
     train.set_defaults(func=_train)
 
-    bench = sub.add_parser("bench", help="measure decode throughput (mixed vs single task, batched vs serial)")
+    bench = sub.add_parser("bench", help="throughput and latency against the bare model and the alternatives")
     bench.add_argument("--model", default="default")
-    bench.add_argument("--requests", type=int, default=16)
-    bench.add_argument("--new-tokens", type=int, default=32)
-    bench.add_argument("--prompt-tokens", type=int, default=32)
-    bench.add_argument("--virtual-tokens", type=int, default=16)
     bench.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     bench.add_argument("--device", default="cpu")
-    bench.add_argument("--json", default="", help="also write the figures as JSON to this file")
+    bench.add_argument("--threads", type=int, default=0)
+    bench.add_argument("--concurrency", type=int, default=32, help="batch size of the in-process comparisons")
+    bench.add_argument("--prompt-tokens", type=int, default=32)
+    bench.add_argument("--new-tokens", type=int, default=32)
+    bench.add_argument("--virtual-tokens", type=int, default=16)
+    bench.add_argument("--rounds", type=int, default=3)
+    bench.add_argument("--serial-requests", type=int, default=4,
+                       help="requests timed for the one-at-a-time `generate` baseline")
+    bench.add_argument("--scale-tasks", type=lambda v: [int(x) for x in v.split(",")], default=[1, 10, 100, 1000])
+    bench.add_argument("--sweep", type=lambda v: [int(x) for x in v.split(",")], default=[1, 4, 16, 32],
+                       help="HTTP concurrency levels")
+    bench.add_argument("--rate", type=float, default=2.0, help="Poisson arrival rate (requests/s) for the HTTP run")
+    bench.add_argument("--no-http", action="store_true", help="skip the real-server load test")
+    bench.add_argument("--out", default="bench/results")
     bench.set_defaults(func=_bench)
     return parser
 

@@ -1,0 +1,147 @@
+"""`prefix-serve bench` (`make bench`): prefix-serve against the bare model and the alternatives, one run.
+
+Prints a markdown table with every target marked PASS/FAIL and writes ``bench/results/latest.{json,md,png}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+from prefixes.artifact import ModelShape, PrefixArtifact, PrefixKind
+from prefixes.formats import to_own_format
+from server.bench import offline
+from server.bench.load import LoadSpec, run_load
+from server.bench.report import render_markdown, render_plot
+from server.config import DTYPES
+from server.engine.engine import Engine, EngineConfig
+from server.engine.model import load_base_model
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_offline(base, args) -> dict:
+    n, p, new, vt, rounds = args.concurrency, args.prompt_tokens, args.new_tokens, args.virtual_tokens, args.rounds
+    engine = Engine(base, EngineConfig(max_batch_size=n))
+    tasks = offline.random_tasks(base, n, vt)
+    offline.engine_decode_tokens_per_s(engine, offline.make_requests(tasks, n, p, 4))  # warm-up
+    ceiling, mixed, single = [], [], []
+    for _ in range(rounds):  # alternate, so drift hits every configuration alike
+        ceiling.append(offline.bare_decode_tokens_per_s(base, n, p + vt, new))
+        mixed.append(offline.engine_decode_tokens_per_s(engine, offline.make_requests(tasks, n, p, new)))
+        single.append(offline.engine_decode_tokens_per_s(engine, offline.make_requests(tasks[:1], n, p, new)))
+    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    # what a user would otherwise run, each against the engine serving the same requests at once
+    half = max(2, n // 2)
+    static_tasks = offline.random_tasks(base, half, vt)
+    static_groups = [2] * half
+    generate_serial = offline.generate_tokens_per_s(base, [1] * args.serial_requests, p + vt, new)
+    generate_static = offline.generate_tokens_per_s(base, static_groups, p + vt, new)
+    engine_same_load = offline.engine_end_to_end_tokens_per_s(
+        engine, offline.make_requests(static_tasks, 2 * half, p, new), concurrent=True)
+    model_bytes = sum(t.numel() * t.element_size() for t in base.model.parameters())  # tied weights once
+    return {
+        "ceiling_decode_tokens_per_s": med(ceiling),
+        "engine_decode_mixed_tokens_per_s": med(mixed),
+        "engine_decode_single_tokens_per_s": med(single),
+        "generate_one_at_a_time_tokens_per_s": generate_serial,
+        "generate_static_per_task_tokens_per_s": generate_static,
+        "engine_end_to_end_tokens_per_s": engine_same_load,
+        "load_ms": offline.cold_and_hot_load_ms(base, vt),
+        "scale": offline.scale(base, args.scale_tasks, n, p, new, vt),
+        "bytes_per_task": base.shape.kv_width * vt * 4,
+        "model_bytes": model_bytes,
+        "samples": {"ceiling": ceiling, "mixed": mixed, "single": single},
+    }
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_http(args, shape: ModelShape) -> dict:
+    """Start a real server process, register tasks, and sweep concurrency with mixed and single-task load."""
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    with tempfile.TemporaryDirectory() as store:
+        cmd = [sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--store-dir", store,
+               "--model", args.model, "--dtype", args.dtype, "--device", args.device,
+               "--max-batch-size", str(max(args.sweep)), "--log-level", "warning"]
+        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+        server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 300
+            while True:
+                try:
+                    if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("the benchmark's server did not start")
+                time.sleep(0.5)
+            shape = httpx.get(f"{url}/healthz").json()
+            names = []
+            for i in range(max(args.sweep)):
+                kv = offline.random_prefix(shape, args.virtual_tokens, i)
+                data = to_own_format(PrefixArtifact(PrefixKind.PREFIX_TUNING, kv, "bench"))
+                name = f"task-{i}"
+                httpx.post(f"{url}/prefixes/{name}", files=[("files", ("p.safetensors", data))]).raise_for_status()
+                names.append(name)
+            common = dict(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens)
+            sweep = []
+            asyncio.run(run_load(url, LoadSpec(requests=4, concurrency=4, tasks=tuple(names), **common)))  # warm
+            for c in args.sweep:
+                requests = max(2 * c, 8)
+                mixed = asyncio.run(run_load(url, LoadSpec(requests=requests, concurrency=c, tasks=tuple(names),
+                                                           mix="zipf", **common)))
+                single = asyncio.run(run_load(url, LoadSpec(requests=requests, concurrency=c, tasks=(names[0],),
+                                                            **common)))
+                sweep.append({"concurrency": c, "mixed": mixed, "single": single})
+            poisson = asyncio.run(run_load(url, LoadSpec(requests=2 * max(args.sweep), rate=args.rate,
+                                                         tasks=tuple(names), mix="zipf", **common)))
+            return {"server": shape.get("model"), "sweep": sweep, "poisson": {"rate": args.rate, **poisson}}
+        finally:
+            server.terminate()
+            try:
+                server.wait(30)
+            except subprocess.TimeoutExpired:
+                server.kill()
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    base = load_base_model(args.model, DTYPES[args.dtype], args.device)
+    result = {
+        "model": base.model_id, "device": args.device, "dtype": args.dtype, "threads": torch.get_num_threads(),
+        "concurrency": args.concurrency, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
+        "virtual_tokens": args.virtual_tokens, "rounds": args.rounds,
+        "offline": run_offline(base, args),
+    }
+    shape = base.shape
+    del base  # the HTTP run's server loads its own copy
+    if not args.no_http:
+        result["http"] = run_http(args, shape)
+    markdown = render_markdown(result)
+    print(markdown)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "latest.json").write_text(json.dumps(result, indent=2))
+    (out / "latest.md").write_text(markdown + "\n")
+    if "http" in result:
+        render_plot(result, out / "latest.png")
+    return 0

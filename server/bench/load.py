@@ -1,0 +1,129 @@
+"""A load generator in the style of `vllm bench serve`, against a real prefix-serve process over HTTP.
+
+Arrivals are either a fixed concurrency (each client sends its next request when the previous answer
+ends) or Poisson at a given rate. Tasks are drawn uniformly or by a Zipf law over the registered tasks.
+Requests stream (`"stream": true` on /generate) so time to first token and inter-token latency are seen
+as a client sees them; a server that does not stream is measured end to end only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import httpx
+
+
+@dataclass(frozen=True, slots=True)
+class LoadSpec:
+    requests: int
+    concurrency: int | None = None  # fixed concurrency, or
+    rate: float | None = None  # Poisson arrivals per second
+    tasks: tuple[str | None, ...] = (None,)
+    mix: str = "uniform"  # or "zipf"
+    prompt_tokens: int = 32
+    new_tokens: int = 64
+    seed: int = 0
+
+
+@dataclass(slots=True)
+class RequestResult:
+    start: float
+    end: float
+    first_token: float | None
+    token_times: list[float] = field(default_factory=list)
+    tokens: int = 0
+    ok: bool = True
+
+
+def _prompt(i: int, tokens: int) -> str:
+    # Distinct, roughly `tokens` long: one short word per token for this tokenizer family.
+    return " ".join(f"w{(i * 7 + j) % 997}" for j in range(max(1, tokens // 2)))
+
+
+def _choose_tasks(spec: LoadSpec) -> list[str | None]:
+    rng = random.Random(spec.seed)
+    n = len(spec.tasks)
+    weights = [1 / (k + 1) ** 1.1 for k in range(n)] if spec.mix == "zipf" else [1] * n
+    return [spec.tasks[k] for k in rng.choices(range(n), weights, k=spec.requests)]
+
+
+async def _one(client: httpx.AsyncClient, url: str, task: str | None, prompt: str, new_tokens: int) -> RequestResult:
+    params = {"task": task} if task else {}
+    body = {"prompt": prompt, "max_new_tokens": new_tokens, "ignore_eos": True, "stream": True}
+    result = RequestResult(start=time.perf_counter(), end=0.0, first_token=None)
+    async with client.stream("POST", f"{url}/generate", params=params, json=body) as response:
+        if response.status_code != 200:
+            await response.aread()
+            result.ok, result.end = False, time.perf_counter()
+            return result
+        if not response.headers.get("content-type", "").startswith("text/event-stream"):
+            payload = json.loads(await response.aread())
+            result.end = time.perf_counter()
+            result.tokens = len(payload["token_ids"])
+            return result
+        async for line in response.aiter_lines():
+            if not line.startswith("data:") or line.strip() == "data: [DONE]":
+                continue
+            chunk = json.loads(line[len("data:"):])
+            new = len(chunk.get("token_ids") or [])
+            if new:
+                now = time.perf_counter()
+                result.first_token = result.first_token or now
+                result.token_times.extend([now] * new)
+                result.tokens += new
+    result.end = time.perf_counter()
+    return result
+
+
+async def run_load(url: str, spec: LoadSpec) -> dict:
+    tasks = _choose_tasks(spec)
+    rng = random.Random(spec.seed + 1)
+    limits = httpx.Limits(max_connections=(spec.concurrency or 256) + 8)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        start = time.perf_counter()
+        if spec.concurrency is not None:
+            queue = list(enumerate(tasks))
+
+            async def worker():
+                out = []
+                while queue:
+                    i, task = queue.pop(0)
+                    out.append(await _one(client, url, task, _prompt(i, spec.prompt_tokens), spec.new_tokens))
+                return out
+
+            results = [r for group in await asyncio.gather(*(worker() for _ in range(spec.concurrency)))
+                       for r in group]
+        else:
+            pending = []
+            for i, task in enumerate(tasks):
+                pending.append(asyncio.create_task(
+                    _one(client, url, task, _prompt(i, spec.prompt_tokens), spec.new_tokens)))
+                await asyncio.sleep(rng.expovariate(spec.rate))
+            results = list(await asyncio.gather(*pending))
+        wall = time.perf_counter() - start
+    return summarise(results, wall)
+
+
+def _percentiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {}
+    q = statistics.quantiles(values, n=100, method="inclusive") if len(values) > 1 else values * 99
+    return {"p50": q[49], "p90": q[89], "p99": q[98], "mean": statistics.fmean(values)}
+
+
+def summarise(results: list[RequestResult], wall: float) -> dict:
+    ok = [r for r in results if r.ok]
+    tokens = sum(r.tokens for r in ok)
+    itl = [b - a for r in ok for a, b in zip(r.token_times, r.token_times[1:])]
+    return {
+        "requests": len(results), "failed": len(results) - len(ok), "wall_s": wall,
+        "request_throughput": len(ok) / wall, "token_throughput": tokens / wall,
+        "ttft_s": _percentiles([r.first_token - r.start for r in ok if r.first_token is not None]),
+        "itl_s": _percentiles(itl),
+        "e2e_s": _percentiles([r.end - r.start for r in ok]),
+    }

@@ -1,0 +1,173 @@
+"""In-process measurements: the engine against the bare model and against what a user would run otherwise.
+
+Every comparison runs in the same process, alternating configurations over rounds so that drift on a
+noisy machine hits both sides alike; medians are reported. Tasks are random prefix-tuning tensors of the
+model's shape: the serving cost depends only on shapes.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from transformers import DynamicCache
+
+from prefixes.artifact import ModelShape, PrefixArtifact, PrefixKind
+from prefixes.store import PrefixStore, ResidentPrefix, TaskRecord
+from server.engine.engine import Engine, EngineConfig
+from server.engine.model import BaseModel
+from server.engine.sequence import SamplingParams, Sequence
+
+
+def random_prefix(s: ModelShape, num_virtual_tokens: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(s.num_layers, 2, s.num_kv_heads, num_virtual_tokens, s.head_dim, generator=g)
+
+
+def random_tasks(base: BaseModel, count: int, num_virtual_tokens: int) -> list[ResidentPrefix]:
+    tasks = []
+    for i in range(count):
+        kv = random_prefix(base.shape, num_virtual_tokens, i)
+        record = TaskRecord(f"bench-{i}", PrefixKind.PREFIX_TUNING.value, num_virtual_tokens, "", 1,
+                            kv.numel() * kv.element_size(), "bench", 0.0)
+        tasks.append(ResidentPrefix(record, PrefixKind.PREFIX_TUNING, kv.to(base.device, base.dtype)))
+    return tasks
+
+
+def prompt_ids(i: int, length: int) -> list[int]:
+    return [(7 * i + j) % 1000 + 10 for j in range(length)]
+
+
+def make_requests(tasks: list[ResidentPrefix | None], n: int, prompt_tokens: int, new_tokens: int,
+                  pick: Callable[[int], int] = lambda i: i) -> list[Sequence]:
+    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+    return [Sequence(prompt_ids(i, prompt_tokens), params, tasks[pick(i) % len(tasks)]) for i in range(n)]
+
+
+def median_of(rounds: int, measure: Callable[[], float]) -> float:
+    return statistics.median(measure() for _ in range(rounds))
+
+
+# -- the engine ------------------------------------------------------------------------------------------
+
+
+def engine_decode_tokens_per_s(engine: Engine, seqs: list[Sequence]) -> float:
+    """Submit all, let the first step admit them, then time the decode steps that follow."""
+    for seq in seqs:
+        engine.submit(seq)
+    engine.step()
+    tokens, start = 0, time.perf_counter()
+    while engine.num_running:
+        tokens += engine.step()
+    return tokens / (time.perf_counter() - start)
+
+
+def engine_end_to_end_tokens_per_s(engine: Engine, seqs: list[Sequence], concurrent: bool) -> float:
+    start = time.perf_counter()
+    for seq in seqs:
+        engine.submit(seq)
+        if not concurrent:
+            engine.run_until_idle()
+    engine.run_until_idle()
+    return sum(len(s.output_ids) for s in seqs) / (time.perf_counter() - start)
+
+
+# -- baselines -------------------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def bare_decode_tokens_per_s(base: BaseModel, batch: int, context: int, steps: int) -> float:
+    """The ceiling: the model's own forward pass and cache, same batch and context; no server, no padding,
+    no mask, no prefixes."""
+    model = base.model
+    ids = torch.tensor([prompt_ids(i, context) for i in range(batch)], device=base.device)
+    cache = DynamicCache(config=model.config)
+    out = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
+    token = out.logits[:, -1].argmax(-1, keepdim=True)
+    start = time.perf_counter()
+    for _ in range(steps):
+        out = model(input_ids=token, cache=cache, use_cache=True, logits_to_keep=1)
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+    return batch * steps / (time.perf_counter() - start)
+
+
+@torch.inference_mode()
+def generate_tokens_per_s(base: BaseModel, groups: list[int], context: int, new_tokens: int) -> float:
+    """transformers' `generate`, one call per group of ``groups[i]`` requests, one group after another.
+
+    Groups of 1 are a server without batching; groups of k per task are the per-task static batches a
+    PEFT user must run (PEFT batches one adapter at a time). ``context`` includes the prefix length, which
+    is what a prefix costs attention (PEFT's own `generate` ignores prefixes on this transformers version,
+    so the cost is modelled with plain tokens).
+    """
+    tokens, start = 0, time.perf_counter()
+    for g, size in enumerate(groups):
+        ids = torch.tensor([prompt_ids(g * 31 + i, context) for i in range(size)], device=base.device)
+        out = base.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                  min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        tokens += (out.shape[1] - context) * size
+    return tokens / (time.perf_counter() - start)
+
+
+# -- the store -------------------------------------------------------------------------------------------
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def cold_and_hot_load_ms(base: BaseModel, num_virtual_tokens: int, tasks: int = 20) -> dict[str, float]:
+    """Time to make a task servable: from disk (a fresh store, nothing resident) vs already resident."""
+    with tempfile.TemporaryDirectory() as root:
+        prepare = lambda t: t.to(device=base.device, dtype=base.dtype)  # noqa: E731
+        writer = PrefixStore(Path(root), 1 << 30, prepare)
+        for i in range(tasks):
+            writer.put(f"t{i}", PrefixArtifact(PrefixKind.PREFIX_TUNING, random_prefix(base.shape, num_virtual_tokens, i),
+                                               "bench"))
+        reader = PrefixStore(Path(root), 1 << 30, prepare)
+        cold, hot = [], []
+        for i in range(tasks):
+            start = time.perf_counter()
+            reader.get(f"t{i}")
+            cold.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            reader.get(f"t{i}")
+            hot.append(time.perf_counter() - start)
+    return {"disk_ms": 1e3 * statistics.median(cold), "resident_ms": 1e3 * statistics.median(hot)}
+
+
+def scale(base: BaseModel, task_counts: list[int], batch: int, prompt_tokens: int, new_tokens: int,
+          num_virtual_tokens: int, zipf_s: float = 1.1) -> list[dict]:
+    """Register N tasks, serve a Zipf mix of them, and watch throughput and memory as N grows."""
+    rows = []
+    with tempfile.TemporaryDirectory() as root:
+        prepare = lambda t: t.to(device=base.device, dtype=base.dtype)  # noqa: E731
+        store = PrefixStore(Path(root), 1 << 40, prepare)
+        registered = 0
+        for n in task_counts:
+            for i in range(registered, n):
+                store.put(f"t{i}", PrefixArtifact(PrefixKind.PREFIX_TUNING,
+                                                  random_prefix(base.shape, num_virtual_tokens, i), "bench"))
+            registered = n
+            weights = [1 / (k + 1) ** zipf_s for k in range(n)]
+            rng = random.Random(n)
+            engine = Engine(base, EngineConfig(max_batch_size=batch))
+            rss_before = rss_bytes()
+            resident_before = store.stats.resident_bytes
+            for i in range(n):  # make every registered task resident, as a server at steady state would be
+                store.get(f"t{i}")
+            resident = store.stats.resident_bytes
+            grown = rss_bytes() - rss_before
+            picks = rng.choices(range(n), weights, k=batch)
+            seqs = make_requests([store.get(f"t{k}") for k in picks], batch, prompt_tokens, new_tokens)
+            tps = engine_decode_tokens_per_s(engine, seqs)
+            rows.append({"tasks": n, "decode_tokens_per_s": tps, "resident_bytes": resident,
+                         "rss_growth_bytes": grown, "resident_growth_bytes": resident - resident_before})
+    return rows

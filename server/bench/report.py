@@ -1,0 +1,109 @@
+"""Turning a benchmark result into the markdown table (targets marked PASS/FAIL) and the plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def targets(result: dict) -> list[tuple[str, float, str, bool]]:
+    """(what, value, target, passed) for every target of the performance issue that this run measured."""
+    off = result["offline"]
+    rows = []
+    http_top = result["http"]["sweep"][-1] if "http" in result else None
+    serving = http_top["mixed"]["token_throughput"] if http_top else off["engine_end_to_end_tokens_per_s"]
+    where = f"HTTP, concurrency {http_top['concurrency']}" if http_top else "in-process"
+    if http_top:
+        ratio = serving / off["ceiling_decode_tokens_per_s"]
+        rows.append((f"server tokens/s ({where}) / bare forward at batch {result['concurrency']}", ratio, ">= 0.8",
+                     ratio >= 0.8))
+    ratio = off["engine_decode_mixed_tokens_per_s"] / off["engine_decode_single_tokens_per_s"]
+    rows.append((f"decode, {result['concurrency']} tasks / one task (same load)", ratio, ">= 0.95", ratio >= 0.95))
+    ratio = serving / off["generate_one_at_a_time_tokens_per_s"]
+    rows.append((f"prefix-serve ({where}) / `generate` one request at a time", ratio, ">= 8", ratio >= 8))
+    ratio = off["engine_end_to_end_tokens_per_s"] / off["generate_static_per_task_tokens_per_s"]
+    rows.append(("prefix-serve / per-task static batches (tasks x 2 requests)", ratio, ">= 5", ratio >= 5))
+    extra_ms = off["load_ms"]["disk_ms"] - off["load_ms"]["resident_ms"]
+    rows.append(("cold task's extra time to first token, from disk (ms)", extra_ms, "<= 20", extra_ms <= 20))
+    top = off["scale"][-1]
+    overhead = top["rss_growth_bytes"] / max(top["resident_growth_bytes"], 1)
+    rows.append((f"memory for {top['tasks']} resident tasks / their tensors", overhead, "<= 1.10", overhead <= 1.10))
+    return rows
+
+
+def render_markdown(result: dict) -> str:
+    off = result["offline"]
+    n = result["concurrency"]
+    lines = [
+        f"**{result['model']}** on {result['device']} ({result['dtype']}, {result['threads']} threads); "
+        f"prompt {result['prompt_tokens']} tokens, prefix {result['virtual_tokens']} virtual tokens, "
+        f"{result['new_tokens']} new tokens; medians of {result['rounds']} alternating rounds",
+        "",
+        "| measurement | tokens/s |",
+        "|---|---|",
+        f"| bare forward pass, batch {n} (the ceiling) | {off['ceiling_decode_tokens_per_s']:.1f} |",
+        f"| engine decode, {n} requests on {n} tasks | {off['engine_decode_mixed_tokens_per_s']:.1f} |",
+        f"| engine decode, {n} requests on one task | {off['engine_decode_single_tokens_per_s']:.1f} |",
+        f"| engine end to end, tasks x 2 requests at once | {off['engine_end_to_end_tokens_per_s']:.1f} |",
+        f"| transformers `generate`, one request at a time | {off['generate_one_at_a_time_tokens_per_s']:.1f} |",
+        f"| transformers `generate`, per-task static batches of 2 | {off['generate_static_per_task_tokens_per_s']:.1f} |",
+    ]
+    if "http" in result:
+        lines += ["", "| HTTP concurrency | mixed tok/s | one task tok/s | TTFT p50 / p99 (s) | ITL p50 / p99 (ms) "
+                  "| e2e p50 / p90 / p99 (s) |", "|---|---|---|---|---|---|"]
+        for row in result["http"]["sweep"]:
+            m = row["mixed"]
+            ttft, itl, e2e = m["ttft_s"], m["itl_s"], m["e2e_s"]
+            lines.append(
+                f"| {row['concurrency']} | {m['token_throughput']:.1f} | {row['single']['token_throughput']:.1f} | "
+                f"{ttft.get('p50', 0):.2f} / {ttft.get('p99', 0):.2f} | "
+                f"{1e3 * itl.get('p50', 0):.0f} / {1e3 * itl.get('p99', 0):.0f} | "
+                f"{e2e['p50']:.2f} / {e2e['p90']:.2f} / {e2e['p99']:.2f} |")
+        p = result["http"]["poisson"]
+        lines.append(f"\nPoisson arrivals at {p['rate']}/s over a Zipf task mix: {p['request_throughput']:.2f} req/s, "
+                     f"{p['token_throughput']:.1f} tok/s, e2e p99 {p['e2e_s']['p99']:.2f} s, "
+                     f"TTFT p99 {p['ttft_s'].get('p99', 0):.2f} s")
+    lines += ["", "| registered tasks (Zipf mix) | decode tok/s | resident MB | process growth MB |", "|---|---|---|---|"]
+    for row in off["scale"]:
+        lines.append(f"| {row['tasks']} | {row['decode_tokens_per_s']:.1f} | {row['resident_bytes'] / 2**20:.1f} | "
+                     f"{row['rss_growth_bytes'] / 2**20:.1f} |")
+    lines.append(f"\nA resident task costs {off['bytes_per_task'] / 2**10:.0f} KiB; a model copy per task would cost "
+                 f"{off['model_bytes'] / 2**20:.0f} MiB ({off['model_bytes'] / off['bytes_per_task']:.0f}x). "
+                 f"Making a task servable: {off['load_ms']['disk_ms']:.2f} ms from disk, "
+                 f"{off['load_ms']['resident_ms']:.3f} ms when resident.")
+    lines += ["", "| target | value | wanted | |", "|---|---|---|---|"]
+    for what, value, wanted, ok in targets(result):
+        lines.append(f"| {what} | {value:.2f} | {wanted} | {'PASS' if ok else 'FAIL'} |")
+    return "\n".join(lines)
+
+
+def render_plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sweep = result["http"]["sweep"]
+    c = [row["concurrency"] for row in sweep]
+    off = result["offline"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for key, label in (("mixed", "prefix-serve, Zipf mix of tasks"), ("single", "prefix-serve, one task")):
+        left.plot(c, [row[key]["token_throughput"] for row in sweep], marker="o", label=label)
+        right.plot(c, [row[key]["e2e_s"]["p99"] for row in sweep], marker="o", label=label)
+    serial = off["generate_one_at_a_time_tokens_per_s"]
+    left.plot(c, [serial] * len(c), linestyle="--", label="`generate`, one request at a time")
+    left.plot(c, [off["generate_static_per_task_tokens_per_s"]] * len(c), linestyle="--",
+              label="`generate`, per-task batches of 2")
+    left.axhline(off["ceiling_decode_tokens_per_s"], color="grey", linestyle=":",
+                 label=f"bare forward, batch {result['concurrency']}")
+    # a one-at-a-time server's p99 at concurrency k: the last of k requests waits for all k
+    per_request = result["new_tokens"] / serial
+    right.plot(c, [k * per_request for k in c], linestyle="--", label="`generate` one at a time (queueing)")
+    left.set(xlabel="concurrent requests", ylabel="generated tokens/s", title="Throughput")
+    right.set(xlabel="concurrent requests", ylabel="seconds", title="End-to-end latency p99")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{result['model']} on {result['device']} ({result['dtype']})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
