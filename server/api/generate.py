@@ -1,50 +1,30 @@
-"""POST /generate: one completion for one task (or the bare base model)."""
+"""POST /generate: one completion for one task (or the bare base model), whole or streamed."""
 
 from __future__ import annotations
 
-import asyncio
+from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, HTTPException, Query, Request
 
 from server.api.schemas import GenerateRequest, GenerateResponse, Usage
-from server.engine.engine import ContextTooLong
-from server.engine.sequence import FinishReason, SamplingParams, Sequence
+from server.api.streaming import Piece, open_stream, run_to_end
 from server.auth import CurrentPrincipal
-from server.state import ServerState, State
+from server.engine.sequence import SamplingParams, Sequence
+from server.state import State
 from server.tasks import resolve_prefix
 
 router = APIRouter(tags=["generate"])
 
 
-DISCONNECT_POLL_S = 0.25
-
-
-async def run_sequence(state: ServerState, seq: Sequence, request: Request) -> Sequence:
-    """Submit ``seq`` to the engine and wait for it. A client that goes away cancels it, freeing its slot."""
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[Sequence] = loop.create_future()
-
-    def on_finish(finished: Sequence) -> None:  # runs on the engine thread
-        loop.call_soon_threadsafe(lambda: done.done() or done.set_result(finished))
-
-    seq.on_finish = on_finish
-    try:
-        state.engine.submit(seq)
-    except ContextTooLong as exc:
-        state.metrics.rejected(seq.tenant, "rejected")
-        raise HTTPException(400, str(exc)) from None
-    try:
-        while not done.done():
-            await asyncio.wait([done], timeout=DISCONNECT_POLL_S)
-            if not done.done() and await request.is_disconnected():
-                state.engine.cancel(seq)
-                await done  # the engine confirms at its next step; the slot is free from then on
-    except asyncio.CancelledError:
-        state.engine.cancel(seq)
-        raise
-    if seq.finish_reason is FinishReason.ERROR:
-        raise HTTPException(500, seq.error or "generation failed")
-    return seq
+async def _chunks(pieces: AsyncIterator[Piece], prompt_tokens: int) -> AsyncIterator[dict]:
+    completion_tokens = 0
+    async for piece in pieces:
+        completion_tokens += len(piece.token_ids)
+        chunk = {"text": piece.text, "token_ids": piece.token_ids}
+        if piece.finish_reason is not None:
+            chunk["finish_reason"] = piece.finish_reason
+            chunk["usage"] = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}
+        yield chunk
 
 
 @router.post("/generate", response_model=GenerateResponse)
@@ -59,8 +39,10 @@ async def generate(body: GenerateRequest, state: State, request: Request, princi
         )
     except ValueError as exc:
         raise HTTPException(400, str(exc)) from None
-    async with state.limiter.slot(principal):
-        seq = await run_sequence(state, Sequence(prompt_ids, params, prefix, tenant=principal.tenant), request)
+    seq = Sequence(prompt_ids, params, prefix, tenant=principal.tenant)
+    if body.stream:
+        return await open_stream(state, principal, [seq], lambda pieces: _chunks(pieces, len(prompt_ids)))
+    [seq] = await run_to_end(state, principal, request, [seq])
     return GenerateResponse(
         task=task, text=seq.text or "", token_ids=seq.output_ids, finish_reason=seq.finish_reason.value,
         usage=Usage(prompt_tokens=len(prompt_ids), completion_tokens=len(seq.output_ids)),
