@@ -1,0 +1,416 @@
+"""The OpenAI-compatible API (/v1) and streaming, through the real ``openai`` client and raw httpx.
+
+The incremental detokenizer is tested directly first (fast); the rest runs against one real server process
+(marked slow) with an auth file, so that tenants, task ownership and the concurrency limit are exercised
+too: tenant ``acme`` owns the uploaded task, tenant ``solo`` may have one request in flight.
+
+Run: PREFIX_SERVE_CACHE=/tmp/pscache .venv/bin/python -m pytest -q tests/test_openai_api.py
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import openai
+import pytest
+import torch
+
+from server.api.streaming import REPLACEMENT_CHAR, IncrementalDetokenizer
+
+try:  # tests/ is a rootdir-relative folder, not a package (pytest puts it on sys.path)
+    from server_process import ServerProcess
+except ImportError:  # pragma: no cover - if tests/ becomes a package
+    from tests.server_process import ServerProcess
+
+slow = pytest.mark.slow
+
+PROMPT = "The capital of France is"
+MULTIBYTE_PROMPT = "héllo 日本語 😀"  # the base model answers it with full-width characters
+TASK = "pre"
+KEYS = {"acme": "key-acme", "solo": "key-solo"}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The incremental detokenizer, against the engine's own rule for the final text
+
+
+def _stream_like_engine(tokenizer, ids: list[int], stop: tuple[str, ...]) -> tuple[list[str], str]:
+    """Feed ``ids`` one at a time, finishing as the engine does (full decode, cut at the first stop string).
+    Returns the deltas shown before the end and the final text."""
+    detok, deltas = IncrementalDetokenizer(tokenizer, stop), []
+    for n in range(1, len(ids) + 1):
+        text = tokenizer.decode(ids[:n], skip_special_tokens=True)
+        hits = [i for i in (text.find(s) for s in stop) if i >= 0]
+        final = text[:min(hits)] if hits else (text if n == len(ids) else None)
+        deltas.append(detok.add(ids[n - 1:n]))
+        if final is not None:
+            deltas.append(detok.finish(final))
+            return deltas, final
+    raise AssertionError("unreachable")
+
+
+@pytest.mark.parametrize("text", ["héllo 日本語 😀 wörld", "！！？ 🇫🇷 naïve — ok", "plain ascii, no surprises"])
+def test_detokenizer_never_splits_a_character(tokenizer, text):
+    ids = tokenizer(text)["input_ids"]
+    deltas, final = _stream_like_engine(tokenizer, ids, ())
+    assert final == text
+    assert "".join(deltas) == text
+    assert not any(REPLACEMENT_CHAR in d for d in deltas)
+
+
+@pytest.mark.parametrize("text, stop", [
+    ("Paris.\n\nThe answer is: 2019", ("\n\n",)),
+    ("Paris.\n\nThe answer is: 2019", ("answer", "is:")),
+    ("Paris.\n\nThe answer is: 2019", ("nothing like it",)),
+    ("日本語 😀 wörld", ("😀",)),
+    ("The cat sat on the mat", ("at o", "mat")),
+    ("Paris is nice", ("Paris",)),  # the stop string at the very start
+])
+def test_detokenizer_never_shows_text_past_a_stop_string(tokenizer, text, stop):
+    ids = tokenizer(text)["input_ids"]
+    deltas, final = _stream_like_engine(tokenizer, ids, stop)
+    shown_before_end = "".join(deltas[:-1])
+    assert final.startswith(shown_before_end)
+    assert "".join(deltas) == final
+    assert not any(s in final for s in stop)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The server, an uploaded task, clients
+
+
+@pytest.fixture(scope="module")
+def prefix_adapter(tmp_path_factory) -> dict[str, bytes]:
+    """A real PEFT prefix-tuning adapter for the default model, scaled so that it changes greedy output."""
+    from peft import PrefixTuningConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from server.engine.model import default_model_dir
+
+    out = tmp_path_factory.mktemp("adapter")
+    torch.manual_seed(1234)
+    base = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(default_model_dir()))
+    model = get_peft_model(base, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=8))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "prompt_encoder" in name:
+                p.mul_(5.0)
+    model.save_pretrained(out)
+    return {name: (out / name).read_bytes() for name in ("adapter_config.json", "adapter_model.safetensors")}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, prefix_adapter):
+    root = tmp_path_factory.mktemp("openai-server")
+    auth = root / "auth.json"
+    auth.write_text(json.dumps({"tenants": {
+        "acme": {"api_keys": [KEYS["acme"]]},
+        "solo": {"api_keys": [KEYS["solo"]], "max_concurrent_requests": 1},
+    }}))
+    with ServerProcess(root / "store", root / "server.log", startup_timeout=300, stop_timeout=10,
+                       extra_args=("--auth-file", str(auth))) as proc:
+        r = httpx.post(f"{proc.url}/prefixes/{TASK}", headers=_auth("acme"),
+                       files=[("files", (n, b)) for n, b in prefix_adapter.items()])
+        assert r.status_code == 201, r.text
+        yield proc
+
+
+def _auth(tenant: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {KEYS[tenant]}"}
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEYS["acme"], max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def base_id(server) -> str:
+    return httpx.get(server.url + "/healthz").json()["model"]
+
+
+def _generate(server, task: str | None, prompt: str, **params) -> dict:
+    r = httpx.post(server.url + "/generate", params={"task": task} if task else {}, headers=_auth("acme"),
+                   json={"prompt": prompt, **params}, timeout=120)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def _sse(response: httpx.Response) -> list:
+    """The ``data:`` payloads of an SSE response, JSON-decoded ("[DONE]" kept as is); checks the framing."""
+    events = []
+    for block in response.read().decode().split("\n\n"):
+        if block:
+            assert block.startswith("data: ") and "\n" not in block, block
+            data = block[len("data: "):]
+            events.append(data if data == "[DONE]" else json.loads(data))
+    return events
+
+
+def _metric(server, outcome: str, tenant: str) -> float:
+    needle = f'prefix_serve_requests_total{{outcome="{outcome}",tenant="{tenant}"}} '
+    for line in httpx.get(server.url + "/metrics").text.splitlines():
+        if line.startswith(needle):
+            return float(line[len(needle):])
+    return 0.0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Models and whole responses
+
+
+@slow
+def test_models_list_has_the_base_model_and_the_task(client, server, base_id):
+    models = {m.id: m for m in client.models.list()}
+    assert set(models) == {base_id, TASK}
+    task = models[TASK]
+    assert (task.object, task.parent, task.owned_by) == ("model", base_id, "acme")
+    assert models[base_id].parent is None
+    assert client.models.retrieve(TASK).id == TASK
+    # another tenant sees the base model only
+    r = httpx.get(server.url + "/v1/models", headers=_auth("solo"))
+    assert r.json()["object"] == "list" and [m["id"] for m in r.json()["data"]] == [base_id]
+
+
+@slow
+def test_completion_with_a_task_equals_generate(client, server):
+    completion = client.completions.create(model=TASK, prompt=PROMPT, max_tokens=12, temperature=0)
+    reference = _generate(server, TASK, PROMPT, max_new_tokens=12)
+    assert reference["text"] != _generate(server, None, PROMPT, max_new_tokens=12)["text"]  # the task matters
+    [choice] = completion.choices
+    assert choice.text == reference["text"]
+    assert (choice.index, choice.finish_reason, choice.logprobs) == (0, reference["finish_reason"], None)
+    assert completion.object == "text_completion" and completion.model == TASK
+    prompt_tokens, completion_tokens = reference["usage"]["prompt_tokens"], reference["usage"]["completion_tokens"]
+    got = completion.usage
+    assert (got.prompt_tokens, got.completion_tokens, got.total_tokens) == \
+        (prompt_tokens, completion_tokens, prompt_tokens + completion_tokens)
+    # a list holding one prompt is the same request
+    again = client.completions.create(model=TASK, prompt=[PROMPT], max_tokens=12, temperature=0)
+    assert again.choices[0].text == choice.text
+
+
+@slow
+def test_chat_with_the_base_model_knows_the_capital_of_france(client, base_id):
+    chat = client.chat.completions.create(
+        model=base_id, messages=[{"role": "user", "content": "What is the capital of France?"}],
+        max_tokens=30, temperature=0)
+    [choice] = chat.choices
+    assert "Paris" in choice.message.content
+    assert (choice.message.role, choice.finish_reason) == ("assistant", "stop")
+    assert chat.object == "chat.completion"
+    assert chat.usage.prompt_tokens > 10 and chat.usage.completion_tokens > 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Streaming
+
+
+@slow
+@pytest.mark.parametrize("model, prompt", [(TASK, PROMPT), (None, MULTIBYTE_PROMPT)])
+def test_streamed_completion_equals_whole(client, base_id, model, prompt):
+    model = model or base_id
+    whole = client.completions.create(model=model, prompt=prompt, max_tokens=16, temperature=0)
+    chunks = list(client.completions.create(model=model, prompt=prompt, max_tokens=16, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    deltas = [c.choices[0] for c in chunks if c.choices]
+    assert "".join(d.text for d in deltas) == whole.choices[0].text
+    assert not any(REPLACEMENT_CHAR in d.text for d in deltas)
+    assert [d.finish_reason for d in deltas][-1] == whole.choices[0].finish_reason
+    assert all(d.finish_reason is None for d in deltas[:-1])
+    assert all(c.object == "text_completion" and c.id == chunks[0].id for c in chunks)
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+@slow
+def test_streamed_chat_equals_whole(client, base_id):
+    request = dict(model=base_id, messages=[{"role": "user", "content": "What is the capital of France?"}],
+                   max_tokens=30, temperature=0)
+    whole = client.chat.completions.create(**request)
+    chunks = list(client.chat.completions.create(**request, stream=True))
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    deltas = [c.choices[0].delta for c in chunks]
+    assert deltas[0].role == "assistant" and all(d.role is None for d in deltas[1:])
+    assert "".join(d.content or "" for d in deltas) == whole.choices[0].message.content
+    finishes = [c.choices[0].finish_reason for c in chunks]
+    assert finishes[-1] == "stop" and not any(finishes[:-1])
+
+
+@slow
+def test_generate_stream_equals_whole(server):
+    for prompt in (PROMPT, MULTIBYTE_PROMPT):
+        whole = _generate(server, TASK, prompt, max_new_tokens=16)
+        with httpx.stream("POST", server.url + "/generate", params={"task": TASK}, headers=_auth("acme"),
+                          json={"prompt": prompt, "max_new_tokens": 16, "stream": True}, timeout=120) as r:
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+            events = _sse(r)
+        assert events[-1] == "[DONE]"
+        chunks = events[:-1]
+        assert "".join(c["text"] for c in chunks) == whole["text"]
+        assert [t for c in chunks for t in c["token_ids"]] == whole["token_ids"]
+        assert not any(REPLACEMENT_CHAR in c["text"] for c in chunks)
+        final = chunks[-1]
+        assert (final["finish_reason"], final["usage"]) == (whole["finish_reason"], whole["usage"])
+        assert all("finish_reason" not in c for c in chunks[:-1])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sampling parameters
+
+
+@slow
+def test_n_choices_are_seeded_seed_plus_i(client, base_id):
+    greedy = client.completions.create(model=base_id, prompt=PROMPT, max_tokens=8, temperature=0, n=2, seed=3)
+    assert [c.index for c in greedy.choices] == [0, 1]
+    assert greedy.choices[0].text == greedy.choices[1].text
+    assert greedy.usage.completion_tokens == 2 * 8
+
+    sampling = dict(model=base_id, prompt=PROMPT, max_tokens=8, temperature=1.0)
+    sampled = client.completions.create(**sampling, n=2, seed=7)
+    assert [c.index for c in sampled.choices] == [0, 1]
+    for i, choice in enumerate(sampled.choices):  # choice i is exactly the n=1 request seeded seed + i
+        assert choice.text == client.completions.create(**sampling, seed=7 + i).choices[0].text
+    streamed = client.completions.create(**sampling, n=2, seed=7, stream=True)
+    texts = ["", ""]
+    for chunk in streamed:
+        for c in chunk.choices:
+            texts[c.index] += c.text
+    assert texts == [c.text for c in sampled.choices]
+
+
+@slow
+@pytest.mark.parametrize("stop", ["\n", [".", "answer"], "Paris"])
+def test_stop_strings_whole_and_streamed(client, base_id, stop):
+    greedy = dict(model=base_id, prompt=PROMPT, max_tokens=16, temperature=0)
+    plain = client.completions.create(**greedy).choices[0].text
+    assert "Paris." in plain and "\n" in plain  # else this test tests nothing
+    stops = [stop] if isinstance(stop, str) else stop
+    expected = plain[:min(plain.find(s) for s in stops if s in plain)]
+    whole = client.completions.create(**greedy, stop=stop)
+    assert (whole.choices[0].text, whole.choices[0].finish_reason) == (expected, "stop")
+    streamed = client.completions.create(**greedy, stop=stop, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == expected
+
+
+@slow
+def test_stop_string_in_chat(client, base_id):
+    chat = dict(model=base_id, messages=[{"role": "user", "content": "What is the capital of France?"}],
+                max_tokens=30, temperature=0)
+    answer = client.chat.completions.create(**chat).choices[0].message.content
+    assert " is" in answer, answer
+    cut = answer[:answer.find(" is")]
+    assert client.chat.completions.create(**chat, stop=" is").choices[0].message.content == cut
+    assert "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        **chat, stop=" is", stream=True)) == cut
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Errors
+
+
+@slow
+def test_unknown_model_is_model_not_found(client, server):
+    for name in ("no-such-task", "org/some-model"):
+        with pytest.raises(openai.NotFoundError) as err:
+            client.completions.create(model=name, prompt=PROMPT)
+        assert err.value.code == "model_not_found"
+        with pytest.raises(openai.NotFoundError):
+            client.chat.completions.create(model=name, messages=[{"role": "user", "content": "hi"}])
+    # another tenant's task is unknown to the caller
+    solo = openai.OpenAI(base_url=server.url + "/v1", api_key=KEYS["solo"], max_retries=0)
+    with pytest.raises(openai.NotFoundError):
+        solo.completions.create(model=TASK, prompt=PROMPT)
+
+
+@slow
+@pytest.mark.parametrize("body, status, param", [
+    ({"prompt": PROMPT, "temperature": 5}, 400, "temperature"),
+    ({"prompt": PROMPT, "n": 0}, 400, "n"),
+    ({"prompt": [PROMPT, PROMPT]}, 400, "prompt"),
+    ({"prompt": [1, 2, 3]}, 400, "prompt"),
+    ({"prompt": PROMPT, "logprobs": 2}, 400, "logprobs"),
+    ({"prompt": PROMPT, "echo": True}, 400, "echo"),
+    ({"prompt": PROMPT, "best_of": 3}, 400, "best_of"),
+    ({"prompt": PROMPT, "max_tokens": 100000}, 400, "max_tokens"),
+    ({"prompt": PROMPT, "max_tokens": 9000}, 400, None),  # beyond the model's context
+    ({}, 400, "prompt"),
+    ({"prompt": PROMPT, "model": "nope"}, 404, "model"),
+])
+def test_errors_have_openai_shape(server, base_id, body, status, param):
+    r = httpx.post(server.url + "/v1/completions", headers=_auth("acme"), json={"model": base_id, **body})
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert error["param"] == param
+    assert error["type"] == "invalid_request_error"
+
+
+@slow
+def test_error_shapes_of_auth_and_other_routes(server, base_id):
+    r = httpx.post(server.url + "/v1/chat/completions", json={"model": base_id, "messages": []})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0).models.list()
+    r = httpx.post(server.url + "/v1/chat/completions", headers=_auth("acme"),
+                   json={"model": base_id, "messages": [{"role": "user", "content": "hi"}], "tools": [{}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tools"
+    # extra fields clients send are ignored on /v1 ...
+    r = httpx.post(server.url + "/v1/completions", headers=_auth("acme"),
+                   json={"model": base_id, "prompt": PROMPT, "max_tokens": 2, "user": "x",
+                         "presence_penalty": 0})
+    assert r.status_code == 200, r.text
+    # ... while the other routes keep FastAPI's shape
+    r = httpx.post(server.url + "/generate", headers=_auth("acme"), json={"prompt": PROMPT, "bogus": 1})
+    assert r.status_code == 422 and "detail" in r.json()
+    assert httpx.get(server.url + "/prefixes/nope", headers=_auth("acme")).json().keys() == {"detail"}
+    assert httpx.get(server.url + "/prefixes").json().keys() == {"detail"}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A stream holds its slot while it lasts, and gives it back when the client goes away
+
+
+def _wait_idle(server) -> int:
+    running = None
+    for _ in range(40):
+        running = httpx.get(server.url + "/healthz").json()["running"]
+        if running == 0:
+            break
+        time.sleep(0.25)
+    return running
+
+
+@slow
+@pytest.mark.parametrize("path, body", [
+    ("/generate", {"prompt": PROMPT, "max_new_tokens": 4000, "ignore_eos": True, "stream": True}),
+    ("/v1/completions", {"model": TASK, "prompt": PROMPT, "max_tokens": 4000, "ignore_eos": True,
+                         "stream": True, "n": 2}),
+])
+def test_disconnect_frees_the_slot(server, prefix_adapter, path, body):
+    # solo (one request at a time) needs the task too
+    r = httpx.post(f"{server.url}/prefixes/{TASK}", headers=_auth("solo"),
+                   files=[("files", (n, b)) for n, b in prefix_adapter.items()])
+    assert r.status_code == 201, r.text
+    solo = openai.OpenAI(base_url=server.url + "/v1", api_key=KEYS["solo"], max_retries=0)
+    cancelled = _metric(server, "cancelled", "solo")
+    with httpx.Client(timeout=60) as http:
+        with http.stream("POST", server.url + path, params={"task": TASK}, headers=_auth("solo"),
+                         json=body) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            for _ in range(6):
+                next(lines)
+            assert httpx.get(server.url + "/healthz").json()["running"] == body.get("n", 1)
+            with pytest.raises(openai.RateLimitError) as err:  # the stream holds solo's only slot
+                solo.completions.create(model=TASK, prompt=PROMPT, max_tokens=1)
+            assert err.value.code == "rate_limit_exceeded"
+    assert _wait_idle(server) == 0, "the abandoned stream is still generating"
+    assert _metric(server, "cancelled", "solo") == cancelled + body.get("n", 1)
+    assert solo.completions.create(model=TASK, prompt=PROMPT, max_tokens=1).choices  # the slot is back
+
+
+@slow
+def test_server_log_has_no_tracebacks(server):
+    assert "Traceback" not in server.log_text(), server.log_tail()
