@@ -31,8 +31,12 @@ def build_state(settings: Settings, base: BaseModel | None = None) -> ServerStat
         torch.set_num_threads(settings.threads)
     if base is None:
         base = load_base_model(settings.model, settings.torch_dtype, settings.device)
+    # A host-memory tier only helps when prefixes are served from an accelerator: on a CPU device the
+    # device tier already is host memory, so it is skipped there.
     store = PrefixStore(settings.store_dir, settings.cache_bytes,
-                        prepare=lambda t: t.to(device=base.device, dtype=base.dtype))
+                        prepare=lambda t: t.to(device=base.device, dtype=base.dtype),
+                        host_cache_bytes=0 if base.device.type == "cpu" else settings.host_cache_bytes,
+                        redis_url=settings.redis_url)
     metrics = Metrics(store, lambda: engine.num_running, lambda: engine.num_waiting)
     engine = Engine(base, EngineConfig(max_batch_size=settings.max_batch_size,
                                        kv_cache_bytes=settings.kv_cache_bytes), observer=metrics)
@@ -53,6 +57,7 @@ def create_app(settings: Settings, base: BaseModel | None = None) -> FastAPI:
             yield
         finally:
             state.engine.stop()
+            state.store.close()
 
     app = FastAPI(title="prefix-serve", version="0.1.0", lifespan=lifespan)
     app.include_router(health.router)

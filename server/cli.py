@@ -22,6 +22,7 @@ def _serve(args: argparse.Namespace) -> int:
             max_batch_size=args.max_batch_size, kv_cache_bytes=args.kv_cache_bytes, cache_bytes=args.cache_bytes,
             max_upload_bytes=args.max_upload_bytes, threads=args.threads,
             auth_file=Path(args.auth_file) if args.auth_file else None,
+            redis_url=args.redis_url, host_cache_bytes=args.host_cache_bytes,
         )
         if settings.auth_file is not None:
             AuthConfig.load(settings.auth_file)  # refuse a broken auth file before loading the model
@@ -85,6 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--kv-cache-bytes", type=int, default=defaults.kv_cache_bytes)
     serve.add_argument("--cache-bytes", type=int, default=defaults.cache_bytes,
                        help="memory budget for resident prefixes")
+    serve.add_argument("--host-cache-bytes", type=int, default=defaults.host_cache_bytes,
+                       help="host-memory budget for prefixes evicted from the device (ignored with --device cpu)")
+    serve.add_argument("--redis-url", default=None,
+                       help="Redis shared by all replicas (e.g. redis://127.0.0.1:6379/0): a task uploaded to one "
+                       "is served by all; without it each server has its --store-dir alone")
     serve.add_argument("--max-upload-bytes", type=int, default=defaults.max_upload_bytes)
     serve.add_argument("--threads", type=int, default=defaults.threads, help="torch threads (0: one per core)")
     serve.add_argument("--auth-file", help="JSON with tenants, API keys, quotas and admin keys; "

@@ -23,6 +23,8 @@ class Settings:
     max_virtual_tokens: int = 1024
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default (one per core)
     auth_file: Path | None = None  # tenants and keys; None serves everyone (single-user mode)
+    redis_url: str | None = None  # shared Redis tier of the store (all replicas); None: local disk alone
+    host_cache_bytes: int = 2 << 30  # host-memory tier of the store (0: none); unused when the device is the CPU
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -34,6 +36,11 @@ class Settings:
         for name in ("max_batch_size", "kv_cache_bytes", "cache_bytes", "max_upload_bytes", "max_virtual_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive")
+        if self.host_cache_bytes < 0:
+            raise ValueError("host_cache_bytes must be 0 (no host-memory tier) or positive")
+        if self.redis_url is not None and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"--redis-url {self.redis_url!r}: use redis://HOST:PORT/DB, rediss://... or "
+                             "unix:///path/to/redis.sock")
         object.__setattr__(self, "store_dir", Path(self.store_dir))
 
     @property
