@@ -10,9 +10,25 @@ STORE ?= store
 TORCH_PIP_ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test bench clean
+.PHONY: install redis-server run test bench clean
 
-install: $(STAMP)
+install: $(STAMP) redis-server
+
+# The Redis tests start their own redis-server processes (and `serve --redis-url` needs a Redis somewhere).
+# Checked on every install (cheap); installed with apt when missing and we are root (CI: Debian, as root).
+redis-server:
+	@if command -v redis-server >/dev/null 2>&1; then \
+	  :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "redis-server not found: installing it with apt-get"; \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    redis-server >/dev/null && command -v redis-server >/dev/null; } \
+	  || { echo "ERROR: installing redis-server with apt-get failed (see above)"; exit 1; }; \
+	else \
+	  echo "NOTE: redis-server is not on PATH and cannot be installed automatically (needs root and apt-get)."; \
+	  echo "      Serving works without it, but the Redis tests (tests/test_redis_store.py) will fail."; \
+	  echo "      Install it, e.g.: sudo apt-get install redis-server   (or: brew install redis)"; \
+	fi
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
