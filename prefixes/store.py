@@ -98,6 +98,12 @@ class TaskRecord:
     source_format: str
     created_at: float
 
+    @classmethod
+    def describe(cls, task: str, artifact: PrefixArtifact, version: int, sha256: str | None = None) -> TaskRecord:
+        return cls(task=task, kind=artifact.kind.value, num_virtual_tokens=artifact.num_virtual_tokens,
+                   sha256=artifact.sha256() if sha256 is None else sha256, version=version,
+                   bytes=artifact.nbytes, source_format=artifact.source_format, created_at=time.time())
+
     def as_json(self) -> dict:
         return asdict(self)
 
@@ -122,6 +128,12 @@ class ResidentPrefix:
     @property
     def num_virtual_tokens(self) -> int:
         return self.record.num_virtual_tokens
+
+    @classmethod
+    def unstored(cls, task: str, artifact: PrefixArtifact) -> ResidentPrefix:
+        """A servable task that never went through a store (training evaluation, benchmarks, tests):
+        version 0, its tensor as it is (move it to the serving device and dtype first)."""
+        return cls(TaskRecord.describe(task, artifact, version=0), artifact.kind, artifact.tensor)
 
 
 @dataclass(slots=True)
@@ -398,10 +410,7 @@ class PrefixStore:
         sha256 = artifact.sha256()
 
         def make_record(version: int) -> TaskRecord:
-            return TaskRecord(task=task, kind=artifact.kind.value,
-                              num_virtual_tokens=artifact.num_virtual_tokens, sha256=sha256, version=version,
-                              bytes=artifact.nbytes,
-                              source_format=artifact.source_format, created_at=time.time())
+            return TaskRecord.describe(task, artifact, version, sha256)
 
         if self.redis is None:
             return self._write_local(task, data, make_record)

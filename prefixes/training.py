@@ -74,10 +74,6 @@ class TrainConfig:
         if self.task is not None and self.server is None:
             raise TrainingError("--task needs --upload URL (the server to upload to)")
 
-    @property
-    def total_steps_hint(self) -> str:
-        return f"{self.steps} steps" if self.steps is not None else f"{self.epochs or 1} epochs"
-
 
 @dataclass(slots=True)
 class Example:
@@ -232,13 +228,13 @@ def eval_loss(peft_model, examples: list[Example], batch_size: int, pad_id: int)
 
 def exact_match(base, adapter_dir: Path, examples: list[Example]) -> float:
     """Greedy generations by the serving engine with the saved adapter, compared to the completions."""
-    from prefixes.store import ResidentPrefix, TaskRecord
+    from prefixes.store import ResidentPrefix
     from server.engine.engine import Engine
     from server.engine.sequence import SamplingParams, Sequence
 
     artifact = parse_artifact({n: (adapter_dir / n).read_bytes() for n in ADAPTER_FILES}, base.shape)
-    record = TaskRecord("eval", artifact.kind.value, artifact.num_virtual_tokens, "", 0, artifact.nbytes, "peft", 0)
-    prefix = ResidentPrefix(record, artifact.kind, artifact.tensor.to(base.device, base.dtype))
+    artifact.tensor = artifact.tensor.to(base.device, base.dtype)
+    prefix = ResidentPrefix.unstored("eval", artifact)
     engine = Engine(base)
     seqs = [Sequence(e.prompt_ids, SamplingParams(max_new_tokens=len(e.completion_ids) + 2), prefix)
             for e in examples]

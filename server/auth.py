@@ -106,10 +106,6 @@ class AuthConfig:
     def is_open(self) -> bool:
         return not self._tenants and not self._admin_digests
 
-    @property
-    def tenant_names(self) -> list[str]:
-        return sorted(self._tenants)
-
     def policy(self, tenant: str) -> TenantPolicy:
         entry = self._tenants.get(tenant)
         return entry[0] if entry else TenantPolicy(tenant)

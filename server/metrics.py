@@ -28,27 +28,21 @@ class _StoreCollector:
 
     def collect(self):
         tiers = self.store.tier_stats()
-        counters = (
-            ("prefix_cache_hits", "hits", "Prefix lookups answered by this tier."),
-            ("prefix_cache_misses", "misses", "Prefix lookups this tier could not answer."),
-            ("prefix_cache_evictions", "evictions", "Prefixes evicted from this tier by its byte budget."),
-            ("prefix_cache_load_seconds", "load_seconds_total", "Time spent loading prefixes from this tier."),
+        series = (
+            (CounterMetricFamily, "prefix_cache_hits", "hits", "Prefix lookups answered by this tier."),
+            (CounterMetricFamily, "prefix_cache_misses", "misses", "Prefix lookups this tier could not answer."),
+            (CounterMetricFamily, "prefix_cache_evictions", "evictions",
+             "Prefixes evicted from this tier by its byte budget."),
+            (CounterMetricFamily, "prefix_cache_load_seconds", "load_seconds_total",
+             "Time spent loading prefixes from this tier."),
+            (GaugeMetricFamily, "prefix_cache_resident_bytes", "resident_bytes", "Bytes of prefixes held by this tier."),
+            (GaugeMetricFamily, "prefix_cache_resident_tasks", "resident_tasks", "Tasks held by this tier."),
         )
-        for name, field, help_ in counters:
-            family = CounterMetricFamily(f"{NAMESPACE}_{name}", help_, labels=["tier"])
+        for kind, name, field, help_ in series:
+            family = kind(f"{NAMESPACE}_{name}", help_, labels=["tier"])
             for tier, stats in tiers.items():
                 family.add_metric([tier], getattr(stats, field))
             yield family
-        gauges = (
-            ("prefix_cache_resident_bytes", "resident_bytes", "Bytes of prefixes held by this tier."),
-            ("prefix_cache_resident_tasks", "resident_tasks", "Tasks held by this tier."),
-        )
-        for name, field, help_ in gauges:
-            family = GaugeMetricFamily(f"{NAMESPACE}_{name}", help_, labels=["tier"])
-            for tier, stats in tiers.items():
-                family.add_metric([tier], getattr(stats, field))
-            yield family
-
 
 class Metrics(EngineObserver):
     def __init__(self, store: PrefixStore, num_running: Callable[[], int], num_waiting: Callable[[], int]):

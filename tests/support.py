@@ -25,7 +25,7 @@ from transformers import (
 )
 
 from prefixes.formats import parse_artifact
-from prefixes.store import ResidentPrefix, TaskRecord
+from prefixes.store import ResidentPrefix
 from server.engine.model import BaseModel
 
 VOCAB = 256
@@ -114,9 +114,8 @@ def make_adapter(base: BaseModel, kind: str, num_virtual_tokens: int, workdir: P
     files = read_dir(out)
     artifact = parse_artifact(files, base.shape)
     artifact.tensor = artifact.tensor.to(base.dtype)
-    record = TaskRecord(f"{kind}-{seed}", artifact.kind.value, artifact.num_virtual_tokens, artifact.sha256(), 1,
-                        artifact.nbytes, artifact.source_format, 0.0)
-    return Adapter(record.task, kind, ResidentPrefix(record, artifact.kind, artifact.tensor), oracle, files)
+    name = f"{kind}-{seed}"
+    return Adapter(name, kind, ResidentPrefix.unstored(name, artifact), oracle, files)
 
 
 @torch.no_grad()

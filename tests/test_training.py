@@ -129,12 +129,11 @@ def test_every_method_saves_a_servable_peft_adapter(tiny_folder, tmp_path, optio
     peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_folder), result.out).eval()
     from server.engine.engine import Engine
     from server.engine.sequence import SamplingParams, Sequence
-    from prefixes.store import ResidentPrefix, TaskRecord
+    from prefixes.store import ResidentPrefix
 
-    record = TaskRecord("t", artifact.kind.value, 5, "", 1, artifact.nbytes, "peft", 0.0)
     engine = Engine(base)
     seq = Sequence([10, 20, 30], SamplingParams(max_new_tokens=6, ignore_eos=True),
-                   ResidentPrefix(record, artifact.kind, artifact.tensor))
+                   ResidentPrefix.unstored("t", artifact))
     engine.submit(seq)
     engine.run_until_idle()
     assert_oracle_tokens(peft_model, seq.prompt_ids, seq.output_ids, str(options))

@@ -19,7 +19,7 @@ import torch
 from transformers import DynamicCache
 
 from prefixes.artifact import ModelShape, PrefixArtifact, PrefixKind
-from prefixes.store import PrefixStore, ResidentPrefix, TaskRecord
+from prefixes.store import PrefixStore, ResidentPrefix
 from server.engine.engine import Engine, EngineConfig
 from server.engine.model import BaseModel
 from server.engine.sequence import SamplingParams, Sequence
@@ -33,10 +33,8 @@ def random_prefix(s: ModelShape, num_virtual_tokens: int, seed: int) -> torch.Te
 def random_tasks(base: BaseModel, count: int, num_virtual_tokens: int) -> list[ResidentPrefix]:
     tasks = []
     for i in range(count):
-        kv = random_prefix(base.shape, num_virtual_tokens, i)
-        record = TaskRecord(f"bench-{i}", PrefixKind.PREFIX_TUNING.value, num_virtual_tokens, "", 1,
-                            kv.numel() * kv.element_size(), "bench", 0.0)
-        tasks.append(ResidentPrefix(record, PrefixKind.PREFIX_TUNING, kv.to(base.device, base.dtype)))
+        kv = random_prefix(base.shape, num_virtual_tokens, i).to(base.device, base.dtype)
+        tasks.append(ResidentPrefix.unstored(f"bench-{i}", PrefixArtifact(PrefixKind.PREFIX_TUNING, kv, "bench")))
     return tasks
 
 
@@ -48,10 +46,6 @@ def make_requests(tasks: list[ResidentPrefix | None], n: int, prompt_tokens: int
                   pick: Callable[[int], int] = lambda i: i) -> list[Sequence]:
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
     return [Sequence(prompt_ids(i, prompt_tokens), params, tasks[pick(i) % len(tasks)]) for i in range(n)]
-
-
-def median_of(rounds: int, measure: Callable[[], float]) -> float:
-    return statistics.median(measure() for _ in range(rounds))
 
 
 # -- the engine ------------------------------------------------------------------------------------------
