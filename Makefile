@@ -10,25 +10,50 @@ STORE ?= store
 TORCH_PIP_ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: install redis-server run test bench clean
+.PHONY: install system-packages redis-server run test bench clean
 
-install: $(STAMP) redis-server
+install: $(STAMP) system-packages
 
-# The Redis tests start their own redis-server processes (and `serve --redis-url` needs a Redis somewhere).
-# Checked on every install (cheap); installed with apt when missing and we are root (CI: Debian, as root).
-redis-server:
-	@if command -v redis-server >/dev/null 2>&1; then \
+# Programs the test suite starts itself, each a real process on a free loopback port in a temp folder:
+# redis-server (tests/test_redis_store.py, tests/test_deploy.py; `serve --redis-url` needs a Redis
+# somewhere), and for the deployment tests (tests/test_deploy.py) nginx with its njs module, prometheus
+# and promtool. Entries are CHECK=DEBIAN_PACKAGE: a command looked up on PATH (plus the sbin folders), or
+# an absolute path that must exist. Checked on every install (cheap); whatever is missing is installed
+# with apt when we are root (CI: Debian, as root). A policy-rc.d stops the packages from starting their
+# system services while they install (the tests never use them); an existing policy is left alone.
+SYSTEM_DEPS := redis-server=redis-server nginx=nginx \
+	/usr/lib/nginx/modules/ngx_http_js_module.so=libnginx-mod-http-js \
+	prometheus=prometheus promtool=prometheus
+
+system-packages:
+	@missing=""; \
+	for dep in $(SYSTEM_DEPS); do \
+	  check=$${dep%%=*}; package=$${dep#*=}; \
+	  case $$check in \
+	    /*) [ -e "$$check" ] ;; \
+	    *) PATH="$$PATH:/usr/sbin:/usr/local/sbin:/sbin" command -v "$$check" >/dev/null 2>&1 ;; \
+	  esac || case " $$missing " in *" $$package "*) ;; *) missing="$$missing $$package" ;; esac; \
+	done; \
+	if [ -z "$$missing" ]; then \
 	  :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	  echo "redis-server not found: installing it with apt-get"; \
-	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-	    redis-server >/dev/null && command -v redis-server >/dev/null; } \
-	  || { echo "ERROR: installing redis-server with apt-get failed (see above)"; exit 1; }; \
+	  echo "missing system packages:$$missing: installing them with apt-get"; \
+	  policy=/usr/sbin/policy-rc.d; own_policy=; \
+	  if [ ! -e $$policy ]; then printf '#!/bin/sh\nexit 101\n' >$$policy && chmod 755 $$policy && own_policy=1; fi; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    $$missing >/dev/null; status=$$?; \
+	  if [ -n "$$own_policy" ]; then rm -f $$policy; fi; \
+	  [ $$status = 0 ] || { echo "ERROR: installing$$missing with apt-get failed (see above)"; exit 1; }; \
 	else \
-	  echo "NOTE: redis-server is not on PATH and cannot be installed automatically (needs root and apt-get)."; \
-	  echo "      Serving works without it, but the Redis tests (tests/test_redis_store.py) will fail."; \
-	  echo "      Install it, e.g.: sudo apt-get install redis-server   (or: brew install redis)"; \
+	  echo "NOTE: missing system packages:$$missing; they cannot be installed automatically (needs root and apt-get)."; \
+	  echo "      Serving works without them, but the tests that start them will not run:"; \
+	  echo "      redis-server: tests/test_redis_store.py and tests/test_deploy.py fail;"; \
+	  echo "      nginx, libnginx-mod-http-js, prometheus: tests/test_deploy.py skips those tests (fails under CI=true)."; \
+	  echo "      Install them, e.g.: sudo apt-get install$$missing"; \
 	fi
+
+# The old name of the step above.
+redis-server: system-packages
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
