@@ -18,6 +18,7 @@ class Settings:
     device: str = "cpu"
     max_batch_size: int = 32
     kv_cache_bytes: int = 2 << 30  # key/value memory for the running batch
+    max_step_tokens: int = 512  # tokens per forward: running requests' next tokens + joining prompts' chunks
     cache_bytes: int = 1 << 30  # resident prefixes (memory tier of the store)
     max_upload_bytes: int = 256 << 20
     max_virtual_tokens: int = 1024
@@ -36,6 +37,9 @@ class Settings:
         for name in ("max_batch_size", "kv_cache_bytes", "cache_bytes", "max_upload_bytes", "max_virtual_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive")
+        if self.max_step_tokens < self.max_batch_size:
+            raise ValueError(f"--max-step-tokens {self.max_step_tokens} must be at least --max-batch-size "
+                             f"{self.max_batch_size}: a full batch's next tokens are computed in one step")
         if self.host_cache_bytes < 0:
             raise ValueError("host_cache_bytes must be 0 (no host-memory tier) or positive")
         if self.redis_url is not None and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):

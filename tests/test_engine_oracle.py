@@ -45,8 +45,10 @@ def check_against_oracle(base, adapters, seqs, tasks) -> None:
     assert all(changed.values()), f"adapters that never changed a token: {[k for k, v in changed.items() if not v]}"
 
 
+@pytest.mark.parametrize("step_tokens", [512, 7], ids=["whole-prompts", "chunked-prefill"])
 @pytest.mark.parametrize("arch", sorted(TINY_CONFIGS))
-def test_mixed_batch_matches_peft(arch, tokenizer, tmp_path):
+def test_mixed_batch_matches_peft(arch, step_tokens, tokenizer, tmp_path):
+    """With 7 tokens a step, prompts and soft prompts are split across steps (mid-virtual-token too)."""
     base = wrap_model(tiny_model(arch), tokenizer, arch)
     lengths = [5, 2, 7, 3, 4, 6]
     adapters = [make_adapter(base, kind, n, tmp_path, seed) for seed, (kind, n) in enumerate(zip(KINDS, lengths))]
@@ -59,12 +61,12 @@ def test_mixed_batch_matches_peft(arch, tokenizer, tmp_path):
         seqs.append(Sequence(prompt, params, adapter.prefix if adapter else None))
         tasks.append(adapter)
         arrivals.append(0 if i < 5 else rng.randint(1, 12))
-    run_staggered(Engine(base), seqs, arrivals)
+    run_staggered(Engine(base, EngineConfig(max_batch_size=6, max_step_tokens=step_tokens)), seqs, arrivals)
     check_against_oracle(base, adapters, seqs, tasks)
 
 
 def test_cache_layout_under_churn(tokenizer, tmp_path):
-    """Long prompts joining short-frontier batches (shift right), long runs (compaction), growth."""
+    """Long prompts chunked over many steps beside short ones, rows leaving from every position, growth."""
     base = wrap_model(tiny_model("llama", seed=3), tokenizer, "llama")
     adapters = [make_adapter(base, kind, n, tmp_path, seed)
                 for seed, (kind, n) in enumerate([("prefix", 20), ("prompt_tuning", 9), ("prefix", 1)])]
@@ -77,9 +79,39 @@ def test_cache_layout_under_churn(tokenizer, tmp_path):
                              adapter.prefix if adapter else None))
         tasks.append(adapter)
         arrivals.append(rng.randint(0, 60))
-    engine = Engine(base, EngineConfig(max_batch_size=6, kv_cache_bytes=6 * 200 * base.shape.kv_width * 4))
+    engine = Engine(base, EngineConfig(max_batch_size=6, kv_cache_bytes=6 * 200 * base.shape.kv_width * 4,
+                                       max_step_tokens=16))
     run_staggered(engine, seqs, arrivals)
     check_against_oracle(base, adapters, seqs, tasks)
+
+
+def test_long_prompt_does_not_stall_running_requests(tokenizer):
+    """Chunked prefill: while a long prompt is prefilled over several steps, every running request still
+    gets a token each step, and no step computes more than the budget."""
+    base = wrap_model(tiny_model("llama", seed=5), tokenizer, "llama")
+    engine = Engine(base, EngineConfig(max_batch_size=4, max_step_tokens=10))
+    sizes: list[int] = []
+    original = engine.runner.model.forward
+    engine.runner.model.forward = lambda **kw: sizes.append(kw["inputs_embeds"].shape[1]) or original(**kw)
+    running = [Sequence([3, 4, 5], SamplingParams(max_new_tokens=30, ignore_eos=True)) for _ in range(3)]
+    for seq in running:
+        engine.submit(seq)
+    engine.step()  # all three prefilled (9 tokens) with their first token
+    assert [len(s.output_ids) for s in running] == [1, 1, 1]
+    long = Sequence(list(range(1, 50)), SamplingParams(max_new_tokens=3, ignore_eos=True))  # 49 tokens
+    engine.submit(long)
+    steps = 0
+    while not long.output_ids:
+        engine.step()
+        steps += 1
+        assert [len(s.output_ids) for s in running] == [1 + steps] * 3  # nobody waited for the long prompt
+    assert steps == 7  # 49 prompt tokens at 10 - 3 = 7 per step
+    assert sizes[1:] == [10] * 7  # 3 decode tokens + 7 prompt tokens, every step
+    del engine.runner.model.forward  # the oracle below runs the same model object
+    engine.run_until_idle()
+    assert_oracle_tokens(base.model, long.prompt_ids, long.output_ids, "long prompt")
+    for seq in running:
+        assert_oracle_tokens(base.model, seq.prompt_ids, seq.output_ids, "running")
 
 
 def test_seeded_sampling_ignores_batch_neighbours(tokenizer, tmp_path):
@@ -154,5 +186,6 @@ def test_default_model_mixed_batch_matches_peft(default_model, tokenizer, tmp_pa
         seqs.append(Sequence(tokenizer(prompt)["input_ids"], SamplingParams(max_new_tokens=8 + len(seqs), ignore_eos=True),
                              adapter.prefix if adapter else None))
         tasks.append(adapter)
-    run_staggered(Engine(base), seqs, [0, 0, 0, 2, 3, 5, 5, 9])
+    # 12 tokens a step: prompts and soft prompts are chunked while others decode.
+    run_staggered(Engine(base, EngineConfig(max_batch_size=8, max_step_tokens=12)), seqs, [0, 0, 0, 2, 3, 5, 5, 9])
     check_against_oracle(base, adapters, seqs, tasks)

@@ -171,7 +171,7 @@ def test_scheduler_takes_tenants_in_turn():
     light = [Sequence([1, 2], params, tenant="light") for _ in range(2)]
     for seq in heavy + light:
         scheduler.add(seq)
-    picked = scheduler.pick([], end=0, start=0)
+    picked = scheduler.pick([], token_budget=1 << 20)
     assert [s.tenant for s in picked] == ["heavy", "light", "heavy"]
     assert picked[0] is heavy[0] and picked[1] is light[0] and picked[2] is heavy[1]  # FCFS within a tenant
     assert len(scheduler) == 4

@@ -1,8 +1,10 @@
 """The serving loop: the scheduler picks who joins, the runner computes, the engine post-processes.
 
-``step()`` admits waiting requests into the running batch (one prefill forward for all of them), then
-advances every running request by one token (one decode forward), then lets finished requests leave. New
-requests therefore join between decode steps and finished ones leave at once: continuous batching.
+``step()`` runs one forward of at most ``max_step_tokens`` tokens: a next token for every running request,
+and with the rest of the budget the prompts of requests that join now (a prompt longer than what is left
+continues in the next steps: chunked prefill). Finished requests leave at once. So requests join and leave
+between any two tokens (continuous batching), and a long prompt never stalls the running ones for more
+than one bounded step.
 
 Runs on one background thread (``start``); ``submit`` may be called from any thread.
 """
@@ -15,6 +17,8 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+
+import torch
 
 from server.engine.model import BaseModel
 from server.engine.runner import ModelRunner
@@ -29,10 +33,15 @@ class EngineConfig:
     max_batch_size: int = 32
     # Key/value memory the batch may use (rows x columns x bytes per slot); bounds admission.
     kv_cache_bytes: int = 2 << 30
+    # Tokens one forward may compute: one per running request, the rest for joining prompts. Larger steps
+    # admit faster; smaller ones bound how long a joining prompt delays everyone's next token.
+    max_step_tokens: int = 512
 
     def __post_init__(self):
         if self.max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
+        if self.max_step_tokens < self.max_batch_size:
+            raise ValueError("max_step_tokens must be at least max_batch_size (a full batch decodes in one step)")
         if self.kv_cache_bytes <= 0:
             raise ValueError("kv_cache_bytes must be positive")
 
@@ -48,7 +57,7 @@ class EngineObserver:
         """``seqs`` joined the batch (their queue time ends ``now``)."""
 
     def decoded(self, batch_size: int) -> None:
-        """A decode step ran over ``batch_size`` rows."""
+        """A step gave ``batch_size`` running rows their next token (prefill chunks are not counted)."""
 
     def token(self, seq: Sequence, now: float) -> None:
         """``seq`` got a token; ``seq.last_token_time`` still holds the previous token's time."""
@@ -96,29 +105,30 @@ class Scheduler:
         """Whether ``seq`` could ever run, alone in the batch."""
         return seq.total_len <= self.max_slots
 
-    def pick(self, running: list[Sequence], end: int, start: int) -> list[Sequence]:
-        """Waiting requests that fit beside ``running`` to their last token, least recently served tenant first."""
+    def pick(self, running: list[Sequence], token_budget: int) -> list[Sequence]:
+        """Waiting requests that fit beside ``running`` to their last token, least recently served tenant first.
+
+        Each joiner's prefill takes its input length out of ``token_budget`` (the last may take only part of
+        it and continue in later steps); no one joins once the budget is spent.
+        """
         picked: list[Sequence] = []
-        while self._queues and len(running) + len(picked) < self.config.max_batch_size:
+        while self._queues and token_budget > 0 and len(running) + len(picked) < self.config.max_batch_size:
             tenant = min(self._queues, key=lambda t: self._last_served.get(t, -1))  # ties: earliest queue
             queue = self._queues[tenant]
-            if not self._fits_with(running, picked + [queue[0]], end - start):
+            if not self._fits_with(running, picked + [queue[0]]):
                 break
             picked.append(queue.popleft())
+            token_budget -= picked[-1].input_len
             self._last_served[tenant] = self._admissions
             self._admissions += 1
             if not queue:
                 del self._queues[tenant]
         return picked
 
-    def _fits_with(self, running: list[Sequence], joining: list[Sequence], running_span: int) -> bool:
-        # Columns the batch will span once every row has produced its last token: joining rows are
-        # right-aligned to the frontier and need ``width`` columns left of it; running rows already span
-        # ``running_span``; to the right every row grows by at most its remaining budget.
-        width = max(seq.input_len for seq in joining) + max(seq.num_prefix_kv for seq in joining)
-        span_left = max(running_span, width) if running else width
-        span_right = max(seq.remaining_tokens for seq in running + joining)
-        return (len(running) + len(joining)) * (span_left + span_right) <= self.max_slots
+    def _fits_with(self, running: list[Sequence], joining: list[Sequence]) -> bool:
+        # Every row starts at column 0, so the cache is rows x the longest request's last position.
+        rows = running + joining
+        return len(rows) * max(seq.total_len for seq in rows) <= self.max_slots
 
 
 class Engine:
@@ -171,32 +181,35 @@ class Engine:
     # -- the loop -----------------------------------------------------------------------------------------
 
     def step(self) -> int:
-        """One admission + decode round; returns how many tokens it produced."""
-        runner = self.runner
+        """One forward (next tokens for the running, prefill for the joining); returns tokens produced."""
+        runner, step_tokens = self.runner, self.config.max_step_tokens
+        for row in reversed(range(runner.num_rows)):  # a cancelled request stops costing compute at once
+            if runner.rows[row].cancelled:
+                self._finish(runner.rows[row], FinishReason.CANCELLED)
+                runner.release(row)
         with self._lock:
-            joining = self.scheduler.pick(runner.rows, runner.cache.end, runner.cache.start)
-        produced = 0
+            joining = self.scheduler.pick(runner.rows, runner.prefill_budget(step_tokens))
         if joining:
             now = time.monotonic()
             for seq in joining:
                 seq.admit_time = now
             self.observer.admitted(joining, now)
-            logits = runner.admit(joining)
-            first = runner.num_rows - len(joining)
-            produced += self._append_tokens(sample(logits, joining), first, now)
-        if runner.num_rows:
-            self.observer.decoded(runner.num_rows)
-            logits = runner.decode()
-            produced += self._append_tokens(sample(logits, runner.rows), 0, time.monotonic())
+        if not runner.num_rows and not joining:
+            return 0
+        decoding = runner.num_decoding
+        if decoding:
+            self.observer.decoded(decoding)
+        logits = runner.step(joining, step_tokens)
+        produced = self._append_tokens(sample(logits, runner.rows[: logits.shape[0]]), time.monotonic())
         self.num_steps += 1
         return produced
 
-    def _append_tokens(self, tokens: list[int], first_row: int, now: float) -> int:
-        """Give rows ``first_row..`` their new tokens, then let finished rows leave the batch."""
+    def _append_tokens(self, tokens: list[int], now: float) -> int:
+        """Give rows ``0..len(tokens)-1`` their new tokens, then let finished rows leave the batch."""
         rows = self.runner.rows
         done: dict[int, FinishReason] = {}
-        for offset, token in enumerate(tokens):
-            seq = rows[first_row + offset]
+        for row, token in enumerate(tokens):
+            seq = rows[row]
             if seq.first_token_time is None:
                 seq.first_token_time = now
             self.observer.token(seq, now)
@@ -204,19 +217,17 @@ class Engine:
             seq.output_ids.append(token)
             reason = FinishReason.CANCELLED if seq.cancelled else self._stop_reason(seq, token)
             if reason is not None:
-                done[first_row + offset] = reason
+                done[row] = reason
                 if seq.text is None:  # not already cut at a stop string
                     seq.text = self.base.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
-        self.runner.set_last_tokens([seq.output_ids[-1] for seq in rows])
-        for offset in range(len(tokens)):
-            seq = rows[first_row + offset]
+        for seq in rows[: len(tokens)]:
             if seq.on_token is not None:
                 self._call(seq.on_token, seq)
-        # Descending: release(row) moves the last row into ``row``, and every later finished row is gone.
+        # Descending: release(row) refills ``row`` from later rows, and every later finished row is gone.
+        # Finished before released: whoever sees the row gone also sees the request counted.
         for row in sorted(done, reverse=True):
-            seq = rows[row]
+            self._finish(rows[row], done[row])
             self.runner.release(row)
-            self._finish(seq, done[row])
         return len(tokens)
 
     def _stop_reason(self, seq: Sequence, token: int) -> FinishReason | None:
@@ -265,9 +276,21 @@ class Engine:
         while self.num_waiting or self.num_running:
             self.step()
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="prefix-serve-engine", daemon=True)
+    def start(self, threads: int | None = None) -> None:
+        """Run the loop on a background thread computing with ``threads`` torch threads (default: the
+        caller's setting); returns once that setting is in force on the new thread."""
+        threads = threads or torch.get_num_threads()
+        ready = threading.Event()
+
+        def run() -> None:
+            torch.set_num_threads(threads)  # per thread for OpenMP; get_num_threads() makes it stick
+            torch.get_num_threads()
+            ready.set()
+            self._loop()
+
+        self._thread = threading.Thread(target=run, name="prefix-serve-engine", daemon=True)
         self._thread.start()
+        ready.wait()
 
     def stop(self) -> None:
         with self._lock:

@@ -1,9 +1,14 @@
-"""Runs the base model over the batch: prefill of joining requests and one decode step for all.
+"""Runs the base model over the batch: one packed forward per step, decode tokens and prefill chunks together.
 
 The runner owns tensors and never queues: row ``i`` of the cache belongs to ``rows[i]``, a list the engine
-keeps in step through :meth:`admit` / :meth:`release`.
+keeps in step through :meth:`step` (which admits) and :meth:`release`.
 
-Position ids follow PEFT, so outputs match it token for token:
+Rows are ordered ``[decoding rows | prefilling rows]``: a step gives every decoding row one token and then
+spends what is left of the step's token budget on prefill chunks, in row order, so at most the last row is
+part-way through its prefill when the step ends. Every row before it has a next token to sample, which is
+why the sampled rows of a step are always rows ``0..k-1``.
+
+Position ids follow PEFT, so outputs match it token for token, and each equals the token's cache column:
 - prefix-tuning rows: the prefix occupies positions ``0..P-1`` (its keys are stored un-rotated, as PEFT
   stores them), so prompt token ``j`` gets position ``P + j``;
 - soft-prompt rows: virtual tokens are ordinary inputs at positions ``0..P-1`` and prompt token ``j``
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from server.engine.attention import PackedBatch, packed, use_packed_attention
 from server.engine.kv_cache import SlotKVCache
 from server.engine.model import BaseModel
 from server.engine.sequence import Sequence
@@ -24,119 +30,140 @@ class ModelRunner:
     def __init__(self, base: BaseModel, max_slots: int):
         self.base = base
         self.model = base.model
+        use_packed_attention(self.model)
         shape = base.shape
         self.cache = SlotKVCache(shape.num_layers, shape.num_kv_heads, shape.head_dim, base.dtype, base.device,
                                   max_slots)
         self.embed = self.model.get_input_embeddings()
         self.rows: list[Sequence] = []
-        self._positions = torch.zeros(0, dtype=torch.long, device=base.device)  # [rows]: next position id
-        self._last_tokens = torch.zeros(0, dtype=torch.long, device=base.device)  # [rows]: last sampled token
-        self._mask_min = torch.finfo(base.dtype).min
+        # transformers builds no mask of its own when handed a 4-D one; packed_attention masks per row itself.
+        self._no_mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=base.device)
 
     @property
     def num_rows(self) -> int:
         return len(self.rows)
 
-    # -- prefill ------------------------------------------------------------------------------------------
+    @property
+    def num_decoding(self) -> int:
+        """Rows whose prefill is complete; they are rows ``0..num_decoding-1``."""
+        n = self.num_rows
+        while n and not self.rows[n - 1].prefilled:
+            n -= 1
+        return n
+
+    def prefill_budget(self, step_tokens: int) -> int:
+        """Tokens of a ``step_tokens`` step left for rows that join now, after decoding and unfinished rows."""
+        budget = step_tokens - self.num_decoding
+        for seq in self.rows[self.num_decoding:]:
+            budget -= min(seq.input_len - seq.num_computed, max(budget, 0))
+        return max(budget, 0)
+
+    # -- one step -----------------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def admit(self, seqs: list[Sequence]) -> torch.Tensor:
-        """Prefill ``seqs`` as new rows of the running batch; returns their next-token logits [m, V]."""
-        cache, device = self.cache, self.base.device
-        s = max(seq.input_len for seq in seqs)  # prefill length: soft prompt + prompt, right-aligned
-        p_max = max(seq.num_prefix_kv for seq in seqs)
-        cache.make_room_left(s + p_max)
-        end = cache.end
-        write_col = end - s  # the first column the forward writes
-        first_cols = [write_col - seq.num_prefix_kv if seq.num_prefix_kv else end - seq.input_len for seq in seqs]
-        rows = cache.add_rows(first_cols)
+    def step(self, joining: list[Sequence], step_tokens: int) -> torch.Tensor:
+        """Admit ``joining`` as new rows, then run one forward of at most ``step_tokens`` tokens.
 
-        m = len(seqs)
-        embeds = torch.zeros(m, s, self.base.shape.hidden_size, dtype=self.base.dtype, device=device)
-        positions = torch.zeros(m, s, dtype=torch.long, device=device)
-        for i, seq in enumerate(seqs):
-            row = rows.start + i
-            n_in, n_prompt = seq.input_len, len(seq.prompt_ids)
-            ids = torch.tensor(seq.prompt_ids, dtype=torch.long, device=device)
-            embeds[i, s - n_prompt :] = self.embed(ids)
-            if seq.num_soft_tokens:
-                embeds[i, s - n_in : s - n_prompt] = seq.prefix.tensor
-            if seq.num_prefix_kv:
-                cache.write_prefix(row, write_col - seq.num_prefix_kv, seq.prefix.tensor)
-            first_pos = seq.num_prefix_kv
-            positions[i, s - n_in :] = torch.arange(first_pos, first_pos + n_in, device=device)
-            cache.valid[row, end - n_in : end] = True
-
-        # Mask over the window [attend_from, end): a query at column q sees valid keys at columns <= q and
-        # always itself, so padding queries stay finite (their keys are never valid for anyone).
-        attend_from = write_col - p_max
-        cols = torch.arange(attend_from, end, device=device)  # [W]
-        query_cols = torch.arange(write_col, end, device=device)  # [S]
-        causal = cols[None, :] <= query_cols[:, None]  # [S, W]
-        allowed = cache.valid[rows, attend_from:end][:, None, :] & causal[None]  # [m, S, W]
-        allowed |= (cols[None, :] == query_cols[:, None])[None]
-        logits = self._forward(rows, write_col, attend_from, allowed, embeds=embeds, positions=positions)
-
-        self.rows.extend(seqs)
-        last_pos = positions[:, -1] + 1
-        self._positions = torch.cat([self._positions[: rows.start], last_pos])
-        self._last_tokens = torch.cat([self._last_tokens[: rows.start], torch.zeros_like(last_pos)])
-        return logits
-
-    # -- decode -------------------------------------------------------------------------------------------
-
-    @torch.inference_mode()
-    def decode(self) -> torch.Tensor:
-        """One token for every row; returns next-token logits [n, V] in row order."""
+        Returns next-token logits ``[k, V]`` for rows ``0..k-1``: the decoding rows and the rows whose prefill
+        completed in this step.
+        """
         cache = self.cache
-        cache.make_room_right(1)
-        n, end = self.num_rows, cache.end
-        rows = slice(0, n)
-        cache.valid[rows, end] = True
-        allowed = cache.valid[rows, cache.start : end + 1][:, None, :]  # [n, 1, W]
-        logits = self._forward(rows, end, cache.start, allowed,
-                               input_ids=self._last_tokens[:n, None], positions=self._positions[:n, None])
-        self._positions[:n] += 1
-        return logits
+        if joining:
+            cache.reserve(self.num_rows + len(joining), max(seq.total_len for seq in self.rows + joining))
+            for seq in joining:
+                row = cache.add_row()
+                seq.num_computed = 0
+                if seq.num_prefix_kv:
+                    cache.write_prefix(row, seq.prefix.tensor)
+                self.rows.append(seq)
 
-    @torch.inference_mode()
-    def set_last_tokens(self, tokens: list[int]) -> None:
-        """Record the tokens just sampled for rows ``0..len(tokens)-1`` (the next decode's inputs)."""
-        n = len(tokens)
-        self._last_tokens[:n] = torch.tensor(tokens, dtype=torch.long, device=self._last_tokens.device)
+        d = self.num_decoding
+        ids: list[int] = [seq.output_ids[-1] for seq in self.rows[:d]]
+        rows: list[int] = list(range(d))
+        cols: list[int] = cache.lengths[:d]
+        keep: list[int] = list(range(d))  # packed indices whose logits are wanted
+        soft: list[tuple[int, torch.Tensor]] = []  # (packed index, virtual-token embeddings) to splice in
+        chunks: list[tuple[int, int]] = []  # per prefilling row: (first packed index, chunk length)
+        budget = step_tokens - d
+        for row in range(d, self.num_rows):
+            seq = self.rows[row]
+            start = seq.num_computed
+            count = min(seq.input_len - start, budget)
+            assert count > 0, "every prefilling row gets a chunk (the scheduler admits within the budget)"
+            budget -= count
+            first = len(ids)
+            n_soft = seq.num_soft_tokens
+            if start < n_soft:
+                soft.append((first, seq.prefix.tensor[start : min(n_soft, start + count)]))
+            ids += [seq.prompt_ids[i - n_soft] if i >= n_soft else 0 for i in range(start, start + count)]
+            rows += [row] * count
+            cols += range(cache.lengths[row], cache.lengths[row] + count)
+            chunks.append((first, count))
+            if start + count == seq.input_len:
+                keep.append(first + count - 1)
 
-    def _forward(self, rows: slice, write_col: int, attend_from: int, allowed: torch.Tensor, *,
-                 positions: torch.Tensor, embeds: torch.Tensor | None = None,
-                 input_ids: torch.Tensor | None = None) -> torch.Tensor:
-        # allowed: [rows, S, W] bool -> additive mask [rows, 1, S, W]; a finite minimum, never -inf, so a
-        # fully masked query cannot produce NaN.
-        mask = torch.zeros(allowed.shape, dtype=self.base.dtype, device=allowed.device)
-        mask.masked_fill_(~allowed, self._mask_min)
-        out = self.model(
-            input_ids=input_ids,
-            inputs_embeds=embeds,
-            attention_mask=mask[:, None],
-            position_ids=positions,
-            cache=self.cache.view(rows, write_col, attend_from),
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        self.cache.end = max(self.cache.end, write_col + positions.shape[1])
-        return out.logits[:, -1, :]
+        batch = self._layout(rows, cols, d, chunks)
+        device = self.base.device
+        embeds = self.embed(torch.tensor(ids, dtype=torch.long, device=device))[None]  # [1, T, H]
+        for first, vectors in soft:
+            embeds[0, first : first + vectors.shape[0]] = vectors
+        with packed(batch):
+            out = self.model(
+                inputs_embeds=embeds,
+                attention_mask=self._no_mask,
+                position_ids=batch.cols[None],
+                cache=cache.view(batch),
+                use_cache=True,
+                logits_to_keep=torch.tensor(keep, dtype=torch.long, device=device),
+            )
+        for row in range(d):
+            cache.lengths[row] += 1
+        for (_, count), seq, row in zip(chunks, self.rows[d:], range(d, self.num_rows)):
+            cache.lengths[row] += count
+            seq.num_computed += count
+        return out.logits[0]
+
+    def _layout(self, rows: list[int], cols: list[int], d: int, chunks: list[tuple[int, int]]) -> PackedBatch:
+        device = self.base.device
+        rows_t = torch.tensor(rows, dtype=torch.long, device=device)
+        cols_t = torch.tensor(cols, dtype=torch.long, device=device)
+        decode_mask = None
+        if d:
+            lengths = cols_t[:d] + 1  # after this step's token
+            decode_mask = (torch.arange(int(lengths.max()), device=device)[None] < lengths[:, None])[:, None, None]
+        gather = valid = prefill_mask = None
+        if chunks:
+            first = torch.tensor([c[0] for c in chunks], dtype=torch.long, device=device)  # [m]
+            count = torch.tensor([c[1] for c in chunks], dtype=torch.long, device=device)  # [m]
+            i = torch.arange(int(count.max()), device=device)  # [S]
+            offset = torch.minimum(i[None], count[:, None] - 1)  # [m, S]: padding repeats the last query
+            gather = first[:, None] + offset
+            valid = i[None] < count[:, None]
+            query_cols = cols_t[gather]  # [m, S]
+            width = int(query_cols.max()) + 1
+            prefill_mask = (torch.arange(width, device=device)[None, None] <= query_cols[..., None])[:, None]
+        return PackedBatch(rows_t, cols_t, d, decode_mask, slice(d, d + len(chunks)), gather, valid, prefill_mask)
 
     # -- leaving ------------------------------------------------------------------------------------------
 
     @torch.inference_mode()
     def release(self, row: int) -> None:
-        """Free ``row``: the last row moves into it, in the cache and in ``rows``."""
-        moved = self.cache.remove_row(row)
-        last = self.rows.pop()
-        if moved is not None:
-            self.rows[row] = last
-            self._positions[row] = self._positions[moved]
-            self._last_tokens[row] = self._last_tokens[moved]
-        self._positions = self._positions[: self.num_rows]
-        self._last_tokens = self._last_tokens[: self.num_rows]
+        """Free ``row``, keeping rows dense and ordered ``[decoding | prefilling]``.
+
+        A decoding row is overwritten by the last decoding row, whose place the (at most one) unfinished row
+        after it takes; a prefilling row can only be the last row.
+        """
+        cache, last = self.cache, self.num_rows - 1
+        d = self.num_decoding
+        if row < d:
+            for src, dst in ((d - 1, row), (last, d - 1)):
+                if src != dst:
+                    cache.move_row(src, dst)
+                    self.rows[dst] = self.rows[src]
+        else:
+            assert row == last, "only the last row can be part-way through its prefill"
+        cache.pop_row()
+        self.rows.pop()
 
     def reset(self) -> None:
         """Drop every row (after a failed forward the cache contents are not trusted)."""

@@ -67,6 +67,7 @@ class Sequence:
     admit_time: float | None = None  # when it joined the batch
     first_token_time: float | None = None
     last_token_time: float | None = None
+    num_computed: int = 0  # inputs (soft prompt + prompt) already in the key/value cache (chunked prefill)
 
     @property
     def num_soft_tokens(self) -> int:
@@ -87,6 +88,10 @@ class Sequence:
     def total_len(self) -> int:
         """Positions this request can reach: every virtual token, the prompt and the generation budget."""
         return self.num_prefix_kv + self.input_len + self.params.max_new_tokens
+
+    @property
+    def prefilled(self) -> bool:
+        return self.num_computed == self.input_len
 
     @property
     def remaining_tokens(self) -> int:
