@@ -27,8 +27,6 @@ def build_state(settings: Settings, base: BaseModel | None = None) -> ServerStat
     if auth.is_open:
         log.warning("no --auth-file: the server is OPEN (single-user mode); anyone who can reach it may "
                     "upload, delete and use tasks")
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
     if base is None:
         base = load_base_model(settings.model, settings.torch_dtype, settings.device)
     # A host-memory tier only helps when prefixes are served from an accelerator: on a CPU device the
@@ -39,7 +37,8 @@ def build_state(settings: Settings, base: BaseModel | None = None) -> ServerStat
                         redis_url=settings.redis_url)
     metrics = Metrics(store, lambda: engine.num_running, lambda: engine.num_waiting)
     engine = Engine(base, EngineConfig(max_batch_size=settings.max_batch_size,
-                                       kv_cache_bytes=settings.kv_cache_bytes), observer=metrics)
+                                       kv_cache_bytes=settings.kv_cache_bytes,
+                                       max_step_tokens=settings.max_step_tokens), observer=metrics)
     limits = ArtifactLimits(max_virtual_tokens=settings.max_virtual_tokens)
     return ServerState(settings, base, engine, store, metrics, limits, auth,
                        ConcurrencyLimiter(on_reject=lambda tenant: metrics.rejected(tenant, "rate_limited")))
@@ -48,9 +47,16 @@ def build_state(settings: Settings, base: BaseModel | None = None) -> ServerStat
 def create_app(settings: Settings, base: BaseModel | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        # Only the engine thread computes with several torch threads. Every other thread (this one, which
+        # loads the model; the request threads, which load prefixes) stays single-threaded: a second
+        # multi-threaded OpenMP team in the process makes the runtime cut its workers' spin-waits, which
+        # measurably slows every forward of the engine on a small CPU.
+        threads = settings.threads or torch.get_num_threads()
+        torch.set_num_threads(1)
         state = build_state(settings, base)
         app.state.server = state
-        state.engine.start()
+        state.engine.start(threads)
+        torch.set_num_threads(1)  # threads started from now on default to one again (the engine keeps its own)
         log.info("serving %s (%s, %s on %s); store at %s", state.base.model_id, state.base.shape.model_type,
                  settings.dtype, settings.device, settings.store_dir)
         try:

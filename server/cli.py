@@ -20,6 +20,7 @@ def _serve(args: argparse.Namespace) -> int:
         settings = Settings(
             model=args.model, store_dir=args.store_dir, dtype=args.dtype, device=args.device,
             max_batch_size=args.max_batch_size, kv_cache_bytes=args.kv_cache_bytes, cache_bytes=args.cache_bytes,
+            max_step_tokens=args.max_step_tokens,
             max_upload_bytes=args.max_upload_bytes, threads=args.threads,
             auth_file=Path(args.auth_file) if args.auth_file else None,
             redis_url=args.redis_url, host_cache_bytes=args.host_cache_bytes,
@@ -84,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--device", default=defaults.device, help="cpu or cuda")
     serve.add_argument("--max-batch-size", type=int, default=defaults.max_batch_size)
     serve.add_argument("--kv-cache-bytes", type=int, default=defaults.kv_cache_bytes)
+    serve.add_argument("--max-step-tokens", type=int, default=defaults.max_step_tokens,
+                       help="tokens one forward computes: the running requests' next tokens plus chunks of joining "
+                       "prompts (bounds how long a long prompt delays everyone else's next token)")
     serve.add_argument("--cache-bytes", type=int, default=defaults.cache_bytes,
                        help="memory budget for resident prefixes")
     serve.add_argument("--host-cache-bytes", type=int, default=defaults.host_cache_bytes,
@@ -133,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--new-tokens", type=int, default=32)
     bench.add_argument("--virtual-tokens", type=int, default=16)
     bench.add_argument("--rounds", type=int, default=3)
+    bench.add_argument("--max-step-tokens", type=int, default=Settings.max_step_tokens,
+                       help="the engine's token budget per forward (as serve --max-step-tokens)")
     bench.add_argument("--serial-requests", type=int, default=4,
                        help="requests timed for the one-at-a-time `generate` baseline")
     bench.add_argument("--scale-tasks", type=lambda v: [int(x) for x in v.split(",")], default=[1, 10, 100, 1000])
