@@ -34,14 +34,16 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 def run_offline(base, args) -> dict:
     n, p, new, vt, rounds = args.concurrency, args.prompt_tokens, args.new_tokens, args.virtual_tokens, args.rounds
-    engine = Engine(base, EngineConfig(max_batch_size=n))
+    engine = Engine(base, EngineConfig(max_batch_size=n, max_step_tokens=args.max_step_tokens))
     tasks = offline.random_tasks(base, n, vt)
     offline.engine_decode_tokens_per_s(engine, offline.make_requests(tasks, n, p, 4))  # warm-up
-    ceiling, mixed, single = [], [], []
+    ceiling, mixed, single, same_work, closed = [], [], [], [], []
     for _ in range(rounds):  # alternate, so drift hits every configuration alike
         ceiling.append(offline.bare_decode_tokens_per_s(base, n, p + vt, new))
         mixed.append(offline.engine_decode_tokens_per_s(engine, offline.make_requests(tasks, n, p, new)))
         single.append(offline.engine_decode_tokens_per_s(engine, offline.make_requests(tasks[:1], n, p, new)))
+        same_work.append(offline.bare_same_work_tokens_per_s(base, n, vt, p, new))
+        closed.append(offline.engine_closed_loop_tokens_per_s(engine, tasks, n, 2 * n, p, new))
     med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
     # what a user would otherwise run, each against the engine serving the same requests at once
     half = max(2, n // 2)
@@ -56,6 +58,8 @@ def run_offline(base, args) -> dict:
         "ceiling_decode_tokens_per_s": med(ceiling),
         "engine_decode_mixed_tokens_per_s": med(mixed),
         "engine_decode_single_tokens_per_s": med(single),
+        "bare_same_work_tokens_per_s": med(same_work),
+        "engine_closed_loop_tokens_per_s": med(closed),
         "generate_one_at_a_time_tokens_per_s": generate_serial,
         "generate_static_per_task_tokens_per_s": generate_static,
         "engine_end_to_end_tokens_per_s": engine_same_load,
@@ -63,7 +67,8 @@ def run_offline(base, args) -> dict:
         "scale": offline.scale(base, args.scale_tasks, n, p, new, vt),
         "bytes_per_task": base.shape.kv_width * vt * 4,
         "model_bytes": model_bytes,
-        "samples": {"ceiling": ceiling, "mixed": mixed, "single": single},
+        "samples": {"ceiling": ceiling, "mixed": mixed, "single": single, "same_work": same_work,
+                    "closed_loop": closed},
     }
 
 
@@ -80,7 +85,8 @@ def run_http(args, shape: ModelShape) -> dict:
     with tempfile.TemporaryDirectory() as store:
         cmd = [sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--store-dir", store,
                "--model", args.model, "--dtype", args.dtype, "--device", args.device,
-               "--max-batch-size", str(max(args.sweep)), "--log-level", "warning"]
+               "--max-batch-size", str(max(args.sweep)), "--max-step-tokens", str(args.max_step_tokens),
+               "--log-level", "warning"]
         env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
         server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
@@ -131,7 +137,7 @@ def main(args: argparse.Namespace) -> int:
     result = {
         "model": base.model_id, "device": args.device, "dtype": args.dtype, "threads": torch.get_num_threads(),
         "concurrency": args.concurrency, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
-        "virtual_tokens": args.virtual_tokens, "rounds": args.rounds,
+        "virtual_tokens": args.virtual_tokens, "rounds": args.rounds, "max_step_tokens": args.max_step_tokens,
         "offline": run_offline(base, args),
     }
     shape = base.shape

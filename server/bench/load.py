@@ -106,7 +106,7 @@ async def run_load(url: str, spec: LoadSpec) -> dict:
                 await asyncio.sleep(rng.expovariate(spec.rate))
             results = list(await asyncio.gather(*pending))
         wall = time.perf_counter() - start
-    return summarise(results, wall)
+    return summarise(results, wall, spec.concurrency)
 
 
 def _percentiles(values: list[float]) -> dict[str, float]:
@@ -116,13 +116,30 @@ def _percentiles(values: list[float]) -> dict[str, float]:
     return {"p50": q[49], "p90": q[89], "p99": q[98], "mean": statistics.fmean(values)}
 
 
-def summarise(results: list[RequestResult], wall: float) -> dict:
+def steady_token_throughput(results: list[RequestResult], concurrency: int | None) -> float | None:
+    """Tokens/s while all ``concurrency`` clients are busy: from the moment the first wave has all its first
+    tokens (ramp-up over) to the moment the last request is sent (after that, clients run out of work and
+    the load drains). None when the run is too short to have such a window."""
+    if concurrency is None or len(results) <= concurrency or not all(r.ok for r in results):
+        return None
+    by_start = sorted(results, key=lambda r: r.start)
+    first_wave = [r.first_token for r in by_start[:concurrency]]
+    if None in first_wave:
+        return None
+    begin, end = max(first_wave), by_start[-1].start
+    if end <= begin:
+        return None
+    return sum(begin <= t <= end for r in results for t in r.token_times) / (end - begin)
+
+
+def summarise(results: list[RequestResult], wall: float, concurrency: int | None = None) -> dict:
     ok = [r for r in results if r.ok]
     tokens = sum(r.tokens for r in ok)
     itl = [b - a for r in ok for a, b in zip(r.token_times, r.token_times[1:])]
     return {
         "requests": len(results), "failed": len(results) - len(ok), "wall_s": wall,
         "request_throughput": len(ok) / wall, "token_throughput": tokens / wall,
+        "steady_token_throughput": steady_token_throughput(results, concurrency),
         "ttft_s": _percentiles([r.first_token - r.start for r in ok if r.first_token is not None]),
         "itl_s": _percentiles(itl),
         "e2e_s": _percentiles([r.end - r.start for r in ok]),

@@ -62,6 +62,27 @@ def engine_decode_tokens_per_s(engine: Engine, seqs: list[Sequence]) -> float:
     return tokens / (time.perf_counter() - start)
 
 
+def engine_closed_loop_tokens_per_s(engine: Engine, tasks: list[ResidentPrefix], concurrency: int, requests: int,
+                                    prompt_tokens: int, new_tokens: int) -> float:
+    """Like the HTTP load at a fixed concurrency, without HTTP: a request joins as soon as another finishes."""
+    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+    submitted = 0
+
+    def submit_next(_finished: Sequence | None = None) -> None:
+        nonlocal submitted
+        if submitted < requests:
+            seq = Sequence(prompt_ids(submitted, prompt_tokens), params, tasks[submitted % len(tasks)])
+            seq.on_finish = submit_next
+            submitted += 1
+            engine.submit(seq)
+
+    start = time.perf_counter()
+    for _ in range(concurrency):
+        submit_next()
+    engine.run_until_idle()
+    return requests * new_tokens / (time.perf_counter() - start)
+
+
 def engine_end_to_end_tokens_per_s(engine: Engine, seqs: list[Sequence], concurrent: bool) -> float:
     start = time.perf_counter()
     for seq in seqs:
@@ -89,6 +110,27 @@ def bare_decode_tokens_per_s(base: BaseModel, batch: int, context: int, steps: i
         out = model(input_ids=token, cache=cache, use_cache=True, logits_to_keep=1)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
     return batch * steps / (time.perf_counter() - start)
+
+
+@torch.inference_mode()
+def bare_same_work_tokens_per_s(base: BaseModel, batch: int, prefix_tokens: int, prompt_tokens: int,
+                                new_tokens: int) -> float:
+    """The bare model doing what the server does for ``batch`` requests, with nothing in between: one prefill
+    of all prompts after ``prefix_tokens`` already-cached positions (a task's prefix costs attention, not
+    compute), then ``new_tokens - 1`` decode steps (the prefill yields the first token). Output tokens per
+    second, prefill included: the end-to-end bound for this workload at this batch size."""
+    model = base.model
+    prefix = torch.tensor([prompt_ids(i, prefix_tokens) for i in range(batch)], device=base.device)
+    ids = torch.tensor([prompt_ids(i + batch, prompt_tokens) for i in range(batch)], device=base.device)
+    cache = DynamicCache(config=model.config)
+    model(input_ids=prefix, cache=cache, use_cache=True, logits_to_keep=1)  # stands in for the prefix KV copy
+    start = time.perf_counter()
+    out = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
+    token = out.logits[:, -1].argmax(-1, keepdim=True)
+    for _ in range(new_tokens - 1):
+        out = model(input_ids=token, cache=cache, use_cache=True, logits_to_keep=1)
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+    return batch * new_tokens / (time.perf_counter() - start)
 
 
 @torch.inference_mode()

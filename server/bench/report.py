@@ -36,13 +36,18 @@ def render_markdown(result: dict) -> str:
     lines = [
         f"**{result['model']}** on {result['device']} ({result['dtype']}, {result['threads']} threads); "
         f"prompt {result['prompt_tokens']} tokens, prefix {result['virtual_tokens']} virtual tokens, "
-        f"{result['new_tokens']} new tokens; medians of {result['rounds']} alternating rounds",
+        f"{result['new_tokens']} new tokens; at most {result.get('max_step_tokens', '?')} tokens per engine step; "
+        f"medians of {result['rounds']} alternating rounds",
         "",
         "| measurement | tokens/s |",
         "|---|---|",
         f"| bare forward pass, batch {n} (the ceiling) | {off['ceiling_decode_tokens_per_s']:.1f} |",
         f"| engine decode, {n} requests on {n} tasks | {off['engine_decode_mixed_tokens_per_s']:.1f} |",
         f"| engine decode, {n} requests on one task | {off['engine_decode_single_tokens_per_s']:.1f} |",
+        f"| bare model doing the same work: one prefill of {n} prompts, then decode | "
+        f"{off['bare_same_work_tokens_per_s']:.1f} |",
+        f"| engine, {n} at a time, {2 * n} requests (closed loop, no HTTP) | "
+        f"{off['engine_closed_loop_tokens_per_s']:.1f} |",
         f"| engine end to end, tasks x 2 requests at once | {off['engine_end_to_end_tokens_per_s']:.1f} |",
         f"| transformers `generate`, one request at a time | {off['generate_one_at_a_time_tokens_per_s']:.1f} |",
         f"| transformers `generate`, per-task static batches of 2 | {off['generate_static_per_task_tokens_per_s']:.1f} |",
@@ -73,6 +78,17 @@ def render_markdown(result: dict) -> str:
     lines += ["", "| target | value | wanted | |", "|---|---|---|---|"]
     for what, value, wanted, ok in targets(result):
         lines.append(f"| {what} | {value:.2f} | {wanted} | {'PASS' if ok else 'FAIL'} |")
+    if "bare_same_work_tokens_per_s" in off:
+        # The ceiling above is decode alone; serving requests also costs their prefill. These ratios show how
+        # much of the gap is the workload's prefill (which the bare model pays too) and how much is the server.
+        same = off["bare_same_work_tokens_per_s"]
+        parts = [f"bare same work / bare decode = {same / off['ceiling_decode_tokens_per_s']:.2f}",
+                 f"engine closed loop / bare same work = {off['engine_closed_loop_tokens_per_s'] / same:.2f}"]
+        if "http" in result:
+            top = result["http"]["sweep"][-1]
+            parts.append(f"HTTP at concurrency {top['concurrency']} / bare same work = "
+                         f"{top['mixed']['token_throughput'] / same:.2f}")
+        lines.append("\nPrefill included: " + "; ".join(parts) + ".")
     return "\n".join(lines)
 
 
