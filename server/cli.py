@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--new-tokens", type=int, default=32)
     bench.add_argument("--virtual-tokens", type=int, default=16)
     bench.add_argument("--rounds", type=int, default=3)
-    bench.add_argument("--max-step-tokens", type=int, default=Settings.max_step_tokens,
+    bench.add_argument("--max-step-tokens", type=int, default=defaults.max_step_tokens,
                        help="the engine's token budget per forward (as serve --max-step-tokens)")
     bench.add_argument("--serial-requests", type=int, default=4,
                        help="requests timed for the one-at-a-time `generate` baseline")

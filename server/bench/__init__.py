@@ -112,7 +112,7 @@ def run_http(args, shape: ModelShape) -> dict:
             sweep = []
             asyncio.run(run_load(url, LoadSpec(requests=4, concurrency=4, tasks=tuple(names), **common)))  # warm
             for c in args.sweep:
-                requests = max(2 * c, 8)
+                requests = max(4 * c, 8)  # long enough for a window with every client busy
                 mixed = asyncio.run(run_load(url, LoadSpec(requests=requests, concurrency=c, tasks=tuple(names),
                                                            mix="zipf", **common)))
                 single = asyncio.run(run_load(url, LoadSpec(requests=requests, concurrency=c, tasks=(names[0],),
