@@ -36,7 +36,7 @@ class PackedBatch:
     decode_mask: torch.Tensor | None  # [d, 1, 1, Wd] bool: row r attends to its columns [0, length_r]
     prefill_rows: slice  # rows d..d+m-1, one prefill chunk each, in packed order
     prefill_gather: torch.Tensor | None  # [m, S] long: packed index of chunk j's i-th query (padding repeats the last)
-    prefill_valid: torch.Tensor | None  # [m, S] bool: i < chunk j's length
+    prefill_take: torch.Tensor | None  # [T - d] long: flat (j * S + i) of each real query, in packed order
     prefill_mask: torch.Tensor | None  # [m, 1, S, Wp] bool: causal within the row, over columns [0, Wp)
 
     @property
@@ -90,8 +90,8 @@ def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
         rows, w = batch.prefill_rows, batch.prefill_width
         op = F.scaled_dot_product_attention(qp, key[rows, :, :w], value[rows, :, :w], attn_mask=batch.prefill_mask,
                                             scale=scaling, enable_gqa=groups > 1)  # [m, H, S, D]
-        valid = batch.prefill_valid
-        out[batch.prefill_gather[valid]] = op.transpose(1, 2)[valid]
+        # Real queries, in packed order, are tokens d..T-1 (index_select: no data-dependent shapes, no sync).
+        out[d:] = op.transpose(1, 2).reshape(m * s, heads, dim).index_select(0, batch.prefill_take)
     return out[None], None
 
 

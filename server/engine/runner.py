@@ -124,25 +124,29 @@ class ModelRunner:
         return out.logits[0]
 
     def _layout(self, rows: list[int], cols: list[int], d: int, chunks: list[tuple[int, int]]) -> PackedBatch:
+        # Widths come from the host-side lists, so building the layout never waits for the device.
         device = self.base.device
         rows_t = torch.tensor(rows, dtype=torch.long, device=device)
         cols_t = torch.tensor(cols, dtype=torch.long, device=device)
         decode_mask = None
         if d:
             lengths = cols_t[:d] + 1  # after this step's token
-            decode_mask = (torch.arange(int(lengths.max()), device=device)[None] < lengths[:, None])[:, None, None]
-        gather = valid = prefill_mask = None
+            width = max(cols[:d]) + 1
+            decode_mask = (torch.arange(width, device=device)[None] < lengths[:, None])[:, None, None]
+        gather = take = prefill_mask = None
         if chunks:
             first = torch.tensor([c[0] for c in chunks], dtype=torch.long, device=device)  # [m]
             count = torch.tensor([c[1] for c in chunks], dtype=torch.long, device=device)  # [m]
-            i = torch.arange(int(count.max()), device=device)  # [S]
+            s = max(c[1] for c in chunks)
+            i = torch.arange(s, device=device)  # [S]
             offset = torch.minimum(i[None], count[:, None] - 1)  # [m, S]: padding repeats the last query
             gather = first[:, None] + offset
-            valid = i[None] < count[:, None]
+            take = torch.tensor([j * s + k for j, (_, c) in enumerate(chunks) for k in range(c)], dtype=torch.long,
+                                device=device)
             query_cols = cols_t[gather]  # [m, S]
-            width = int(query_cols.max()) + 1
+            width = max(cols[d:]) + 1
             prefill_mask = (torch.arange(width, device=device)[None, None] <= query_cols[..., None])[:, None]
-        return PackedBatch(rows_t, cols_t, d, decode_mask, slice(d, d + len(chunks)), gather, valid, prefill_mask)
+        return PackedBatch(rows_t, cols_t, d, decode_mask, slice(d, d + len(chunks)), gather, take, prefill_mask)
 
     # -- leaving ------------------------------------------------------------------------------------------
 
