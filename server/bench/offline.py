@@ -52,10 +52,12 @@ def make_requests(tasks: list[ResidentPrefix | None], n: int, prompt_tokens: int
 
 
 def engine_decode_tokens_per_s(engine: Engine, seqs: list[Sequence]) -> float:
-    """Submit all, let the first step admit them, then time the decode steps that follow."""
+    """Submit all, step until every one is prefilled (a step admits what its token budget allows), then time
+    the decode steps that follow."""
     for seq in seqs:
         engine.submit(seq)
-    engine.step()
+    while engine.num_waiting or engine.runner.num_decoding < engine.num_running:
+        engine.step()
     tokens, start = 0, time.perf_counter()
     while engine.num_running:
         tokens += engine.step()
