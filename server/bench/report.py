@@ -18,8 +18,16 @@ def targets(result: dict) -> list[tuple[str, float, str, bool]]:
         ratio = steady / off["ceiling_decode_tokens_per_s"]
         rows.append((f"server tokens/s (HTTP, all {http_top['concurrency']} clients busy) / bare forward at batch "
                      f"{result['concurrency']}", ratio, ">= 0.8", ratio >= 0.8))
-    ratio = off["engine_decode_mixed_tokens_per_s"] / off["engine_decode_single_tokens_per_s"]
-    rows.append((f"decode, {result['concurrency']} tasks / one task (same load)", ratio, ">= 0.95", ratio >= 0.95))
+    samples = off.get("samples", {})
+    if samples.get("mixed") and len(samples["mixed"]) == len(samples.get("single", [])):
+        # Paired: mixed and single ran back to back in each round, so the round's ratio cancels the drift
+        # that hits one round more than another; the median of those ratios is the figure.
+        pairs = sorted(m / s for m, s in zip(samples["mixed"], samples["single"]))
+        ratio = pairs[len(pairs) // 2]
+    else:
+        ratio = off["engine_decode_mixed_tokens_per_s"] / off["engine_decode_single_tokens_per_s"]
+    rows.append((f"decode, {result['concurrency']} tasks / one task (same load, median of per-round ratios)", ratio,
+                 ">= 0.95", ratio >= 0.95))
     ratio = serving / off["generate_one_at_a_time_tokens_per_s"]
     rows.append((f"prefix-serve ({where}) / `generate` one request at a time", ratio, ">= 8", ratio >= 8))
     ratio = off["engine_end_to_end_tokens_per_s"] / off["generate_static_per_task_tokens_per_s"]
