@@ -24,10 +24,10 @@ from pathlib import Path
 
 try:  # tests/ is a rootdir-relative folder, not a package (pytest puts it on sys.path)
     from server_process import REPO_ROOT, free_port
-    from system_programs import require_file, require_program
+    from system_programs import require_file, require_program, stop_process
 except ImportError:  # pragma: no cover - if tests/ becomes a package
     from tests.server_process import REPO_ROOT, free_port
-    from tests.system_programs import require_file, require_program
+    from tests.system_programs import require_file, require_program, stop_process
 
 SHIPPED = REPO_ROOT / "docker" / "nginx"
 LISTEN = re.compile(r"^(\s*)listen\s+8080;", re.MULTILINE)
@@ -115,13 +115,7 @@ class NginxRouter:
     def stop(self) -> None:
         proc, self.proc = self.proc, None
         _live.discard(self)
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGQUIT)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+        stop_process(proc, signal.SIGQUIT, 10)  # SIGQUIT: nginx's graceful shutdown
         if self._log is not None:
             self._log.close()
             self._log = None

@@ -25,10 +25,10 @@ import yaml
 
 try:  # tests/ is a rootdir-relative folder, not a package (pytest puts it on sys.path)
     from server_process import REPO_ROOT, free_port
-    from system_programs import require_program
+    from system_programs import require_program, stop_process
 except ImportError:  # pragma: no cover - if tests/ becomes a package
     from tests.server_process import REPO_ROOT, free_port
-    from tests.system_programs import require_program
+    from tests.system_programs import require_program, stop_process
 
 SHIPPED = REPO_ROOT / "docker" / "prometheus" / "prometheus.yml"
 JOB = "prefix-serve"
@@ -119,13 +119,7 @@ class PrometheusServer:
     def stop(self) -> None:
         proc, self.proc = self.proc, None
         _live.discard(self)
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+        stop_process(proc, signal.SIGTERM, 20)
         if self._log is not None:
             self._log.close()
             self._log = None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -39,3 +40,15 @@ def require_file(path: str | os.PathLike, package: str) -> Path:
     if not path.exists():
         _missing(str(path), package)
     return path
+
+
+def stop_process(proc: subprocess.Popen | None, sig: int, grace: float) -> None:
+    """Ask ``proc`` to stop with ``sig``; kill it if it has not within ``grace`` seconds."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(sig)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
