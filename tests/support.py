@@ -69,6 +69,17 @@ class Adapter:
     files: dict[str, bytes]
 
 
+def save_tiny_llama(folder: Path, tokenizer, max_positions: int) -> Path:
+    """A tiny random Llama with the real tokenizer (its chat template too) as a model folder: `--model PATH`."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def read_dir(path: Path) -> dict[str, bytes]:
     return {name: (path / name).read_bytes() for name in os.listdir(path) if (path / name).is_file()}
 

@@ -51,12 +51,14 @@ try:  # tests/ is a rootdir-relative folder, not a package (pytest puts it on sy
     from prometheus_server import PrometheusServer, render_config
     from redis_server import RedisServer, redis_server_binary
     from server_process import REPO_ROOT, ServerProcess, free_port
+    from support import save_tiny_llama
     from system_programs import require_program
 except ImportError:  # pragma: no cover - if tests/ becomes a package
     from tests.nginx_server import NginxRouter
     from tests.prometheus_server import PrometheusServer, render_config
     from tests.redis_server import RedisServer, redis_server_binary
     from tests.server_process import REPO_ROOT, ServerProcess, free_port
+    from tests.support import save_tiny_llama
     from tests.system_programs import require_program
 
 DOCKERFILE = REPO_ROOT / "Dockerfile"
@@ -385,17 +387,8 @@ TASKS = [f"task-{i:02d}" for i in range(16)]
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
-    """A tiny random Llama with the real tokenizer (its chat template too): fast replicas, long contexts."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    """A tiny random Llama with the real tokenizer: fast replicas, long contexts."""
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), tokenizer, max_positions=2048)
 
 
 def _soft_prompt(seed: int, hidden: int = 64) -> bytes:

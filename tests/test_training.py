@@ -18,13 +18,13 @@ import pytest
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM
 
 from prefixes.formats import parse_artifact
 from prefixes.training import TrainConfig, TrainingError, collate, load_examples, train
 from server.engine.model import default_model_dir, load_base_model
 from server_process import ServerProcess
-from support import assert_oracle_tokens
+from support import assert_oracle_tokens, save_tiny_llama
 
 CATEGORIES = {
     "zorp": ["dog", "cat", "horse", "cow", "sheep", "goat", "lion", "tiger", "bear", "wolf", "fox", "rabbit",
@@ -93,14 +93,7 @@ def test_trained_prefix_lifts_accuracy_through_the_server(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory, tokenizer):
     """A tiny random Llama saved as a model folder with the real tokenizer: `--model PATH` for training."""
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), tokenizer, max_positions=512)
 
 
 def run_tiny(folder: Path, tmp_path: Path, name: str, **options):
