@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -78,15 +80,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_http(args, shape: ModelShape) -> dict:
-    """Start a real server process, register tasks, and sweep concurrency with mixed and single-task load."""
+@contextlib.contextmanager
+def serving(args) -> Iterator[str]:
+    """A real `prefix-serve serve` process on a free port with an empty store; yields its URL."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory() as store:
         cmd = [sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--store-dir", store,
                "--model", args.model, "--dtype", args.dtype, "--device", args.device,
-               "--max-batch-size", str(max(args.sweep)), "--max-step-tokens", str(args.max_step_tokens),
-               "--log-level", "warning"]
+               "--max-batch-size", str(max(*args.sweep, args.concurrency)),
+               "--max-step-tokens", str(args.max_step_tokens), "--log-level", "warning"]
         env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
         server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
@@ -100,33 +103,65 @@ def run_http(args, shape: ModelShape) -> dict:
                 if server.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError("the benchmark's server did not start")
                 time.sleep(0.5)
-            health = httpx.get(f"{url}/healthz").json()
-            names = []
-            for i in range(max(args.sweep)):
-                kv = offline.random_prefix(shape, args.virtual_tokens, i)
-                data = to_own_format(PrefixArtifact(PrefixKind.PREFIX_TUNING, kv, "bench"))
-                name = f"task-{i}"
-                httpx.post(f"{url}/prefixes/{name}", files=[("files", ("p.safetensors", data))]).raise_for_status()
-                names.append(name)
-            common = dict(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens)
-            sweep = []
-            asyncio.run(run_load(url, LoadSpec(requests=4, concurrency=4, tasks=tuple(names), **common)))  # warm
-            for c in args.sweep:
-                requests = max(4 * c, 8)  # long enough for a window with every client busy
-                mixed = asyncio.run(run_load(url, LoadSpec(requests=requests, concurrency=c, tasks=tuple(names),
-                                                           mix="zipf", **common)))
-                single = asyncio.run(run_load(url, LoadSpec(requests=requests, concurrency=c, tasks=(names[0],),
-                                                            **common)))
-                sweep.append({"concurrency": c, "mixed": mixed, "single": single})
-            poisson = asyncio.run(run_load(url, LoadSpec(requests=2 * max(args.sweep), rate=args.rate,
-                                                         tasks=tuple(names), mix="zipf", **common)))
-            return {"server": health.get("model"), "sweep": sweep, "poisson": {"rate": args.rate, **poisson}}
+            yield url
         finally:
             server.terminate()
             try:
                 server.wait(30)
             except subprocess.TimeoutExpired:
                 server.kill()
+
+
+def register_tasks(url: str, shape: ModelShape, count: int, virtual_tokens: int) -> list[str]:
+    names = []
+    for i in range(count):
+        kv = offline.random_prefix(shape, virtual_tokens, i)
+        data = to_own_format(PrefixArtifact(PrefixKind.PREFIX_TUNING, kv, "bench"))
+        name = f"task-{i}"
+        httpx.post(f"{url}/prefixes/{name}", files=[("files", ("p.safetensors", data))]).raise_for_status()
+        names.append(name)
+    return names
+
+
+def http_decode_rounds(base, url: str, names: list[str], args) -> dict:
+    """The server's decode rate over HTTP against the bare forward pass, alternating in every round.
+
+    Each round times the ceiling in this process (the server idles meanwhile), then sends
+    ``concurrency`` streaming requests at once, each on its own task (and again all on one task), and
+    takes the token rate over the window in which all of them are decoding. The ceiling is decode only,
+    so this is the server's like-for-like figure; prefill is measured with the closed-loop sweep."""
+    n, p, vt, new = args.concurrency, args.prompt_tokens, args.virtual_tokens, args.new_tokens
+    burst = lambda tasks, mix: asyncio.run(run_load(url, LoadSpec(  # noqa: E731
+        requests=n, concurrency=n, tasks=tuple(tasks), mix=mix, prompt_tokens=p, new_tokens=new)))
+    ceiling, mixed, single = [], [], []
+    for _ in range(args.rounds):
+        ceiling.append(offline.bare_decode_tokens_per_s(base, n, p + vt, new))
+        mixed.append(burst(names[:n], "distinct")["decode_token_throughput"])
+        single.append(burst(names[:1], "distinct")["decode_token_throughput"])
+    return {"ceiling": ceiling, "mixed": mixed, "single": single}
+
+
+def run_http(base, args) -> dict:
+    """Start a real server process, register tasks, time its decode against the ceiling, and sweep
+    concurrency with mixed and single-task load."""
+    with serving(args) as url:
+        health = httpx.get(f"{url}/healthz").json()
+        names = register_tasks(url, base.shape, max(*args.sweep, args.concurrency), args.virtual_tokens)
+        common = dict(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens)
+        asyncio.run(run_load(url, LoadSpec(requests=4, concurrency=4, tasks=tuple(names), **common)))  # warm
+        decode = http_decode_rounds(base, url, names, args)
+        sweep = []
+        for c in args.sweep:
+            requests = max(4 * c, 8)  # long enough for a window with every client busy
+            mixed = asyncio.run(run_load(url, LoadSpec(requests=requests, concurrency=c, tasks=tuple(names),
+                                                       mix="zipf", **common)))
+            single = asyncio.run(run_load(url, LoadSpec(requests=requests, concurrency=c, tasks=(names[0],),
+                                                        **common)))
+            sweep.append({"concurrency": c, "mixed": mixed, "single": single})
+        poisson = asyncio.run(run_load(url, LoadSpec(requests=2 * max(args.sweep), rate=args.rate,
+                                                     tasks=tuple(names), mix="zipf", **common)))
+        return {"server": health.get("model"), "decode": decode, "sweep": sweep,
+                "poisson": {"rate": args.rate, **poisson}}
 
 
 def main(args: argparse.Namespace) -> int:
@@ -140,10 +175,8 @@ def main(args: argparse.Namespace) -> int:
         "virtual_tokens": args.virtual_tokens, "rounds": args.rounds, "max_step_tokens": args.max_step_tokens,
         "offline": run_offline(base, args),
     }
-    shape = base.shape
-    del base  # the HTTP run's server loads its own copy
     if not args.no_http:
-        result["http"] = run_http(args, shape)
+        result["http"] = run_http(base, args)
     markdown = render_markdown(result)
     print(markdown)
     out = Path(args.out)

@@ -24,7 +24,7 @@ class LoadSpec:
     concurrency: int | None = None  # fixed concurrency, or
     rate: float | None = None  # Poisson arrivals per second
     tasks: tuple[str | None, ...] = (None,)
-    mix: str = "uniform"  # or "zipf"
+    mix: str = "uniform"  # or "zipf", or "distinct" (request i on task i mod N)
     prompt_tokens: int = 32
     new_tokens: int = 64
     seed: int = 0
@@ -48,6 +48,8 @@ def _prompt(i: int, tokens: int) -> str:
 def _choose_tasks(spec: LoadSpec) -> list[str | None]:
     rng = random.Random(spec.seed)
     n = len(spec.tasks)
+    if spec.mix == "distinct":
+        return [spec.tasks[i % n] for i in range(spec.requests)]
     weights = [1 / (k + 1) ** 1.1 for k in range(n)] if spec.mix == "zipf" else [1] * n
     return [spec.tasks[k] for k in rng.choices(range(n), weights, k=spec.requests)]
 
@@ -132,6 +134,22 @@ def steady_token_throughput(results: list[RequestResult], concurrency: int | Non
     return sum(begin <= t <= end for r in results for t in r.token_times) / (end - begin)
 
 
+def decode_token_throughput(results: list[RequestResult]) -> float | None:
+    """Tokens/s while every request is decoding: from the last first token (every prompt is prefilled) to
+    the first last token (no request has finished). For a burst (all requests sent at once) this is the
+    server's decode rate at that batch size, over HTTP, as its streaming clients see it. None when the
+    window is empty or a request did not stream."""
+    if not results or not all(r.ok and len(r.token_times) > 1 for r in results):
+        return None
+    begin, end = max(r.first_token for r in results), min(r.token_times[-1] for r in results)
+    if end <= begin:
+        return None
+    # Half-open on the left: the tokens of the step that completed the last prefill arrive at `begin` or
+    # just after, and the last step's tokens of other streams may arrive just after `end`; the two edges
+    # miss and add about one step's tokens each, so they cancel.
+    return sum(begin < t <= end for r in results for t in r.token_times) / (end - begin)
+
+
 def summarise(results: list[RequestResult], wall: float, concurrency: int | None = None) -> dict:
     ok = [r for r in results if r.ok]
     tokens = sum(r.tokens for r in ok)
@@ -140,6 +158,7 @@ def summarise(results: list[RequestResult], wall: float, concurrency: int | None
         "requests": len(results), "failed": len(results) - len(ok), "wall_s": wall,
         "request_throughput": len(ok) / wall, "token_throughput": tokens / wall,
         "steady_token_throughput": steady_token_throughput(results, concurrency),
+        "decode_token_throughput": decode_token_throughput(ok) if len(results) == concurrency else None,
         "ttft_s": _percentiles([r.first_token - r.start for r in ok if r.first_token is not None]),
         "itl_s": _percentiles(itl),
         "e2e_s": _percentiles([r.end - r.start for r in ok]),
