@@ -69,7 +69,9 @@ def tiny_model(tmp_path_factory, tokenizer):
 
 def test_bench_runs_end_to_end_and_reports_every_target(tiny_model, tmp_path):
     out = tmp_path / "results"
-    new_tokens = 6
+    # Long enough that every burst has a window in which all streams decode: a tiny model's step takes
+    # milliseconds, and a stream's tokens can arrive coalesced into one chunk when the client lags.
+    new_tokens = 32
     cmd = [sys.executable, "-m", "server.cli", "bench", "--model", str(tiny_model), "--concurrency", "4",
            "--prompt-tokens", "8", "--new-tokens", str(new_tokens), "--virtual-tokens", "4", "--rounds", "2",
            "--serial-requests", "1", "--scale-tasks", "1,3", "--sweep", "1,4", "--rate", "8", "--threads", "1",
