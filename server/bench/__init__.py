@@ -26,7 +26,7 @@ from prefixes.artifact import ModelShape, PrefixArtifact, PrefixKind
 from prefixes.formats import to_own_format
 from server.bench import offline
 from server.bench.load import LoadSpec, run_load
-from server.bench.report import render_markdown, render_plot
+from server.bench.report import median, render_markdown, render_plot
 from server.config import DTYPES
 from server.engine.engine import Engine, EngineConfig
 from server.engine.model import load_base_model
@@ -46,7 +46,6 @@ def run_offline(base, args) -> dict:
         single.append(offline.engine_decode_tokens_per_s(engine, offline.make_requests(tasks[:1], n, p, new)))
         same_work.append(offline.bare_same_work_tokens_per_s(base, n, vt, p, new))
         closed.append(offline.engine_closed_loop_tokens_per_s(engine, tasks, n, 2 * n, p, new))
-    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
     # what a user would otherwise run, each against the engine serving the same requests at once
     half = max(2, n // 2)
     static_tasks = offline.random_tasks(base, half, vt)
@@ -57,11 +56,11 @@ def run_offline(base, args) -> dict:
         engine, offline.make_requests(static_tasks, 2 * half, p, new), concurrent=True)
     model_bytes = sum(t.numel() * t.element_size() for t in base.model.parameters())  # tied weights once
     return {
-        "ceiling_decode_tokens_per_s": med(ceiling),
-        "engine_decode_mixed_tokens_per_s": med(mixed),
-        "engine_decode_single_tokens_per_s": med(single),
-        "bare_same_work_tokens_per_s": med(same_work),
-        "engine_closed_loop_tokens_per_s": med(closed),
+        "ceiling_decode_tokens_per_s": median(ceiling),
+        "engine_decode_mixed_tokens_per_s": median(mixed),
+        "engine_decode_single_tokens_per_s": median(single),
+        "bare_same_work_tokens_per_s": median(same_work),
+        "engine_closed_loop_tokens_per_s": median(closed),
         "generate_one_at_a_time_tokens_per_s": generate_serial,
         "generate_static_per_task_tokens_per_s": generate_static,
         "engine_end_to_end_tokens_per_s": engine_same_load,

@@ -5,11 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 
+def median(values: list[float]) -> float:
+    """The middle value (the upper one of an even count): rounds are few, and this is a measured value."""
+    return sorted(values)[len(values) // 2]
+
+
 def median_ratio(numerators: list[float], denominators: list[float]) -> float:
     """The median of per-round ratios: each pair ran back to back, so a round's ratio cancels the drift
     that hits one round more than another."""
-    ratios = sorted(a / b for a, b in zip(numerators, denominators, strict=True))
-    return ratios[len(ratios) // 2]
+    return median([a / b for a, b in zip(numerators, denominators, strict=True)])
 
 
 def targets(result: dict) -> list[tuple[str, float, str, bool]]:
@@ -73,10 +77,9 @@ def render_markdown(result: dict) -> str:
     ]
     decode = result.get("http", {}).get("decode")
     if decode and all(decode["mixed"]) and all(decode["single"]):
-        med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
         lines += [f"| server over HTTP, {n} streams all decoding, on {n} tasks / on one task "
-                  f"(ceiling timed beside it: {med(decode['ceiling']):.1f}) | "
-                  f"{med(decode['mixed']):.1f} / {med(decode['single']):.1f} |"]
+                  f"(ceiling timed beside it: {median(decode['ceiling']):.1f}) | "
+                  f"{median(decode['mixed']):.1f} / {median(decode['single']):.1f} |"]
     if "http" in result:
         lines += ["", "| HTTP concurrency | mixed tok/s (all busy) | one task tok/s (all busy) | TTFT p50 / p99 (s) "
                   "| ITL p50 / p99 (ms) | e2e p50 / p90 / p99 (s) |", "|---|---|---|---|---|---|"]
