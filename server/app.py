@@ -1,8 +1,9 @@
-"""Builds the FastAPI app: load the model, open the store, start the engine, mount the routers."""
+"""Builds the FastAPI app: open the store, start the engine process, mount the routers."""
 
 from __future__ import annotations
 
 import logging
+import os
 from contextlib import asynccontextmanager
 
 import torch
@@ -13,8 +14,7 @@ from prefixes.validate import ArtifactLimits
 from server.api import generate, health, openai, prefixes
 from server.auth import AuthConfig
 from server.config import Settings
-from server.engine.engine import Engine, EngineConfig
-from server.engine.model import BaseModel, load_base_model
+from server.engine.client import EngineClient, EngineLimits
 from server.metrics import Metrics
 from server.state import ServerState
 from server.tasks import ConcurrencyLimiter
@@ -22,47 +22,61 @@ from server.tasks import ConcurrencyLimiter
 log = logging.getLogger(__name__)
 
 
-def build_state(settings: Settings, base: BaseModel | None = None) -> ServerState:
+def engine_environment(settings: Settings) -> dict[str, str]:
+    """The engine process's environment: its own thread count and OpenMP wait policy."""
+    env = dict(os.environ)
+    env["OMP_WAIT_POLICY"] = settings.omp_wait_policy.upper()
+    if settings.threads:
+        env["OMP_NUM_THREADS"] = str(settings.threads)
+    return env
+
+
+async def build_state(settings: Settings) -> ServerState:
+    """Open the store and start the engine process (returns once its model is loaded)."""
     auth = AuthConfig.load(settings.auth_file) if settings.auth_file else AuthConfig.open()
     if auth.is_open:
         log.warning("no --auth-file: the server is OPEN (single-user mode); anyone who can reach it may "
                     "upload, delete and use tasks")
-    if base is None:
-        base = load_base_model(settings.model, settings.torch_dtype, settings.device)
-    # A host-memory tier only helps when prefixes are served from an accelerator: on a CPU device the
-    # device tier already is host memory, so it is skipped there.
-    store = PrefixStore(settings.store_dir, settings.cache_bytes,
-                        prepare=lambda t: t.to(device=base.device, dtype=base.dtype),
-                        host_cache_bytes=0 if base.device.type == "cpu" else settings.host_cache_bytes,
-                        redis_url=settings.redis_url)
-    metrics = Metrics(store, lambda: engine.num_running, lambda: engine.num_waiting)
-    engine = Engine(base, EngineConfig(max_batch_size=settings.max_batch_size,
-                                       kv_cache_bytes=settings.kv_cache_bytes,
-                                       max_step_tokens=settings.max_step_tokens), observer=metrics)
+    # This process keeps prefixes as CPU tensors in the serving dtype: the engine process holds its own device
+    # copies (--cache-bytes of them). On an accelerator the host-memory budget is this process's memory tier.
+    on_cpu = settings.device == "cpu"
+    store = PrefixStore(settings.store_dir, settings.cache_bytes if on_cpu else settings.host_cache_bytes,
+                        prepare=lambda t: t.to(dtype=settings.torch_dtype), redis_url=settings.redis_url)
+    engine: EngineClient | None = None
+    metrics = Metrics(store, lambda: engine.num_running if engine else 0,
+                      lambda: engine.num_waiting if engine else 0)
+    engine = EngineClient.for_model(
+        settings.model, settings.dtype, settings.device, settings.threads, settings.max_batch_size,
+        settings.kv_cache_bytes, settings.max_step_tokens,
+        EngineLimits(max_waiting=settings.waiting_limit, request_timeout=settings.request_timeout,
+                     prefix_cache_bytes=settings.cache_bytes),
+        observer=metrics, env=engine_environment(settings))
+    try:
+        base = await engine.start()
+    except BaseException:
+        await engine.close()
+        store.close()
+        raise
     limits = ArtifactLimits(max_virtual_tokens=settings.max_virtual_tokens)
     return ServerState(settings, base, engine, store, metrics, limits, auth,
                        ConcurrencyLimiter(on_reject=lambda tenant: metrics.rejected(tenant, "rate_limited")))
 
 
-def create_app(settings: Settings, base: BaseModel | None = None) -> FastAPI:
+def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        # Only the engine thread computes with several torch threads. Every other thread (this one, which
-        # loads the model; the request threads, which load prefixes) stays single-threaded: a second
-        # multi-threaded OpenMP team in the process makes the runtime cut its workers' spin-waits, which
-        # measurably slows every forward of the engine on a small CPU.
-        threads = settings.threads or torch.get_num_threads()
+        # The model computes in the engine process. This one only tokenizes and loads prefixes, each with one
+        # torch thread, so that it never runs an OpenMP team of its own beside the engine's.
         torch.set_num_threads(1)
-        state = build_state(settings, base)
+        state = await build_state(settings)
         app.state.server = state
-        state.engine.start(threads)
-        torch.set_num_threads(1)  # threads started from now on default to one again (the engine keeps its own)
-        log.info("serving %s (%s, %s on %s); store at %s", state.base.model_id, state.base.shape.model_type,
-                 settings.dtype, settings.device, settings.store_dir)
+        log.info("serving %s (%s, %s on %s) from engine process %s; store at %s", state.base.model_id,
+                 state.base.shape.model_type, settings.dtype, settings.device, state.engine.pid,
+                 settings.store_dir)
         try:
             yield
         finally:
-            state.engine.stop()
+            await state.engine.close()
             state.store.close()
 
     app = FastAPI(title="prefix-serve", version="0.1.0", lifespan=lifespan)

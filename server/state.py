@@ -11,8 +11,7 @@ from prefixes.store import PrefixStore
 from prefixes.validate import ArtifactLimits
 from server.auth import AuthConfig
 from server.config import Settings
-from server.engine.engine import Engine
-from server.engine.model import BaseModel
+from server.engine.client import EngineClient, ServedModel
 from server.metrics import Metrics
 from server.tasks import ConcurrencyLimiter
 
@@ -20,8 +19,8 @@ from server.tasks import ConcurrencyLimiter
 @dataclass(slots=True)
 class ServerState:
     settings: Settings
-    base: BaseModel
-    engine: Engine
+    base: ServedModel  # the tokenizer and the model's shape; the weights live in the engine process
+    engine: EngineClient
     store: PrefixStore
     metrics: Metrics
     limits: ArtifactLimits

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Response
+from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from server.state import State
@@ -10,10 +11,18 @@ from server.state import State
 router = APIRouter(tags=["operations"])
 
 
-@router.get("/healthz")
+@router.get("/healthz", responses={503: {"description": "the engine process is gone, or the server is draining"}})
 async def healthz(state: State):
-    return {"status": "ok", "model": state.base.model_id, "running": state.engine.num_running,
-            "waiting": state.engine.num_waiting}
+    """200 while the server takes requests; 503 once it cannot (engine process gone) or will not (draining on
+    SIGTERM), so that a load balancer or Kubernetes takes it out of rotation."""
+    engine = state.engine
+    body = {"status": "ok", "model": state.base.model_id, "running": engine.num_running,
+            "waiting": engine.num_waiting}
+    if engine.unavailable is not None:
+        return JSONResponse({**body, "status": "engine_down", "detail": engine.unavailable}, status_code=503)
+    if engine.draining:
+        return JSONResponse({**body, "status": "draining"}, status_code=503)
+    return body
 
 
 @router.get("/metrics")

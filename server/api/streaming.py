@@ -1,9 +1,10 @@
 """Running one request's sequences on the engine and following them from the event loop, whole or as a
 stream of Server-Sent Events. Shared by ``/generate`` and the OpenAI-compatible routes.
 
-The engine thread only *signals* progress (an ``asyncio.Event`` set through ``call_soon_threadsafe``); all
-reading of token ids and all detokenization happen on the event loop, so a slow client never slows the
-batch and tokens that arrive faster than the client reads are coalesced into one chunk.
+The engine (in its own process; see :mod:`server.engine.client`) only *signals* progress: an ``asyncio.Event``
+per request, set as its outputs arrive. All reading of token ids and all detokenization happen on the event
+loop, so a slow client never slows the batch and tokens that arrive faster than the client reads are
+coalesced into one chunk.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from fastapi import HTTPException, Request
 from starlette.responses import StreamingResponse
 
 from server.auth import Principal
+from server.engine.client import EngineOverloaded, EngineUnavailable
 from server.engine.engine import ContextTooLong
 from server.engine.sequence import FinishReason, Sequence
 from server.state import ServerState
@@ -26,11 +28,25 @@ from server.state import ServerState
 log = logging.getLogger(__name__)
 
 DISCONNECT_POLL_S = 0.25
+_FAILED = (FinishReason.ERROR, FinishReason.TIMEOUT)
 REPLACEMENT_CHAR = "\ufffd"  # what a token ending inside a multi-byte UTF-8 character decodes to
 
 
+RETRY_AFTER_S = 1  # what a 503 tells clients to wait before retrying (a queue moves in about a second)
+
+
 class GenerationError(RuntimeError):
-    """The engine failed a sequence (internal error, shutdown)."""
+    """The engine failed a sequence: an internal error (500), or it could not serve it at all (the engine
+    process is gone, the server is draining, the request's deadline passed in the queue: 503, retry)."""
+
+    def __init__(self, message: str, retry: bool = False):
+        super().__init__(message)
+        self.retry = retry
+
+    def as_http(self) -> HTTPException:
+        if self.retry:
+            return HTTPException(503, str(self), headers={"Retry-After": str(RETRY_AFTER_S)})
+        return HTTPException(500, str(self))
 
 
 class IncrementalDetokenizer:
@@ -114,7 +130,7 @@ class Generation:
     def __post_init__(self):
         loop = asyncio.get_running_loop()
 
-        def notify(_: Sequence) -> None:  # runs on the engine thread
+        def notify(_: Sequence) -> None:  # runs on the loop, as the engine client applies a step's outputs
             try:
                 loop.call_soon_threadsafe(self._changed.set)
             except RuntimeError:  # the loop is closed: the server is shutting down, nobody is listening
@@ -131,14 +147,21 @@ class Generation:
 
     def submit(self) -> None:
         """Queue every sequence, or none: a request that can never fit is a 400 before anything runs."""
+        engine = self.state.engine
         try:
             for seq in self.seqs:
-                self.state.engine.check_fits(seq)
+                engine.check_fits(seq)
         except ContextTooLong as exc:
             self.state.metrics.rejected(self.seqs[0].tenant, "rejected")
             raise HTTPException(400, str(exc)) from None
-        for seq in self.seqs:
-            self.state.engine.submit(seq)
+        try:
+            engine.check_admission(len(self.seqs), self.seqs[0].tenant)
+            for seq in self.seqs:
+                engine.submit(seq)
+        except (EngineUnavailable, EngineOverloaded) as exc:
+            self.cancel_nowait()
+            self.state.metrics.rejected(self.seqs[0].tenant, "overloaded")
+            raise HTTPException(503, str(exc), headers={"Retry-After": str(RETRY_AFTER_S)}) from None
 
     async def _next_change(self) -> None:
         await self._changed.wait()
@@ -157,9 +180,10 @@ class Generation:
             await self._next_change()
 
     def check_errors(self) -> None:
-        failed = next((seq for seq in self.seqs if seq.finish_reason is FinishReason.ERROR), None)
+        failed = next((seq for seq in self.seqs if seq.finish_reason in _FAILED), None)
         if failed is not None:
-            raise GenerationError(failed.error or "generation failed")
+            retry = failed.unavailable or failed.finish_reason is FinishReason.TIMEOUT
+            raise GenerationError(failed.error or "generation failed", retry=retry)
 
     async def wait(self, request: Request) -> list[Sequence]:
         """Until every sequence has finished. A client that goes away cancels them, freeing their slots."""
@@ -176,7 +200,7 @@ class Generation:
         try:
             self.check_errors()
         except GenerationError as exc:
-            raise HTTPException(500, str(exc)) from None
+            raise exc.as_http() from None
         return self.seqs
 
     async def pieces(self) -> AsyncIterator[Piece]:

@@ -6,19 +6,17 @@ continues in the next steps: chunked prefill). Finished requests leave at once. 
 between any two tokens (continuous batching), and a long prompt never stalls the running ones for more
 than one bounded step.
 
-Runs on one background thread (``start``); ``submit`` may be called from any thread.
+One thread drives it: the engine process's main thread when serving (:mod:`server.engine.core`), the caller's
+own in training and benchmarks (:meth:`run_until_idle`).
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-
-import torch
 
 from server.engine.model import BaseModel
 from server.engine.runner import ModelRunner
@@ -48,6 +46,24 @@ class EngineConfig:
 
 class ContextTooLong(ValueError):
     pass
+
+
+def check_fits(seq: Sequence, max_positions: int, max_slots: int) -> None:
+    """Raise :class:`ContextTooLong` for a request that can never be served: longer than the model's context
+    (``max_positions``) or than the whole key/value budget (``max_slots`` rows x columns)."""
+    if seq.total_len > max_positions:
+        raise ContextTooLong(
+            f"prompt ({len(seq.prompt_ids)} tokens) + task prefix ({seq.num_prefix_kv + seq.num_soft_tokens} "
+            f"virtual tokens) + max_new_tokens ({seq.params.max_new_tokens}) = {seq.total_len} exceeds the "
+            f"model's context of {max_positions} positions; shorten the prompt or lower max_new_tokens."
+        )
+    if seq.total_len > max_slots:
+        raise ContextTooLong(
+            f"request needs {seq.total_len} cache positions but the key/value budget holds "
+            f"{max_slots}; lower max_new_tokens or raise --kv-cache-bytes."
+        )
+    if not seq.prompt_ids and not seq.num_soft_tokens:
+        raise ContextTooLong("the prompt is empty: send at least one token of prompt text.")
 
 
 class EngineObserver:
@@ -101,10 +117,6 @@ class Scheduler:
         self._queues.clear()
         return waiting
 
-    def fits(self, seq: Sequence) -> bool:
-        """Whether ``seq`` could ever run, alone in the batch."""
-        return seq.total_len <= self.max_slots
-
     def pick(self, running: list[Sequence], token_budget: int) -> list[Sequence]:
         """Waiting requests that fit beside ``running`` to their last token, least recently served tenant first.
 
@@ -138,9 +150,6 @@ class Engine:
         self.config = config
         self.scheduler = Scheduler(config, base.shape.kv_width * base.dtype.itemsize)
         self.runner = ModelRunner(base, self.scheduler.max_slots)
-        self._lock = threading.Condition()
-        self._thread: threading.Thread | None = None
-        self._stopping = False
         self.num_steps = 0
         self.observer = observer or EngineObserver()
 
@@ -148,27 +157,12 @@ class Engine:
 
     def check_fits(self, seq: Sequence) -> None:
         """Raise :class:`ContextTooLong` (a client error) for a request that can never be served."""
-        limit = self.base.shape.max_positions
-        if seq.total_len > limit:
-            raise ContextTooLong(
-                f"prompt ({len(seq.prompt_ids)} tokens) + task prefix ({seq.num_prefix_kv + seq.num_soft_tokens} "
-                f"virtual tokens) + max_new_tokens ({seq.params.max_new_tokens}) = {seq.total_len} exceeds the "
-                f"model's context of {limit} positions; shorten the prompt or lower max_new_tokens."
-            )
-        if not self.scheduler.fits(seq):
-            raise ContextTooLong(
-                f"request needs {seq.total_len} cache positions but the key/value budget holds "
-                f"{self.scheduler.max_slots}; lower max_new_tokens or raise --kv-cache-bytes."
-            )
-        if not seq.prompt_ids and not seq.num_soft_tokens:
-            raise ContextTooLong("the prompt is empty: send at least one token of prompt text.")
+        check_fits(seq, self.base.shape.max_positions, self.scheduler.max_slots)
 
     def submit(self, seq: Sequence) -> None:
         self.check_fits(seq)
         seq.generator = make_generator(seq.params, self.base.device)
-        with self._lock:
-            self.scheduler.add(seq)
-            self._lock.notify()
+        self.scheduler.add(seq)
 
     @property
     def num_running(self) -> int:
@@ -187,8 +181,7 @@ class Engine:
             if runner.rows[row].cancelled:
                 self._finish(runner.rows[row], FinishReason.CANCELLED)
                 runner.release(row)
-        with self._lock:
-            joining = self.scheduler.pick(runner.rows, runner.prefill_budget(step_tokens))
+        joining = self.scheduler.pick(runner.rows, runner.prefill_budget(step_tokens))
         if joining:
             now = time.monotonic()
             for seq in joining:
@@ -259,13 +252,13 @@ class Engine:
 
     def cancel(self, seq: Sequence) -> None:
         """Stop ``seq`` (e.g. its client went away): at once if waiting, at the next step if running."""
-        with self._lock:
-            if self.scheduler.remove(seq):
-                self._finish(seq, FinishReason.CANCELLED)
-                return
-            seq.cancelled = True
+        if self.scheduler.remove(seq):
+            self._finish(seq, FinishReason.CANCELLED)
+            return
+        seq.cancelled = True
 
-    def _fail_all(self, message: str) -> None:
+    def fail_running(self, message: str) -> None:
+        """Fail every running request (after a failed forward the cache contents are not trusted)."""
         failed = list(self.runner.rows)
         self.runner.reset()
         for seq in failed:
@@ -275,44 +268,3 @@ class Engine:
         """Step until nothing is waiting or running (for tests, benchmarks and offline use)."""
         while self.num_waiting or self.num_running:
             self.step()
-
-    def start(self, threads: int | None = None) -> None:
-        """Run the loop on a background thread computing with ``threads`` torch threads (default: the
-        caller's setting); returns once that setting is in force on the new thread."""
-        threads = threads or torch.get_num_threads()
-        ready = threading.Event()
-
-        def run() -> None:
-            torch.set_num_threads(threads)  # per thread for OpenMP; get_num_threads() makes it stick
-            torch.get_num_threads()
-            ready.set()
-            self._loop()
-
-        self._thread = threading.Thread(target=run, name="prefix-serve-engine", daemon=True)
-        self._thread.start()
-        ready.wait()
-
-    def stop(self) -> None:
-        with self._lock:
-            self._stopping = True
-            self._lock.notify()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-
-    def _loop(self) -> None:
-        while True:
-            with self._lock:
-                while not self._stopping and not len(self.scheduler) and not self.runner.num_rows:
-                    self._lock.wait()
-                if self._stopping:
-                    break
-            try:
-                self.step()
-            except Exception as exc:
-                log.exception("engine step failed; failing the running requests")
-                self._fail_all(f"internal engine error: {type(exc).__name__}: {exc}")
-        with self._lock:
-            abandoned = self.scheduler.drain()
-        for seq in abandoned:
-            self._finish(seq, FinishReason.ERROR, "server shutting down")
-        self._fail_all("server shutting down")

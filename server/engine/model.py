@@ -105,15 +105,19 @@ def wrap_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, model
     return BaseModel(model, tokenizer, model_shape(model), model_id, eos_ids(model, tokenizer))
 
 
+def resolve_model(spec: str) -> tuple[Path, str]:
+    """The local folder and the served id of ``spec`` ("default" converts the embedded model once)."""
+    if spec == DEFAULT_MODEL:
+        return default_model_dir(), DEFAULT_MODEL_ID
+    path = Path(spec)
+    if not (path / "config.json").is_file():
+        raise UnsupportedModel(f"--model {spec}: not a local Hugging Face model folder (no config.json).")
+    return path, path.name
+
+
 def load_base_model(spec: str, dtype: torch.dtype, device: str) -> BaseModel:
     """``spec`` is "default" (the embedded SmolLM2-135M-Instruct) or a local Hugging Face model folder."""
-    if spec == DEFAULT_MODEL:
-        path, model_id = default_model_dir(), DEFAULT_MODEL_ID
-    else:
-        path = Path(spec)
-        if not (path / "config.json").is_file():
-            raise UnsupportedModel(f"--model {spec}: not a local Hugging Face model folder (no config.json).")
-        model_id = path.name
+    path, model_id = resolve_model(spec)
     check_supported(AutoConfig.from_pretrained(path))
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(device)

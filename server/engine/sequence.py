@@ -43,6 +43,7 @@ class FinishReason(str, enum.Enum):
     LENGTH = "length"  # max_new_tokens
     CANCELLED = "cancelled"
     ERROR = "error"
+    TIMEOUT = "timeout"  # still waiting when its deadline passed: it left the queue unserved
 
 
 _ids = itertools.count()
@@ -62,6 +63,8 @@ class Sequence:
     finish_reason: FinishReason | None = None
     error: str | None = None
     cancelled: bool = False
+    unavailable: bool = False  # failed because the engine is gone or shutting down: retry later (503)
+    deadline: float | None = None  # time.monotonic() by which it must have joined the batch, or leave unserved
     generator: torch.Generator | None = None  # set for seeded sampling
     arrival_time: float = field(default_factory=time.monotonic)
     admit_time: float | None = None  # when it joined the batch

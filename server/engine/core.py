@@ -1,0 +1,237 @@
+"""The engine process: loads the model, runs :class:`~server.engine.engine.Engine` steps, nothing else.
+
+Started by :class:`server.engine.client.EngineClient` as ``python -m server.engine.core SPEC_JSON``. The HTTP
+process validates, tokenizes, resolves tasks, detokenizes and streams; this process schedules, computes and
+samples, on its main thread, so no request handling shares its interpreter (or its GIL) and the model's
+threads are the only busy ones here.
+
+Between two steps it takes every message waiting on its input socket (new requests, aborts, task tensors);
+after a step it sends one message with every token, finish and admission the step produced. When nothing is
+running it blocks on the socket. It exits on SHUTDOWN, or by itself when the HTTP process that started it is
+gone (so a killed server never leaves an engine holding the GPU).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import safetensors.torch
+import torch
+import zmq
+
+from prefixes.artifact import PrefixKind
+from server.engine import protocol
+from server.engine.engine import ContextTooLong, Engine, EngineConfig, EngineObserver
+from server.engine.model import load_base_model
+from server.engine.sequence import FinishReason, Sequence
+
+log = logging.getLogger("prefix_serve.engine_core")
+
+IDLE_POLL_MS = 500  # how often an idle engine looks for a vanished parent
+
+
+@dataclass(frozen=True, slots=True)
+class EngineCoreSpec:
+    """Everything the engine process needs, passed as JSON on its command line."""
+
+    model: str
+    dtype: str
+    device: str
+    threads: int
+    max_batch_size: int
+    kv_cache_bytes: int
+    max_step_tokens: int
+    input_address: str  # PULL: requests from the HTTP process
+    output_address: str  # PUSH: step outputs to the HTTP process
+    parent_pid: int
+
+
+@dataclass(frozen=True, slots=True)
+class EnginePrefix:
+    """A task as the engine needs it: its kind and its tensor on the serving device (see prefixes.artifact)."""
+
+    kind: PrefixKind
+    tensor: torch.Tensor  # deep: [L, 2, Hkv, P, D]; soft prompt: [P, H]
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        return self.tensor.shape[3] if self.kind.is_deep else self.tensor.shape[0]
+
+
+class _StepEvents(EngineObserver):
+    """Collects what the engine reports during one step, to be sent as one :class:`StepOutput`."""
+
+    def __init__(self):
+        self.out = protocol.StepOutput(time=0.0)
+
+    def take(self) -> protocol.StepOutput:
+        out, self.out = self.out, protocol.StepOutput(time=0.0)
+        return out
+
+    def admitted(self, seqs: list[Sequence], now: float) -> None:
+        self.out.admitted.extend(seq.id for seq in seqs)
+
+    def decoded(self, batch_size: int) -> None:
+        self.out.decoded = batch_size
+
+    def token(self, seq: Sequence, now: float) -> None:
+        self.out.time = now
+
+    def finished(self, seq: Sequence, now: float) -> None:
+        self.out.finished.append([seq.id, seq.finish_reason.value, seq.error])
+
+
+class EngineCore:
+    def __init__(self, spec: EngineCoreSpec):
+        self.spec = spec
+        from server.config import DTYPES
+
+        torch.set_num_threads(spec.threads or torch.get_num_threads())
+        self.base = load_base_model(spec.model, DTYPES[spec.dtype], spec.device)
+        self.events = _StepEvents()
+        self.engine = Engine(self.base, EngineConfig(max_batch_size=spec.max_batch_size,
+                                                     kv_cache_bytes=spec.kv_cache_bytes,
+                                                     max_step_tokens=spec.max_step_tokens), observer=self.events)
+        self.seqs: dict[int, Sequence] = {}  # every sequence not yet finished, by id
+        self.prefixes: dict[str, EnginePrefix] = {}
+        self.context = zmq.Context()
+        self.inbox = self.context.socket(zmq.PULL)
+        self.inbox.connect(spec.input_address)
+        self.outbox = self.context.socket(zmq.PUSH)
+        self.outbox.connect(spec.output_address)
+        self._stopping = False
+
+    def ready_info(self) -> dict:
+        shape = self.base.shape
+        return {"model_id": self.base.model_id, "model_type": shape.model_type,
+                "shape": {"num_layers": shape.num_layers, "num_kv_heads": shape.num_kv_heads,
+                          "head_dim": shape.head_dim, "hidden_size": shape.hidden_size,
+                          "max_positions": shape.max_positions, "model_type": shape.model_type},
+                "eos_token_ids": sorted(self.base.eos_token_ids), "max_slots": self.engine.scheduler.max_slots,
+                "dtype": str(self.base.dtype).removeprefix("torch."), "device": str(self.base.device),
+                "threads": torch.get_num_threads(), "pid": os.getpid()}
+
+    # -- messages ---------------------------------------------------------------------------------------------
+
+    def _handle(self, message: list) -> None:
+        kind = message[0]
+        if kind == protocol.ADD:
+            self._add(protocol.decode_request(message[1]))
+        elif kind == protocol.ABORT:
+            for seq_id in message[1]:
+                seq = self.seqs.get(seq_id)
+                if seq is not None:
+                    self.engine.cancel(seq)
+        elif kind == protocol.PREFIX:
+            _, ref, path, prefix_kind = message
+            try:
+                tensor = safetensors.torch.load_file(path)["tensor"]
+            finally:
+                os.unlink(path)
+            self.prefixes[ref] = EnginePrefix(PrefixKind(prefix_kind),
+                                              tensor.to(device=self.base.device, dtype=self.base.dtype))
+        elif kind == protocol.DROP:
+            self.prefixes.pop(message[1], None)
+        elif kind == protocol.SHUTDOWN:
+            self._stopping = True
+        else:
+            log.error("unknown message %r", kind)
+
+    def _add(self, spec: protocol.RequestSpec) -> None:
+        prefix = self.prefixes.get(spec.prefix_ref) if spec.prefix_ref is not None else None
+        seq = Sequence(spec.prompt_ids, protocol.params_from_dict(spec.params), prefix, tenant=spec.tenant,
+                       id=spec.id, arrival_time=spec.arrival_time)
+        seq.on_finish, seq.on_token = self._forget, self._token
+        if spec.prefix_ref is not None and prefix is None:  # cannot happen: PREFIX precedes ADD on one socket
+            self._reject(seq, f"task tensor {spec.prefix_ref!r} is not loaded in the engine")
+            return
+        self.seqs[seq.id] = seq
+        try:
+            self.engine.submit(seq)
+        except (ContextTooLong, ValueError) as exc:  # the HTTP process checks the same limits first
+            self.seqs.pop(seq.id, None)
+            self._reject(seq, str(exc))
+
+    def _reject(self, seq: Sequence, message: str) -> None:
+        seq.finish_reason, seq.error = FinishReason.ERROR, message
+        self.events.out.finished.append([seq.id, FinishReason.ERROR.value, message])
+
+    def _forget(self, seq: Sequence) -> None:
+        self.seqs.pop(seq.id, None)
+
+    def _receive(self, timeout_ms: int) -> None:
+        """Handle every waiting message; wait up to ``timeout_ms`` for the first one."""
+        if not self.inbox.poll(timeout_ms):
+            return
+        while True:
+            try:
+                frame = self.inbox.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._handle(protocol.unpack(frame))
+
+    # -- the loop ---------------------------------------------------------------------------------------------
+
+    def _send_step(self) -> None:
+        out = self.events.take()
+        if out.empty and not out.decoded:
+            return
+        out.time = out.time or time.monotonic()
+        out.running, out.waiting = self.engine.num_running, self.engine.num_waiting
+        self.outbox.send(protocol.pack(out.encode()))
+
+    def _token(self, seq: Sequence) -> None:
+        """``seq`` got its next token in this step (the engine calls this once per row and step)."""
+        self.events.out.tokens.append([seq.id, seq.output_ids[-1], None])
+
+    def _step(self) -> None:
+        try:
+            self.engine.step()
+        except Exception as exc:  # the batch's cache is no longer trusted; its requests fail, the engine goes on
+            log.exception("engine step failed; failing the running requests")
+            self.engine.fail_running(f"internal engine error: {type(exc).__name__}: {exc}")
+        self._send_step()
+
+    def run(self) -> None:
+        self.outbox.send(protocol.pack([protocol.READY, self.ready_info()]))
+        while not self._stopping:
+            busy = self.engine.num_running or self.engine.num_waiting
+            self._receive(0 if busy else IDLE_POLL_MS)
+            if os.getppid() != self.spec.parent_pid:
+                log.error("the HTTP process is gone; the engine exits")
+                break
+            if self.engine.num_running or self.engine.num_waiting:
+                self._step()
+            else:
+                self._send_step()  # e.g. requests aborted while waiting
+        self.outbox.close(linger=1000)
+        self.inbox.close(linger=0)
+        self.context.term()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s engine %(levelname)s %(message)s")
+    spec = EngineCoreSpec(**json.loads(argv[0]))
+    try:
+        core = EngineCore(spec)
+    except Exception as exc:  # tell the HTTP process why, then exit non-zero
+        log.exception("engine start-up failed")
+        context = zmq.Context()
+        out = context.socket(zmq.PUSH)
+        out.connect(spec.output_address)
+        out.send(protocol.pack([protocol.FATAL, f"{type(exc).__name__}: {exc}"]))
+        out.close(linger=2000)
+        context.term()
+        return 1
+    core.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""What the HTTP process and the engine process say to each other: ZeroMQ PUSH/PULL sockets, msgpack frames.
+
+Two one-way channels, each ordered (so a task's prefix always arrives before the first request that uses it):
+
+HTTP -> engine (:data:`ADD`, :data:`ABORT`, :data:`PREFIX`, :data:`DROP`, :data:`SHUTDOWN`)::
+
+    [ADD, request]            a new sequence (see :func:`encode_request`)
+    [ABORT, [id, ...]]        stop these sequences (client gone, stop string seen, deadline passed)
+    [PREFIX, ref, path, kind] a task's tensor, written to a safetensors file on shared memory (/dev/shm);
+                              the engine copies it to its device and deletes the file
+    [DROP, ref]               the engine may forget this task's tensor (running rows keep their reference)
+    [SHUTDOWN]
+
+engine -> HTTP::
+
+    [READY, info]             the model is loaded (shape, eos ids, key/value budget): serving may start
+    [STEP, step]              what one engine step produced (see :class:`StepOutput`)
+    [FATAL, message]          start-up failed (e.g. an unsupported model); the process exits
+
+Only plain data crosses: ids, numbers, strings. Nothing is pickled, and tensors travel only as files in the
+safetensors format.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from server.engine.sequence import SamplingParams
+
+ADD, ABORT, PREFIX, DROP, SHUTDOWN = "add", "abort", "prefix", "drop", "shutdown"
+READY, STEP, FATAL = "ready", "step", "fatal"
+
+
+def pack(message: list) -> bytes:
+    return msgpack.packb(message, use_bin_type=True)
+
+
+def unpack(frame: bytes) -> list:
+    # strict_map_key=False: logit_bias and similar maps are keyed by token id
+    return msgpack.unpackb(frame, raw=False, strict_map_key=False)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestSpec:
+    """One sequence as the engine needs it; the HTTP process keeps the rest (stop strings, callbacks)."""
+
+    id: int
+    prompt_ids: list[int]
+    params: dict[str, Any]  # SamplingParams fields
+    prefix_ref: str | None  # a ref sent earlier with PREFIX, or None for the base model
+    tenant: str
+    arrival_time: float  # time.monotonic() of the HTTP process: CLOCK_MONOTONIC is shared by all processes
+
+
+def params_to_dict(params: SamplingParams) -> dict[str, Any]:
+    # Stop strings are the HTTP process's business (it detokenizes), so the engine never decodes text.
+    return {f.name: getattr(params, f.name) for f in dataclasses.fields(params) if f.name != "stop"}
+
+
+def params_from_dict(values: dict[str, Any]) -> SamplingParams:
+    # msgpack turns tuples into lists; give tuple-typed fields their tuples back (params are frozen/hashable)
+    fields = {f.name: f for f in dataclasses.fields(SamplingParams)}
+    kwargs = {}
+    for name, value in values.items():
+        default = fields[name].default if name in fields else None
+        kwargs[name] = tuple(value) if isinstance(default, tuple) and isinstance(value, list) else value
+    return SamplingParams(**kwargs)
+
+
+def encode_request(spec: RequestSpec) -> list:
+    return [ADD, dataclasses.asdict(spec)]
+
+
+def decode_request(body: dict) -> RequestSpec:
+    return RequestSpec(**body)
+
+
+@dataclass(slots=True)
+class StepOutput:
+    """What one engine step changed, for every sequence it touched.
+
+    ``tokens``: ``[id, token, extra]`` per sequence that got a token (``extra``: per-token data such as
+    log-probabilities, or None); ``finished``: ``[id, reason, error]``; ``admitted``: ids that joined the
+    batch at ``time``; ``decoded``: rows that got their next token (the batch size of the step); ``running``
+    / ``waiting``: the engine's counts after the step.
+    """
+
+    time: float
+    tokens: list[list] = dataclasses.field(default_factory=list)
+    finished: list[list] = dataclasses.field(default_factory=list)
+    admitted: list[int] = dataclasses.field(default_factory=list)
+    decoded: int = 0
+    running: int = 0
+    waiting: int = 0
+
+    def encode(self) -> list:
+        return [STEP, dataclasses.asdict(self)]
+
+    @classmethod
+    def decode(cls, body: dict) -> StepOutput:
+        return cls(**body)
+
+    @property
+    def empty(self) -> bool:
+        return not (self.tokens or self.finished or self.admitted)
