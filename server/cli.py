@@ -3,16 +3,47 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import sys
 from pathlib import Path
 
+import uvicorn
+
 from server.config import DTYPES, Settings
 
 
-def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server with a graceful SIGTERM: stop admitting (503s, /healthz not ready), let what is in
+    flight finish for up to ``shutdown_timeout`` seconds, cancel the rest with a clear error, then exit 0.
 
+    uvicorn's own handling closes the listening socket at once (new clients get connection errors, not a
+    503) and re-raises the signal after shutdown (exit status 143). A second signal exits at once.
+    """
+
+    def __init__(self, config: uvicorn.Config, app_state, shutdown_timeout: float):
+        super().__init__(config)
+        self.app_state = app_state
+        self.shutdown_timeout = shutdown_timeout
+        self.draining = False
+
+    def handle_exit(self, sig, frame) -> None:  # a signal handler: runs on the loop's thread, between callbacks
+        if self.draining or self.should_exit:
+            self.force_exit = True
+            return
+        self.draining = True
+        asyncio.get_event_loop().call_soon_threadsafe(lambda: asyncio.ensure_future(self._drain()))
+
+    async def _drain(self) -> None:
+        state = getattr(self.app_state, "server", None)
+        if state is not None:  # None: a signal during start-up, before the engine exists
+            logging.getLogger(__name__).info("SIGTERM: draining for up to %.0fs", self.shutdown_timeout)
+            await state.engine.drain(self.shutdown_timeout)
+            await asyncio.sleep(0.2)  # let the cancelled requests' error responses go out
+        self.should_exit = True
+
+
+def _serve(args: argparse.Namespace) -> int:
     from server.app import create_app
     from server.auth import AuthConfig
 
@@ -24,16 +55,20 @@ def _serve(args: argparse.Namespace) -> int:
             max_upload_bytes=args.max_upload_bytes, threads=args.threads,
             auth_file=Path(args.auth_file) if args.auth_file else None,
             redis_url=args.redis_url, host_cache_bytes=args.host_cache_bytes,
+            max_waiting_requests=args.max_waiting_requests, request_timeout=args.request_timeout,
+            shutdown_timeout=args.shutdown_timeout, omp_wait_policy=args.omp_wait_policy,
         )
         if settings.auth_file is not None:
             AuthConfig.load(settings.auth_file)  # refuse a broken auth file before loading the model
     except ValueError as exc:
         print(f"prefix-serve: {exc}", file=sys.stderr)
         return 2
-    # A bounded graceful shutdown: open requests get a moment to finish, then the engine stops.
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level,
-                timeout_graceful_shutdown=10)
-    return 0
+    app = create_app(settings)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=5)
+    server = DrainingServer(config, app.state, settings.shutdown_timeout)
+    server.run()
+    return 0 if server.started else 1
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -99,6 +134,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--threads", type=int, default=defaults.threads, help="torch threads (0: one per core)")
     serve.add_argument("--auth-file", help="JSON with tenants, API keys, quotas and admin keys; "
                        "without it the server is open (single-user mode)")
+    serve.add_argument("--max-waiting-requests", type=int, default=None,
+                       help="requests waiting for the batch beyond which new ones get 503 + Retry-After "
+                       "(default: 2 x --max-batch-size)")
+    serve.add_argument("--request-timeout", type=float, default=None,
+                       help="default deadline in seconds for a request to join the batch (per request: timeout)")
+    serve.add_argument("--shutdown-timeout", type=float, default=defaults.shutdown_timeout,
+                       help="on SIGTERM, seconds in-flight requests may take before they are cancelled")
+    serve.add_argument("--omp-wait-policy", default=defaults.omp_wait_policy, choices=["active", "passive"],
+                       help="OpenMP wait policy of the engine process")
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(func=_serve)
 

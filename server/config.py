@@ -26,6 +26,14 @@ class Settings:
     auth_file: Path | None = None  # tenants and keys; None serves everyone (single-user mode)
     redis_url: str | None = None  # shared Redis tier of the store (all replicas); None: local disk alone
     host_cache_bytes: int = 2 << 30  # host-memory tier of the store (0: none); unused when the device is the CPU
+    # Admission control: sequences waiting for the batch beyond which new requests get 503 + Retry-After.
+    # None: two batches' worth (2 x max_batch_size), so an accepted request waits for at most two batches.
+    max_waiting_requests: int | None = None
+    request_timeout: float | None = None  # default per-request deadline (seconds from arrival to joining the batch)
+    shutdown_timeout: float = 30.0  # on SIGTERM, how long in-flight requests may take before they are cancelled
+    # The engine process's OpenMP wait policy (OMP_WAIT_POLICY): "passive" threads sleep at barriers instead
+    # of spinning, which keeps decode going when another process takes a core (see README, "Under load").
+    omp_wait_policy: str = "passive"
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -45,7 +53,19 @@ class Settings:
         if self.redis_url is not None and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError(f"--redis-url {self.redis_url!r}: use redis://HOST:PORT/DB, rediss://... or "
                              "unix:///path/to/redis.sock")
+        if self.max_waiting_requests is not None and self.max_waiting_requests < 1:
+            raise ValueError("--max-waiting-requests must be at least 1")
+        if self.request_timeout is not None and not self.request_timeout > 0:
+            raise ValueError("--request-timeout must be a positive number of seconds")
+        if not self.shutdown_timeout >= 0:
+            raise ValueError("--shutdown-timeout must be 0 or more seconds")
+        if self.omp_wait_policy not in ("active", "passive"):
+            raise ValueError(f"--omp-wait-policy {self.omp_wait_policy!r}: choose active or passive")
         object.__setattr__(self, "store_dir", Path(self.store_dir))
+
+    @property
+    def waiting_limit(self) -> int:
+        return self.max_waiting_requests or 2 * self.max_batch_size
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, HTTPException, Query, Request
 
+from server.api.encode import encode_prompt
 from server.api.schemas import GenerateRequest, GenerateResponse, Usage
 from server.api.streaming import Piece, open_stream, run_to_end
 from server.auth import CurrentPrincipal
@@ -31,7 +32,7 @@ async def _chunks(pieces: AsyncIterator[Piece], prompt_tokens: int) -> AsyncIter
 async def generate(body: GenerateRequest, state: State, request: Request, principal: CurrentPrincipal,
                    task: str | None = Query(None, description="task name; omit for the base model")):
     prefix = await resolve_prefix(state.store, principal, task)
-    prompt_ids = state.base.tokenizer(body.prompt)["input_ids"]
+    prompt_ids = await encode_prompt(state, body.prompt)
     try:
         params = SamplingParams(
             max_new_tokens=body.max_new_tokens, temperature=body.temperature, top_p=body.top_p,
@@ -40,6 +41,8 @@ async def generate(body: GenerateRequest, state: State, request: Request, princi
     except ValueError as exc:
         raise HTTPException(400, str(exc)) from None
     seq = Sequence(prompt_ids, params, prefix, tenant=principal.tenant)
+    if body.timeout is not None:
+        seq.deadline = seq.arrival_time + body.timeout
     if body.stream:
         return await open_stream(state, principal, [seq], lambda pieces: _chunks(pieces, len(prompt_ids)))
     [seq] = await run_to_end(state, principal, request, [seq])

@@ -20,6 +20,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from prefixes.store import ResidentPrefix
+from server.api.encode import check_text, encode_prompt, on_tokenizer_thread
 from server.api.schemas import ChatCompletionRequest, CompletionRequest, OpenAISampling
 from server.api.streaming import Piece, error_body, open_stream, run_to_end
 from server.auth import CurrentPrincipal, Principal
@@ -133,6 +134,9 @@ async def _respond(state: ServerState, principal: Principal, request: Request, b
                    prompt_ids: list[int], prefix: ResidentPrefix | None, max_tokens: int, *, chat: bool):
     seqs = [Sequence(prompt_ids, params, prefix, tenant=principal.tenant)
             for params in _sampling(body, max_tokens)]
+    if body.timeout is not None:
+        for seq in seqs:
+            seq.deadline = seq.arrival_time + body.timeout
     head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "object": None,
             "created": int(time.time()), "model": body.model}  # "object" is filled in per response kind
     if body.stream:
@@ -198,9 +202,15 @@ async def completions(body: CompletionRequest, state: State, request: Request, p
         raise OpenAIError(400, "'prompt' must be a string (or a list holding one string); token-id prompts "
                           "and batches of prompts are not supported.", param="prompt")
     prefix = await _resolve_model(state, principal, body.model)
-    prompt_ids = state.base.tokenizer(prompt)["input_ids"]
+    prompt_ids = await encode_prompt(state, prompt)
     return await _respond(state, principal, request, body, prompt_ids, prefix,
                           body.max_tokens or COMPLETION_MAX_TOKENS, chat=False)
+
+
+def _texts(content) -> list[str]:
+    if isinstance(content, str):
+        return [content]
+    return [part["text"] for part in content or () if isinstance(part.get("text"), str)]
 
 
 def _chat_prompt_ids(tokenizer, body: ChatCompletionRequest) -> list[int]:
@@ -233,7 +243,8 @@ async def chat_completions(body: ChatCompletionRequest, state: State, request: R
         ("function_call", body.function_call not in (None, "none", "auto")),
         ("response_format", (body.response_format or {}).get("type", "text") != "text")])
     prefix = await _resolve_model(state, principal, body.model)
-    prompt_ids = _chat_prompt_ids(state.base.tokenizer, body)
+    check_text(state, "".join(text for message in body.messages for text in _texts(message.content)), "messages")
+    prompt_ids = await on_tokenizer_thread(_chat_prompt_ids, state.base.tokenizer, body)
     max_tokens = body.max_completion_tokens or body.max_tokens
     if max_tokens is None:  # as much as fits, up to the default (too little room is the engine's 400)
         used = len(prompt_ids) + (prefix.num_virtual_tokens if prefix else 0)

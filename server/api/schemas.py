@@ -5,6 +5,10 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
+TIMEOUT_HELP = ("seconds this request may wait for a place in the batch (default: the server's "
+                "--request-timeout); past it, it leaves the queue unserved with a 503")
+
+
 class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")  # a misspelt parameter is an error, not silently ignored
 
@@ -17,6 +21,7 @@ class GenerateRequest(BaseModel):
     stop: list[str] = Field(default_factory=list, max_length=16)
     ignore_eos: bool = False
     stream: bool = Field(False, description="Server-Sent Events: text deltas and new token ids as generated")
+    timeout: float | None = Field(None, gt=0, le=86400, description=TIMEOUT_HELP)
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -87,6 +92,7 @@ class OpenAISampling(BaseModel):
     stop: list[str] = Field(default_factory=list, max_length=16)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
+    timeout: float | None = Field(None, gt=0, le=86400, description=TIMEOUT_HELP)  # an extension of ours
     # vLLM's extensions, honoured because they cost nothing: clients written for vLLM send them
     top_k: int | None = Field(None, ge=0)
     ignore_eos: bool | None = False
