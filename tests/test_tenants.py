@@ -50,7 +50,8 @@ def server(tmp_path_factory):
         },
     }))
     with ServerProcess(root / "store", root / "server.log",
-                       extra_args=("--auth-file", str(auth_file), "--max-batch-size", "2")) as srv:
+                       extra_args=("--auth-file", str(auth_file), "--max-batch-size", "2",
+                                   "--max-waiting-requests", "16")) as srv:
         yield srv
 
 
