@@ -256,8 +256,8 @@ def test_image_command_line_serves_and_its_healthcheck_follows_the_server(tmp_pa
     finally:
         proc.send_signal(signal.SIGTERM)  # what `docker stop` sends
         code = proc.wait(60)
-    # uvicorn shuts down gracefully, then re-raises the signal it caught: killed by SIGTERM (Docker shows 143)
-    assert code in (0, -signal.SIGTERM), log_path.read_text()[-3000:]
+    # the server drains, stops its engine process and exits cleanly (not uvicorn's re-raised signal: 143)
+    assert code == 0, log_path.read_text()[-3000:]
     assert "Application shutdown complete." in log_path.read_text()
     assert run_healthcheck() != 0  # nothing answers: unhealthy
     assert "Traceback" not in log_path.read_text()
