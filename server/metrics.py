@@ -1,7 +1,8 @@
 """Prometheus metrics, in the vLLM style under our own prefix, one registry per app.
 
 Labels are bounded: ``tenant`` (configured tenants only), ``outcome`` and ``tier``; never the task name.
-Request timings are observed on the engine thread through :class:`EngineObserver`.
+Request timings are observed through :class:`EngineObserver`, called by the engine client on the event loop as
+each engine step's outputs arrive (with the engine process's timestamps).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ class Metrics(EngineObserver):
     def __init__(self, store: PrefixStore, num_running: Callable[[], int], num_waiting: Callable[[], int]):
         self.registry = r = CollectorRegistry()
         self.requests = Counter(f"{NAMESPACE}_requests", "Requests by tenant and outcome (stop, length, "
-                                "cancelled, error, rejected, rate_limited).", ["tenant", "outcome"], registry=r)
+                                "cancelled, error, timeout, rejected, rate_limited, overloaded).", ["tenant", "outcome"], registry=r)
         self.prompt_tokens = Counter(f"{NAMESPACE}_prompt_tokens", "Prompt tokens prefilled.", ["tenant"],
                                      registry=r)
         self.generation_tokens = Counter(f"{NAMESPACE}_generation_tokens", "Tokens generated.", ["tenant"],
@@ -91,5 +92,6 @@ class Metrics(EngineObserver):
         self.e2e.labels(seq.tenant).observe(now - seq.arrival_time)
 
     def rejected(self, tenant: str, outcome: str) -> None:
-        """A request refused before reaching the engine (``rejected``: bad request, ``rate_limited``: 429)."""
+        """A request refused before reaching the engine (``rejected``: bad request, ``rate_limited``: 429,
+        ``overloaded``: 503, the waiting queue is full or the engine cannot serve)."""
         self.requests.labels(tenant, outcome).inc()
