@@ -173,7 +173,10 @@ class EngineCore:
                 frame = self.inbox.recv(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            self._handle(protocol.unpack(frame))
+            try:
+                self._handle(protocol.unpack(frame))
+            except Exception:  # one bad message (a vanished prefix file, say) must not end the engine
+                log.exception("could not handle a message from the HTTP process")
 
     # -- the loop ---------------------------------------------------------------------------------------------
 
