@@ -11,9 +11,9 @@ import signal
 
 import httpx
 import pytest
+from server_process import ServerProcess
 
 from server.engine.model import default_model_dir
-from server_process import ServerProcess
 
 PROMPT = "Write a long story about a lighthouse keeper."
 
@@ -24,8 +24,9 @@ def converted_model():
 
 
 def _start(tmp_path, *args: str) -> ServerProcess:
-    return ServerProcess(tmp_path / "store", tmp_path / "server.log", extra_args=args,
-                         startup_timeout=300).start()
+    return ServerProcess(
+        tmp_path / "store", tmp_path / "server.log", extra_args=args, startup_timeout=300
+    ).start()
 
 
 def _engine_pid(server: ServerProcess) -> int:
@@ -64,8 +65,11 @@ def test_engine_runs_in_its_own_process(tmp_path):
     try:
         engine = _engine_pid(server)
         assert engine != server.proc.pid
-        r = httpx.post(f"{server.url}/generate", json={"prompt": "The capital of France is", "max_new_tokens": 8},
-                       timeout=120)
+        r = httpx.post(
+            f"{server.url}/generate",
+            json={"prompt": "The capital of France is", "max_new_tokens": 8},
+            timeout=120,
+        )
         assert r.status_code == 200 and "Paris" in r.json()["text"], r.text
     finally:
         assert server.stop() == 0
@@ -96,16 +100,24 @@ def test_queue_limit_answers_503_and_every_accepted_request_completes(tmp_path):
 def test_a_request_past_its_deadline_leaves_the_queue_unserved(tmp_path):
     server = _start(tmp_path, "--max-batch-size", "1")
     try:
+
         async def scenario():
             async with httpx.AsyncClient(timeout=300) as client:
-                long = asyncio.create_task(client.post(f"{server.url}/generate", json={
-                    "prompt": PROMPT, "max_new_tokens": 300, "ignore_eos": True}))
+                long = asyncio.create_task(
+                    client.post(
+                        f"{server.url}/generate",
+                        json={"prompt": PROMPT, "max_new_tokens": 300, "ignore_eos": True},
+                    )
+                )
                 while httpx.get(f"{server.url}/healthz").json()["running"] < 1:
                     await asyncio.sleep(0.05)
-                late = await client.post(f"{server.url}/generate", json={
-                    "prompt": "Hi", "max_new_tokens": 4, "timeout": 0.3})
-                late_v1 = await client.post(f"{server.url}/v1/completions", json={
-                    "model": "SmolLM2-135M-Instruct", "prompt": "Hi", "max_tokens": 4, "timeout": 0.3})
+                late = await client.post(
+                    f"{server.url}/generate", json={"prompt": "Hi", "max_new_tokens": 4, "timeout": 0.3}
+                )
+                late_v1 = await client.post(
+                    f"{server.url}/v1/completions",
+                    json={"model": "SmolLM2-135M-Instruct", "prompt": "Hi", "max_tokens": 4, "timeout": 0.3},
+                )
                 return await long, late, late_v1
 
         long, late, late_v1 = asyncio.run(scenario())
@@ -121,16 +133,26 @@ def test_a_request_past_its_deadline_leaves_the_queue_unserved(tmp_path):
 def test_sigterm_drains_in_flight_requests_and_exits_0(tmp_path):
     server = _start(tmp_path, "--shutdown-timeout", "120")
     try:
+
         async def scenario():
             async with httpx.AsyncClient(timeout=300) as client:
-                running = [asyncio.create_task(client.post(f"{server.url}/generate", json={
-                    "prompt": PROMPT, "max_new_tokens": 150, "ignore_eos": True})) for _ in range(2)]
+                running = [
+                    asyncio.create_task(
+                        client.post(
+                            f"{server.url}/generate",
+                            json={"prompt": PROMPT, "max_new_tokens": 150, "ignore_eos": True},
+                        )
+                    )
+                    for _ in range(2)
+                ]
                 while httpx.get(f"{server.url}/healthz").json()["running"] < 2:
                     await asyncio.sleep(0.05)
                 server.proc.send_signal(signal.SIGTERM)
                 await asyncio.sleep(0.5)
                 health = await client.get(f"{server.url}/healthz")
-                refused = await client.post(f"{server.url}/generate", json={"prompt": "Hi", "max_new_tokens": 2})
+                refused = await client.post(
+                    f"{server.url}/generate", json={"prompt": "Hi", "max_new_tokens": 2}
+                )
                 return await asyncio.gather(*running), health, refused
 
         done, health, refused = asyncio.run(scenario())
@@ -146,14 +168,19 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(tmp_path):
 def test_sigterm_cancels_what_outlasts_the_shutdown_timeout_with_a_clear_error(tmp_path):
     server = _start(tmp_path, "--shutdown-timeout", "1")
     try:
+
         async def scenario():
             async with httpx.AsyncClient(timeout=300) as client:
                 body = {"prompt": PROMPT, "max_new_tokens": 2000, "ignore_eos": True}
                 plain = asyncio.create_task(client.post(f"{server.url}/generate", json=body))
 
                 async def stream():
-                    async with client.stream("POST", f"{server.url}/generate", json={**body, "stream": True}) as r:
-                        return r.status_code, [line async for line in r.aiter_lines() if line.startswith("data:")]
+                    async with client.stream(
+                        "POST", f"{server.url}/generate", json={**body, "stream": True}
+                    ) as r:
+                        return r.status_code, [
+                            line async for line in r.aiter_lines() if line.startswith("data:")
+                        ]
 
                 streamed = asyncio.create_task(stream())
                 while httpx.get(f"{server.url}/healthz").json()["running"] < 2:
@@ -164,7 +191,7 @@ def test_sigterm_cancels_what_outlasts_the_shutdown_timeout_with_a_clear_error(t
         plain, (status, events) = asyncio.run(scenario())
         assert plain.status_code == 503 and "shutting down" in plain.json()["detail"], plain.text
         assert status == 200 and events[-1] == "data: [DONE]"
-        error = json.loads(events[-2][len("data:"):])
+        error = json.loads(events[-2][len("data:") :])
         assert "shutting down" in error["error"]["message"]
         assert server.proc.wait(60) == 0
     finally:
@@ -174,10 +201,15 @@ def test_sigterm_cancels_what_outlasts_the_shutdown_timeout_with_a_clear_error(t
 def test_a_dead_engine_process_gives_503s_and_a_failing_healthz_not_a_hang(tmp_path):
     server = _start(tmp_path)
     try:
+
         async def scenario():
             async with httpx.AsyncClient(timeout=60) as client:
-                running = asyncio.create_task(client.post(f"{server.url}/generate", json={
-                    "prompt": PROMPT, "max_new_tokens": 2000, "ignore_eos": True}))
+                running = asyncio.create_task(
+                    client.post(
+                        f"{server.url}/generate",
+                        json={"prompt": PROMPT, "max_new_tokens": 2000, "ignore_eos": True},
+                    )
+                )
                 while httpx.get(f"{server.url}/healthz").json()["running"] < 1:
                     await asyncio.sleep(0.05)
                 os.kill(_engine_pid(server), signal.SIGKILL)
@@ -189,8 +221,11 @@ def test_a_dead_engine_process_gives_503s_and_a_failing_healthz_not_a_hang(tmp_p
         assert health.status_code == 503 and health.json()["status"] == "engine_down"
         later = httpx.post(f"{server.url}/generate", json={"prompt": "Hi", "max_new_tokens": 2}, timeout=10)
         assert later.status_code == 503 and later.headers["retry-after"] == "1", later.text
-        v1 = httpx.post(f"{server.url}/v1/completions", json={"model": "SmolLM2-135M-Instruct", "prompt": "Hi"},
-                        timeout=10)
+        v1 = httpx.post(
+            f"{server.url}/v1/completions",
+            json={"model": "SmolLM2-135M-Instruct", "prompt": "Hi"},
+            timeout=10,
+        )
         assert v1.status_code == 503 and v1.json()["error"]["type"] == "server_error", v1.text
     finally:
         server.stop()
@@ -199,24 +234,41 @@ def test_a_dead_engine_process_gives_503s_and_a_failing_healthz_not_a_hang(tmp_p
 def test_prompts_are_refused_by_size_before_tokenizing_and_healthz_stays_responsive(tmp_path):
     server = _start(tmp_path)
     try:
+
         async def scenario():
             async with httpx.AsyncClient(timeout=120) as client:
-                huge = asyncio.create_task(client.post(f"{server.url}/generate", json={
-                    "prompt": "word " * 2_000_000, "max_new_tokens": 2}))
+                huge = asyncio.create_task(
+                    client.post(
+                        f"{server.url}/generate", json={"prompt": "word " * 2_000_000, "max_new_tokens": 2}
+                    )
+                )
                 health = await client.get(f"{server.url}/healthz")
                 return await huge, health
 
         huge, health = asyncio.run(scenario())
         assert huge.status_code == 400 and "shorten it" in huge.json()["detail"], huge.text[:300]
         assert health.status_code == 200
-        surrogate = httpx.post(f"{server.url}/generate", content=b'{"prompt": "a \\ud800 b", "max_new_tokens": 2}',
-                               headers={"content-type": "application/json"}, timeout=30)
+        surrogate = httpx.post(
+            f"{server.url}/generate",
+            content=b'{"prompt": "a \\ud800 b", "max_new_tokens": 2}',
+            headers={"content-type": "application/json"},
+            timeout=30,
+        )
         assert surrogate.status_code == 400 and "surrogate" in surrogate.json()["detail"], surrogate.text
-        chat = httpx.post(f"{server.url}/v1/chat/completions", json={
-            "model": "SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": "x" * 3_000_000}]}, timeout=30)
+        chat = httpx.post(
+            f"{server.url}/v1/chat/completions",
+            json={
+                "model": "SmolLM2-135M-Instruct",
+                "messages": [{"role": "user", "content": "x" * 3_000_000}],
+            },
+            timeout=30,
+        )
         assert chat.status_code == 400 and "shorten it" in chat.json()["error"]["message"], chat.text[:300]
-        ok = httpx.post(f"{server.url}/generate", json={"prompt": "The capital of France is", "max_new_tokens": 4},
-                        timeout=60)
+        ok = httpx.post(
+            f"{server.url}/generate",
+            json={"prompt": "The capital of France is", "max_new_tokens": 4},
+            timeout=60,
+        )
         assert ok.status_code == 200
     finally:
         server.stop()
@@ -240,39 +292,66 @@ def test_sampling_params_cross_the_wire_unchanged_but_for_stop_strings():
     from server.engine import protocol
     from server.engine.sequence import SamplingParams
 
-    params = SamplingParams(max_new_tokens=7, temperature=0.5, top_p=0.9, top_k=3, seed=11, stop=("\n",),
-                            ignore_eos=True)
-    frame = protocol.pack(protocol.encode_request(protocol.RequestSpec(
-        5, [1, 2, 3], protocol.params_to_dict(params), "t@1#ab", "acme", 12.5)))
+    params = SamplingParams(
+        max_new_tokens=7, temperature=0.5, top_p=0.9, top_k=3, seed=11, stop=("\n",), ignore_eos=True
+    )
+    frame = protocol.pack(
+        protocol.encode_request(
+            protocol.RequestSpec(5, [1, 2, 3], protocol.params_to_dict(params), "t@1#ab", "acme", 12.5)
+        )
+    )
     kind, body = protocol.unpack(frame)
     spec = protocol.decode_request(body)
     assert kind == protocol.ADD and spec.prompt_ids == [1, 2, 3] and spec.prefix_ref == "t@1#ab"
     # the HTTP process looks for stop strings (it detokenizes); the engine never sees them
     assert protocol.params_from_dict(spec.params) == SamplingParams(
-        max_new_tokens=7, temperature=0.5, top_p=0.9, top_k=3, seed=11, ignore_eos=True)
+        max_new_tokens=7, temperature=0.5, top_p=0.9, top_k=3, seed=11, ignore_eos=True
+    )
 
 
 def _client(max_batch_size: int, max_waiting: int):
     from server.engine.client import EngineClient, EngineLimits
     from server.engine.core import EngineCoreSpec
 
-    spec = EngineCoreSpec(model="default", dtype="float32", device="cpu", threads=1,
-                          max_batch_size=max_batch_size, kv_cache_bytes=1 << 20, max_step_tokens=64,
-                          input_address="ipc://unused", output_address="ipc://unused", parent_pid=0)
-    return EngineClient(spec, EngineLimits(max_waiting=max_waiting, request_timeout=None, prefix_cache_bytes=1))
+    spec = EngineCoreSpec(
+        model="default",
+        dtype="float32",
+        device="cpu",
+        threads=1,
+        max_batch_size=max_batch_size,
+        kv_cache_bytes=1 << 20,
+        max_step_tokens=64,
+        input_address="ipc://unused",
+        output_address="ipc://unused",
+        parent_pid=0,
+    )
+    return EngineClient(
+        spec, EngineLimits(max_waiting=max_waiting, request_timeout=None, prefix_cache_bytes=1)
+    )
 
 
-@pytest.mark.parametrize("running, waiting, tenant, count, admitted", [
-    (0, {}, "a", 1, True),  # nothing waits: always
-    (0, {}, "a", 50, True),  # larger than the whole limit, but nothing waits: it could never run otherwise
-    (0, {"a": 2}, "a", 2, True),  # 4 not yet in the batch, 2 of them join at the next step: 2 queued <= 2
-    (0, {"a": 2}, "a", 3, False),  # 3 queued > 2, and "a" holds the whole queue
-    (2, {"a": 2}, "a", 1, False),  # the batch is full: 3 queued > 2
-    (2, {"a": 2}, "b", 1, True),  # past the limit, but "b" holds less than its share (2 tenants: 1 each)
-    (2, {"a": 2, "b": 1}, "b", 1, False),  # "b" already holds its share
-    (2, {"a": 1, "b": 1}, "c", 1, False),  # 3 tenants: a share of 0 (2 // 3)
-])
-def test_admission_bounds_the_queue_and_keeps_a_share_for_each_tenant(running, waiting, tenant, count, admitted):
+@pytest.mark.parametrize(
+    "running, waiting, tenant, count, admitted",
+    [
+        (0, {}, "a", 1, True),  # nothing waits: always
+        (
+            0,
+            {},
+            "a",
+            50,
+            True,
+        ),  # larger than the whole limit, but nothing waits: it could never run otherwise
+        (0, {"a": 2}, "a", 2, True),  # 4 not yet in the batch, 2 of them join at the next step: 2 queued <= 2
+        (0, {"a": 2}, "a", 3, False),  # 3 queued > 2, and "a" holds the whole queue
+        (2, {"a": 2}, "a", 1, False),  # the batch is full: 3 queued > 2
+        (2, {"a": 2}, "b", 1, True),  # past the limit, but "b" holds less than its share (2 tenants: 1 each)
+        (2, {"a": 2, "b": 1}, "b", 1, False),  # "b" already holds its share
+        (2, {"a": 1, "b": 1}, "c", 1, False),  # 3 tenants: a share of 0 (2 // 3)
+    ],
+)
+def test_admission_bounds_the_queue_and_keeps_a_share_for_each_tenant(
+    running, waiting, tenant, count, admitted
+):
     from server.engine.client import EngineOverloaded
     from server.engine.sequence import SamplingParams, Sequence
 

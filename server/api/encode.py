@@ -34,18 +34,29 @@ def check_text(state: ServerState, text: str, param: str = "prompt") -> None:
     """400 for text that is too large to be a prompt for this model, or that is not valid Unicode."""
     limit = max_prompt_bytes(state)
     if len(text) > limit:  # characters are at least one byte each: no need to encode to know
-        raise HTTPException(400, f"{param} is {len(text)} characters, more than this model's context of "
-                            f"{state.base.shape.max_positions} tokens could hold (at most {limit} bytes): "
-                            "shorten it.")
+        raise HTTPException(
+            400,
+            f"{param} is {len(text)} characters, more than this model's context of "
+            f"{state.base.shape.max_positions} tokens could hold (at most {limit} bytes): "
+            "shorten it.",
+        )
     try:
         size = len(text.encode("utf-8"))
-    except UnicodeEncodeError as exc:  # a lone surrogate such as "\ud800", which JSON allows and UTF-8 does not
-        raise HTTPException(400, f"{param} holds {text[exc.start:exc.end]!a} at character {exc.start}, a lone "
-                            "UTF-16 surrogate that is not a Unicode character: send valid text.") from None
+    except (
+        UnicodeEncodeError
+    ) as exc:  # a lone surrogate such as "\ud800", which JSON allows and UTF-8 does not
+        raise HTTPException(
+            400,
+            f"{param} holds {text[exc.start : exc.end]!a} at character {exc.start}, a lone "
+            "UTF-16 surrogate that is not a Unicode character: send valid text.",
+        ) from None
     if size > limit:
-        raise HTTPException(400, f"{param} is {size} bytes, more than this model's context of "
-                            f"{state.base.shape.max_positions} tokens could hold (at most {limit} bytes): "
-                            "shorten it.")
+        raise HTTPException(
+            400,
+            f"{param} is {size} bytes, more than this model's context of "
+            f"{state.base.shape.max_positions} tokens could hold (at most {limit} bytes): "
+            "shorten it.",
+        )
 
 
 async def on_tokenizer_thread(fn: Callable[..., T], *args, **kwargs) -> T:

@@ -76,8 +76,13 @@ class EngineLimits:
 
 
 class EngineClient:
-    def __init__(self, spec: EngineCoreSpec, limits: EngineLimits, observer: EngineObserver | None = None,
-                 env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        spec: EngineCoreSpec,
+        limits: EngineLimits,
+        observer: EngineObserver | None = None,
+        env: dict[str, str] | None = None,
+    ):
         self.spec = spec
         self.limits = limits
         self.observer = observer or EngineObserver()
@@ -97,19 +102,37 @@ class EngineClient:
         self._ipc_dir: Path | None = None  # holds the sockets' files; removed by close()
 
     @classmethod
-    def for_model(cls, model: str, dtype: str, device: str, threads: int, max_batch_size: int,
-                  kv_cache_bytes: int, max_step_tokens: int, limits: EngineLimits,
-                  observer: EngineObserver | None = None, env: dict[str, str] | None = None) -> EngineClient:
+    def for_model(
+        cls,
+        model: str,
+        dtype: str,
+        device: str,
+        threads: int,
+        max_batch_size: int,
+        kv_cache_bytes: int,
+        max_step_tokens: int,
+        limits: EngineLimits,
+        observer: EngineObserver | None = None,
+        env: dict[str, str] | None = None,
+    ) -> EngineClient:
         folder = Path(tempfile.mkdtemp(prefix="prefix-serve-ipc-"))
-        spec = EngineCoreSpec(model=model, dtype=dtype, device=device, threads=threads,
-                              max_batch_size=max_batch_size, kv_cache_bytes=kv_cache_bytes,
-                              max_step_tokens=max_step_tokens, input_address=f"ipc://{folder}/in",
-                              output_address=f"ipc://{folder}/out", parent_pid=os.getpid())
+        spec = EngineCoreSpec(
+            model=model,
+            dtype=dtype,
+            device=device,
+            threads=threads,
+            max_batch_size=max_batch_size,
+            kv_cache_bytes=kv_cache_bytes,
+            max_step_tokens=max_step_tokens,
+            input_address=f"ipc://{folder}/in",
+            output_address=f"ipc://{folder}/out",
+            parent_pid=os.getpid(),
+        )
         client = cls(spec, limits, observer, env)
         client._ipc_dir = folder
         return client
 
-    # -- lifecycle --------------------------------------------------------------------------------------------
+    # -- lifecycle -------------------------------------------------------------------------------------------
 
     async def start(self, timeout: float = 900.0) -> ServedModel:
         """Start the engine process and wait until its model is loaded; raise with its reason if it fails."""
@@ -122,8 +145,11 @@ class EngineClient:
         self._inputs = self._zmq.socket(zmq.PUSH)
         self._inputs.setsockopt(zmq.SNDHWM, 0)  # never drop or block: the engine reads everything each step
         self._inputs.bind(self.spec.input_address)
-        self._proc = subprocess.Popen([sys.executable, "-m", "server.engine.core", json.dumps(asdict(self.spec))],
-                                      env=self.env, stdin=subprocess.DEVNULL)
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "server.engine.core", json.dumps(asdict(self.spec))],
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + timeout
         while True:
             if await self._outputs.poll(500):
@@ -134,19 +160,34 @@ class EngineClient:
                     await self._reap()
                     raise RuntimeError(f"the engine process could not start: {message[1]}")
             if self._proc.poll() is not None:
-                raise RuntimeError(f"the engine process exited with code {self._proc.returncode} during start-up")
+                raise RuntimeError(
+                    f"the engine process exited with code {self._proc.returncode} during start-up"
+                )
             if time.monotonic() > deadline:
                 await self._reap()
                 raise RuntimeError(f"the engine process was not ready after {timeout:.0f}s")
         info = message[1]
-        self.model = ServedModel(tokenizer, ModelShape(**info["shape"]), info["model_id"],
-                                 frozenset(info["eos_token_ids"]), getattr(torch, info["dtype"]), info["device"],
-                                 info["max_slots"])
+        self.model = ServedModel(
+            tokenizer,
+            ModelShape(**info["shape"]),
+            info["model_id"],
+            frozenset(info["eos_token_ids"]),
+            getattr(torch, info["dtype"]),
+            info["device"],
+            info["max_slots"],
+        )
         self.engine_info = info
-        self._tasks = [asyncio.create_task(self._read_outputs(), name="engine-outputs"),
-                       asyncio.create_task(self._watch(), name="engine-watch")]
-        log.info("engine process %d ready: %s on %s, %d threads", info["pid"], info["model_id"], info["device"],
-                 info["threads"])
+        self._tasks = [
+            asyncio.create_task(self._read_outputs(), name="engine-outputs"),
+            asyncio.create_task(self._watch(), name="engine-watch"),
+        ]
+        log.info(
+            "engine process %d ready: %s on %s, %d threads",
+            info["pid"],
+            info["model_id"],
+            info["device"],
+            info["threads"],
+        )
         return self.model
 
     @property
@@ -164,7 +205,9 @@ class EngineClient:
         while self._seqs and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         if self._seqs:
-            log.warning("shutdown: %d requests still running after %.0fs; cancelling them", len(self._seqs), timeout)
+            log.warning(
+                "shutdown: %d requests still running after %.0fs; cancelling them", len(self._seqs), timeout
+            )
             self._abort(list(self._seqs))
             self._fail_all("the server is shutting down; retry on another replica")
 
@@ -208,7 +251,7 @@ class EngineClient:
             log.error("%s; failing %d requests", self.unavailable, len(self._seqs))
             self._fail_all(self.unavailable + "; the server cannot serve until it is restarted")
 
-    # -- requests ---------------------------------------------------------------------------------------------
+    # -- requests --------------------------------------------------------------------------------------------
 
     def check_fits(self, seq: Sequence) -> None:
         check_fits(seq, self.model.shape.max_positions, self.model.max_slots)
@@ -233,8 +276,10 @@ class EngineClient:
         waiting_tenants = len(self._waiting_by_tenant) + (tenant not in self._waiting_by_tenant)
         if self._waiting_by_tenant.get(tenant, 0) + count <= limit // waiting_tenants:
             return
-        raise EngineOverloaded(f"{max(queued, 0)} requests are already waiting for a place in the batch, the "
-                               "server's limit (--max-waiting-requests); retry shortly")
+        raise EngineOverloaded(
+            f"{max(queued, 0)} requests are already waiting for a place in the batch, the "
+            "server's limit (--max-waiting-requests); retry shortly"
+        )
 
     def submit(self, seq: Sequence) -> None:
         """Queue ``seq`` in the engine (after :meth:`check_admission`); ContextTooLong if it can never fit."""
@@ -249,10 +294,21 @@ class EngineClient:
             seq.deadline = seq.arrival_time + timeout
         if seq.deadline is not None:
             loop = asyncio.get_running_loop()
-            self._timers[seq.id] = loop.call_at(loop.time() + max(0.0, seq.deadline - time.monotonic()),
-                                                self._expire, seq)
-        self._send(protocol.encode_request(protocol.RequestSpec(
-            seq.id, list(seq.prompt_ids), protocol.params_to_dict(seq.params), ref, seq.tenant, seq.arrival_time)))
+            self._timers[seq.id] = loop.call_at(
+                loop.time() + max(0.0, seq.deadline - time.monotonic()), self._expire, seq
+            )
+        self._send(
+            protocol.encode_request(
+                protocol.RequestSpec(
+                    seq.id,
+                    list(seq.prompt_ids),
+                    protocol.params_to_dict(seq.params),
+                    ref,
+                    seq.tenant,
+                    seq.arrival_time,
+                )
+            )
+        )
 
     def cancel(self, seq: Sequence) -> None:
         """Stop ``seq``: the engine finishes it as cancelled at its next step (``on_finish`` runs then)."""
@@ -266,8 +322,12 @@ class EngineClient:
             return
         self._abort([seq.id])
         waited = time.monotonic() - seq.arrival_time
-        self._finish(seq, FinishReason.TIMEOUT, f"the request waited {waited:.1f}s for a place in the batch, past "
-                     "its deadline (timeout / --request-timeout); the server is busy, retry later")
+        self._finish(
+            seq,
+            FinishReason.TIMEOUT,
+            f"the request waited {waited:.1f}s for a place in the batch, past "
+            "its deadline (timeout / --request-timeout); the server is busy, retry later",
+        )
 
     def _send(self, message: list) -> None:
         self._inputs.send(protocol.pack(message), zmq.NOBLOCK)
@@ -301,7 +361,7 @@ class EngineClient:
             self._send([protocol.DROP, old])
         return ref
 
-    # -- outputs ----------------------------------------------------------------------------------------------
+    # -- outputs ---------------------------------------------------------------------------------------------
 
     async def _read_outputs(self) -> None:
         while True:
@@ -331,7 +391,9 @@ class EngineClient:
         touched = []
         for seq_id, token, _extra in out.tokens:
             seq = self._seqs.get(seq_id)
-            if seq is None:  # finished here already (stop string, deadline): the engine's extra token is dropped
+            if (
+                seq is None
+            ):  # finished here already (stop string, deadline): the engine's extra token is dropped
                 continue
             if seq.first_token_time is None:
                 seq.first_token_time = now
@@ -359,8 +421,9 @@ class EngineClient:
             seq.text = text[: min(hits)]  # the stop string itself is not returned
         return bool(hits)
 
-    def _finish(self, seq: Sequence, reason: FinishReason, error: str | None = None,
-                unavailable: bool = False) -> None:
+    def _finish(
+        self, seq: Sequence, reason: FinishReason, error: str | None = None, unavailable: bool = False
+    ) -> None:
         if self._seqs.pop(seq.id, None) is None:
             return
         if seq.admit_time is None:

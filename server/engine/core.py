@@ -53,7 +53,7 @@ class EngineCoreSpec:
 
 @dataclass(frozen=True, slots=True)
 class EnginePrefix:
-    """A task as the engine needs it: its kind and its tensor on the serving device (see prefixes.artifact)."""
+    """A task as the engine needs it: its kind and its tensor on the serving device (prefixes.artifact)."""
 
     kind: PrefixKind
     tensor: torch.Tensor  # deep: [L, 2, Hkv, P, D]; soft prompt: [P, H]
@@ -94,9 +94,15 @@ class EngineCore:
         torch.set_num_threads(spec.threads or torch.get_num_threads())
         self.base = load_base_model(spec.model, DTYPES[spec.dtype], spec.device)
         self.events = _StepEvents()
-        self.engine = Engine(self.base, EngineConfig(max_batch_size=spec.max_batch_size,
-                                                     kv_cache_bytes=spec.kv_cache_bytes,
-                                                     max_step_tokens=spec.max_step_tokens), observer=self.events)
+        self.engine = Engine(
+            self.base,
+            EngineConfig(
+                max_batch_size=spec.max_batch_size,
+                kv_cache_bytes=spec.kv_cache_bytes,
+                max_step_tokens=spec.max_step_tokens,
+            ),
+            observer=self.events,
+        )
         self.seqs: dict[int, Sequence] = {}  # every sequence not yet finished, by id
         self.prefixes: dict[str, EnginePrefix] = {}
         self.context = zmq.Context()
@@ -108,15 +114,26 @@ class EngineCore:
 
     def ready_info(self) -> dict:
         shape = self.base.shape
-        return {"model_id": self.base.model_id, "model_type": shape.model_type,
-                "shape": {"num_layers": shape.num_layers, "num_kv_heads": shape.num_kv_heads,
-                          "head_dim": shape.head_dim, "hidden_size": shape.hidden_size,
-                          "max_positions": shape.max_positions, "model_type": shape.model_type},
-                "eos_token_ids": sorted(self.base.eos_token_ids), "max_slots": self.engine.scheduler.max_slots,
-                "dtype": str(self.base.dtype).removeprefix("torch."), "device": str(self.base.device),
-                "threads": torch.get_num_threads(), "pid": os.getpid()}
+        return {
+            "model_id": self.base.model_id,
+            "model_type": shape.model_type,
+            "shape": {
+                "num_layers": shape.num_layers,
+                "num_kv_heads": shape.num_kv_heads,
+                "head_dim": shape.head_dim,
+                "hidden_size": shape.hidden_size,
+                "max_positions": shape.max_positions,
+                "model_type": shape.model_type,
+            },
+            "eos_token_ids": sorted(self.base.eos_token_ids),
+            "max_slots": self.engine.scheduler.max_slots,
+            "dtype": str(self.base.dtype).removeprefix("torch."),
+            "device": str(self.base.device),
+            "threads": torch.get_num_threads(),
+            "pid": os.getpid(),
+        }
 
-    # -- messages ---------------------------------------------------------------------------------------------
+    # -- messages --------------------------------------------------------------------------------------------
 
     def _handle(self, message: list) -> None:
         kind = message[0]
@@ -133,8 +150,9 @@ class EngineCore:
                 tensor = safetensors.torch.load_file(path)["tensor"]
             finally:
                 os.unlink(path)
-            self.prefixes[ref] = EnginePrefix(PrefixKind(prefix_kind),
-                                              tensor.to(device=self.base.device, dtype=self.base.dtype))
+            self.prefixes[ref] = EnginePrefix(
+                PrefixKind(prefix_kind), tensor.to(device=self.base.device, dtype=self.base.dtype)
+            )
         elif kind == protocol.DROP:
             self.prefixes.pop(message[1], None)
         elif kind == protocol.SHUTDOWN:
@@ -144,8 +162,14 @@ class EngineCore:
 
     def _add(self, spec: protocol.RequestSpec) -> None:
         prefix = self.prefixes.get(spec.prefix_ref) if spec.prefix_ref is not None else None
-        seq = Sequence(spec.prompt_ids, protocol.params_from_dict(spec.params), prefix, tenant=spec.tenant,
-                       id=spec.id, arrival_time=spec.arrival_time)
+        seq = Sequence(
+            spec.prompt_ids,
+            protocol.params_from_dict(spec.params),
+            prefix,
+            tenant=spec.tenant,
+            id=spec.id,
+            arrival_time=spec.arrival_time,
+        )
         seq.on_finish, seq.on_token = self._forget, self._token
         if spec.prefix_ref is not None and prefix is None:  # cannot happen: PREFIX precedes ADD on one socket
             self._reject(seq, f"task tensor {spec.prefix_ref!r} is not loaded in the engine")
@@ -178,7 +202,7 @@ class EngineCore:
             except Exception:  # one bad message (a vanished prefix file, say) must not end the engine
                 log.exception("could not handle a message from the HTTP process")
 
-    # -- the loop ---------------------------------------------------------------------------------------------
+    # -- the loop --------------------------------------------------------------------------------------------
 
     def _send_step(self) -> None:
         out = self.events.take()
@@ -195,7 +219,9 @@ class EngineCore:
     def _step(self) -> None:
         try:
             self.engine.step()
-        except Exception as exc:  # the batch's cache is no longer trusted; its requests fail, the engine goes on
+        except (
+            Exception
+        ) as exc:  # the batch's cache is no longer trusted; its requests fail, the engine goes on
             log.exception("engine step failed; failing the running requests")
             self.engine.fail_running(f"internal engine error: {type(exc).__name__}: {exc}")
         self._send_step()
