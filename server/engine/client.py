@@ -87,7 +87,7 @@ class EngineClient:
         self.limits = limits
         self.observer = observer or EngineObserver()
         self.env = env  # the engine process's environment (thread and OpenMP settings)
-        self.model: ServedModel | None = None
+        self._model: ServedModel | None = None  # set by start()
         self.num_running = 0  # as of the engine's last step
         self.num_waiting = 0  # sequences submitted here that have not joined the batch
         self._waiting_by_tenant: dict[str, int] = {}  # the same, per tenant (only tenants with some)
@@ -167,7 +167,7 @@ class EngineClient:
                 await self._reap()
                 raise RuntimeError(f"the engine process was not ready after {timeout:.0f}s")
         info = message[1]
-        self.model = ServedModel(
+        self._model = ServedModel(
             tokenizer,
             ModelShape(**info["shape"]),
             info["model_id"],
@@ -188,7 +188,13 @@ class EngineClient:
             info["device"],
             info["threads"],
         )
-        return self.model
+        return self._model
+
+    @property
+    def model(self) -> ServedModel:
+        if self._model is None:
+            raise RuntimeError("the engine client has not started")
+        return self._model
 
     @property
     def pid(self) -> int | None:
@@ -243,10 +249,12 @@ class EngineClient:
             await asyncio.to_thread(proc.wait)
 
     async def _watch(self) -> None:
-        while self._proc.poll() is None:
+        proc = self._proc
+        assert proc is not None, "watching starts after start()"
+        while proc.poll() is None:
             await asyncio.sleep(WATCH_INTERVAL_S)
         if not self.draining:
-            self.unavailable = f"the engine process exited unexpectedly (code {self._proc.returncode})"
+            self.unavailable = f"the engine process exited unexpectedly (code {proc.returncode})"
             self.num_running = 0
             log.error("%s; failing %d requests", self.unavailable, len(self._seqs))
             self._fail_all(self.unavailable + "; the server cannot serve until it is restarted")
