@@ -27,6 +27,7 @@ from transformers import (
 from prefixes.formats import parse_artifact
 from prefixes.store import ResidentPrefix
 from server.engine.model import BaseModel
+from placement import NEAR_TIE, place
 
 VOCAB = 256
 TINY_CONFIGS = {
@@ -55,7 +56,7 @@ def tiny_model(arch: str, seed: int = 0):
     # Default initialisers (std 0.02) give near-uniform logits that no prefix can move; a wider one makes
     # tiny models opinionated enough for "the prefix changed the output" to be a meaningful check.
     config.initializer_range = 0.3
-    return AutoModelForCausalLM.from_config(config).eval()
+    return place(AutoModelForCausalLM.from_config(config).eval())
 
 
 @dataclass
@@ -124,7 +125,7 @@ def make_adapter(base: BaseModel, kind: str, num_virtual_tokens: int, workdir: P
         oracle = PeftModel.from_pretrained(copy.deepcopy(base.model), out).eval()
     files = read_dir(out)
     artifact = parse_artifact(files, base.shape)
-    artifact.tensor = artifact.tensor.to(base.dtype)
+    artifact.tensor = artifact.tensor.to(base.device, base.dtype)
     name = f"{kind}-{seed}"
     return Adapter(name, kind, ResidentPrefix.unstored(name, artifact), oracle, files)
 
@@ -132,14 +133,9 @@ def make_adapter(base: BaseModel, kind: str, num_virtual_tokens: int, workdir: P
 @torch.no_grad()
 def oracle_logits(model: torch.nn.Module, prompt_ids: list[int], output_ids: list[int]) -> torch.Tensor:
     """Logits [len(output_ids), V] that predicted each generated token, by one full forward pass."""
-    ids = torch.tensor([prompt_ids + output_ids[:-1]])
+    ids = torch.tensor([prompt_ids + output_ids[:-1]], device=model.device)
     logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0].float()
     return logits[-len(output_ids):]
-
-
-# Two float paths (batched, cached, padded vs. single, recomputed) may order two logits differently only
-# when they are this close; a gap beyond it is a real disagreement.
-NEAR_TIE = 1e-3
 
 
 def assert_oracle_tokens(model: torch.nn.Module, prompt_ids: list[int], output_ids: list[int], what: str) -> None:
