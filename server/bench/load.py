@@ -9,10 +9,12 @@ as a client sees them; a server that does not stream is measured end to end only
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import random
 import statistics
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import httpx
@@ -20,7 +22,7 @@ import httpx
 
 @dataclass(frozen=True, slots=True)
 class LoadSpec:
-    requests: int
+    requests: int | None  # how many to send (None: as many as `duration` allows)
     concurrency: int | None = None  # fixed concurrency, or
     rate: float | None = None  # Poisson arrivals per second
     tasks: tuple[str | None, ...] = (None,)
@@ -28,6 +30,15 @@ class LoadSpec:
     prompt_tokens: int = 32
     new_tokens: int = 64
     seed: int = 0
+    duration: float | None = None  # seconds after which no request is sent (those in flight finish)
+
+    def __post_init__(self):
+        if self.requests is None and self.duration is None:
+            raise ValueError("a load needs a number of requests or a duration")
+        if (self.concurrency is None) == (self.rate is None):
+            raise ValueError("a load has either a fixed concurrency or a Poisson rate")
+        if self.mix not in ("uniform", "zipf", "distinct"):
+            raise ValueError(f"mix {self.mix!r}: choose uniform, zipf or distinct")
 
 
 @dataclass(slots=True)
@@ -45,13 +56,16 @@ def _prompt(i: int, tokens: int) -> str:
     return " ".join(f"w{(i * 7 + j) % 997}" for j in range(max(1, tokens // 2)))
 
 
-def _choose_tasks(spec: LoadSpec) -> list[str | None]:
+def _choose_tasks(spec: LoadSpec) -> Iterator[tuple[int, str | None]]:
+    """(request index, task) for each request to send, in order; endless when ``spec.requests`` is None."""
     rng = random.Random(spec.seed)
     n = len(spec.tasks)
-    if spec.mix == "distinct":
-        return [spec.tasks[i % n] for i in range(spec.requests)]
     weights = [1 / (k + 1) ** 1.1 for k in range(n)] if spec.mix == "zipf" else [1] * n
-    return [spec.tasks[k] for k in rng.choices(range(n), weights, k=spec.requests)]
+    for i in itertools.count() if spec.requests is None else range(spec.requests):
+        if spec.mix == "distinct":
+            yield i, spec.tasks[i % n]
+        else:
+            yield i, spec.tasks[rng.choices(range(n), weights)[0]]
 
 
 async def _one(client: httpx.AsyncClient, url: str, task: str | None, prompt: str, new_tokens: int) -> RequestResult:
@@ -82,19 +96,24 @@ async def _one(client: httpx.AsyncClient, url: str, task: str | None, prompt: st
     return result
 
 
-async def run_load(url: str, spec: LoadSpec) -> dict:
-    tasks = _choose_tasks(spec)
+async def run_load(url: str, spec: LoadSpec, headers: dict[str, str] | None = None) -> dict:
+    """Send ``spec``'s requests to the server at ``url`` (``headers`` on each, e.g. an API key); their summary."""
+    requests = _choose_tasks(spec)
     rng = random.Random(spec.seed + 1)
     limits = httpx.Limits(max_connections=(spec.concurrency or 256) + 8)
-    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+    async with httpx.AsyncClient(timeout=600, limits=limits, headers=headers) as client:
         start = time.perf_counter()
+        deadline = start + spec.duration if spec.duration is not None else float("inf")
+
+        def next_request() -> tuple[int, str | None] | None:
+            return next(requests, None) if time.perf_counter() < deadline else None
+
         if spec.concurrency is not None:
-            queue = list(enumerate(tasks))
 
             async def worker():
                 out = []
-                while queue:
-                    i, task = queue.pop(0)
+                while (request := next_request()) is not None:
+                    i, task = request
                     out.append(await _one(client, url, task, _prompt(i, spec.prompt_tokens), spec.new_tokens))
                 return out
 
@@ -102,7 +121,8 @@ async def run_load(url: str, spec: LoadSpec) -> dict:
                        for r in group]
         else:
             pending = []
-            for i, task in enumerate(tasks):
+            while (request := next_request()) is not None:
+                i, task = request
                 pending.append(asyncio.create_task(
                     _one(client, url, task, _prompt(i, spec.prompt_tokens), spec.new_tokens)))
                 await asyncio.sleep(rng.expovariate(spec.rate))

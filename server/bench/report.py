@@ -53,6 +53,14 @@ def targets(result: dict) -> list[tuple[str, float, str, bool]]:
     return rows
 
 
+def latency_cells(load: dict) -> list[str]:
+    """A load summary's TTFT p50 / p99 (s), inter-token latency p50 / p99 (ms), end to end p50 / p90 / p99 (s)."""
+    ttft, itl, e2e = load["ttft_s"], load["itl_s"], load["e2e_s"]
+    return [f"{ttft.get('p50', 0):.2f} / {ttft.get('p99', 0):.2f}",
+            f"{1e3 * itl.get('p50', 0):.0f} / {1e3 * itl.get('p99', 0):.0f}",
+            f"{e2e.get('p50', 0):.2f} / {e2e.get('p90', 0):.2f} / {e2e.get('p99', 0):.2f}"]
+
+
 def render_markdown(result: dict) -> str:
     off = result["offline"]
     n = result["concurrency"]
@@ -86,13 +94,9 @@ def render_markdown(result: dict) -> str:
         busy = lambda m: f" ({m['steady_token_throughput']:.1f})" if m.get("steady_token_throughput") else ""  # noqa: E731
         for row in result["http"]["sweep"]:
             m, one = row["mixed"], row["single"]
-            ttft, itl, e2e = m["ttft_s"], m["itl_s"], m["e2e_s"]
-            lines.append(
-                f"| {row['concurrency']} | {m['token_throughput']:.1f}{busy(m)} | "
-                f"{one['token_throughput']:.1f}{busy(one)} | "
-                f"{ttft.get('p50', 0):.2f} / {ttft.get('p99', 0):.2f} | "
-                f"{1e3 * itl.get('p50', 0):.0f} / {1e3 * itl.get('p99', 0):.0f} | "
-                f"{e2e['p50']:.2f} / {e2e['p90']:.2f} / {e2e['p99']:.2f} |")
+            cells = [str(row["concurrency"]), f"{m['token_throughput']:.1f}{busy(m)}",
+                     f"{one['token_throughput']:.1f}{busy(one)}", *latency_cells(m)]
+            lines.append("| " + " | ".join(cells) + " |")
         p = result["http"]["poisson"]
         lines.append(f"\nPoisson arrivals at {p['rate']}/s over a Zipf task mix: {p['request_throughput']:.2f} req/s, "
                      f"{p['token_throughput']:.1f} tok/s, e2e p99 {p['e2e_s']['p99']:.2f} s, "
