@@ -10,7 +10,7 @@ STORE ?= store
 TORCH_PIP_ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: install system-packages redis-server run test bench clean
+.PHONY: install system-packages redis-server run test bench gpu-check clean
 
 install: $(STAMP) system-packages
 
@@ -73,6 +73,11 @@ test: install
 
 bench: install
 	$(VENV)/bin/prefix-serve bench --out bench/results
+
+# On a CUDA machine, in one call: installs what is missing (its own venv, reusing a CUDA torch if the machine has
+# one), runs the engine-vs-PEFT tests on the GPU, benchmarks 1B- and 8B-shaped models; see bench/gpu-check.sh.
+gpu-check:
+	bash bench/gpu-check.sh $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -172,11 +172,17 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=_train)
 
     bench = sub.add_parser("bench", help="throughput and latency against the bare model and the alternatives")
-    bench.add_argument("--model", default="default")
+    ints = lambda v: [int(x) for x in v.split(",")]  # noqa: E731
+    bench.add_argument("--model", default="default",
+                       help="'default', a local model folder, or a random-weight model of a real shape built from its "
+                       "config (no download): random:tiny, random:llama-1b, random:llama-8b")
     bench.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     bench.add_argument("--device", default="cpu")
     bench.add_argument("--threads", type=int, default=0)
     bench.add_argument("--concurrency", type=int, default=32, help="batch size of the in-process comparisons")
+    bench.add_argument("--batch-sizes", type=ints, default=None,
+                       help="instead of the full benchmark: at each of these batch sizes the bare forward, the engine "
+                       "on N tasks and on one, its per-step host overhead, and the server over HTTP (the GPU check)")
     bench.add_argument("--prompt-tokens", type=int, default=32)
     bench.add_argument("--new-tokens", type=int, default=32)
     bench.add_argument("--virtual-tokens", type=int, default=16)
@@ -185,12 +191,22 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the engine's token budget per forward (as serve --max-step-tokens)")
     bench.add_argument("--serial-requests", type=int, default=4,
                        help="requests timed for the one-at-a-time `generate` baseline")
-    bench.add_argument("--scale-tasks", type=lambda v: [int(x) for x in v.split(",")], default=[1, 10, 100, 1000])
-    bench.add_argument("--sweep", type=lambda v: [int(x) for x in v.split(",")], default=[1, 4, 16, 32],
-                       help="HTTP concurrency levels")
+    bench.add_argument("--scale-tasks", type=ints, default=[1, 10, 100, 1000])
+    bench.add_argument("--sweep", type=ints, default=[1, 4, 16, 32], help="HTTP concurrency levels")
     bench.add_argument("--rate", type=float, default=2.0, help="Poisson arrival rate (requests/s) for the HTTP run")
     bench.add_argument("--no-http", action="store_true", help="skip the real-server load test")
-    bench.add_argument("--out", default="bench/results")
+    bench.add_argument("--out", default=None,
+                       help="results folder (default bench/results; bench/results/gpu with --batch-sizes; with --url, "
+                       "remote.{json,md} are written only when given)")
+    remote = bench.add_argument_group("a running server (--url): only the load generator, at each --sweep concurrency")
+    remote.add_argument("--url", help="base URL of a running prefix-serve server, e.g. http://127.0.0.1:8000")
+    remote.add_argument("--duration", type=float, default=None,
+                        help="seconds of load per concurrency (default: 4 requests per client)")
+    remote.add_argument("--tasks", type=lambda v: [t for t in v.split(",") if t], default=None,
+                        help="comma-separated tasks the server already serves (default: the base model)")
+    remote.add_argument("--mix", default="uniform", choices=["uniform", "zipf", "distinct"],
+                        help="how requests pick among --tasks")
+    remote.add_argument("--api-key", default=None, help="sent as a bearer token, for a server with --auth-file")
     bench.set_defaults(func=_bench)
     return parser
 

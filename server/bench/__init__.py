@@ -10,28 +10,21 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
-import socket
-import subprocess
-import sys
+import re
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import torch
 
-from prefixes.artifact import ModelShape, PrefixArtifact, PrefixKind
-from prefixes.formats import to_own_format
-from server.bench import offline
+from server.bench import offline, remote, sweep
 from server.bench.load import LoadSpec, run_load
+from server.bench.models import is_random, load_model, save_model
 from server.bench.report import median, render_markdown, render_plot
+from server.bench.serving import register_tasks, serving
 from server.config import DTYPES
 from server.engine.engine import Engine, EngineConfig
-from server.engine.model import load_base_model
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_offline(base, args) -> dict:
@@ -73,55 +66,6 @@ def run_offline(base, args) -> dict:
     }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def serving(args) -> Iterator[str]:
-    """A real `prefix-serve serve` process on a free port with an empty store; yields its URL."""
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    with tempfile.TemporaryDirectory() as store:
-        cmd = [sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--store-dir", store,
-               "--model", args.model, "--dtype", args.dtype, "--device", args.device,
-               "--max-batch-size", str(max(*args.sweep, args.concurrency)),
-               "--max-step-tokens", str(args.max_step_tokens), "--log-level", "warning"]
-        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-        server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            deadline = time.monotonic() + 300
-            while True:
-                try:
-                    if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("the benchmark's server did not start")
-                time.sleep(0.5)
-            yield url
-        finally:
-            server.terminate()
-            try:
-                server.wait(30)
-            except subprocess.TimeoutExpired:
-                server.kill()
-
-
-def register_tasks(url: str, shape: ModelShape, count: int, virtual_tokens: int) -> list[str]:
-    names = []
-    for i in range(count):
-        kv = offline.random_prefix(shape, virtual_tokens, i)
-        data = to_own_format(PrefixArtifact(PrefixKind.PREFIX_TUNING, kv, "bench"))
-        name = f"task-{i}"
-        httpx.post(f"{url}/prefixes/{name}", files=[("files", ("p.safetensors", data))]).raise_for_status()
-        names.append(name)
-    return names
-
-
 def http_decode_rounds(base, url: str, names: list[str], args) -> dict:
     """The server's decode rate over HTTP against the bare forward pass, alternating in every round.
 
@@ -140,46 +84,89 @@ def http_decode_rounds(base, url: str, names: list[str], args) -> dict:
     return {"ceiling": ceiling, "mixed": mixed, "single": single}
 
 
-def run_http(base, args) -> dict:
-    """Start a real server process, register tasks, time its decode against the ceiling, and sweep
+def run_http(base, model: str, args) -> dict:
+    """Start a real server process for ``model``, register tasks, time its decode against the ceiling, and sweep
     concurrency with mixed and single-task load."""
-    with serving(args) as url:
+    with serving(model, args, max(*args.sweep, args.concurrency)) as url:
         health = httpx.get(f"{url}/healthz").json()
         names = register_tasks(url, base.shape, max(*args.sweep, args.concurrency), args.virtual_tokens)
         common = dict(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens)
         asyncio.run(run_load(url, LoadSpec(requests=4, concurrency=4, tasks=tuple(names), **common)))  # warm
         decode = http_decode_rounds(base, url, names, args)
-        sweep = []
+        rows = []
         for c in args.sweep:
             requests = max(4 * c, 8)  # long enough for a window with every client busy
             mixed = asyncio.run(run_load(url, LoadSpec(requests=requests, concurrency=c, tasks=tuple(names),
                                                        mix="zipf", **common)))
             single = asyncio.run(run_load(url, LoadSpec(requests=requests, concurrency=c, tasks=(names[0],),
                                                         **common)))
-            sweep.append({"concurrency": c, "mixed": mixed, "single": single})
+            rows.append({"concurrency": c, "mixed": mixed, "single": single})
         poisson = asyncio.run(run_load(url, LoadSpec(requests=2 * max(args.sweep), rate=args.rate,
                                                      tasks=tuple(names), mix="zipf", **common)))
-        return {"server": health.get("model"), "decode": decode, "sweep": sweep,
+        return {"server": health.get("model"), "decode": decode, "sweep": rows,
                 "poisson": {"rate": args.rate, **poisson}}
+
+
+@contextlib.contextmanager
+def served_model(base, args) -> Iterator:
+    """``model()``: what `serve --model` takes for the benchmarked model. A random model is written to a
+    temporary folder the first time it is asked for (only when a server is started), and removed after."""
+    with tempfile.TemporaryDirectory(prefix="prefix-serve-bench-") as tmp:
+        folder = Path(tmp) / re.sub(r"[^A-Za-z0-9._-]", "-", args.model)
+
+        def model() -> str:
+            if not is_random(args.model):
+                return args.model
+            if not folder.exists():
+                save_model(base, folder)
+            return str(folder)
+
+        yield model
+
+
+def result_name(args) -> str:
+    """``llama-1b-cuda-bfloat16``: one figures file per model, device and dtype in a sweep's folder."""
+    model = args.model.removeprefix("random:") if is_random(args.model) else Path(args.model).name or args.model
+    return re.sub(r"[^A-Za-z0-9._-]", "-", f"{model}-{args.device}-{args.dtype}")
+
+
+def write_sweep(result: dict, stem: Path) -> None:
+    """``stem.json`` and ``stem.md`` (the name may hold dots, as in a model folder's name)."""
+    stem.parent.joinpath(stem.name + ".json").write_text(json.dumps(result, indent=2))
+    stem.parent.joinpath(stem.name + ".md").write_text(sweep.render_sweep(result) + "\n")
 
 
 def main(args: argparse.Namespace) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would drown the report
+    if args.url:
+        return remote.main(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    base = load_base_model(args.model, DTYPES[args.dtype], args.device)
+    base = load_model(args.model, DTYPES[args.dtype], args.device)
     result = {
         "model": base.model_id, "device": args.device, "dtype": args.dtype, "threads": torch.get_num_threads(),
-        "concurrency": args.concurrency, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
+        "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
         "virtual_tokens": args.virtual_tokens, "rounds": args.rounds, "max_step_tokens": args.max_step_tokens,
-        "offline": run_offline(base, args),
     }
-    if not args.no_http:
-        result["http"] = run_http(base, args)
+    out = Path(args.out or ("bench/results/gpu" if args.batch_sizes else "bench/results"))
+    out.mkdir(parents=True, exist_ok=True)
+    with served_model(base, args) as model:
+        if args.batch_sizes:
+            name = result_name(args)
+            result["sweep"] = sweep.run_sweep(base, args)
+            write_sweep(result, out / name)  # kept if the HTTP part does not finish
+            if not args.no_http:
+                start_server = lambda batch, kv_bytes: serving(model(), args, batch, kv_bytes)  # noqa: E731
+                result["sweep"]["http"] = sweep.run_sweep_http(base, args, start_server)
+                write_sweep(result, out / name)
+            print(sweep.render_sweep(result))
+            return 0
+        result["concurrency"] = args.concurrency
+        result["offline"] = run_offline(base, args)
+        if not args.no_http:
+            result["http"] = run_http(base, model(), args)
     markdown = render_markdown(result)
     print(markdown)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     (out / "latest.json").write_text(json.dumps(result, indent=2))
     (out / "latest.md").write_text(markdown + "\n")
     if "http" in result:

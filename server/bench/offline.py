@@ -20,6 +20,7 @@ from transformers import DynamicCache
 
 from prefixes.artifact import ModelShape, PrefixArtifact, PrefixKind
 from prefixes.store import PrefixStore, ResidentPrefix
+from server.bench.clock import DeviceClock, synchronize
 from server.engine.engine import Engine, EngineConfig
 from server.engine.model import BaseModel
 from server.engine.sequence import SamplingParams, Sequence
@@ -98,20 +99,40 @@ def engine_end_to_end_tokens_per_s(engine: Engine, seqs: list[Sequence], concurr
 # -- baselines -------------------------------------------------------------------------------------------
 
 
-@torch.inference_mode()
 def bare_decode_tokens_per_s(base: BaseModel, batch: int, context: int, steps: int) -> float:
     """The ceiling: the model's own forward pass and cache, same batch and context; no server, no padding,
     no mask, no prefixes."""
-    model = base.model
+    return bare_decode_timing(base, batch, context, steps)["tokens_per_s"]
+
+
+@torch.inference_mode()
+def bare_decode_timing(base: BaseModel, batch: int, context: int, steps: int) -> dict[str, float]:
+    """:func:`bare_decode_tokens_per_s`, plus where a step's time goes: ``device_forward_ms``, the device's
+    time from the start to the end of a forward; ``host_forward_ms``, the host's time to queue it.
+
+    The loop never waits for the device (the next input is the argmax on the device), so the host may run
+    ahead. A ``device_share`` below 1, or a host time as long as the device time, means the host's launches
+    pace the device even with nothing between forwards."""
+    model, clock = base.model, DeviceClock(base.device)
     ids = torch.tensor([prompt_ids(i, context) for i in range(batch)], device=base.device)
     cache = DynamicCache(config=model.config)
     out = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
     token = out.logits[:, -1].argmax(-1, keepdim=True)
+    clock.synchronize()
+    marks, host = [], 0.0
     start = time.perf_counter()
     for _ in range(steps):
+        queued, begin = time.perf_counter(), clock.mark()
         out = model(input_ids=token, cache=cache, use_cache=True, logits_to_keep=1)
+        marks.append((begin, clock.mark()))
+        host += time.perf_counter() - queued
         token = out.logits[:, -1].argmax(-1, keepdim=True)
-    return batch * steps / (time.perf_counter() - start)
+    clock.synchronize()
+    wall = time.perf_counter() - start
+    device = sum(clock.seconds(a, b) for a, b in marks)
+    return {"tokens_per_s": batch * steps / wall, "step_ms": 1e3 * wall / steps,
+            "device_forward_ms": 1e3 * device / steps, "host_forward_ms": 1e3 * host / steps,
+            "device_share": device / wall}
 
 
 @torch.inference_mode()
@@ -126,12 +147,14 @@ def bare_same_work_tokens_per_s(base: BaseModel, batch: int, prefix_tokens: int,
     ids = torch.tensor([prompt_ids(i + batch, prompt_tokens) for i in range(batch)], device=base.device)
     cache = DynamicCache(config=model.config)
     model(input_ids=prefix, cache=cache, use_cache=True, logits_to_keep=1)  # stands in for the prefix KV copy
+    synchronize(base.device)
     start = time.perf_counter()
     out = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
     token = out.logits[:, -1].argmax(-1, keepdim=True)
     for _ in range(new_tokens - 1):
         out = model(input_ids=token, cache=cache, use_cache=True, logits_to_keep=1)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
+    synchronize(base.device)
     return batch * new_tokens / (time.perf_counter() - start)
 
 
@@ -150,6 +173,7 @@ def generate_tokens_per_s(base: BaseModel, groups: list[int], context: int, new_
         out = base.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                                   min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
         tokens += (out.shape[1] - context) * size
+    synchronize(base.device)
     return tokens / (time.perf_counter() - start)
 
 
