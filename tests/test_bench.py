@@ -8,13 +8,19 @@ checks that every figure the report is built from was measured, not that it is f
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+import httpx
+
+from prefixes.artifact import ModelShape
 from server.bench.load import RequestResult, decode_token_throughput, steady_token_throughput
+from server.bench.serving import register_tasks
+from server_process import ServerProcess
 from support import save_tiny_llama
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -94,3 +100,42 @@ def test_bench_runs_end_to_end_and_reports_every_target(tiny_model, tmp_path):
     assert "server decode tokens/s (HTTP, 4 streams on 4 tasks)" in markdown
     assert markdown in run.stdout
     assert (out / "latest.png").stat().st_size > 10_000
+
+
+def requests_served(url: str) -> int:
+    """Requests the server counts as finished at their length (``ignore_eos``), from its /metrics."""
+    text = httpx.get(f"{url}/metrics").text
+    return sum(int(float(v)) for v in re.findall(r'^prefix_serve_requests_total\{[^}]*outcome="length"[^}]*\} (\S+)$',
+                                                   text, re.M))
+
+
+def test_bench_url_measures_a_server_it_did_not_start(tiny_model, tmp_path):
+    with ServerProcess(tmp_path / "store", tmp_path / "server.log", model=str(tiny_model)) as server:
+        shape = ModelShape(num_layers=2, num_kv_heads=2, head_dim=16, hidden_size=64, max_positions=512,
+                           model_type="llama")  # save_tiny_llama's
+        names = register_tasks(server.url, shape, 2, virtual_tokens=4)
+        new_tokens, duration = 8, 2.0
+        cmd = [sys.executable, "-m", "server.cli", "bench", "--url", server.url, "--duration", str(duration),
+               "--tasks", ",".join(names), "--sweep", "1,3", "--prompt-tokens", "8", "--new-tokens", str(new_tokens),
+               "--out", str(tmp_path / "remote")]
+        run = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+        result = json.loads((tmp_path / "remote" / "remote.json").read_text())
+        assert [row["concurrency"] for row in result["sweep"]] == [1, 3]
+        sent = 0
+        for row in result["sweep"]:
+            load = row["load"]
+            assert load["failed"] == 0 and load["requests"] >= row["concurrency"]
+            assert load["wall_s"] >= duration  # requests kept going out until the duration had passed
+            assert load["token_throughput"] * load["wall_s"] == pytest.approx(load["requests"] * new_tokens)
+            assert load["ttft_s"]["p50"] > 0 and load["itl_s"]["p50"] > 0
+            sent += load["requests"]
+        assert requests_served(server.url) == sent  # the running server served every one of them
+        markdown = (tmp_path / "remote" / "remote.md").read_text()
+        assert markdown in run.stdout and "| 3 |" in markdown
+
+        # a task the server does not have is refused before any load is sent, with what to do about it
+        missing = subprocess.run([*cmd[:cmd.index("--tasks") + 1], "no-such-task"], cwd=REPO_ROOT,
+                                 capture_output=True, text=True, timeout=120)
+        assert missing.returncode == 2 and "no-such-task" in missing.stderr and "upload it" in missing.stderr
+        assert requests_served(server.url) == sent
