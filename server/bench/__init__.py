@@ -11,6 +11,8 @@ import contextlib
 import json
 import logging
 import re
+import signal
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -138,6 +140,9 @@ def write_sweep(result: dict, stem: Path) -> None:
 
 def main(args: argparse.Namespace) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would drown the report
+    # A time limit's SIGTERM (bench/gpu-check.sh runs each phase under one) unwinds like an error, so the
+    # server process this run started is stopped too, instead of holding the device for the next phase.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.url:
         return remote.main(args)
     if args.threads:

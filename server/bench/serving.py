@@ -41,6 +41,8 @@ def serving(model: str, args, max_batch_size: int, kv_cache_bytes: int | None = 
                "--max-step-tokens", str(max(args.max_step_tokens, max_batch_size)), "--log-level", "warning"]
         if kv_cache_bytes is not None:
             cmd += ["--kv-cache-bytes", str(kv_cache_bytes)]
+        if args.threads:  # the same compute threads as the in-process measurements
+            cmd += ["--threads", str(args.threads)]
         env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
         with open(log_path, "wb") as log:  # a file, not a pipe: a pipe nobody reads would block the server
             server = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
