@@ -145,8 +145,8 @@ if [ "$SKIP_INSTALL" = 0 ] && [ -z "${PYTHON:-}" ]; then
 fi
 torch_fits || { say "torch in $PY cannot use $DEVICE"; exit 1; }
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the checkout itself, not an installed copy
-VERSIONS='import torch, transformers, peft; print("torch", torch.__version__, "CUDA", torch.version.cuda, "|",
-      "transformers", transformers.__version__, "| peft", peft.__version__)'
+VERSIONS='import sys, torch; from importlib.metadata import version as v; print("torch", torch.__version__,
+      "CUDA", torch.version.cuda, "| transformers", v("transformers"), "| peft", v("peft"), "| python", sys.version.split()[0])'
 { date -u; "$PY" -c "$VERSIONS"; nvidia-smi 2>/dev/null || echo "no nvidia-smi"; } >"$OUT_DIR/environment.txt" 2>&1
 tee -a "$LOG" <"$OUT_DIR/environment.txt"
 
