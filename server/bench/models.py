@@ -52,7 +52,7 @@ def random_model(spec: str, dtype: torch.dtype, device: str, seed: int = 0) -> B
     torch.manual_seed(seed)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
-    return wrap_model(model, tokenizer, spec)
+    return wrap_model(model.to(device), tokenizer, spec)  # a no-op unless the device context was not honoured
 
 
 def load_model(spec: str, dtype: torch.dtype, device: str) -> BaseModel:
