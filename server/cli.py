@@ -195,6 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--sweep", type=ints, default=[1, 4, 16, 32], help="HTTP concurrency levels")
     bench.add_argument("--rate", type=float, default=2.0, help="Poisson arrival rate (requests/s) for the HTTP run")
     bench.add_argument("--no-http", action="store_true", help="skip the real-server load test")
+    bench.add_argument("--no-overload", action="store_true",
+                       help="skip the overload section (decode while requests wait, beside a CPU hog; a burst)")
+    bench.add_argument("--overload-waiting", type=ints, default=[0, 64, 128, 256],
+                       help="queue depths behind a full batch for the overload section")
+    bench.add_argument("--overload-window", type=float, default=8.0, help="seconds each decode figure spans")
     bench.add_argument("--out", default=None,
                        help="results folder (default bench/results; bench/results/gpu with --batch-sizes; with --url, "
                        "remote.{json,md} are written only when given)")

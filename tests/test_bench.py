@@ -81,7 +81,7 @@ def test_bench_runs_end_to_end_and_reports_every_target(tiny_model, tmp_path):
     cmd = [sys.executable, "-m", "server.cli", "bench", "--model", str(tiny_model), "--concurrency", "4",
            "--prompt-tokens", "8", "--new-tokens", str(new_tokens), "--virtual-tokens", "4", "--rounds", "2",
            "--serial-requests", "1", "--scale-tasks", "1,3", "--sweep", "1,4", "--rate", "8", "--threads", "1",
-           "--out", str(out)]
+           "--no-overload", "--out", str(out)]  # the overload section has its own test below
     run = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads((out / "latest.json").read_text())
@@ -139,3 +139,26 @@ def test_bench_url_measures_a_server_it_did_not_start(tiny_model, tmp_path):
                                  capture_output=True, text=True, timeout=120)
         assert missing.returncode == 2 and "no-such-task" in missing.stderr and "upload it" in missing.stderr
         assert requests_served(server.url) == sent
+
+
+def test_overload_section_measures_decode_behind_a_queue_and_a_burst():
+    """The overload section on real default-model servers at toy sizes: every decode figure is measured with
+    the queue really that deep, and the burst is answered with 200s and immediate 503s + Retry-After only."""
+    import argparse
+
+    from server.bench import overload
+
+    args = argparse.Namespace(concurrency=2, overload_waiting=[0, 4], overload_window=1.0, new_tokens=8,
+                              dtype="float32", device="cpu", threads=1, max_step_tokens=512)
+    result = overload.run_served("default", args)
+    for policy in ("passive", "active"):
+        points = result[f"decode_{policy}"]
+        assert [(p["cpu_hog"], p["waiting"]) for p in points] == [(False, 0), (False, 4), (True, 0), (True, 4)]
+        assert all(p["running"] == 2 and p["decode_tokens_per_s"] > 0 for p in points), points
+    burst = result["burst"]
+    # twice what the default queue admits (2 running + 2 x 2 waiting)
+    assert burst["requests"] == 12 and burst["other_status"] == []
+    assert burst["accepted"] >= 6 and burst["rejected"] >= 1
+    assert burst["rejections_with_retry_after"] == burst["rejected"]
+    assert overload.queue_ratio(result["decode_passive"]) > 0
+    assert "| 4 |" in overload.render(result)

@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import torch
 
-from server.bench import offline, remote, sweep
+from server.bench import offline, overload, remote, sweep
 from server.bench.load import LoadSpec, run_load
 from server.bench.models import is_random, load_model, save_model
 from server.bench.report import median, render_markdown, render_plot
@@ -170,6 +170,8 @@ def main(args: argparse.Namespace) -> int:
         result["offline"] = run_offline(base, args)
         if not args.no_http:
             result["http"] = run_http(base, model(), args)
+        if not args.no_overload:
+            result["overload"] = overload.run_served(model(), args)
     markdown = render_markdown(result)
     print(markdown)
     (out / "latest.json").write_text(json.dumps(result, indent=2))

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from server.bench.overload import queue_ratio
+from server.bench.overload import render as render_overload
+
 
 def median(values: list[float]) -> float:
     """The middle value (the upper one of an even count): rounds are few, and this is a measured value."""
@@ -50,6 +53,12 @@ def targets(result: dict) -> list[tuple[str, float, str, bool]]:
     top = off["scale"][-1]
     overhead = top["rss_growth_bytes"] / max(top["resident_growth_bytes"], 1)
     rows.append((f"memory for {top['tasks']} resident tasks / their tensors", overhead, "<= 1.10", overhead <= 1.10))
+    if "overload" in result:
+        ratio = queue_ratio(result["overload"]["decode_passive"])
+        deepest = max(result["overload"]["waiting"])
+        if ratio is not None:
+            rows.append((f"server decode with {deepest} requests waiting / with none (HTTP, one run)", ratio,
+                         ">= 0.9", ratio >= 0.9))
     return rows
 
 
@@ -125,6 +134,8 @@ def render_markdown(result: dict) -> str:
             parts.append(f"HTTP at concurrency {top['concurrency']}{' (all busy)' if busy else ''} / bare same work = "
                          f"{served / same:.2f}, / bare decode = {served / off['ceiling_decode_tokens_per_s']:.2f}")
         lines.append("\nPrefill included: " + "; ".join(parts) + ".")
+    if "overload" in result:
+        lines.append(render_overload(result["overload"]))
     return "\n".join(lines)
 
 

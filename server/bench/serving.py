@@ -29,7 +29,8 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def serving(model: str, args, max_batch_size: int, kv_cache_bytes: int | None = None) -> Iterator[str]:
+def serving(model: str, args, max_batch_size: int, kv_cache_bytes: int | None = None,
+            extra_args: tuple[str, ...] = ()) -> Iterator[str]:
     """A real `prefix-serve serve --model MODEL` process on a free port with an empty store; yields its URL."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
@@ -43,6 +44,7 @@ def serving(model: str, args, max_batch_size: int, kv_cache_bytes: int | None = 
             cmd += ["--kv-cache-bytes", str(kv_cache_bytes)]
         if args.threads:  # the same compute threads as the in-process measurements
             cmd += ["--threads", str(args.threads)]
+        cmd += extra_args
         env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
         with open(log_path, "wb") as log:  # a file, not a pipe: a pipe nobody reads would block the server
             server = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
