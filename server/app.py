@@ -8,6 +8,9 @@ from contextlib import asynccontextmanager
 
 import torch
 from fastapi import FastAPI
+from fastapi.exception_handlers import http_exception_handler
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request
 
 from prefixes.store import PrefixStore
 from prefixes.validate import ArtifactLimits
@@ -16,6 +19,7 @@ from server.auth import AuthConfig
 from server.config import Settings
 from server.engine.client import EngineClient, EngineLimits
 from server.metrics import Metrics
+from server.middleware import GatePolicy, RequestGate
 from server.state import ServerState
 from server.tasks import ConcurrencyLimiter
 
@@ -85,4 +89,21 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(prefixes.router)
     app.include_router(openai.router)
     openai.add_exception_handlers(app)  # OpenAI's error shape under /v1; elsewhere unchanged
+    add_request_gate(app, settings)
     return app
+
+
+def add_request_gate(app: FastAPI, settings: Settings) -> None:
+    """Request ids, authentication from the headers and body caps, before any route reads a byte (see
+    :mod:`server.middleware`). The auth config is the one the lifespan loaded; errors are rendered by the
+    app's own HTTPException handler (OpenAI's shape under /v1)."""
+
+    def authenticate(scope, authorization: str | None):
+        return scope["app"].state.server.auth.authenticate(authorization)
+
+    async def render_error(request: Request, exc: StarletteHTTPException):
+        handler = request.scope["app"].exception_handlers.get(StarletteHTTPException, http_exception_handler)
+        return await handler(request, exc)
+
+    app.add_middleware(RequestGate, policy=GatePolicy.from_settings(settings), authenticate=authenticate,
+                       render_error=render_error)

@@ -1,7 +1,9 @@
 """Tenants, API keys and quotas (``--auth-file``), and who may see which task.
 
 Without an auth file the server is open: one implicit tenant, ``default``, whose tasks use unqualified
-store keys. With one, every route but ``/healthz`` and ``/metrics`` needs ``Authorization: Bearer KEY``.
+store keys. With one, every route but ``/healthz`` needs ``Authorization: Bearer KEY`` (``/metrics`` and
+the API docs too, unless ``--public-metrics`` / ``--public-docs``); :mod:`server.middleware` decides it
+from the headers.
 A tenant's tasks live in its own namespace (two tenants may each own ``summary``); admins publish tasks
 to the ``_shared`` namespace, which every tenant can use but not change. A task another tenant owns is
 answered exactly like a task that does not exist (404), so names do not leak.
@@ -166,7 +168,11 @@ class AuthConfig:
 
 
 def current_principal(request: Request) -> Principal:
-    return request.app.state.server.auth.authenticate(request.headers.get("authorization"))
+    """The caller, as the request gate (server.middleware) authenticated it from the headers."""
+    principal = getattr(request.state, "principal", None)
+    if principal is None:  # a public route that asks who calls: authenticate it here
+        principal = request.app.state.server.auth.authenticate(request.headers.get("authorization"))
+    return principal
 
 
 CurrentPrincipal = Annotated[Principal, Depends(current_principal)]

@@ -57,6 +57,8 @@ def _serve(args: argparse.Namespace) -> int:
             redis_url=args.redis_url, host_cache_bytes=args.host_cache_bytes,
             max_waiting_requests=args.max_waiting_requests, request_timeout=args.request_timeout,
             shutdown_timeout=args.shutdown_timeout, omp_wait_policy=args.omp_wait_policy,
+            max_request_bytes=args.max_request_bytes, public_metrics=args.public_metrics,
+            public_docs=args.public_docs,
         )
         if settings.auth_file is not None:
             AuthConfig.load(settings.auth_file)  # refuse a broken auth file before loading the model
@@ -144,6 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--omp-wait-policy", default=defaults.omp_wait_policy, choices=["active", "passive"],
                        help="OpenMP wait policy of the engine process")
     serve.add_argument("--log-level", default="info")
+    serve.add_argument("--max-request-bytes", type=int, default=defaults.max_request_bytes,
+                       help="largest JSON request body; larger ones are refused with 413 as they stream in "
+                       "(uploads have --max-upload-bytes)")
+    serve.add_argument("--public-metrics", action="store_true",
+                       help="with --auth-file: serve /metrics without a key (per-tenant request counts and latencies)")
+    serve.add_argument("--public-docs", action="store_true",
+                       help="with --auth-file: serve /docs, /redoc and /openapi.json without a key (the API schema)")
     serve.set_defaults(func=_serve)
 
     train = sub.add_parser("train", help="learn a prefix for a task (saves a PEFT adapter folder)")

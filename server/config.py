@@ -34,6 +34,11 @@ class Settings:
     # The engine process's OpenMP wait policy (OMP_WAIT_POLICY): "passive" threads sleep at barriers instead
     # of spinning, which keeps decode going when another process takes a core (see README, "Under load").
     omp_wait_policy: str = "passive"
+    # Largest non-upload request body (JSON). The default model's whole context (8,192 tokens) is about 32 KB
+    # of text, 200 KB if every character were \u-escaped: 4 MiB fits it many times over.
+    max_request_bytes: int = 4 << 20
+    public_metrics: bool = False  # with --auth-file: serve /metrics without a key
+    public_docs: bool = False  # with --auth-file: serve /docs, /redoc and /openapi.json without a key
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -42,7 +47,8 @@ class Settings:
             raise ValueError(f"--device {self.device!r}: choose cpu or cuda")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError("--device cuda: no CUDA device is visible to torch")
-        for name in ("max_batch_size", "kv_cache_bytes", "cache_bytes", "max_upload_bytes", "max_virtual_tokens"):
+        for name in ("max_batch_size", "kv_cache_bytes", "cache_bytes", "max_upload_bytes", "max_virtual_tokens",
+                     "max_request_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive")
         if self.max_step_tokens < self.max_batch_size:

@@ -110,7 +110,7 @@ def server(tmp_path_factory, prefix_adapter):
         "solo": {"api_keys": [KEYS["solo"]], "max_concurrent_requests": 1},
     }}))
     with ServerProcess(root / "store", root / "server.log", startup_timeout=300, stop_timeout=10,
-                       extra_args=("--auth-file", str(auth))) as proc:
+                       extra_args=("--auth-file", str(auth), "--public-metrics")) as proc:
         r = httpx.post(f"{proc.url}/prefixes/{TASK}", headers=_auth("acme"),
                        files=[("files", (n, b)) for n, b in prefix_adapter.items()])
         assert r.status_code == 201, r.text

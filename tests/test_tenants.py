@@ -66,9 +66,11 @@ def generate(server, caller, task=None, **body):
                       json={"prompt": PROMPT, "max_new_tokens": 8, **body}, timeout=300)
 
 
-def test_keys_are_required_except_for_health_and_metrics(server):
+def test_keys_are_required_except_for_health(server):
     assert httpx.get(f"{server.url}/healthz").status_code == 200
-    assert httpx.get(f"{server.url}/metrics").status_code == 200
+    assert httpx.get(f"{server.url}/metrics").status_code == 401  # no --public-metrics
+    assert httpx.get(f"{server.url}/metrics", headers=auth("acme")).status_code == 403  # names every tenant
+    assert httpx.get(f"{server.url}/metrics", headers=auth("admin")).status_code == 200
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {KEYS['acme']}"}):
         r = httpx.post(f"{server.url}/generate", json={"prompt": "hi"}, headers=headers)
         assert r.status_code == 401, r.text
@@ -138,7 +140,7 @@ def test_concurrency_quota_is_429(server):
     assert codes.count(200) >= 1 and codes.count(429) >= 1, codes
     limited = next(r for r in results if r.status_code == 429)
     assert limited.headers["retry-after"] == "1"
-    metrics = httpx.get(f"{server.url}/metrics").text
+    metrics = httpx.get(f"{server.url}/metrics", headers=auth("admin")).text
     assert 'prefix_serve_requests_total{outcome="rate_limited",tenant="globex"}' in metrics
 
 
