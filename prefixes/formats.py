@@ -118,6 +118,9 @@ def _parse_peft(files: Mapping[str, bytes], shape: ModelShape) -> PrefixArtifact
         config = json.loads(files[PEFT_CONFIG])
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InvalidArtifact(f"{PEFT_CONFIG} is not valid JSON ({exc}).") from exc
+    except RecursionError:  # the parser's nesting limit: a PEFT config is a flat object
+        raise InvalidArtifact(f"{PEFT_CONFIG} is nested too deeply to be a PEFT config (it is a flat JSON "
+                              "object of settings).") from None
     if not isinstance(config, dict):
         raise InvalidArtifact(f"{PEFT_CONFIG} must be a JSON object.")
     peft_type = str(config.get("peft_type", "")).upper()

@@ -204,6 +204,11 @@ class RedisTier:
         """False while the breaker is open (a recent call failed): calls then fail fast."""
         return time.monotonic() >= self._down_until
 
+    @property
+    def retry_in(self) -> float:
+        """Seconds until the breaker lets calls through again (0 when it is closed)."""
+        return max(0.0, self._down_until - time.monotonic())
+
     def _call(self, what: str, fn: Callable):
         if not self.available:
             raise RedisUnavailable(f"Redis at {self.url} is unreachable (retrying shortly)")

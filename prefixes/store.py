@@ -50,6 +50,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -85,6 +86,17 @@ class TaskNotFound(KeyError):
 
 class InvalidTaskName(ValueError):
     pass
+
+
+class StoreUnavailable(RuntimeError):
+    """Redis, which decides which tasks exist, cannot be reached and this replica holds no copy of the task:
+    whether it exists is unknown until Redis is back (in about ``retry_after`` seconds)."""
+
+    def __init__(self, task: str, retry_after: int):
+        super().__init__(f"Task {split_key(task)[1]!r} is not on this replica and the shared store (Redis) is "
+                         f"unreachable; retry in {retry_after} s.")
+        self.task = task
+        self.retry_after = retry_after
 
 
 @dataclass(frozen=True, slots=True)
@@ -448,8 +460,14 @@ class PrefixStore:
         remote, reachable = self._probe(task)
         record = self._resolve(task, remote, reachable, self._local_record(task))
         if record is None:
-            raise TaskNotFound(task)
+            raise self._not_found(task, reachable)
         return record
+
+    def _not_found(self, task: str, reachable: bool) -> Exception:
+        """What a miss means: the task does not exist, or (Redis unreachable) nobody here can tell."""
+        if self.redis is None or reachable or self._pending.get(task, {}).get("op") == "delete":
+            return TaskNotFound(task)  # (a delete made here during the outage is known)
+        return StoreUnavailable(task, max(1, math.ceil(self.redis.retry_in)))
 
     def list(self, namespace: str | None = None) -> list[TaskRecord]:
         """Every task, or only those whose key is in ``namespace``."""
@@ -492,7 +510,7 @@ class PrefixStore:
         remote, reachable = self._probe(task)
         local = self._local_record(task)
         if self._resolve(task, remote, reachable, local) is None:
-            raise TaskNotFound(task)
+            raise self._not_found(task, reachable)
         floor = max(local.version if local else 0, remote.version if remote else 0)
         try:
             if not reachable:
@@ -510,7 +528,7 @@ class PrefixStore:
             local = self._local_record(task)
             want = self._resolve(task, remote, reachable, local)
             if want is None:
-                raise TaskNotFound(task)
+                raise self._not_found(task, reachable)
             if not _same(want, local):
                 try:
                     fetched = self._fetch(task)
@@ -633,7 +651,7 @@ class PrefixStore:
                     self._delete_local(task)  # deleted on another replica: the local copy must go
                 with self._lock:
                     self.disk_stats.misses += 1
-                raise TaskNotFound(task)
+                raise self._not_found(task, reachable)
         if self.host_cache_bytes > 0:
             start = time.perf_counter()
             with self._lock:

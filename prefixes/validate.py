@@ -15,6 +15,10 @@ class ArtifactLimits:
     # A prefix longer than this is almost surely a mistake (prefix-tuning uses 10-200 virtual tokens), and it
     # costs every request of the task that much attention and KV memory.
     max_virtual_tokens: int = 1024
+    # Trained prefixes stay within the range of the model's own activations (keys and values of order 1-100,
+    # soft prompts of order 1). Values far beyond it are corrupt or hostile: near float32's limit they
+    # overflow attention scores to inf and the logits of the whole batch to NaN.
+    max_abs_value: float = 1e4
 
 
 def validate_artifact(artifact: PrefixArtifact, shape: ModelShape, limits: ArtifactLimits) -> None:
@@ -39,3 +43,11 @@ def validate_artifact(artifact: PrefixArtifact, shape: ModelShape, limits: Artif
     if not bool(torch.isfinite(t).all()):
         bad = int((~torch.isfinite(t)).sum())
         raise InvalidArtifact(f"{artifact.tensor_name}: {bad} values are NaN or infinite; retrain or re-export it.")
+    largest = float(t.abs().max())
+    if largest > limits.max_abs_value:
+        bad = int((t.abs() > limits.max_abs_value).sum())
+        raise InvalidArtifact(
+            f"{artifact.tensor_name}: {bad} values exceed {limits.max_abs_value:g} in magnitude (largest "
+            f"{largest:.3g}); trained prefixes stay far below that, so this one is corrupt or was scaled by "
+            "mistake: re-export it."
+        )

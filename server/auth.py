@@ -108,6 +108,9 @@ class AuthConfig:
     def is_open(self) -> bool:
         return not self._tenants and not self._admin_digests
 
+    def has_tenant(self, tenant: str) -> bool:
+        return tenant in self._tenants
+
     def policy(self, tenant: str) -> TenantPolicy:
         entry = self._tenants.get(tenant)
         return entry[0] if entry else TenantPolicy(tenant)

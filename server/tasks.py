@@ -9,8 +9,17 @@ from contextlib import asynccontextmanager
 from fastapi import HTTPException
 from starlette.concurrency import run_in_threadpool
 
-from prefixes.store import InvalidTaskName, PrefixStore, ResidentPrefix, TaskNotFound, TaskRecord, check_task_name
-from server.auth import SHARED_NAMESPACE, Principal
+from prefixes.store import (
+    TASK_NAME,
+    InvalidTaskName,
+    PrefixStore,
+    ResidentPrefix,
+    StoreUnavailable,
+    TaskNotFound,
+    TaskRecord,
+    check_task_name,
+)
+from server.auth import SHARED_NAMESPACE, AuthConfig, Principal
 
 RETRY_AFTER_S = 1
 
@@ -22,12 +31,31 @@ def checked_name(name: str) -> str:
         raise HTTPException(400, str(exc)) from None
 
 
+def write_key(auth: AuthConfig, principal: Principal, name: str, tenant: str | None) -> str:
+    """The store key an upload or delete of task ``name`` addresses; ``tenant``: an admin acting for one.
+    400 when ``tenant`` is not one of this server's tenants."""
+    checked_name(name)
+    if tenant is not None and principal.is_admin:
+        if auth.is_open:
+            raise HTTPException(400, f"tenant={tenant!r}: this server has no tenants (it runs without "
+                                "--auth-file); drop the tenant parameter.")
+        if not TASK_NAME.fullmatch(tenant) or not auth.has_tenant(tenant):
+            raise HTTPException(400, f"tenant={tenant!r} is not a tenant of this server: name one from its "
+                                "--auth-file, or drop the parameter to publish a shared task.")
+    return principal.write_key(name, tenant)
+
+
 def _first_visible(store: PrefixStore, principal: Principal, name: str, load):
+    unavailable: StoreUnavailable | None = None
     for key in principal.lookup_keys(checked_name(name)):
         try:
             return load(key)
         except TaskNotFound:
             continue
+        except StoreUnavailable as exc:  # another key may still be served from this replica's copies
+            unavailable = exc
+    if unavailable is not None:
+        raise unavailable
     raise HTTPException(404, f"Unknown task {name!r}: upload it with POST /prefixes/{name} first.")
 
 

@@ -178,3 +178,30 @@ def test_scheduler_takes_tenants_in_turn():
     assert [s.tenant for s in picked] == ["heavy", "light", "heavy"]
     assert picked[0] is heavy[0] and picked[1] is light[0] and picked[2] is heavy[1]  # FCFS within a tenant
     assert len(scheduler) == 4
+
+
+def test_admin_tenant_parameter_must_name_a_tenant(server):
+    for tenant in ("../x", "nobody", "a/b"):
+        r = upload(server, "admin", "t1", artifact_file(11), tenant=tenant)
+        assert r.status_code == 400 and repr(tenant) in r.json()["detail"], r.text
+        r = httpx.delete(f"{server.url}/prefixes/t1", params={"tenant": tenant}, headers=auth("admin"))
+        assert r.status_code == 400 and repr(tenant) in r.json()["detail"], r.text
+    assert httpx.get(f"{server.url}/prefixes/t1", headers=auth("admin")).status_code == 404  # nothing created
+
+
+def test_hostile_artifacts_are_400(server):
+    deep = b"[" * 100_000 + b"]" * 100_000
+    r = httpx.post(f"{server.url}/prefixes/deep", headers=auth("acme"), timeout=60,
+                   files=[("files", ("adapter_config.json", deep)), ("files", ("adapter_model.safetensors", b"x"))])
+    assert r.status_code == 400 and "nested too deeply" in r.json()["detail"], r.text
+    huge = to_own_format(PrefixArtifact(PrefixKind.PREFIX_TUNING, torch.full((30, 2, 3, 4, 64), 3e38),
+                                        "prefix-serve"))
+    r = upload(server, "acme", "huge", huge)
+    assert r.status_code == 400 and "exceed 10000 in magnitude" in r.json()["detail"], r.text
+    # the bound itself is servable: sampling over it stays finite
+    g = torch.Generator().manual_seed(12)
+    edge = torch.randn(30, 2, 3, 4, 64, generator=g).sign() * 1e4
+    assert upload(server, "acme", "edge", to_own_format(
+        PrefixArtifact(PrefixKind.PREFIX_TUNING, edge, "prefix-serve"))).status_code == 201
+    r = generate(server, "acme", "edge", temperature=1.0, seed=3)
+    assert r.status_code == 200, r.text

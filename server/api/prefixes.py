@@ -8,12 +8,13 @@ from fastapi import APIRouter, File, HTTPException, Query, Response, UploadFile
 from starlette.concurrency import run_in_threadpool
 
 from prefixes.formats import InvalidArtifact, parse_artifact
-from prefixes.store import TaskNotFound, TaskRecord
+from prefixes.store import InvalidTaskName, TaskNotFound, TaskRecord
 from prefixes.validate import validate_artifact
+from server.api import errors
 from server.api.schemas import PrefixInfo, PrefixList
 from server.auth import CurrentPrincipal, Principal
 from server.state import ServerState, State
-from server.tasks import check_storage_quota, checked_name, resolve_record, visible_records
+from server.tasks import check_storage_quota, resolve_record, visible_records, write_key
 
 router = APIRouter(prefix="/prefixes", tags=["prefixes"])
 _CHUNK = 1 << 20
@@ -52,31 +53,34 @@ def _store_artifact(state: ServerState, principal: Principal, key: str, files: d
     return state.store.put(key, artifact)
 
 
-@router.post("/{task}", status_code=201, response_model=PrefixInfo)
+@router.post("/{task}", status_code=201, response_model=PrefixInfo,
+             responses=errors.responses(400, 401, 403, 413, 429))
 async def upload_prefix(task: str, state: State, principal: CurrentPrincipal,
                         files: list[UploadFile] = File(...), tenant: str | None = TenantParam):
-    key = principal.write_key(checked_name(task), tenant)
+    key = write_key(state.auth, principal, task, tenant)
     contents = await read_upload(files, state.settings.max_upload_bytes)
     try:
         record = await run_in_threadpool(_store_artifact, state, principal, key, contents)
     except InvalidArtifact as exc:
         raise HTTPException(400, f"Invalid artifact for task {task!r}: {exc}") from None
+    except InvalidTaskName as exc:
+        raise HTTPException(400, str(exc)) from None
     return info(record)
 
 
-@router.get("", response_model=PrefixList)
+@router.get("", response_model=PrefixList, responses=errors.responses(401))
 async def list_prefixes(state: State, principal: CurrentPrincipal):
     records = await run_in_threadpool(visible_records, state.store, principal)
     return {"prefixes": [info(r) for r in records]}
 
 
-@router.get("/{task}", response_model=PrefixInfo)
+@router.get("/{task}", response_model=PrefixInfo, responses=errors.responses(400, 401, 404, 503))
 async def get_prefix(task: str, state: State, principal: CurrentPrincipal):
     return info(await resolve_record(state.store, principal, task))
 
 
 @router.get("/{task}/artifact", response_class=Response,
-            responses={200: {"content": {"application/octet-stream": {}}}})
+            responses={200: {"content": {"application/octet-stream": {}}}, **errors.responses(400, 401, 404, 503)})
 async def download_prefix(task: str, state: State, principal: CurrentPrincipal):
     """The task's served tensors in prefix-serve's format (re-uploadable; a start for `train --init-from`)."""
     record = await resolve_record(state.store, principal, task)
@@ -88,10 +92,13 @@ async def download_prefix(task: str, state: State, principal: CurrentPrincipal):
                     headers={"Content-Disposition": f'attachment; filename="{record.name}.safetensors"'})
 
 
-@router.delete("/{task}", status_code=204)
+@router.delete("/{task}", status_code=204, responses=errors.responses(400, 401, 403, 404, 503))
 async def delete_prefix(task: str, state: State, principal: CurrentPrincipal, tenant: str | None = TenantParam):
+    key = write_key(state.auth, principal, task, tenant)
     try:
-        await run_in_threadpool(state.store.delete, principal.write_key(checked_name(task), tenant))
+        await run_in_threadpool(state.store.delete, key)
     except TaskNotFound:
         raise HTTPException(404, f"Unknown task {task!r}.") from None
+    except InvalidTaskName as exc:
+        raise HTTPException(400, str(exc)) from None
     return Response(status_code=204)
