@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, HTTPException, Query, Request
 
+from server.api import errors
 from server.api.encode import encode_prompt
 from server.api.schemas import GenerateRequest, GenerateResponse, Usage
 from server.api.streaming import Piece, open_stream, run_to_end
@@ -28,7 +29,8 @@ async def _chunks(pieces: AsyncIterator[Piece], prompt_tokens: int) -> AsyncIter
         yield chunk
 
 
-@router.post("/generate", response_model=GenerateResponse)
+@router.post("/generate", response_model=GenerateResponse,
+             responses=errors.responses(400, 401, 404, 413, 429, 503))
 async def generate(body: GenerateRequest, state: State, request: Request, principal: CurrentPrincipal,
                    task: str | None = Query(None, description="task name; omit for the base model")):
     prefix = await resolve_prefix(state.store, principal, task)

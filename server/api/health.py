@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from server.api import errors
 from server.state import State
 
 router = APIRouter(tags=["operations"])
@@ -25,6 +26,6 @@ async def healthz(state: State):
     return body
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=PlainTextResponse, responses=errors.responses(401, 403))
 async def metrics(state: State):
     return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

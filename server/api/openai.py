@@ -20,6 +20,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from prefixes.store import ResidentPrefix
+from server.api import errors
 from server.api.encode import check_text, encode_prompt, on_tokenizer_thread
 from server.api.schemas import ChatCompletionRequest, CompletionRequest, OpenAISampling
 from server.api.streaming import Piece, error_body, open_stream, run_to_end
@@ -68,12 +69,12 @@ def _model_cards(state: ServerState, principal: Principal) -> list[dict]:
     return list(cards.values())
 
 
-@router.get("/models")
+@router.get("/models", responses=errors.responses(401, openai=True))
 async def list_models(state: State, principal: CurrentPrincipal):
     return {"object": "list", "data": await run_in_threadpool(_model_cards, state, principal)}
 
 
-@router.get("/models/{model:path}")
+@router.get("/models/{model:path}", responses=errors.responses(401, 404, openai=True))
 async def get_model(model: str, state: State, principal: CurrentPrincipal):
     cards = await run_in_threadpool(_model_cards, state, principal)
     card = next((c for c in cards if c["id"] == model), None)
@@ -189,7 +190,7 @@ async def _chat_chunks(pieces: AsyncIterator[Piece], head: dict, n: int, prompt_
         yield {**head, "choices": [], "usage": _usage(prompt_tokens, completion_tokens)}
 
 
-@router.post("/completions")
+@router.post("/completions", responses=errors.responses(400, 401, 404, 413, 429, 503, openai=True))
 async def completions(body: CompletionRequest, state: State, request: Request, principal: CurrentPrincipal):
     n = body.n or 1
     _refuse(_common_checks(body) + [
@@ -233,7 +234,8 @@ def _chat_prompt_ids(tokenizer, body: ChatCompletionRequest) -> list[int]:
     return list(out["input_ids"] if isinstance(out, Mapping) else out)  # transformers 5: a BatchEncoding
 
 
-@router.post("/chat/completions")
+@router.post("/chat/completions",
+             responses=errors.responses(400, 401, 404, 413, 429, 503, openai=True))
 async def chat_completions(body: ChatCompletionRequest, state: State, request: Request,
                            principal: CurrentPrincipal):
     _refuse(_common_checks(body) + [

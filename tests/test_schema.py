@@ -1,0 +1,76 @@
+"""The API against its own OpenAPI schema: schemathesis (a fixed seed, a bounded number of examples per route)
+fuzzes the real server process and must find no 5xx and no status code the schema does not document."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import httpx
+import pytest
+
+from server_process import ServerProcess
+from support import save_tiny_llama
+
+KEYS = {"admin": "schema-admin", "acme": "schema-acme"}
+EXAMPLES = 25  # per route and phase; the whole run takes about a minute on the 2-core CPU
+SEED = 1
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tokenizer):
+    root = tmp_path_factory.mktemp("schema")
+    # a tiny model with a short context: generated max_new_tokens are bounded by it, so each request is quick
+    model = save_tiny_llama(root / "model", tokenizer, max_positions=256)
+    auth_file = root / "auth.json"
+    auth_file.write_text(json.dumps({
+        "admin_keys": [KEYS["admin"]],
+        "tenants": {"acme": {"api_keys": [KEYS["acme"]], "max_tasks": 2, "max_concurrent_requests": 2}},
+    }))
+    with ServerProcess(root / "store", root / "server.log", model=str(model),
+                       extra_args=("--auth-file", str(auth_file), "--public-docs", "--threads", "1")) as srv:
+        yield srv
+
+
+def schemathesis(server, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "schemathesis.cli", "run", f"{server.url}/openapi.json", "--seed", str(SEED),
+           "--workers", "1", "--generation-database", "none", "--no-color", "--request-timeout", "60",
+           "--checks", "not_a_server_error,status_code_conformance,response_schema_conformance", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+def test_the_schema_documents_each_routes_errors(server):
+    schema = httpx.get(f"{server.url}/openapi.json").json()  # --public-docs: no key needed
+    assert httpx.get(f"{server.url}/prefixes").status_code == 401  # but the API still is
+
+    def codes(path, method):
+        return set(schema["paths"][path][method]["responses"])
+
+    assert {"400", "401", "404", "413", "429", "503"} <= codes("/generate", "post")
+    assert {"400", "401", "404", "413", "429", "503"} <= codes("/v1/chat/completions", "post")
+    assert {"400", "401", "403", "413", "429"} <= codes("/prefixes/{task}", "post")
+    assert {"400", "401", "403", "404", "503"} <= codes("/prefixes/{task}", "delete")
+    assert {"401", "403"} <= codes("/metrics", "get")
+    error = schema["paths"]["/v1/completions"]["post"]["responses"]["401"]["content"]["application/json"]["schema"]
+    assert error["$ref"].endswith("/OpenAIError")
+
+
+@pytest.mark.parametrize("caller", ["acme", "admin"])
+def test_fuzzing_finds_no_server_errors_or_undocumented_statuses(server, caller):
+    done = schemathesis(server, "--header", f"Authorization: Bearer {KEYS[caller]}", "--max-examples", str(EXAMPLES))
+    assert done.returncode == 0, done.stdout[-12000:] + done.stderr[-3000:]
+
+
+def test_without_a_key_every_route_answers_as_documented(server):
+    done = schemathesis(server, "--max-examples", "3", "--phases", "examples,fuzzing")
+    assert done.returncode == 0, done.stdout[-12000:] + done.stderr[-3000:]
+
+
+@pytest.mark.xfail(strict=True, reason="known: top_p below every token's probability empties the sampling "
+                   "distribution and the engine fails the whole batch (sampling is being fixed separately); "
+                   "found by schemathesis (seed 3, 300 examples)")
+def test_a_tiny_top_p_is_not_a_server_error(server):
+    r = httpx.post(f"{server.url}/generate", headers={"Authorization": f"Bearer {KEYS['acme']}"}, timeout=60,
+                   json={"prompt": "hello", "max_new_tokens": 4, "temperature": 1.0, "top_p": 1e-300})
+    assert r.status_code < 500, r.text
