@@ -46,7 +46,8 @@ DOCS_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.js
 # Metrics carry every tenant's name as a label: with keys, only admin keys read them (or --public-metrics).
 ADMIN_PATHS = METRICS_PATHS
 
-ErrorRenderer = Callable[[Request, HTTPException], Awaitable[Callable[[Scope, Receive, Send], Awaitable[None]]]]
+ASGIResponse = Callable[[Scope, Receive, Send], Awaitable[None]]
+ErrorRenderer = Callable[[Request, HTTPException], Awaitable[ASGIResponse]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +66,8 @@ class GatePolicy:
         return cls(public, settings.max_request_bytes, settings.max_upload_bytes + MULTIPART_SLACK)
 
     def body_limit(self, method: str, path: str) -> int:
-        return self.max_upload_bytes if method == "POST" and UPLOAD_PATH.fullmatch(path) else self.max_request_bytes
+        is_upload = method == "POST" and UPLOAD_PATH.fullmatch(path) is not None
+        return self.max_upload_bytes if is_upload else self.max_request_bytes
 
 
 def request_id(headers: Headers) -> str:
@@ -79,8 +81,9 @@ def _content_length(headers: Headers) -> int | None:
 
 
 def body_too_large(limit: int) -> HTTPException:
-    return HTTPException(413, f"The request body exceeds {limit} bytes, this server's limit for this route "
-                         "(--max-request-bytes for JSON, --max-upload-bytes for uploads); send a smaller one.")
+    return HTTPException(413, f"The request body exceeds {limit} bytes, this server's limit for this "
+                         "route (--max-request-bytes for JSON, --max-upload-bytes for uploads); send a "
+                         "smaller one.")
 
 
 class RequestGate:
@@ -118,7 +121,8 @@ class RequestGate:
                     principal = self.authenticate(scope, headers.get("authorization"))
                     scope["state"]["principal"] = principal
                     if scope["path"] in ADMIN_PATHS and not principal.is_admin:
-                        raise HTTPException(403, f"{scope['path']} is for admin keys (it names every tenant).")
+                        raise HTTPException(403, f"{scope['path']} is for admin keys (it names every "
+                                            "tenant).")
                 limit = self.policy.body_limit(scope["method"], scope["path"])
                 length = _content_length(headers)
                 if length is not None and length > limit:
@@ -130,8 +134,9 @@ class RequestGate:
             await self.app(scope, _counting(receive, limit), send_with_id)
         finally:
             tenant = principal.tenant if principal is not None else "-"
+            elapsed_ms = 1000 * (time.perf_counter() - started)
             log.info("%s %s %s -> %d in %.1f ms (tenant %s, request %s)", scope["method"], scope["path"],
-                     scope.get("http_version", ""), status, 1000 * (time.perf_counter() - started), tenant, rid)
+                     scope.get("http_version", ""), status, elapsed_ms, tenant, rid)
 
 
 def _counting(receive: Receive, limit: int) -> Receive:

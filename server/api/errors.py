@@ -31,7 +31,8 @@ class OpenAIError(BaseModel):
     error: OpenAIErrorBody
 
 
-_RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}}
+_RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying",
+                                "schema": {"type": "integer"}}}
 _DESCRIPTIONS = {
     400: ("A parameter, task name or artifact is invalid; the message says what to fix.", None),
     401: ("No valid API key (with --auth-file): send 'Authorization: Bearer <key>'.",
@@ -62,6 +63,7 @@ def add_store_error_handlers(app: FastAPI) -> None:
 
     async def unavailable(request: Request, exc: StoreUnavailable):
         handler = app.exception_handlers.get(StarletteHTTPException, http_exception_handler)
-        return await handler(request, HTTPException(503, str(exc), headers={"Retry-After": str(exc.retry_after)}))
+        refused = HTTPException(503, str(exc), headers={"Retry-After": str(exc.retry_after)})
+        return await handler(request, refused)
 
     app.add_exception_handler(StoreUnavailable, unavailable)
