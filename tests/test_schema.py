@@ -34,10 +34,11 @@ def server(tmp_path_factory, tokenizer):
 
 
 def schemathesis(server, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    """Run the schemathesis CLI (in the server's folder, where it keeps its files) against the server."""
     cmd = [sys.executable, "-m", "schemathesis.cli", "run", f"{server.url}/openapi.json", "--seed", str(SEED),
            "--workers", "1", "--generation-database", "none", "--no-color", "--request-timeout", "60",
            "--checks", "not_a_server_error,status_code_conformance,response_schema_conformance", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=server.store_dir.parent)
 
 
 def test_the_schema_documents_each_routes_errors(server):

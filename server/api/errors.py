@@ -42,7 +42,9 @@ _DESCRIPTIONS = {
     409: ("Conflicts with the current state.", None),
     413: ("The request body is over --max-request-bytes (JSON) or --max-upload-bytes (uploads).", None),
     429: ("Over the tenant's task, byte or concurrent-request quota.", _RETRY_AFTER),
-    503: ("The task is not on this replica and the shared store (Redis) is unreachable.", _RETRY_AFTER),
+    503: ("Temporarily unable: the waiting queue is full, the request's deadline passed in the queue, the "
+          "server is draining or its engine is down, or the task is not on this replica and Redis is "
+          "unreachable.", _RETRY_AFTER),
 }
 
 
