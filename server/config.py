@@ -61,8 +61,8 @@ class Settings:
                              "unix:///path/to/redis.sock")
         if self.max_waiting_requests is not None and self.max_waiting_requests < 1:
             raise ValueError("--max-waiting-requests must be at least 1")
-        if self.request_timeout is not None and not self.request_timeout > 0:
-            raise ValueError("--request-timeout must be a positive number of seconds")
+        if self.request_timeout is not None and not self.request_timeout >= 0.1:
+            raise ValueError("--request-timeout must be at least 0.1 seconds")
         if not self.shutdown_timeout >= 0:
             raise ValueError("--shutdown-timeout must be 0 or more seconds")
         if self.omp_wait_policy not in ("active", "passive"):

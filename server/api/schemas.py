@@ -5,6 +5,9 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
+# A deadline shorter than this could pass before an idle server's next step admits the request: a client
+# error (422), not a 503 for a server that was never busy.
+MIN_TIMEOUT_S = 0.1
 TIMEOUT_HELP = ("seconds this request may wait for a place in the batch (default: the server's "
                 "--request-timeout); past it, it leaves the queue unserved with a 503")
 
@@ -21,7 +24,7 @@ class GenerateRequest(BaseModel):
     stop: list[str] = Field(default_factory=list, max_length=16)
     ignore_eos: bool = False
     stream: bool = Field(False, description="Server-Sent Events: text deltas and new token ids as generated")
-    timeout: float | None = Field(None, gt=0, le=86400, description=TIMEOUT_HELP)
+    timeout: float | None = Field(None, ge=MIN_TIMEOUT_S, le=86400, description=TIMEOUT_HELP)
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -92,7 +95,7 @@ class OpenAISampling(BaseModel):
     stop: list[str] = Field(default_factory=list, max_length=16)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    timeout: float | None = Field(None, gt=0, le=86400, description=TIMEOUT_HELP)  # an extension of ours
+    timeout: float | None = Field(None, ge=MIN_TIMEOUT_S, le=86400, description=TIMEOUT_HELP)  # an extension of ours
     # vLLM's extensions, honoured because they cost nothing: clients written for vLLM send them
     top_k: int | None = Field(None, ge=0)
     ignore_eos: bool | None = False
