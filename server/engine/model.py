@@ -7,6 +7,7 @@ engine relies on. Anything else is refused at start-up rather than served wrongl
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import logging
 import os
@@ -20,14 +21,48 @@ from prefixes.artifact import ModelShape
 
 log = logging.getLogger(__name__)
 
-# model_type -> family. Each is covered by tests/test_engine_oracle.py against PEFT's forward pass.
+@dataclass(frozen=True, slots=True)
+class Family:
+    """A served architecture and what, if anything, differs from Llama-style attention in how it is served."""
+
+    name: str
+    adapted: str = ""  # empty: served by the generic packed attention as it is
+
+
+_WINDOW = "sliding-window layers: each layer's window is applied in the packed attention's per-row masks"
+_MOE = "MoE MLP: routing is per token, so packing rows together changes nothing"
+
+# model_type -> family. Each is covered by tests/test_engine_oracle.py against PEFT's forward pass; the README's
+# "Supported base models" section is this table in prose.
 SUPPORTED_MODEL_TYPES = {
-    "llama": "Llama",
-    "mistral": "Llama family (Mistral)",
-    "qwen2": "Llama family (Qwen2)",
-    "gpt2": "GPT-2",
-    "gpt_neox": "GPT-NeoX",
-    "opt": "OPT",
+    "llama": Family("Llama"),
+    "mistral": Family("Llama family (Mistral)", _WINDOW),
+    "qwen2": Family("Llama family (Qwen2)", _WINDOW),
+    "gpt2": Family("GPT-2"),
+    "gpt_neox": Family("GPT-NeoX", "partial rotary (applied by the model before the cache)"),
+    "opt": Family("OPT"),
+    "glm": Family("GLM", "partial, interleaved rotary; multi-query groups as key/value heads"),
+    "glm4": Family("GLM-4", "partial, interleaved rotary; multi-query groups as key/value heads"),
+    "qwen3": Family("Qwen3", f"q/k RMS norms (inside the model, before the cache); {_WINDOW}"),
+    "qwen3_moe": Family("Qwen3-MoE", f"q/k RMS norms; {_MOE}; {_WINDOW}"),
+    "gemma2": Family("Gemma 2", "attention logit soft-capping (tanh, computed in the packed attention); scale "
+                                f"query_pre_attn_scalar**-0.5; alternating local/global layers ({_WINDOW})"),
+    "gemma3_text": Family("Gemma 3 (text)", "q/k norms; scale query_pre_attn_scalar**-0.5; 5 local : 1 global "
+                                            f"layers with separate rotary bases ({_WINDOW})"),
+    "phi3": Family("Phi-3", f"fused qkv, partial rotary where configured; {_WINDOW}"),
+    "mixtral": Family("Mixtral", f"{_MOE}; {_WINDOW}"),
+    "starcoder2": Family("StarCoder2", _WINDOW),
+}
+
+# Names users meet that are not transformers model types of a served family -> the one to use instead.
+_NEAREST = {
+    "chatglm": "glm4",
+    "gemma3": "gemma3_text",
+    "gemma": "gemma2",
+    "qwen2_moe": "qwen3_moe",
+    "phi": "phi3",
+    "gpt_bigcode": "starcoder2",
+    "bloom": "falcon",
 }
 
 DEFAULT_MODEL = "default"
@@ -56,13 +91,33 @@ class BaseModel:
         return self.model.dtype
 
 
+def nearest_family(model_type: str) -> str | None:
+    """The supported model_type closest to ``model_type``: a known successor, else the most similar name."""
+    if model_type in _NEAREST and _NEAREST[model_type] in SUPPORTED_MODEL_TYPES:
+        return _NEAREST[model_type]
+    close = difflib.get_close_matches(model_type, SUPPORTED_MODEL_TYPES, n=1, cutoff=0.5)
+    return close[0] if close else None
+
+
 def check_supported(config) -> None:
-    if config.model_type not in SUPPORTED_MODEL_TYPES:
+    """Refuse, at start-up, a model whose attention this engine has not been proven to compute as PEFT does."""
+    model_type = config.model_type
+    if model_type not in SUPPORTED_MODEL_TYPES:
         supported = ", ".join(sorted(SUPPORTED_MODEL_TYPES))
+        nearest = nearest_family(model_type)
+        hint = f" The nearest supported family is {nearest!r} ({SUPPORTED_MODEL_TYPES[nearest].name})." if nearest else ""
         raise UnsupportedModel(
-            f"model_type {config.model_type!r} is not supported (supported: {supported}); its key/value cache "
-            "layout has not been verified against PEFT, so it would risk wrong answers."
+            f"model_type {model_type!r} is not supported (supported: {supported}); its attention and key/value "
+            f"cache layout have not been verified against PEFT, so it would risk wrong answers.{hint}"
         )
+    layer_types = set(getattr(config, "layer_types", None) or ())
+    if layer_types - {"full_attention", "sliding_attention"}:
+        raise UnsupportedModel(
+            f"model_type {model_type!r} with layer_types {sorted(layer_types)}: only full and sliding-window "
+            "attention layers are served."
+        )
+    if getattr(config, "use_bidirectional_attention", False):
+        raise UnsupportedModel(f"model_type {model_type!r} with use_bidirectional_attention: not a causal LM.")
 
 
 def model_shape(model: PreTrainedModel) -> ModelShape:
@@ -71,13 +126,8 @@ def model_shape(model: PreTrainedModel) -> ModelShape:
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    # Sliding windows need no cap on the context: packed_attention applies each layer's window itself.
     max_positions = config.max_position_embeddings
-    # The engine passes its own 4-D mask, which has no sliding window: cap the context at the window so
-    # that the window never applies (an exact answer over a shorter context, rather than a wrong one).
-    if getattr(config, "sliding_window", None) and (
-        getattr(config, "use_sliding_window", True) or "sliding_attention" in (getattr(config, "layer_types", None) or [])
-    ):
-        max_positions = min(max_positions, config.sliding_window)
     return ModelShape(
         num_layers=config.num_hidden_layers,
         num_kv_heads=kv_heads,
