@@ -177,13 +177,14 @@ def oracle_logits(model: torch.nn.Module, prompt_ids: list[int], output_ids: lis
 NEAR_TIE = 1e-3
 
 
-def assert_oracle_tokens(model: torch.nn.Module, prompt_ids: list[int], output_ids: list[int], what: str) -> None:
+def assert_oracle_tokens(model: torch.nn.Module, prompt_ids: list[int], output_ids: list[int], what: str,
+                         near_tie: float = NEAR_TIE) -> None:
     logits = oracle_logits(model, prompt_ids, output_ids)
     for step, token in enumerate(output_ids):
         best = int(logits[step].argmax())
         if token != best:
             gap = float(logits[step, best] - logits[step, token])
-            assert gap < NEAR_TIE, (
+            assert gap < near_tie, (
                 f"{what}: step {step} produced {token}, oracle argmax {best} (logit gap {gap:.5f}); "
                 f"engine {output_ids}, oracle {logits.argmax(-1).tolist()}"
             )
