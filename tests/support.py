@@ -16,6 +16,7 @@ import torch
 from peft import PeftModel, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, get_peft_model
 from transformers import (
     AutoModelForCausalLM,
+    FalconConfig,
     Gemma2Config,
     Gemma3TextConfig,
     GlmConfig,
@@ -74,6 +75,10 @@ TINY_CONFIGS = {
     "mixtral": lambda: MixtralConfig(**_LLAMA_LIKE, num_local_experts=4, num_experts_per_tok=2,
                                      sliding_window=WINDOW),
     "starcoder2": lambda: Starcoder2Config(**_LLAMA_LIKE, sliding_window=WINDOW),
+    # Falcon-40B/180B layout: 2 key/value groups, broadcast to the 4 query heads before caching.
+    "falcon": lambda: FalconConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                   new_decoder_architecture=True, num_kv_heads=2, alibi=False, bias=False,
+                                   max_position_embeddings=512, **_IDS),
 }
 # The oracle's attention implementation where SDPA would compute something else: transformers' SDPA path
 # cannot soft-cap, so Gemma 2's reference is its eager attention.

@@ -158,3 +158,50 @@ def test_sliding_window_no_longer_caps_the_context(arch, tokenizer):
     base = wrap_model(tiny_model(arch), tokenizer, arch)
     assert base.model.config.sliding_window == WINDOW
     assert base.shape.max_positions == TINY_CONFIGS[arch]().max_position_embeddings == 512
+
+
+def test_multi_query_falcon_against_peft_sized_for_one_head(tokenizer, tmp_path):
+    """Falcon-7B's multi-query layout caches one key/value head, but FalconConfig names no
+    ``num_key_value_heads``, so PEFT's default prefix (one per attention head) cannot even be concatenated to
+    Falcon's cache. The reference is PEFT told the real layout (``num_attention_heads=1``,
+    ``token_dim=head_dim``), saved and served as an ordinary PEFT adapter."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, FalconConfig
+
+    from support import read_dir
+
+    torch.manual_seed(1)
+    config = FalconConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          multi_query=True, alibi=False, bias=False, max_position_embeddings=512, initializer_range=0.3)
+    config._attn_implementation = "sdpa"
+    base = wrap_model(AutoModelForCausalLM.from_config(config).eval(), tokenizer, "falcon-7b-like")
+    assert (base.shape.num_kv_heads, base.shape.head_dim) == (1, 16)
+    reference = copy.deepcopy(base.model)
+    peft_model = get_peft_model(copy.deepcopy(base.model), PrefixTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=P, num_attention_heads=1, token_dim=16))
+    with torch.no_grad():
+        peft_model.prompt_encoder["default"].embedding.weight.mul_(2.0)
+    peft_model.save_pretrained(tmp_path / "mq")
+    oracle = PeftModel.from_pretrained(copy.deepcopy(base.model), tmp_path / "mq").eval()
+    prefix = ResidentPrefix.unstored("mq", parse_artifact(read_dir(tmp_path / "mq"), base.shape))
+    rng = random.Random(5)
+    seqs = [Sequence([rng.randrange(VOCAB) for _ in range(n)], SamplingParams(max_new_tokens=6, ignore_eos=True),
+                     prefix if n != 4 else None) for n in (3, 9, 4, 1)]
+    run_staggered(Engine(base, EngineConfig(max_batch_size=4, max_step_tokens=5)), seqs, [0, 0, 1, 2])
+    changed = False
+    for seq in seqs:
+        model = oracle if seq.prefix is not None else reference
+        assert_oracle_tokens(model, seq.prompt_ids, seq.output_ids, "falcon-mq")
+        if seq.prefix is not None:
+            without = oracle_logits(reference, seq.prompt_ids, seq.output_ids).argmax(-1)
+            changed |= bool((without != torch.tensor(seq.output_ids)).any())
+    assert changed, "the prefix never changed a token"
+
+
+def test_falcon_with_alibi_is_refused(tokenizer):
+    from transformers import FalconConfig, FalconForCausalLM
+
+    model = FalconForCausalLM(FalconConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2,
+                                           num_attention_heads=4, alibi=True))
+    with pytest.raises(UnsupportedModel, match="ALiBi"):
+        wrap_model(model, tokenizer, "falcon-rw")

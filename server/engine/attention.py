@@ -14,6 +14,7 @@ thread) the same model falls back to transformers' own SDPA attention, so nothin
 from __future__ import annotations
 
 import threading
+import types
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -192,7 +193,56 @@ AttentionInterface.register(PACKED_ATTENTION, packed_attention)
 AttentionMaskInterface.register(PACKED_ATTENTION, sdpa_mask)
 
 
+def _falcon_attention(self, hidden_states: torch.Tensor, alibi: torch.Tensor | None, attention_mask: torch.Tensor | None,
+                      position_ids=None, layer_past=None, use_cache: bool = False, output_attentions: bool = False,
+                      position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None, **kwargs):
+    """``FalconAttention.forward`` (rotary, no ALiBi) with its attention core as :func:`packed_attention`.
+
+    Falcon computes attention inline instead of through transformers' AttentionInterface, so this is the one
+    attention adapter in the engine. hidden_states: [B, T, hidden]; returns ([B, T, hidden], None). The cache
+    holds what Falcon's own cache holds, hence what PEFT prefixes: ``num_attention_heads`` key/value heads with
+    the new decoder architecture (its grouped keys are broadcast to every query head before caching), one with
+    ``multi_query``, all of them otherwise.
+    """
+    from transformers.models.falcon.modeling_falcon import apply_rotary_pos_emb
+
+    if alibi is not None:
+        raise UnsupportedAttention("Falcon with ALiBi: the packed attention has no position bias")
+    query, key, value = self._split_heads(self.query_key_value(hidden_states))  # [B, T, H | Hkv, D] each
+    b, t = query.shape[:2]
+    kv_heads = self.num_heads if self.new_decoder_architecture else self.num_kv_heads
+    query = query.transpose(1, 2).reshape(b, self.num_heads, t, self.head_dim)  # [B, H, T, D]
+    key = key.transpose(1, 2).reshape(b, kv_heads, t, self.head_dim)  # [B, Hkv, T, D]
+    value = value.transpose(1, 2).reshape(b, kv_heads, t, self.head_dim)
+    cos, sin = position_embeddings
+    query, key = apply_rotary_pos_emb(query, key, cos, sin)
+    if layer_past is not None:
+        key, value = layer_past.update(key, value, self.layer_idx)
+    out, _ = packed_attention(self, query, key, value, attention_mask, scaling=self.inv_norm_factor)  # [B, T, H, D]
+    return self.dense(out.reshape(b, t, self.num_heads * self.head_dim)), None
+
+
+def _route_falcon(model: PreTrainedModel) -> None:
+    from transformers.models.falcon.modeling_falcon import FalconAttention
+
+    for module in model.modules():
+        if isinstance(module, FalconAttention):
+            if type(module) is not FalconAttention:
+                raise UnsupportedAttention(f"{type(module).__name__}: only Falcon's SDPA/eager attention is routed")
+            kv_heads = module.num_heads if module.new_decoder_architecture else module.num_kv_heads
+            module.num_key_value_groups = module.num_heads // kv_heads  # what the SDPA fallback reads
+            module.forward = types.MethodType(_falcon_attention, module)
+
+
+# model_type -> how to route the attention of a family that bypasses transformers' AttentionInterface.
+_ROUTES = {"falcon": _route_falcon}
+
+
 def use_packed_attention(model: PreTrainedModel) -> None:
+    route = _ROUTES.get(model.config.model_type)
+    if route is not None:
+        route(model)
+        return
     model.set_attn_implementation(PACKED_ATTENTION)
     if model.config._attn_implementation != PACKED_ATTENTION:
         raise RuntimeError(f"{type(model).__name__} does not accept a custom attention implementation")

@@ -52,6 +52,10 @@ SUPPORTED_MODEL_TYPES = {
     "phi3": Family("Phi-3", f"fused qkv, partial rotary where configured; {_WINDOW}"),
     "mixtral": Family("Mixtral", f"{_MOE}; {_WINDOW}"),
     "starcoder2": Family("StarCoder2", _WINDOW),
+    "falcon": Family("Falcon", "attention computed inline, not through transformers' AttentionInterface: "
+                               "attention.py routes its core through the packed attention; the cache keeps "
+                               "Falcon's own head count (all heads for the new decoder architecture, one for "
+                               "multi-query); ALiBi variants refused"),
 }
 
 # Names users meet that are not transformers model types of a served family -> the one to use instead.
@@ -63,6 +67,7 @@ _NEAREST = {
     "phi": "phi3",
     "gpt_bigcode": "starcoder2",
     "bloom": "falcon",
+    "falcon_h1": "falcon",
 }
 
 DEFAULT_MODEL = "default"
@@ -116,6 +121,8 @@ def check_supported(config) -> None:
             f"model_type {model_type!r} with layer_types {sorted(layer_types)}: only full and sliding-window "
             "attention layers are served."
         )
+    if model_type == "falcon" and config.alibi:
+        raise UnsupportedModel("Falcon with alibi=True: the packed attention applies no ALiBi position bias.")
     if getattr(config, "use_bidirectional_attention", False):
         raise UnsupportedModel(f"model_type {model_type!r} with use_bidirectional_attention: not a causal LM.")
 
@@ -123,8 +130,11 @@ def check_supported(config) -> None:
 def model_shape(model: PreTrainedModel) -> ModelShape:
     config = model.config
     check_supported(config)
+    model_type = config.model_type
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    if model_type == "falcon":  # what its attention caches, see attention._falcon_attention
+        kv_heads = heads if config.new_decoder_architecture or not config.multi_query else 1
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     # Sliding windows need no cap on the context: packed_attention applies each layer's window itself.
     max_positions = config.max_position_embeddings
