@@ -15,6 +15,7 @@ import safetensors.torch
 import torch
 from peft import PeftModel, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, get_peft_model
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     FalconConfig,
     Gemma2Config,
@@ -45,6 +46,15 @@ WINDOW = 10
 _LLAMA_LIKE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, max_position_embeddings=512)
 _IDS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)  # within the tiny vocabulary
+# Families served with no adaptation beyond what the generic path already does; their tiny configs differ only in
+# model_type (True: give it a binding sliding window, for the families whose layers can be windowed).
+_NO_ADAPTATION = {
+    "apertus": False, "arcee": False, "bitnet": False, "cohere": False, "cohere2": True, "ernie4_5": False,
+    "exaone4": True, "gemma": False, "glm4_moe": False, "granite": False, "granitemoe": False, "helium": False,
+    "hunyuan_v1_dense": False, "jetmoe": False, "ministral": True, "nemotron": False, "olmo": False, "olmo2": False,
+    "olmo3": True, "olmoe": False, "phi": False, "phimoe": False, "qwen2_moe": False, "seed_oss": False,
+    "smollm3": False, "stablelm": False,
+}
 TINY_CONFIGS = {
     "llama": lambda: LlamaConfig(**_LLAMA_LIKE),
     "qwen2": lambda: Qwen2Config(**{**_LLAMA_LIKE, "num_key_value_heads": 1}),
@@ -79,6 +89,18 @@ TINY_CONFIGS = {
     "falcon": lambda: FalconConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                    new_decoder_architecture=True, num_kv_heads=2, alibi=False, bias=False,
                                    max_position_embeddings=512, **_IDS),
+    **{model_type: (lambda t=model_type, w=window: AutoConfig.for_model(
+        t, **_LLAMA_LIKE, head_dim=16, tie_word_embeddings=False, **_IDS, **({"sliding_window": WINDOW} if w else {})))
+       for model_type, window in _NO_ADAPTATION.items()},
+    # Four small experts, two per token, where the defaults (up to 128 experts) would dominate the test's time.
+    "qwen2_moe": lambda: AutoConfig.for_model("qwen2_moe", **_LLAMA_LIKE, num_experts=4, num_experts_per_tok=2,
+                                              moe_intermediate_size=32, shared_expert_intermediate_size=32,
+                                              tie_word_embeddings=False, **_IDS),
+    "olmoe": lambda: AutoConfig.for_model("olmoe", **_LLAMA_LIKE, num_experts=4, num_experts_per_tok=2,
+                                          tie_word_embeddings=False, **_IDS),
+    "glm4_moe": lambda: AutoConfig.for_model("glm4_moe", **_LLAMA_LIKE, head_dim=16, n_routed_experts=4,
+                                             num_experts_per_tok=2, n_group=1, topk_group=1, moe_intermediate_size=32,
+                                             tie_word_embeddings=False, **_IDS),
 }
 # The oracle's attention implementation where SDPA would compute something else: transformers' SDPA path
 # cannot soft-cap, so Gemma 2's reference is its eager attention.

@@ -57,7 +57,7 @@ SCENARIOS = [pytest.param(arch, 512, id=f"{arch}-whole-prompts") for arch in FIR
 
 
 # A seed whose random model some adapter kind would otherwise leave unchanged on this scenario's prompts.
-MODEL_SEEDS = {"falcon": 1}
+MODEL_SEEDS = {"cohere": 1, "falcon": 1, "nemotron": 1}
 
 
 def test_every_supported_family_has_a_tiny_model():

@@ -56,15 +56,40 @@ SUPPORTED_MODEL_TYPES = {
                                "attention.py routes its core through the packed attention; the cache keeps "
                                "Falcon's own head count (all heads for the new decoder architecture, one for "
                                "multi-query); ALiBi variants refused"),
+    # Served with no adaptation: transformers' attention modules of these families call the AttentionInterface
+    # with nothing beyond the options above (q/k norms, partial rotary, windows and MoE MLPs are model-side).
+    "apertus": Family("Apertus"),
+    "arcee": Family("Arcee (AFM)"),
+    "bitnet": Family("BitNet"),
+    "cohere": Family("Cohere Command-R"),
+    "cohere2": Family("Cohere Command-R7B", _WINDOW),
+    "ernie4_5": Family("ERNIE 4.5"),
+    "exaone4": Family("EXAONE 4", f"q/k norms; {_WINDOW}"),
+    "gemma": Family("Gemma"),
+    "glm4_moe": Family("GLM-4.5 (MoE)", f"partial rotary; {_MOE}"),
+    "granite": Family("Granite"),
+    "granitemoe": Family("Granite MoE", _MOE),
+    "helium": Family("Helium"),
+    "hunyuan_v1_dense": Family("Hunyuan (dense)", "q/k norms"),
+    "jetmoe": Family("JetMoE", f"mixture of attention heads and MLP experts; {_MOE}"),
+    "ministral": Family("Ministral", _WINDOW),
+    "nemotron": Family("Nemotron", "partial rotary"),
+    "olmo": Family("OLMo"),
+    "olmo2": Family("OLMo 2", "q/k norms"),
+    "olmo3": Family("OLMo 3", f"q/k norms; {_WINDOW}"),
+    "olmoe": Family("OLMoE", f"q/k norms; {_MOE}"),
+    "phi": Family("Phi-1/2", "partial rotary"),
+    "phimoe": Family("Phi-3.5-MoE", _MOE),
+    "qwen2_moe": Family("Qwen2-MoE", _MOE),
+    "seed_oss": Family("Seed-OSS"),
+    "smollm3": Family("SmolLM3", "no rotary on some layers (model-side)"),
+    "stablelm": Family("StableLM", "partial rotary"),
 }
 
 # Names users meet that are not transformers model types of a served family -> the one to use instead.
 _NEAREST = {
     "chatglm": "glm4",
     "gemma3": "gemma3_text",
-    "gemma": "gemma2",
-    "qwen2_moe": "qwen3_moe",
-    "phi": "phi3",
     "gpt_bigcode": "starcoder2",
     "bloom": "falcon",
     "falcon_h1": "falcon",
