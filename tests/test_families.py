@@ -205,3 +205,18 @@ def test_falcon_with_alibi_is_refused(tokenizer):
                                            num_attention_heads=4, alibi=True))
     with pytest.raises(UnsupportedModel, match="ALiBi"):
         wrap_model(model, tokenizer, "falcon-rw")
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "mistral", "falcon"])
+def test_outside_a_packed_forward_the_model_computes_as_before(arch, tokenizer):
+    """Once an Engine has routed the model's attention, a plain forward (another thread, the benchmark's
+    baseline) still computes what the model did before: soft-capped (gemma2), windowed (mistral), and through
+    the rerouted Falcon attention."""
+    base = wrap_model(tiny_model(arch), tokenizer, arch)
+    reference = copy.deepcopy(base.model)
+    Engine(base)
+    ids = torch.randint(0, VOCAB, (2, 3 * WINDOW), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = reference(input_ids=ids).logits
+        got = base.model(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
