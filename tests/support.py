@@ -43,15 +43,16 @@ VOCAB = 256
 # Sliding windows far below the test's sequence lengths (prefix + prompt + output reach ~30 positions), so that
 # every windowed family is checked with its window binding.
 WINDOW = 10
-_LLAMA_LIKE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                   num_key_value_heads=2, max_position_embeddings=512)
+_LLAMA_LIKE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
 _IDS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)  # within the tiny vocabulary
 # Families served with no adaptation beyond what the generic path already does; their tiny configs differ only in
 # model_type (True: give it a binding sliding window, for the families whose layers can be windowed).
 _NO_ADAPTATION = {
     "apertus": False, "arcee": False, "bitnet": False, "cohere": False, "cohere2": True, "ernie4_5": False,
     "exaone4": True, "gemma": False, "glm4_moe": False, "granite": False, "granitemoe": False, "helium": False,
-    "hunyuan_v1_dense": False, "jetmoe": False, "ministral": True, "nemotron": False, "olmo": False, "olmo2": False,
+    "hunyuan_v1_dense": False, "jetmoe": False, "ministral": True, "nemotron": False, "olmo": False,
+    "olmo2": False,
     "olmo3": True, "olmoe": False, "phi": False, "phimoe": False, "qwen2_moe": False, "seed_oss": False,
     "smollm3": False, "stablelm": False,
 }
@@ -79,8 +80,8 @@ TINY_CONFIGS = {
     "gemma2": lambda: Gemma2Config(**_LLAMA_LIKE, head_dim=16, query_pre_attn_scalar=24, sliding_window=WINDOW,
                                    attn_logit_softcapping=2.0, tie_word_embeddings=False, **_IDS),
     "gemma3_text": lambda: Gemma3TextConfig(**_LLAMA_LIKE, head_dim=16, query_pre_attn_scalar=24,
-                                            sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"],
-                                            tie_word_embeddings=False, **_IDS),
+                                            sliding_window=WINDOW, tie_word_embeddings=False,
+                                            layer_types=["sliding_attention", "full_attention"], **_IDS),
     "phi3": lambda: Phi3Config(**_LLAMA_LIKE, sliding_window=WINDOW, partial_rotary_factor=0.5, **_IDS),
     "mixtral": lambda: MixtralConfig(**_LLAMA_LIKE, num_local_experts=4, num_experts_per_tok=2,
                                      sliding_window=WINDOW),
@@ -90,8 +91,8 @@ TINY_CONFIGS = {
                                    new_decoder_architecture=True, num_kv_heads=2, alibi=False, bias=False,
                                    max_position_embeddings=512, **_IDS),
     **{model_type: (lambda t=model_type, w=window: AutoConfig.for_model(
-        t, **_LLAMA_LIKE, head_dim=16, tie_word_embeddings=False, **_IDS, **({"sliding_window": WINDOW} if w else {})))
-       for model_type, window in _NO_ADAPTATION.items()},
+        t, **_LLAMA_LIKE, head_dim=16, tie_word_embeddings=False, **_IDS,
+        **({"sliding_window": WINDOW} if w else {}))) for model_type, window in _NO_ADAPTATION.items()},
     # Four small experts, two per token, where the defaults (up to 128 experts) would dominate the test's time.
     "qwen2_moe": lambda: AutoConfig.for_model("qwen2_moe", **_LLAMA_LIKE, num_experts=4, num_experts_per_tok=2,
                                               moe_intermediate_size=32, shared_expert_intermediate_size=32,
@@ -99,8 +100,8 @@ TINY_CONFIGS = {
     "olmoe": lambda: AutoConfig.for_model("olmoe", **_LLAMA_LIKE, num_experts=4, num_experts_per_tok=2,
                                           tie_word_embeddings=False, **_IDS),
     "glm4_moe": lambda: AutoConfig.for_model("glm4_moe", **_LLAMA_LIKE, head_dim=16, n_routed_experts=4,
-                                             num_experts_per_tok=2, n_group=1, topk_group=1, moe_intermediate_size=32,
-                                             tie_word_embeddings=False, **_IDS),
+                                             num_experts_per_tok=2, n_group=1, topk_group=1,
+                                             moe_intermediate_size=32, tie_word_embeddings=False, **_IDS),
 }
 # The oracle's attention implementation where SDPA would compute something else: transformers' SDPA path
 # cannot soft-cap, so Gemma 2's reference is its eager attention.

@@ -69,7 +69,8 @@ def test_chatglm_checkpoint_on_glm4(projection, tokenizer):
     for layer, expected in enumerate(glm4_get_prompt(flat, config)):
         torch.testing.assert_close(artifact.tensor[layer], expected, rtol=1e-6, atol=1e-6)
 
-    oracle = get_peft_model(copy.deepcopy(base.model), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P))
+    oracle = get_peft_model(copy.deepcopy(base.model),
+                            PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P))
     with torch.no_grad():
         oracle.prompt_encoder["default"].embedding.weight.copy_(flat)
     oracle.eval()
@@ -125,7 +126,8 @@ def test_half_precision_matches_peft_in_the_same_dtype(dtype, tokenizer, tmp_pat
                              SamplingParams(max_new_tokens=rng.randint(3, 9), ignore_eos=True),
                              adapter.prefix if adapter else None))
         tasks.append(adapter)
-    run_staggered(Engine(base, EngineConfig(max_batch_size=5, max_step_tokens=7)), seqs, [0, 0, 0, 1, 2, 3, 5, 6])
+    engine = Engine(base, EngineConfig(max_batch_size=5, max_step_tokens=7))
+    run_staggered(engine, seqs, [0, 0, 0, 1, 2, 3, 5, 6])
     check_against_oracle(base, adapters, seqs, tasks, near_tie=HALF_NEAR_TIE[dtype])
 
 
@@ -172,7 +174,8 @@ def test_multi_query_falcon_against_peft_sized_for_one_head(tokenizer, tmp_path)
 
     torch.manual_seed(1)
     config = FalconConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                          multi_query=True, alibi=False, bias=False, max_position_embeddings=512, initializer_range=0.3)
+                          multi_query=True, alibi=False, bias=False, max_position_embeddings=512,
+                          initializer_range=0.3)
     config._attn_implementation = "sdpa"
     base = wrap_model(AutoModelForCausalLM.from_config(config).eval(), tokenizer, "falcon-7b-like")
     assert (base.shape.num_kv_heads, base.shape.head_dim) == (1, 16)

@@ -7,8 +7,14 @@ knowledge is a :class:`PackedBatch`, set for the duration of a forward on the ca
 thread), and read by :func:`packed_attention`, which transformers calls in every layer once the model's
 attention implementation is :data:`PACKED_ATTENTION` (see :func:`use_packed_attention`).
 
+Per layer it honours what transformers passes that changes the result: ``scaling``, ``sliding_window`` (the
+row masks are narrowed to the window) and ``softcap`` (Gemma 2's tanh logit cap, which SDPA lacks); any other
+such option is refused (:class:`UnsupportedAttention`), never ignored. Falcon, which computes attention inline,
+is the one family whose attention core is rerouted here (:func:`use_packed_attention`).
+
 Outside such a forward (the benchmark's bare-model baseline, tests calling the model directly on another
-thread) the same model falls back to transformers' own SDPA attention, so nothing else changes behaviour.
+thread) the same model falls back to transformers' own SDPA attention (a soft-capped one where SDPA cannot),
+so nothing else changes behaviour.
 """
 
 from __future__ import annotations
@@ -66,7 +72,8 @@ def packed(batch: PackedBatch):
 
 # Keyword arguments transformers' attention modules pass that cannot change this function's result: positions
 # are already in the rotated query/key and in ``batch.cols``; the cache was written by the cache view.
-_INERT_KWARGS = frozenset({"position_ids", "cache_position", "use_cache", "output_attentions", "output_router_logits"})
+_INERT_KWARGS = frozenset({"position_ids", "cache_position", "use_cache", "output_attentions",
+                           "output_router_logits"})
 
 
 class UnsupportedAttention(NotImplementedError):
@@ -116,8 +123,8 @@ def _softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mas
                           scale: float, softcap: float) -> torch.Tensor:
     """Attention with logits squashed to ``softcap * tanh(logits / softcap)`` (SDPA has no such option).
 
-    q: [N, Hkv, G, S, D] (G query heads per key/value head); k, v: [N, Hkv, W, D]; mask: bool, broadcastable to
-    [N, Hkv, G, S, W]. Returns [N, Hkv, G, S, D]. The softmax runs in float32, as transformers' eager path does.
+    q: [N, Hkv, G, S, D] (G query heads per key/value head); k, v: [N, Hkv, W, D]; mask: bool, broadcastable
+    to [N, Hkv, G, S, W]. Returns [N, Hkv, G, S, D]. The softmax runs in float32, as transformers' eager does.
     """
     scores = torch.matmul(q, k.unsqueeze(2).transpose(-1, -2)) * scale  # [N, Hkv, G, S, W]
     scores = torch.tanh(scores / softcap) * softcap
@@ -153,7 +160,10 @@ def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
             return _unpacked_softcapped(module, query, key, value, attention_mask, scaling, softcap)
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    decode_mask, prefill_mask = _windowed_masks(batch, window) if window else (batch.decode_mask, batch.prefill_mask)
+    if window:
+        decode_mask, prefill_mask = _windowed_masks(batch, window)
+    else:
+        decode_mask, prefill_mask = batch.decode_mask, batch.prefill_mask
     q = query[0]  # [H, T, D]
     heads, tokens, dim = q.shape
     kv_heads = key.shape[1]
@@ -181,8 +191,9 @@ def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
             op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=prefill_mask, scale=scale,
                                                 enable_gqa=groups > 1)  # [m, H, S, D]
         else:  # [m, Hkv, G, S, D] queries; mask [m, 1, 1, S, Wp]
-            op = _softcapped_attention(qp.reshape(m, kv_heads, groups, s, dim), kp, vp, prefill_mask[:, :, None],
-                                       scale, softcap).reshape(m, heads, s, dim)
+            qg = qp.reshape(m, kv_heads, groups, s, dim)
+            op = _softcapped_attention(qg, kp, vp, prefill_mask[:, :, None], scale, softcap)
+            op = op.reshape(m, heads, s, dim)
         # Real queries, in packed order, are tokens d..T-1 (index_select: no data-dependent shapes, no sync).
         out[d:] = op.transpose(1, 2).reshape(m * s, heads, dim).index_select(0, batch.prefill_take)
     return out[None], None
@@ -193,8 +204,9 @@ AttentionInterface.register(PACKED_ATTENTION, packed_attention)
 AttentionMaskInterface.register(PACKED_ATTENTION, sdpa_mask)
 
 
-def _falcon_attention(self, hidden_states: torch.Tensor, alibi: torch.Tensor | None, attention_mask: torch.Tensor | None,
-                      position_ids=None, layer_past=None, use_cache: bool = False, output_attentions: bool = False,
+def _falcon_attention(self, hidden_states: torch.Tensor, alibi: torch.Tensor | None,
+                      attention_mask: torch.Tensor | None, position_ids=None, layer_past=None,
+                      use_cache: bool = False, output_attentions: bool = False,
                       position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None, **kwargs):
     """``FalconAttention.forward`` (rotary, no ALiBi) with its attention core as :func:`packed_attention`.
 
@@ -218,7 +230,7 @@ def _falcon_attention(self, hidden_states: torch.Tensor, alibi: torch.Tensor | N
     query, key = apply_rotary_pos_emb(query, key, cos, sin)
     if layer_past is not None:
         key, value = layer_past.update(key, value, self.layer_idx)
-    out, _ = packed_attention(self, query, key, value, attention_mask, scaling=self.inv_norm_factor)  # [B, T, H, D]
+    out, _ = packed_attention(self, query, key, value, attention_mask, scaling=self.inv_norm_factor)  # [B,T,H,D]
     return self.dense(out.reshape(b, t, self.num_heads * self.head_dim)), None
 
 
@@ -228,7 +240,8 @@ def _route_falcon(model: PreTrainedModel) -> None:
     for module in model.modules():
         if isinstance(module, FalconAttention):
             if type(module) is not FalconAttention:
-                raise UnsupportedAttention(f"{type(module).__name__}: only Falcon's SDPA/eager attention is routed")
+                raise UnsupportedAttention(f"{type(module).__name__}: only Falcon's SDPA/eager attention is "
+                                           "routed")
             kv_heads = module.num_heads if module.new_decoder_architecture else module.num_kv_heads
             module.num_key_value_groups = module.num_heads // kv_heads  # what the SDPA fallback reads
             module.forward = types.MethodType(_falcon_attention, module)

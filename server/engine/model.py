@@ -135,7 +135,8 @@ def check_supported(config) -> None:
     if model_type not in SUPPORTED_MODEL_TYPES:
         supported = ", ".join(sorted(SUPPORTED_MODEL_TYPES))
         nearest = nearest_family(model_type)
-        hint = f" The nearest supported family is {nearest!r} ({SUPPORTED_MODEL_TYPES[nearest].name})." if nearest else ""
+        hint = f" The nearest supported family is {nearest!r} ({SUPPORTED_MODEL_TYPES[nearest].name})." \
+            if nearest else ""
         raise UnsupportedModel(
             f"model_type {model_type!r} is not supported (supported: {supported}); its attention and key/value "
             f"cache layout have not been verified against PEFT, so it would risk wrong answers.{hint}"
