@@ -48,14 +48,16 @@ _LLAMA_LIKE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_
 _IDS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)  # within the tiny vocabulary
 # Families served with no adaptation beyond what the generic path already does; their tiny configs differ only in
 # model_type (True: give it a binding sliding window, for the families whose layers can be windowed).
-_NO_ADAPTATION = {
+NO_ADAPTATION = {
     "apertus": False, "arcee": False, "bitnet": False, "cohere": False, "cohere2": True, "ernie4_5": False,
     "exaone4": True, "gemma": False, "glm4_moe": False, "granite": False, "granitemoe": False, "helium": False,
     "hunyuan_v1_dense": False, "jetmoe": False, "ministral": True, "nemotron": False, "olmo": False,
     "olmo2": False,
     "olmo3": True, "olmoe": False, "phi": False, "phimoe": False, "qwen2_moe": False, "seed_oss": False,
-    "smollm3": False, "stablelm": False,
+    "smollm3": False, "stablelm": False, "ernie4_5_moe": False, "hunyuan_v1_moe": False,
+    "granitemoeshared": False, "flex_olmo": False, "jais2": False, "hyperclovax": False, "mellum": True, "cwm": True,
 }
+_GPT_LIKE = dict(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=512, bos_token_id=1, eos_token_id=2)
 TINY_CONFIGS = {
     "llama": lambda: LlamaConfig(**_LLAMA_LIKE),
     "qwen2": lambda: Qwen2Config(**{**_LLAMA_LIKE, "num_key_value_heads": 1}),
@@ -92,13 +94,22 @@ TINY_CONFIGS = {
                                    max_position_embeddings=512, **_IDS),
     **{model_type: (lambda t=model_type, w=window: AutoConfig.for_model(
         t, **_LLAMA_LIKE, head_dim=16, tie_word_embeddings=False, **_IDS,
-        **({"sliding_window": WINDOW} if w else {}))) for model_type, window in _NO_ADAPTATION.items()},
+        **({"sliding_window": WINDOW} if w else {}))) for model_type, window in NO_ADAPTATION.items()},
     # Four small experts, two per token, where the defaults (up to 128 experts) would dominate the test's time.
     "qwen2_moe": lambda: AutoConfig.for_model("qwen2_moe", **_LLAMA_LIKE, num_experts=4, num_experts_per_tok=2,
                                               moe_intermediate_size=32, shared_expert_intermediate_size=32,
                                               tie_word_embeddings=False, **_IDS),
     "olmoe": lambda: AutoConfig.for_model("olmoe", **_LLAMA_LIKE, num_experts=4, num_experts_per_tok=2,
                                           tie_word_embeddings=False, **_IDS),
+    # Multi-query attention: one key/value head (StarCoder / SantaCoder).
+    "gpt_bigcode": lambda: AutoConfig.for_model("gpt_bigcode", **_GPT_LIKE, multi_query=True),
+    # Rotary on the first 8 of 16 dimensions per head (interleaved), no grouped heads.
+    "gptj": lambda: AutoConfig.for_model("gptj", **_GPT_LIKE, rotary_dim=8, tie_word_embeddings=False),
+    "codegen": lambda: AutoConfig.for_model("codegen", **_GPT_LIKE, n_ctx=512, rotary_dim=8,
+                                            tie_word_embeddings=False),
+    "persimmon": lambda: AutoConfig.for_model("persimmon", **{**_LLAMA_LIKE, "num_key_value_heads": 4},
+                                              tie_word_embeddings=False, **_IDS),
+    "ctrl": lambda: AutoConfig.for_model("ctrl", **_GPT_LIKE, dff=128),
     "glm4_moe": lambda: AutoConfig.for_model("glm4_moe", **_LLAMA_LIKE, head_dim=16, n_routed_experts=4,
                                              num_experts_per_tok=2, n_group=1, topk_group=1,
                                              moe_intermediate_size=32, tie_word_embeddings=False, **_IDS),

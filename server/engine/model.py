@@ -84,13 +84,25 @@ SUPPORTED_MODEL_TYPES = {
     "seed_oss": Family("Seed-OSS"),
     "smollm3": Family("SmolLM3", "no rotary on some layers (model-side)"),
     "stablelm": Family("StableLM", "partial rotary"),
+    "gpt_bigcode": Family("StarCoder / SantaCoder (GPTBigCode)", "multi-query attention: one key/value head"),
+    "gptj": Family("GPT-J", "partial, interleaved rotary"),
+    "codegen": Family("CodeGen", "partial, interleaved rotary; fused qkv"),
+    "persimmon": Family("Persimmon", "partial rotary; q/k layer norms"),
+    "ctrl": Family("CTRL", "sinusoidal absolute positions (added to the embeddings, by position id)"),
+    "ernie4_5_moe": Family("ERNIE 4.5 MoE", _MOE),
+    "hunyuan_v1_moe": Family("Hunyuan MoE", f"q/k norms; {_MOE}"),
+    "granitemoeshared": Family("Granite MoE (shared experts)", _MOE),
+    "flex_olmo": Family("FlexOlmo", f"q/k norms; {_MOE}"),
+    "jais2": Family("Jais 2"),
+    "hyperclovax": Family("HyperCLOVA X"),
+    "mellum": Family("Mellum", _WINDOW),
+    "cwm": Family("Code World Model", _WINDOW),
 }
 
 # Names users meet that are not transformers model types of a served family -> the one to use instead.
 _NEAREST = {
     "chatglm": "glm4",
     "gemma3": "gemma3_text",
-    "gpt_bigcode": "starcoder2",
     "bloom": "falcon",
     "falcon_h1": "falcon",
 }
