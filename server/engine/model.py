@@ -2,7 +2,11 @@
 
 Every supported architecture keeps per-layer key/value tensors of shape ``[batch, kv_heads, seq, head_dim]``
 in transformers' Cache API and accepts explicit ``position_ids`` and a 4-D attention mask, which is all the
-engine relies on. Anything else is refused at start-up rather than served wrongly.
+engine relies on. Anything else is refused at start-up rather than served wrongly, naming the nearest family.
+
+What differs per family is declared in :data:`SUPPORTED_MODEL_TYPES`; the code that acts on it is here (the
+cached head count, in :func:`model_shape`) and in :mod:`server.engine.attention` (per-layer windows and
+soft-caps read from what each layer passes, and Falcon's rerouted attention).
 """
 
 from __future__ import annotations
