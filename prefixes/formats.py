@@ -5,9 +5,12 @@ Accepted, detected from the files themselves:
 - a PEFT adapter folder: ``adapter_config.json`` + ``adapter_model.safetensors`` (or ``.bin``), tensor
   ``prompt_embeddings``; ``peft_type`` PREFIX_TUNING, P_TUNING or PROMPT_TUNING. PEFT saves the output of
   its prompt encoder, so any reparameterisation is already folded in.
-- a THUDM ChatGLM-6B P-Tuning v2 checkpoint: tensors under ``transformer.prefix_encoder.``
+- a THUDM ChatGLM P-Tuning v2 checkpoint: tensors under ``transformer.prefix_encoder.``
   (``embedding.weight`` and, when trained with ``prefix_projection``, ``trans.0.*`` / ``trans.2.*``, the
-  Linear-Tanh-Linear MLP, which is run here once).
+  Linear-Tanh-Linear MLP, which is run here once). ChatGLM-6B sizes a virtual token as
+  ``num_layers * 2 * hidden_size``; ChatGLM2/3 and GLM-4 use multi-query attention and size it
+  ``num_layers * 2 * multi_query_group_num * kv_channels``, which on transformers' GLM-4 (``glm4``) is
+  ``num_layers * 2 * num_key_value_heads * head_dim``: the base model's key/value width, as for PEFT.
 - prefix-serve's own format: one ``.safetensors`` file with metadata ``format = prefix-serve``.
 
 Tensors are read from ``.safetensors`` or, for ``.bin``/``.pt``, only through
@@ -201,6 +204,14 @@ def _parse_chatglm(tensors: dict[str, torch.Tensor], shape: ModelShape, name: st
             raise InvalidArtifact(f"{name}: prefix_projection MLP shapes do not chain ({exc}).") from exc
     else:
         flat = embedding
+    if flat.shape[1] == shape.num_layers * 2 * shape.hidden_size != shape.kv_width:
+        raise InvalidArtifact(
+            f"{name}: prefix width {flat.shape[1]} = num_layers({shape.num_layers}) x 2 x hidden_size"
+            f"({shape.hidden_size}), the ChatGLM-6B layout with a key/value per attention head, but this base "
+            f"model has {shape.num_kv_heads} key/value heads (multi-query groups) of {shape.head_dim}: a "
+            f"ChatGLM2/3 or GLM-4 prefix is num_layers x 2 x multi_query_group_num x kv_channels = "
+            f"{shape.kv_width}. Was it trained for ChatGLM-6B rather than this model?"
+        )
     kv = _unflatten_checked(flat, shape, name)
     return PrefixArtifact(PrefixKind.PREFIX_TUNING, kv, "chatglm", {"prefix_projection": str(bool(present))})
 

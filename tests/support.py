@@ -15,13 +15,24 @@ import safetensors.torch
 import torch
 from peft import PeftModel, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, get_peft_model
 from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    FalconConfig,
+    Gemma2Config,
+    Gemma3TextConfig,
+    GlmConfig,
+    Glm4Config,
     GPT2Config,
     GPTNeoXConfig,
     LlamaConfig,
     MistralConfig,
+    MixtralConfig,
     OPTConfig,
+    Phi3Config,
     Qwen2Config,
-    AutoModelForCausalLM,
+    Qwen3Config,
+    Qwen3MoeConfig,
+    Starcoder2Config,
 )
 
 from prefixes.formats import parse_artifact
@@ -30,20 +41,83 @@ from server.engine.model import BaseModel
 from placement import NEAR_TIE, place
 
 VOCAB = 256
+# Sliding windows far below the test's sequence lengths (prefix + prompt + output reach ~30 positions), so that
+# every windowed family is checked with its window binding.
+WINDOW = 10
+_LLAMA_LIKE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+_IDS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)  # within the tiny vocabulary
+# Families served with no adaptation beyond what the generic path already does; their tiny configs differ only in
+# model_type (True: give it a binding sliding window, for the families whose layers can be windowed).
+NO_ADAPTATION = {
+    "apertus": False, "arcee": False, "bitnet": False, "cohere": False, "cohere2": True, "ernie4_5": False,
+    "exaone4": True, "gemma": False, "glm4_moe": False, "granite": False, "granitemoe": False, "helium": False,
+    "hunyuan_v1_dense": False, "jetmoe": False, "ministral": True, "nemotron": False, "olmo": False,
+    "olmo2": False,
+    "olmo3": True, "olmoe": False, "phi": False, "phimoe": False, "qwen2_moe": False, "seed_oss": False,
+    "smollm3": False, "stablelm": False, "ernie4_5_moe": False, "hunyuan_v1_moe": False,
+    "granitemoeshared": False, "flex_olmo": False, "jais2": False, "hyperclovax": False, "mellum": True, "cwm": True,
+}
+_GPT_LIKE = dict(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=512, bos_token_id=1, eos_token_id=2)
 TINY_CONFIGS = {
-    "llama": lambda: LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512),
-    "qwen2": lambda: Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=512),
-    "mistral": lambda: MistralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                                     sliding_window=None),
+    "llama": lambda: LlamaConfig(**_LLAMA_LIKE),
+    "qwen2": lambda: Qwen2Config(**{**_LLAMA_LIKE, "num_key_value_heads": 1}),
+    "mistral": lambda: MistralConfig(**_LLAMA_LIKE, sliding_window=WINDOW),
     "gpt2": lambda: GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=512),
     "gpt_neox": lambda: GPTNeoXConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                       num_attention_heads=4, max_position_embeddings=512),
     "opt": lambda: OPTConfig(vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
                              max_position_embeddings=512, word_embed_proj_dim=64),
+    # GLM / GLM-4: half-width interleaved rotary; 2 multi-query groups (key/value heads) of head_dim 16.
+    "glm": lambda: GlmConfig(**_LLAMA_LIKE, head_dim=16, **_IDS),
+    "glm4": lambda: Glm4Config(**_LLAMA_LIKE, head_dim=16, **_IDS),
+    # Qwen3: q/k norms; layer 0 global, layer 1 windowed (max_window_layers=1).
+    "qwen3": lambda: Qwen3Config(**_LLAMA_LIKE, head_dim=16, use_sliding_window=True, sliding_window=WINDOW,
+                                 max_window_layers=1),
+    "qwen3_moe": lambda: Qwen3MoeConfig(**_LLAMA_LIKE, head_dim=16, num_experts=4, num_experts_per_tok=2,
+                                        moe_intermediate_size=32),
+    # Gemma 2: local/global alternation, a soft-cap low enough to bind on these logits, and a scale that is not
+    # head_dim**-0.5 (query_pre_attn_scalar 24 vs head_dim 16).
+    # Untied output embeddings: with Gemma's sqrt(hidden)-scaled, tied embeddings a tiny random model only
+    # ever predicts its input token, which no prefix can change.
+    "gemma2": lambda: Gemma2Config(**_LLAMA_LIKE, head_dim=16, query_pre_attn_scalar=24, sliding_window=WINDOW,
+                                   attn_logit_softcapping=2.0, tie_word_embeddings=False, **_IDS),
+    "gemma3_text": lambda: Gemma3TextConfig(**_LLAMA_LIKE, head_dim=16, query_pre_attn_scalar=24,
+                                            sliding_window=WINDOW, tie_word_embeddings=False,
+                                            layer_types=["sliding_attention", "full_attention"], **_IDS),
+    "phi3": lambda: Phi3Config(**_LLAMA_LIKE, sliding_window=WINDOW, partial_rotary_factor=0.5, **_IDS),
+    "mixtral": lambda: MixtralConfig(**_LLAMA_LIKE, num_local_experts=4, num_experts_per_tok=2,
+                                     sliding_window=WINDOW),
+    "starcoder2": lambda: Starcoder2Config(**_LLAMA_LIKE, sliding_window=WINDOW),
+    # Falcon-40B/180B layout: 2 key/value groups, broadcast to the 4 query heads before caching.
+    "falcon": lambda: FalconConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                   new_decoder_architecture=True, num_kv_heads=2, alibi=False, bias=False,
+                                   max_position_embeddings=512, **_IDS),
+    **{model_type: (lambda t=model_type, w=window: AutoConfig.for_model(
+        t, **_LLAMA_LIKE, head_dim=16, tie_word_embeddings=False, **_IDS,
+        **({"sliding_window": WINDOW} if w else {}))) for model_type, window in NO_ADAPTATION.items()},
+    # Four small experts, two per token, where the defaults (up to 128 experts) would dominate the test's time.
+    "qwen2_moe": lambda: AutoConfig.for_model("qwen2_moe", **_LLAMA_LIKE, num_experts=4, num_experts_per_tok=2,
+                                              moe_intermediate_size=32, shared_expert_intermediate_size=32,
+                                              tie_word_embeddings=False, **_IDS),
+    "olmoe": lambda: AutoConfig.for_model("olmoe", **_LLAMA_LIKE, num_experts=4, num_experts_per_tok=2,
+                                          tie_word_embeddings=False, **_IDS),
+    # Multi-query attention: one key/value head (StarCoder / SantaCoder).
+    "gpt_bigcode": lambda: AutoConfig.for_model("gpt_bigcode", **_GPT_LIKE, multi_query=True),
+    # Rotary on the first 8 of 16 dimensions per head (interleaved), no grouped heads.
+    "gptj": lambda: AutoConfig.for_model("gptj", **_GPT_LIKE, rotary_dim=8, tie_word_embeddings=False),
+    "codegen": lambda: AutoConfig.for_model("codegen", **_GPT_LIKE, n_ctx=512, rotary_dim=8,
+                                            tie_word_embeddings=False),
+    "persimmon": lambda: AutoConfig.for_model("persimmon", **{**_LLAMA_LIKE, "num_key_value_heads": 4},
+                                              tie_word_embeddings=False, **_IDS),
+    "ctrl": lambda: AutoConfig.for_model("ctrl", **_GPT_LIKE, dff=128),
+    "glm4_moe": lambda: AutoConfig.for_model("glm4_moe", **_LLAMA_LIKE, head_dim=16, n_routed_experts=4,
+                                             num_experts_per_tok=2, n_group=1, topk_group=1,
+                                             moe_intermediate_size=32, tie_word_embeddings=False, **_IDS),
 }
+# The oracle's attention implementation where SDPA would compute something else: transformers' SDPA path
+# cannot soft-cap, so Gemma 2's reference is its eager attention.
+ORACLE_ATTENTION = {"gemma2": "eager"}
 
 # Adapter recipes: name -> (PEFT config factory, or "chatglm*" for the THUDM checkpoint format)
 KINDS = ("prefix", "prefix_projection", "p_tuning", "prompt_tuning", "chatglm", "chatglm_projection")
@@ -52,7 +126,7 @@ KINDS = ("prefix", "prefix_projection", "p_tuning", "prompt_tuning", "chatglm", 
 def tiny_model(arch: str, seed: int = 0):
     torch.manual_seed(seed)
     config = TINY_CONFIGS[arch]()
-    config._attn_implementation = "sdpa"
+    config._attn_implementation = ORACLE_ATTENTION.get(arch, "sdpa")
     # Default initialisers (std 0.02) give near-uniform logits that no prefix can move; a wider one makes
     # tiny models opinionated enough for "the prefix changed the output" to be a meaningful check.
     config.initializer_range = 0.3
@@ -138,13 +212,16 @@ def oracle_logits(model: torch.nn.Module, prompt_ids: list[int], output_ids: lis
     return logits[-len(output_ids):]
 
 
-def assert_oracle_tokens(model: torch.nn.Module, prompt_ids: list[int], output_ids: list[int], what: str) -> None:
+def assert_oracle_tokens(model: torch.nn.Module, prompt_ids: list[int], output_ids: list[int], what: str,
+                         near_tie: float = NEAR_TIE) -> None:
+    """Every generated token is the oracle's argmax, or within ``near_tie`` of it (placement.NEAR_TIE: two
+    float paths may order logits that close differently)."""
     logits = oracle_logits(model, prompt_ids, output_ids)
     for step, token in enumerate(output_ids):
         best = int(logits[step].argmax())
         if token != best:
             gap = float(logits[step, best] - logits[step, token])
-            assert gap < NEAR_TIE, (
+            assert gap < near_tie, (
                 f"{what}: step {step} produced {token}, oracle argmax {best} (logit gap {gap:.5f}); "
                 f"engine {output_ids}, oracle {logits.argmax(-1).tolist()}"
             )

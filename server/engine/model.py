@@ -2,11 +2,16 @@
 
 Every supported architecture keeps per-layer key/value tensors of shape ``[batch, kv_heads, seq, head_dim]``
 in transformers' Cache API and accepts explicit ``position_ids`` and a 4-D attention mask, which is all the
-engine relies on. Anything else is refused at start-up rather than served wrongly.
+engine relies on. Anything else is refused at start-up rather than served wrongly, naming the nearest family.
+
+What differs per family is declared in :data:`SUPPORTED_MODEL_TYPES`; the code that acts on it is here (the
+cached head count, in :func:`model_shape`) and in :mod:`server.engine.attention` (per-layer windows and
+soft-caps read from what each layer passes, and Falcon's rerouted attention).
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import logging
 import os
@@ -20,14 +25,90 @@ from prefixes.artifact import ModelShape
 
 log = logging.getLogger(__name__)
 
-# model_type -> family. Each is covered by tests/test_engine_oracle.py against PEFT's forward pass.
+@dataclass(frozen=True, slots=True)
+class Family:
+    """A served architecture and what, if anything, differs from Llama-style attention in how it is served."""
+
+    name: str
+    adapted: str = ""  # empty: served by the generic packed attention as it is
+
+
+_WINDOW = "sliding-window layers: each layer's window is applied in the packed attention's per-row masks"
+_MOE = "MoE MLP: routing is per token, so packing rows together changes nothing"
+
+# model_type -> family. Each is covered by tests/test_engine_oracle.py against PEFT's forward pass; the README's
+# "Supported base models" section is this table in prose.
 SUPPORTED_MODEL_TYPES = {
-    "llama": "Llama",
-    "mistral": "Llama family (Mistral)",
-    "qwen2": "Llama family (Qwen2)",
-    "gpt2": "GPT-2",
-    "gpt_neox": "GPT-NeoX",
-    "opt": "OPT",
+    "llama": Family("Llama"),
+    "mistral": Family("Llama family (Mistral)", _WINDOW),
+    "qwen2": Family("Llama family (Qwen2)", _WINDOW),
+    "gpt2": Family("GPT-2"),
+    "gpt_neox": Family("GPT-NeoX", "partial rotary (applied by the model before the cache)"),
+    "opt": Family("OPT"),
+    "glm": Family("GLM", "partial, interleaved rotary; multi-query groups as key/value heads"),
+    "glm4": Family("GLM-4", "partial, interleaved rotary; multi-query groups as key/value heads"),
+    "qwen3": Family("Qwen3", f"q/k RMS norms (inside the model, before the cache); {_WINDOW}"),
+    "qwen3_moe": Family("Qwen3-MoE", f"q/k RMS norms; {_MOE}; {_WINDOW}"),
+    "gemma2": Family("Gemma 2", "attention logit soft-capping (tanh, computed in the packed attention); scale "
+                                f"query_pre_attn_scalar**-0.5; alternating local/global layers ({_WINDOW})"),
+    "gemma3_text": Family("Gemma 3 (text)", "q/k norms; scale query_pre_attn_scalar**-0.5; 5 local : 1 global "
+                                            f"layers with separate rotary bases ({_WINDOW})"),
+    "phi3": Family("Phi-3", f"fused qkv, partial rotary where configured; {_WINDOW}"),
+    "mixtral": Family("Mixtral", f"{_MOE}; {_WINDOW}"),
+    "starcoder2": Family("StarCoder2", _WINDOW),
+    "falcon": Family("Falcon", "attention computed inline, not through transformers' AttentionInterface: "
+                               "attention.py routes its core through the packed attention; the cache keeps "
+                               "Falcon's own head count (all heads for the new decoder architecture, one for "
+                               "multi-query); ALiBi variants refused"),
+    # Served with no adaptation: transformers' attention modules of these families call the AttentionInterface
+    # with nothing beyond the options above (q/k norms, partial rotary, windows and MoE MLPs are model-side).
+    "apertus": Family("Apertus"),
+    "arcee": Family("Arcee (AFM)"),
+    "bitnet": Family("BitNet"),
+    "cohere": Family("Cohere Command-R"),
+    "cohere2": Family("Cohere Command-R7B", _WINDOW),
+    "ernie4_5": Family("ERNIE 4.5"),
+    "exaone4": Family("EXAONE 4", f"q/k norms; {_WINDOW}"),
+    "gemma": Family("Gemma"),
+    "glm4_moe": Family("GLM-4.5 (MoE)", f"partial rotary; {_MOE}"),
+    "granite": Family("Granite"),
+    "granitemoe": Family("Granite MoE", _MOE),
+    "helium": Family("Helium"),
+    "hunyuan_v1_dense": Family("Hunyuan (dense)", "q/k norms"),
+    "jetmoe": Family("JetMoE", f"mixture of attention heads and MLP experts; {_MOE}"),
+    "ministral": Family("Ministral", _WINDOW),
+    "nemotron": Family("Nemotron", "partial rotary"),
+    "olmo": Family("OLMo"),
+    "olmo2": Family("OLMo 2", "q/k norms"),
+    "olmo3": Family("OLMo 3", f"q/k norms; {_WINDOW}"),
+    "olmoe": Family("OLMoE", f"q/k norms; {_MOE}"),
+    "phi": Family("Phi-1/2", "partial rotary"),
+    "phimoe": Family("Phi-3.5-MoE", _MOE),
+    "qwen2_moe": Family("Qwen2-MoE", _MOE),
+    "seed_oss": Family("Seed-OSS"),
+    "smollm3": Family("SmolLM3", "no rotary on some layers (model-side)"),
+    "stablelm": Family("StableLM", "partial rotary"),
+    "gpt_bigcode": Family("StarCoder / SantaCoder (GPTBigCode)", "multi-query attention: one key/value head"),
+    "gptj": Family("GPT-J", "partial, interleaved rotary"),
+    "codegen": Family("CodeGen", "partial, interleaved rotary; fused qkv"),
+    "persimmon": Family("Persimmon", "partial rotary; q/k layer norms"),
+    "ctrl": Family("CTRL", "sinusoidal absolute positions (added to the embeddings, by position id)"),
+    "ernie4_5_moe": Family("ERNIE 4.5 MoE", _MOE),
+    "hunyuan_v1_moe": Family("Hunyuan MoE", f"q/k norms; {_MOE}"),
+    "granitemoeshared": Family("Granite MoE (shared experts)", _MOE),
+    "flex_olmo": Family("FlexOlmo", f"q/k norms; {_MOE}"),
+    "jais2": Family("Jais 2"),
+    "hyperclovax": Family("HyperCLOVA X"),
+    "mellum": Family("Mellum", _WINDOW),
+    "cwm": Family("Code World Model", _WINDOW),
+}
+
+# Names users meet that are not transformers model types of a served family -> the one to use instead.
+_NEAREST = {
+    "chatglm": "glm4",
+    "gemma3": "gemma3_text",
+    "bloom": "falcon",
+    "falcon_h1": "falcon",
 }
 
 DEFAULT_MODEL = "default"
@@ -56,28 +137,49 @@ class BaseModel:
         return self.model.dtype
 
 
+def nearest_family(model_type: str) -> str | None:
+    """The supported model_type closest to ``model_type``: a known successor, else the most similar name."""
+    if model_type in _NEAREST and _NEAREST[model_type] in SUPPORTED_MODEL_TYPES:
+        return _NEAREST[model_type]
+    close = difflib.get_close_matches(model_type, SUPPORTED_MODEL_TYPES, n=1, cutoff=0.5)
+    return close[0] if close else None
+
+
 def check_supported(config) -> None:
-    if config.model_type not in SUPPORTED_MODEL_TYPES:
+    """Refuse, at start-up, a model whose attention this engine has not been proven to compute as PEFT does."""
+    model_type = config.model_type
+    if model_type not in SUPPORTED_MODEL_TYPES:
         supported = ", ".join(sorted(SUPPORTED_MODEL_TYPES))
+        nearest = nearest_family(model_type)
+        hint = f" The nearest supported family is {nearest!r} ({SUPPORTED_MODEL_TYPES[nearest].name})." \
+            if nearest else ""
         raise UnsupportedModel(
-            f"model_type {config.model_type!r} is not supported (supported: {supported}); its key/value cache "
-            "layout has not been verified against PEFT, so it would risk wrong answers."
+            f"model_type {model_type!r} is not supported (supported: {supported}); its attention and key/value "
+            f"cache layout have not been verified against PEFT, so it would risk wrong answers.{hint}"
         )
+    layer_types = set(getattr(config, "layer_types", None) or ())
+    if layer_types - {"full_attention", "sliding_attention"}:
+        raise UnsupportedModel(
+            f"model_type {model_type!r} with layer_types {sorted(layer_types)}: only full and sliding-window "
+            "attention layers are served."
+        )
+    if model_type == "falcon" and config.alibi:
+        raise UnsupportedModel("Falcon with alibi=True: the packed attention applies no ALiBi position bias.")
+    if getattr(config, "use_bidirectional_attention", False):
+        raise UnsupportedModel(f"model_type {model_type!r} with use_bidirectional_attention: not a causal LM.")
 
 
 def model_shape(model: PreTrainedModel) -> ModelShape:
     config = model.config
     check_supported(config)
+    model_type = config.model_type
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    if model_type == "falcon":  # what its attention caches, see attention._falcon_attention
+        kv_heads = heads if config.new_decoder_architecture or not config.multi_query else 1
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    # Sliding windows need no cap on the context: packed_attention applies each layer's window itself.
     max_positions = config.max_position_embeddings
-    # The engine passes its own 4-D mask, which has no sliding window: cap the context at the window so
-    # that the window never applies (an exact answer over a shorter context, rather than a wrong one).
-    if getattr(config, "sliding_window", None) and (
-        getattr(config, "use_sliding_window", True) or "sliding_attention" in (getattr(config, "layer_types", None) or [])
-    ):
-        max_positions = min(max_positions, config.sliding_window)
     return ModelShape(
         num_layers=config.num_hidden_layers,
         num_kv_heads=kv_heads,
