@@ -10,7 +10,7 @@ from fastapi import FastAPI
 
 from prefixes.store import PrefixStore
 from prefixes.validate import ArtifactLimits
-from server.api import generate, health, openai, prefixes
+from server.api import generate, health, openai, prefixes, tokenize
 from server.auth import AuthConfig
 from server.config import Settings
 from server.engine.engine import Engine, EngineConfig
@@ -70,5 +70,6 @@ def create_app(settings: Settings, base: BaseModel | None = None) -> FastAPI:
     app.include_router(generate.router)
     app.include_router(prefixes.router)
     app.include_router(openai.router)
+    app.include_router(tokenize.router)
     openai.add_exception_handlers(app)  # OpenAI's error shape under /v1; elsewhere unchanged
     return app

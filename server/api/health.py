@@ -11,6 +11,7 @@ router = APIRouter(tags=["operations"])
 
 
 @router.get("/healthz")
+@router.get("/health")  # vLLM's name, which load generators and routers probe
 async def healthz(state: State):
     return {"status": "ok", "model": state.base.model_id, "running": state.engine.num_running,
             "waiting": state.engine.num_waiting}

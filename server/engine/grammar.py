@@ -73,8 +73,8 @@ class Grammars:
     def check(self, structured: tuple[str, str]) -> None:
         """Raise :class:`InvalidGrammar` unless ``structured`` compiles for this tokenizer."""
         source = grammar_source(*structured)
-        ok, is_lark, messages = llguidance.LLMatcher.validate_grammar_with_warnings(source, self.tokenizer)
-        if not ok:
+        failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(source, self.tokenizer)
+        if failed:
             raise InvalidGrammar(f"invalid {structured[0]} for structured output: {'; '.join(messages)}")
 
     def matcher(self, structured: tuple[str, str]) -> llguidance.LLMatcher:

@@ -15,6 +15,7 @@ its own: :meth:`Sampler.sample` reports it in ``errors`` and the other rows get 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -48,13 +49,19 @@ def token_logprobs(logits: torch.Tensor, targets: list[int], top: int) -> list[L
     return list(zip(chosen, tops))
 
 
+def _invert(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """probs: [m, W] (rows need not sum to 1), uniform: [m] in [0, 1) -> [m] column of each row's draw."""
+    cdf = torch.cumsum(probs.double(), dim=-1)  # float64, so the tail of 49k probabilities adds up
+    column = torch.searchsorted(cdf, (uniform * cdf[:, -1])[:, None], right=True)[:, 0]  # first cdf > u
+    return column.clamp_(max=probs.shape[-1] - 1)
+
+
 @dataclass(slots=True)
 class RowState:
     """Per-request sampling state, made at admission and dropped when the request leaves."""
 
     generator: torch.Generator | None = None
-    counts: torch.Tensor | None = None  # [V] float32: how often each id was generated (penalties)
-    seen: torch.Tensor | None = None  # [V] bool: ids in the prompt or the output (repetition penalty)
+    prompt: frozenset[int] = frozenset()  # the prompt's ids, when the repetition penalty counts them
     matcher: object | None = None  # the grammar matcher (structured outputs)
 
 
@@ -79,13 +86,8 @@ class Sampler:
     def admit(self, seq: Sequence) -> None:
         """Make ``seq``'s state (raises if its grammar cannot be built: the request fails alone)."""
         params, state = seq.params, RowState(generator=make_generator(seq.params, self.device))
-        if params.penalised:
-            state.counts = torch.zeros(self.vocab_size, device=self.device)
-            state.seen = torch.zeros(self.vocab_size, dtype=torch.bool, device=self.device)
-            if seq.prompt_ids:
-                state.seen[torch.tensor(seq.prompt_ids, device=self.device)] = True
-            for token in seq.output_ids:
-                self._count(state, token)
+        if params.repetition_penalty != 1.0:
+            state.prompt = frozenset(seq.prompt_ids)
         if params.structured is not None:
             if self.grammars is None:
                 raise ValueError("structured outputs are not available on this engine")
@@ -94,11 +96,6 @@ class Sampler:
 
     def release(self, seq: Sequence) -> None:
         self._rows.pop(seq.id, None)
-
-    @staticmethod
-    def _count(state: RowState, token: int) -> None:
-        state.counts[token] += 1
-        state.seen[token] = True
 
     # -- one step -----------------------------------------------------------------------------------------
 
@@ -124,8 +121,6 @@ class Sampler:
                 continue
             try:
                 state = self._rows[seq.id]
-                if state.counts is not None:
-                    self._count(state, result.tokens[i])
                 if state.matcher is not None:
                     self.grammars.accept(state.matcher, result.tokens[i])
             except Exception as exc:
@@ -141,16 +136,16 @@ class Sampler:
     def _choose(self, logits: torch.Tensor, seqs: list[Sequence], errors: dict[int, str]) -> list[int]:
         """Tokens for every row of ``logits`` [n, V]; rows that cannot be sampled go to ``errors``.
         Leaves ``logits`` and every row's state untouched."""
-        bad = ~torch.isfinite(logits).all(dim=-1)  # [n]
         processed = self._process(logits, seqs, errors)  # [n, V], a copy when anything applies
-        # A row is samplable when some token is still allowed and nothing became NaN.
-        bad |= torch.isnan(processed).any(dim=-1) | torch.isneginf(processed).all(dim=-1)
-        for i in bad.nonzero()[:, 0].tolist():
+        # One pass finds the greedy tokens and the broken rows: the max is NaN if any logit is NaN (max
+        # propagates it), +inf if one is +inf, and -inf if every token is masked. (A [n, V] isfinite()
+        # costs several passes; the 0-2 broken rows are examined alone.)
+        best, tokens = processed.max(dim=-1)  # [n] each: greedy rows are done
+        for i in (~torch.isfinite(best)).nonzero()[:, 0].tolist():
             if i not in errors:
                 errors[i] = ("the model produced non-finite logits for this request (check the task's prefix "
                              "values)" if not torch.isfinite(logits[i]).all() else
                              "no token is allowed here (min_tokens, logit_bias or the grammar exclude them all)")
-        tokens = torch.argmax(processed, dim=-1)  # [n]: greedy rows are done
         drawn = [i for i, seq in enumerate(seqs) if not seq.params.greedy and i not in errors]
         if drawn:
             tokens[drawn] = self._draw(processed[drawn], [seqs[i].params for i in drawn],
@@ -173,16 +168,7 @@ class Sampler:
             out.index_put_((self._long(rows), self._long(ids)), torch.tensor(values, device=out.device),
                            accumulate=True)
         if penalised:
-            states = [self._rows[seqs[i].id] for i in penalised]
-            counts = torch.stack([s.counts for s in states])  # [p, V]
-            seen = torch.stack([s.seen for s in states])  # [p, V]
-            column = lambda name: torch.tensor([getattr(params[i], name) for i in penalised],
-                                               device=out.device)[:, None]  # [p, 1]
-            rows = out[penalised]  # [p, V]
-            repetition = column("repetition_penalty")
-            rows = torch.where(seen, torch.where(rows > 0, rows / repetition, rows * repetition), rows)
-            rows -= column("frequency_penalty") * counts + column("presence_penalty") * (counts > 0)
-            out[penalised] = rows
+            self._penalise(out, penalised, seqs)
         if banned:
             rows, ids = zip(*banned)
             out[self._long(rows), self._long(ids)] = float("-inf")
@@ -198,27 +184,64 @@ class Sampler:
             out[guided] = rows
         return out
 
+    def _penalise(self, out: torch.Tensor, rows: list[int], seqs: list[Sequence]) -> None:
+        """Penalties on ``out`` [n, V] in place, for ``rows`` (indices into ``seqs``).
+
+        Only the ids a row has seen change, so the edit is sparse: one gather/scatter over every (row, id)
+        pair of the batch rather than dense [n, V] count tensors. Repetition (CTRL / Hugging Face, over
+        prompt and output ids) comes first, then OpenAI's frequency and presence penalties (output ids).
+        """
+        seen_rows, seen_ids, seen_penalty = [], [], []
+        hit_rows, hit_ids, hit_deltas = [], [], []
+        for i in rows:
+            params, counts = seqs[i].params, Counter(seqs[i].output_ids)
+            if params.repetition_penalty != 1.0:
+                seen = self._rows[seqs[i].id].prompt | counts.keys()
+                seen_rows += [i] * len(seen)
+                seen_ids += seen
+                seen_penalty += [params.repetition_penalty] * len(seen)
+            if params.frequency_penalty or params.presence_penalty:
+                hit_rows += [i] * len(counts)
+                hit_ids += counts.keys()
+                hit_deltas += [-(params.frequency_penalty * c + params.presence_penalty) for c in counts.values()]
+        if seen_rows:
+            index = (self._long(seen_rows), self._long(seen_ids))
+            values, penalty = out[index], torch.tensor(seen_penalty, device=out.device)  # [s] each
+            out[index] = torch.where(values > 0, values / penalty, values * penalty)
+        if hit_rows:
+            out.index_put_((self._long(hit_rows), self._long(hit_ids)),
+                           torch.tensor(hit_deltas, device=out.device), accumulate=True)
+
     def _draw(self, logits: torch.Tensor, params: list[SamplingParams],
               generators: list[torch.Generator | None]) -> torch.Tensor:
         """logits: [m, V] of the sampled rows -> [m] token ids: temperature, top-k, top-p, one draw each.
 
-        Works on each row's logits sorted best first, so top-k and top-p are masks by rank, and draws by
-        inverting the cumulative distribution at one uniform number per row from the row's own generator.
+        Each row draws by inverting its cumulative distribution at one uniform number from its own generator
+        (so its tokens do not depend on its neighbours). Rows that cut the distribution (top-k, top-p) work
+        on their best ``K`` logits sorted best first, where both cuts are masks by rank; ``K`` is the largest
+        top-k among them, or the whole vocabulary (a full sort, the costly case) when one has top-p alone.
         """
-        device, (m, vocab) = logits.device, logits.shape
-        temperature = torch.tensor([p.temperature for p in params], device=device)[:, None]  # [m, 1]
-        top_k = torch.tensor([p.top_k or vocab for p in params], device=device)[:, None]  # [m, 1]
-        top_p = torch.tensor([p.top_p for p in params], device=device)[:, None]  # [m, 1]
-        ordered, order = torch.sort(logits / temperature, dim=-1, descending=True)  # [m, V] each
-        ordered.masked_fill_(torch.arange(vocab, device=device)[None] >= top_k, float("-inf"))
-        probs = torch.softmax(ordered, dim=-1)
-        # drop a token when the tokens ranked above it already reach top_p (the first one always stays)
-        probs.masked_fill_(torch.cumsum(probs, dim=-1) - probs >= top_p, 0.0)
-        cdf = torch.cumsum(probs.double(), dim=-1)  # [m, V]; float64 so the tail of 49k ids adds up
+        device, vocab = logits.device, logits.shape[-1]
         uniform = torch.stack([torch.rand((), generator=g, device=device, dtype=torch.float64)
                                for g in generators])  # [m]
-        rank = torch.searchsorted(cdf, (uniform * cdf[:, -1])[:, None], right=True)  # [m, 1]
-        return order.gather(1, rank.clamp_(max=vocab - 1))[:, 0]
+        temperature = torch.tensor([p.temperature for p in params], device=device)[:, None]  # [m, 1]
+        logits = logits / temperature
+        tokens = torch.empty(len(params), dtype=torch.long, device=device)
+        cut = [i for i, p in enumerate(params) if p.top_k or p.top_p < 1]
+        plain = [i for i, p in enumerate(params) if not (p.top_k or p.top_p < 1)]
+        if plain:
+            tokens[plain] = _invert(torch.softmax(logits[plain], dim=-1), uniform[plain])
+        if cut:
+            top_k = [params[i].top_k or vocab for i in cut]
+            ordered, order = torch.topk(logits[cut], min(max(top_k), vocab), dim=-1)  # [c, K], best first
+            ranks = torch.arange(ordered.shape[-1], device=device)[None]
+            ordered.masked_fill_(ranks >= torch.tensor(top_k, device=device)[:, None], float("-inf"))
+            probs = torch.softmax(ordered, dim=-1)
+            top_p = torch.tensor([params[i].top_p for i in cut], device=device)[:, None]  # [c, 1]
+            # drop a token when the tokens ranked above it already reach top_p (the first one always stays)
+            probs.masked_fill_(torch.cumsum(probs, dim=-1) - probs >= top_p, 0.0)
+            tokens[cut] = order.gather(1, _invert(probs, uniform[cut])[:, None])[:, 0]
+        return tokens
 
     def _long(self, values) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
