@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
@@ -104,7 +106,7 @@ class OpenAISampling(BaseModel):
     stream_options: StreamOptions | None = None
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias in [-100, 100]
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None  # token id (a string) -> bias
     response_format: dict | None = None  # {"type": "text" | "json_object" | "json_schema", ...}
     # vLLM's extensions, honoured because clients written for vLLM (lm-eval, guidellm) send them
     top_k: int | None = Field(None, ge=-1)  # -1 or 0: no top-k cut
