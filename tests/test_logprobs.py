@@ -85,3 +85,29 @@ def test_logprobs_match_peft(arch, step_tokens, tokenizer, tmp_path):
                 check_entry(seq.output_logprobs[i], expected[n - 1 + i], token, seq.params.logprobs,
                             f"{what} output token {i}")
     assert any(s.params.max_new_tokens == 0 for s in seqs) and any(len(s.prompt_ids) > 7 for s in seqs)
+
+
+def test_a_prefix_that_breaks_the_logits_fails_only_its_request(tokenizer, tmp_path):
+    """A prefix with huge values (x 1e38: the larger ones overflow to infinity, as a bad in-memory copy
+    could) makes that row's logits NaN; that request fails with a message, and its neighbours in the same
+    steps still equal PEFT."""
+    import dataclasses
+
+    base = wrap_model(tiny_model("llama"), tokenizer, "llama")
+    good = make_adapter(base, "prefix", 4, tmp_path, seed=1)
+    broken = make_adapter(base, "prefix", 3, tmp_path, seed=2)
+    poisoned = dataclasses.replace(broken.prefix, tensor=broken.prefix.tensor * 1e38)
+    engine = Engine(base, EngineConfig(max_batch_size=4, max_step_tokens=64))
+    rng = random.Random(0)
+    seqs = [Sequence([rng.randrange(VOCAB) for _ in range(6)],
+                     SamplingParams(max_new_tokens=5, ignore_eos=True, temperature=t, seed=3), prefix)
+            for prefix, t in ((good.prefix, 0.0), (poisoned, 0.0), (None, 0.7), (poisoned, 0.9))]
+    for seq in seqs:
+        engine.submit(seq)
+    engine.run_until_idle()
+    for seq in (seqs[1], seqs[3]):
+        assert seq.finish_reason.value == "error" and "non-finite" in seq.error, seq.error
+    assert seqs[0].finish_reason.value == seqs[2].finish_reason.value == "length"
+    from support import assert_oracle_tokens
+    assert_oracle_tokens(good.oracle, seqs[0].prompt_ids, seqs[0].output_ids, "good neighbour")
+    assert engine.num_running == 0

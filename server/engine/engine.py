@@ -279,6 +279,7 @@ class Engine:
             reason, error = done[row]
             if error is not None:
                 log.warning("request %s failed while sampling: %s", rows[row].id, error)
+                self.runner.scrub(row)
             self._finish(rows[row], reason, error)
             self.runner.release(row)
         return len(sampled.tokens) - len(sampled.errors)

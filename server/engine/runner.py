@@ -203,7 +203,17 @@ class ModelRunner:
         cache.pop_row()
         self.rows.pop()
 
+    @torch.inference_mode()
+    def scrub(self, row: int) -> None:
+        """Zero ``row``'s keys and values, for a row that failed with non-finite values. Rows reuse slots and
+        mask the columns past their length, but a masked column still enters attention as weight 0 x value,
+        and 0 x inf is NaN: a stale infinity would poison whichever request takes the slot next."""
+        for buf in (*self.cache.keys, *self.cache.values):
+            buf[row].zero_()
+
     def reset(self) -> None:
-        """Drop every row (after a failed forward the cache contents are not trusted)."""
+        """Drop every row (after a failed forward the cache contents are not trusted, so they are zeroed)."""
+        for row in range(self.num_rows):
+            self.scrub(row)
         while self.rows:
             self.release(self.num_rows - 1)
