@@ -155,3 +155,28 @@ def test_lm_eval_generate_until_equals_the_served_completion(server, task_dir):
         assert r.status_code == 200, r.text
         assert sample["resps"][0][0] == r.json()["text"]
     assert "exact_match,none" in results["results"]["ps_short"]
+
+
+def test_guidellm_short_run_has_no_errors(server, tmp_path):
+    """guidellm's OpenAI HTTP backend, 2 concurrent streams for a few seconds on the served task (loopback
+    only): every request it made succeeded or was still running when the time was up, none errored."""
+    import subprocess
+    import sys
+
+    from server.engine.model import default_model_dir
+
+    # guidellm loads the tokenizer as from_pretrained(<model name>): a folder named like the task, here,
+    # holds the base model's tokenizer, so nothing is downloaded
+    (tmp_path / TASK).symlink_to(default_model_dir())
+    report = tmp_path / "report.json"
+    cmd = [sys.executable, "-m", "guidellm", "run",
+           "--backend", f"kind=openai_http,target={server.url},model={TASK}",
+           "--profile", "kind=concurrent,streams=2", "--constraint", "kind=max_duration,seconds=4",
+           "--data", "kind=synthetic_text,prompt_tokens=16,output_tokens=8",
+           "--output", f"kind=json,path={report}", "--disable-console-interactive"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    [benchmark] = json.loads(report.read_text())["benchmarks"]
+    made = benchmark["scheduler_metrics"]["requests_made"]
+    assert made["errored"] == 0 and made["successful"] >= 1, made
