@@ -17,7 +17,6 @@ import os
 import httpx
 import pytest
 import torch
-
 from support import make_adapter
 
 try:

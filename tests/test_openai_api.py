@@ -559,7 +559,7 @@ def test_structured_outputs_parse_and_validate(client, base_id):
 @slow
 @pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity"])
 def test_non_finite_temperature_is_a_clear_client_error(server, base_id, value):
-    body = ('{"model": "%s", "prompt": "hi", "temperature": %s}' % (base_id, value)).encode()
+    body = f'{{"model": "{base_id}", "prompt": "hi", "temperature": {value}}}'.encode()
     headers = {**_auth("acme"), "content-type": "application/json"}
     r = httpx.post(server.url + "/v1/completions", content=body, headers=headers)
     assert r.status_code == 400 and r.json()["error"]["param"] == "temperature", r.text

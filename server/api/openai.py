@@ -240,11 +240,11 @@ async def _respond(state: ServerState, principal: Principal, request: Request, b
             "created": int(time.time()), "model": body.model}  # "object" is filled in per response kind
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        usage = lambda completion_tokens: _usage(prompt_tokens, completion_tokens, cached)  # noqa: E731
+        usage = lambda completion_tokens: _usage(prompt_tokens, completion_tokens, cached)
         if chat:
-            render = lambda pieces: _chat_chunks(pieces, head, len(seqs), usage, include_usage, fmt)  # noqa: E731
+            render = lambda pieces: _chat_chunks(pieces, head, len(seqs), usage, include_usage, fmt)
         else:
-            render = lambda pieces: _completion_chunks(pieces, head, seqs, prompts, n, usage,  # noqa: E731
+            render = lambda pieces: _completion_chunks(pieces, head, seqs, prompts, n, usage,
                                                        include_usage, fmt, echo)
         return await open_stream(state, principal, seqs, render)
     seqs = await run_to_end(state, principal, request, seqs)

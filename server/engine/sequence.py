@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 
 from prefixes.store import ResidentPrefix
 
-
 # Below this temperature a request is served greedily: dividing logits by ~1e-38 overflows float32 to
 # infinities (and NaN once two of them are subtracted in the softmax), and any temperature this small
 # already puts all the probability on the argmax.
