@@ -214,6 +214,7 @@ class Engine:
         decoding = runner.num_decoding
         if decoding:
             self.observer.decoded(decoding)
+        self.sampler.prefetch_masks(runner.rows + joining)  # grammar masks fill while the forward runs
         out = runner.step(joining, step_tokens)
         for scored in out.prompt:
             self._append_prompt_logprobs(scored)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -80,6 +81,9 @@ class Sampler:
         self.eos_token_ids = tuple(sorted(eos_token_ids))
         self.grammars = grammars
         self._rows: dict[int, RowState] = {}  # Sequence.id -> its state
+        self._pool: ThreadPoolExecutor | None = None  # fills grammar masks while the forward runs
+        # (Sequence.id -> mask row, masks [g, ceil(V / 32)], the fill's outcome) for the coming step
+        self._prefetched: tuple[dict[int, int], torch.Tensor, Future] | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------------------
 
@@ -116,6 +120,7 @@ class Sampler:
                         result.errors[i] = errors[0]
                 except Exception as exc:
                     result.errors[i] = f"sampling failed: {type(exc).__name__}: {exc}"
+        self._prefetched = None  # used up: the matchers move on below
         for i, seq in enumerate(seqs):  # the per-request state moves on only for rows that got a token
             if i in result.errors:
                 continue
@@ -173,16 +178,58 @@ class Sampler:
             rows, ids = zip(*banned)
             out[self._long(rows), self._long(ids)] = float("-inf")
         if guided:
-            mask = self.grammars.allocate_mask(len(guided))  # [g, ceil(V / 32)]
-            for j, i in enumerate(guided):
-                try:
-                    self.grammars.fill_mask(self._rows[seqs[i].id].matcher, mask, j)
-                except Exception as exc:
-                    errors[i] = str(exc)
+            mask = self._masks([seqs[i] for i in guided], [i for i in guided], errors)  # [g, ceil(V / 32)]
             rows = out[guided]
             self.grammars.apply_mask(rows, mask)
             out[guided] = rows
         return out
+
+    # -- grammar masks, overlapped with the forward -------------------------------------------------------
+
+    def prefetch_masks(self, seqs: list[Sequence]) -> None:
+        """Start filling the grammar masks of the guided requests among ``seqs`` on a helper thread, so that
+        they are computed while the forward runs instead of after it. A matcher moves only when its row's
+        token is committed after sampling, so a mask computed before the forward is the one sampling needs.
+        (llguidance computes masks in native code; the helper runs no torch kernels, so it never starts a
+        second OpenMP team.)"""
+        guided = [seq for seq in seqs if seq.params.structured is not None and seq.id in self._rows]
+        self._prefetched = None
+        if not guided:
+            return
+        matchers = [self._rows[seq.id].matcher for seq in guided]
+        mask = self.grammars.allocate_mask(len(guided))  # [g, ceil(V / 32)]
+
+        def fill() -> dict[int, str]:
+            failed = {}
+            for j, matcher in enumerate(matchers):
+                try:
+                    self.grammars.fill_mask(matcher, mask, j)
+                except Exception as exc:  # this row's grammar failed: that request fails, not the step
+                    failed[j] = str(exc)
+            return failed
+
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="prefix-serve-grammar")
+        self._prefetched = ({seq.id: j for j, seq in enumerate(guided)}, mask, self._pool.submit(fill))
+
+    def _masks(self, seqs: list[Sequence], rows: list[int], errors: dict[int, str]) -> torch.Tensor:
+        """[len(seqs), ceil(V / 32)] masks of the guided ``seqs`` (at ``rows``): the prefetched ones when
+        every row was prefetched, else computed here. A row whose grammar fails goes to ``errors``."""
+        if self._prefetched is not None and all(seq.id in self._prefetched[0] for seq in seqs):
+            index, mask, pending = self._prefetched
+            failed = pending.result()
+            picks = [index[seq.id] for seq in seqs]
+            for row, j in zip(rows, picks):
+                if j in failed:
+                    errors[row] = failed[j]
+            return mask[picks]
+        mask = self.grammars.allocate_mask(len(seqs))
+        for j, (seq, row) in enumerate(zip(seqs, rows)):
+            try:
+                self.grammars.fill_mask(self._rows[seq.id].matcher, mask, j)
+            except Exception as exc:  # this row's grammar failed: that request fails, not the step
+                errors[row] = str(exc)
+        return mask
 
     def _penalise(self, out: torch.Tensor, rows: list[int], seqs: list[Sequence]) -> None:
         """Penalties on ``out`` [n, V] in place, for ``rows`` (indices into ``seqs``).
