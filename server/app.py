@@ -14,7 +14,7 @@ from starlette.requests import Request
 
 from prefixes.store import PrefixStore
 from prefixes.validate import ArtifactLimits
-from server.api import errors, generate, health, openai, prefixes
+from server.api import errors, generate, health, openai, prefixes, tokenize
 from server.auth import AuthConfig
 from server.config import Settings
 from server.engine.client import EngineClient, EngineLimits
@@ -88,6 +88,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(generate.router)
     app.include_router(prefixes.router)
     app.include_router(openai.router)
+    app.include_router(tokenize.router)
     openai.add_exception_handlers(app)  # OpenAI's error shape under /v1; elsewhere unchanged
     errors.add_store_error_handlers(app)  # after it: renders through its HTTPException handler
     add_request_gate(app, settings)

@@ -328,11 +328,21 @@ def test_unknown_model_is_model_not_found(client, server):
 @pytest.mark.parametrize("body, status, param", [
     ({"prompt": PROMPT, "temperature": 5}, 400, "temperature"),
     ({"prompt": PROMPT, "n": 0}, 400, "n"),
-    ({"prompt": [PROMPT, PROMPT]}, 400, "prompt"),
-    ({"prompt": [1, 2, 3]}, 400, "prompt"),
-    ({"prompt": PROMPT, "logprobs": 2}, 400, "logprobs"),
-    ({"prompt": PROMPT, "echo": True}, 400, "echo"),
+    ({"prompt": []}, 400, "prompt"),
+    ({"prompt": [1, 2, 10**9]}, 400, "prompt"),
+    ({"prompt": PROMPT, "logprobs": 21}, 400, "logprobs"),
+    ({"prompt": PROMPT, "max_tokens": 0}, 400, "max_tokens"),  # only with echo
+    ({"prompt": PROMPT, "logit_bias": {"x": 1}}, 400, "logit_bias"),
+    ({"prompt": PROMPT, "logit_bias": {"5": 101}}, 400, "logit_bias.5"),
+    ({"prompt": PROMPT, "stop_token_ids": [-1]}, 400, "stop_token_ids"),
+    ({"prompt": PROMPT, "presence_penalty": 3}, 400, "presence_penalty"),
+    ({"prompt": PROMPT, "min_tokens": 20, "max_tokens": 4}, 400, None),
+    ({"prompt": PROMPT, "response_format": {"type": "json_schema", "json_schema": {"schema": {"type": 5}}}},
+     400, None),
+    ({"prompt": PROMPT, "response_format": {"type": "xml"}}, 400, "response_format"),
+    ({"prompt": PROMPT, "guided_regex": "a+", "guided_choice": ["a"]}, 400, "guided_choice"),
     ({"prompt": PROMPT, "best_of": 3}, 400, "best_of"),
+    ({"prompt": PROMPT, "suffix": "x"}, 400, "suffix"),
     ({"prompt": PROMPT, "max_tokens": 100000}, 400, "max_tokens"),
     ({"prompt": PROMPT, "max_tokens": 9000}, 400, None),  # beyond the model's context
     ({}, 400, "prompt"),
@@ -409,6 +419,182 @@ def test_disconnect_frees_the_slot(server, prefix_adapter, path, body):
     assert _wait_idle(server) == 0, "the abandoned stream is still generating"
     assert _metric(server, "cancelled", "solo") == cancelled + body.get("n", 1)
     assert solo.completions.create(model=TASK, prompt=PROMPT, max_tokens=1).choices  # the slot is back
+
+
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Logprobs, echo, token prompts, prompt scoring
+
+
+@slow
+def test_echo_and_logprobs_with_text_and_token_prompts(client, server):
+    whole = client.completions.create(model=TASK, prompt=PROMPT, max_tokens=4, temperature=0, echo=True,
+                                      logprobs=3)
+    [choice] = whole.choices
+    lp = choice.logprobs
+    prompt_ids = httpx.post(server.url + "/tokenize", headers=_auth("acme"), json={"prompt": PROMPT}).json()["tokens"]
+    n = len(prompt_ids)
+    assert choice.text.startswith(PROMPT) and "".join(lp.tokens) == choice.text
+    assert len(lp.tokens) == n + 4 and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.text_offset == [len("".join(lp.tokens[:i])) for i in range(len(lp.tokens))]
+    for token, logprob, top in zip(lp.tokens[1:], lp.token_logprobs[1:], lp.top_logprobs[1:]):
+        assert logprob <= 0 and top[token] == logprob and 3 <= len(top) <= 4  # the chosen one is always in
+        assert max(top.values()) >= logprob
+    # greedy: every generated token is the best of its top_logprobs
+    assert all(lp.token_logprobs[i] == max(lp.top_logprobs[i].values()) for i in range(n, n + 4))
+    # the same prompt as token ids, twice in one request, scored only (max_tokens 0)
+    scored = client.completions.create(model=TASK, prompt=[prompt_ids, prompt_ids[:3]], max_tokens=0,
+                                       echo=True, logprobs=3, temperature=0)
+    assert [c.index for c in scored.choices] == [0, 1]
+    first, second = scored.choices
+    assert (first.text, first.finish_reason) == (PROMPT, "length")
+    assert first.logprobs.token_logprobs == pytest.approx(lp.token_logprobs[:n], abs=1e-4)
+    assert second.logprobs.token_logprobs == pytest.approx(lp.token_logprobs[:3], abs=1e-4)
+    assert scored.usage.completion_tokens == 0 and scored.usage.prompt_tokens == n + 3
+    # without echo, logprobs cover the generated tokens only, offsets continue after the prompt
+    plain = client.completions.create(model=TASK, prompt=PROMPT, max_tokens=4, temperature=0, logprobs=0)
+    assert plain.choices[0].logprobs.token_logprobs == pytest.approx(lp.token_logprobs[n:], abs=1e-4)
+    assert plain.choices[0].logprobs.text_offset[0] == 0  # offsets index the choice's text (vLLM's convention)
+
+
+@slow
+def test_several_prompts_and_n_follow_openai_indexing(client, base_id):
+    prompts = [PROMPT, "One, two, three,"]
+    out = client.completions.create(model=base_id, prompt=prompts, max_tokens=3, temperature=0, n=2)
+    assert [c.index for c in out.choices] == [0, 1, 2, 3]
+    for p, prompt in enumerate(prompts):
+        alone = client.completions.create(model=base_id, prompt=prompt, max_tokens=3, temperature=0).choices[0]
+        assert out.choices[2 * p].text == out.choices[2 * p + 1].text == alone.text
+
+
+@slow
+def test_streamed_logprobs_equal_whole(client):
+    request = dict(model=TASK, prompt=PROMPT, max_tokens=6, temperature=0, logprobs=2)
+    whole = client.completions.create(**request).choices[0].logprobs
+    tokens, logprobs, offsets = [], [], []
+    for chunk in client.completions.create(**request, stream=True):
+        if chunk.choices and chunk.choices[0].logprobs:
+            tokens += chunk.choices[0].logprobs.tokens
+            logprobs += chunk.choices[0].logprobs.token_logprobs
+            offsets += chunk.choices[0].logprobs.text_offset
+    assert tokens == whole.tokens and offsets == whole.text_offset
+    assert logprobs == pytest.approx(whole.token_logprobs, abs=1e-5)
+
+
+@slow
+def test_chat_logprobs_have_openai_shape(client, base_id):
+    chat = client.chat.completions.create(
+        model=base_id, messages=[{"role": "user", "content": "What is the capital of France?"}], max_tokens=8,
+        temperature=0, logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens
+    assert "".join(c.token for c in content).startswith(chat.choices[0].message.content)
+    for c in content:
+        assert len(c.top_logprobs) == 2 and c.top_logprobs[0].logprob == c.logprob  # greedy
+        assert bytes(c.bytes).decode() == c.token
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sampling controls and structured outputs
+
+
+@slow
+def test_logit_bias_penalties_min_tokens_and_stop_token_ids(client, base_id, server):
+    paris = httpx.post(server.url + "/tokenize", headers=_auth("acme"),
+                       json={"prompt": " Paris", "add_special_tokens": False}).json()["tokens"]
+    assert len(paris) == 1
+    greedy = dict(model=base_id, prompt=PROMPT, max_tokens=8, temperature=0)
+    forced = client.completions.create(**greedy, logit_bias={str(paris[0]): 100})
+    assert forced.choices[0].text == " Paris" * 8
+    biased = client.completions.create(**greedy, logit_bias={str(paris[0]): 9}).choices[0].text
+    penalised = client.completions.create(**greedy, logit_bias={str(paris[0]): 9}, frequency_penalty=2.0,
+                                          presence_penalty=2.0).choices[0].text
+    repeated = client.completions.create(**greedy, logit_bias={str(paris[0]): 9},
+                                         extra_body={"repetition_penalty": 3.0}).choices[0].text
+    assert biased.count("Paris") > penalised.count("Paris") and biased.count("Paris") > repeated.count("Paris")
+    # a stop id ends the request like EOS (not in the text); min_tokens holds it back
+    stopped = client.completions.create(**greedy, extra_body={"stop_token_ids": paris})
+    assert (stopped.choices[0].text, stopped.choices[0].finish_reason) == ("", "stop")
+    held = client.completions.create(**greedy, logit_bias={str(paris[0]): 100},
+                                     extra_body={"stop_token_ids": paris, "min_tokens": 3})
+    # (min_tokens masks the stop id itself for 3 tokens, as vLLM does; the 4th, forced, stops)
+    assert "Paris" not in held.choices[0].text and held.choices[0].finish_reason == "stop"
+    assert held.usage.completion_tokens == 4
+    # -1 is "unseeded"; tiny temperatures are greedy
+    assert client.completions.create(**{**greedy, "temperature": 1.0, "max_tokens": 2}, seed=-1).choices[0].text
+    reference = client.completions.create(**{**greedy, "max_tokens": 4}).choices[0].text
+    for tiny in (1e-38, 1e-40, 7e-188):
+        assert client.completions.create(**{**greedy, "max_tokens": 4, "temperature": tiny}).choices[0].text == \
+            reference
+
+
+@slow
+def test_structured_outputs_parse_and_validate(client, base_id):
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                               "population": {"type": "integer"},
+                                               "capital": {"type": "boolean"}},
+              "required": ["city", "population", "capital"], "additionalProperties": False}
+    messages = [{"role": "user", "content": "Describe Paris as JSON."}]
+    for model in (base_id, TASK):
+        chat = client.chat.completions.create(
+            model=model, messages=messages, max_tokens=60, temperature=0.8, seed=1,
+            response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": schema}})
+        jsonschema.validate(json.loads(chat.choices[0].message.content), schema)
+    anything = client.chat.completions.create(model=base_id, messages=messages, max_tokens=80, temperature=0,
+                                              response_format={"type": "json_object"})
+    assert isinstance(json.loads(anything.choices[0].message.content), dict)
+    choice = client.completions.create(model=base_id, prompt="Is Paris in France? Answer:", max_tokens=5,
+                                       temperature=1.0, seed=3, extra_body={"guided_choice": ["yes", "no"]})
+    assert choice.choices[0].text in ("yes", "no")
+    regex = client.completions.create(model=base_id, prompt="A year:", max_tokens=8, temperature=0,
+                                      extra_body={"guided_regex": "[12][0-9]{3}"})
+    assert len(regex.choices[0].text) == 4 and regex.choices[0].text.isdigit()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Non-finite inputs, usage details, tokenizer routes
+
+
+@slow
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity"])
+def test_non_finite_temperature_is_a_clear_client_error(server, base_id, value):
+    body = f'{{"model": "{base_id}", "prompt": "hi", "temperature": {value}}}'.encode()
+    headers = {**_auth("acme"), "content-type": "application/json"}
+    r = httpx.post(server.url + "/v1/completions", content=body, headers=headers)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "temperature", r.text
+    r = httpx.post(server.url + "/generate", content=b'{"prompt": "hi", "temperature": %s}' % value.encode(),
+                   headers=headers)
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "temperature"], r.text
+
+
+@slow
+def test_usage_counts_the_prefix_as_cached_tokens(client, base_id):
+    for model, cached in ((TASK, 8), (base_id, 0)):
+        out = client.completions.create(model=model, prompt=PROMPT, max_tokens=2, temperature=0)
+        assert out.usage.prompt_tokens_details.cached_tokens == cached
+        chunks = list(client.completions.create(model=model, prompt=PROMPT, max_tokens=2, temperature=0,
+                                                stream=True, stream_options={"include_usage": True}))
+        assert chunks[-1].usage.prompt_tokens_details.cached_tokens == cached
+
+
+@slow
+def test_tokenizer_routes_have_vllm_shapes(server, base_id):
+    r = httpx.post(server.url + "/tokenize", headers=_auth("acme"), json={"model": base_id, "prompt": PROMPT,
+                                                                           "return_token_strs": True})
+    body = r.json()
+    assert r.status_code == 200 and body["count"] == len(body["tokens"]) == len(body["token_strs"])
+    assert body["max_model_len"] > 1000
+    back = httpx.post(server.url + "/detokenize", headers=_auth("acme"), json={"tokens": body["tokens"]})
+    assert back.json() == {"prompt": PROMPT}
+    chat = httpx.post(server.url + "/tokenize", headers=_auth("acme"),
+                      json={"messages": [{"role": "user", "content": "hi"}]}).json()
+    assert chat["count"] > 3
+    info = httpx.get(server.url + "/tokenizer_info", headers=_auth("acme")).json()
+    assert info["eos_token"] and "chat_template" in info and info["tokenizer_class"]
+    assert httpx.get(server.url + "/tokenizer_info").status_code == 401  # like every other route
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"  # the probe needs no key
 
 
 @slow

@@ -13,6 +13,8 @@ router = APIRouter(tags=["operations"])
 
 
 @router.get("/healthz", responses={503: {"description": "the engine process is gone, or the server is draining"}})
+@router.get("/health", responses={503: {"description": "the engine process is gone, or the server is draining"}},
+            include_in_schema=False)  # vLLM's name, which load generators and routers probe
 async def healthz(state: State):
     """200 while the server takes requests; 503 once it cannot (engine process gone) or will not (draining on
     SIGTERM), so that a load balancer or Kubernetes takes it out of rotation."""

@@ -7,12 +7,16 @@ prefix. Errors under ``/v1`` use OpenAI's JSON error shape so that OpenAI client
 
 from __future__ import annotations
 
+import json
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
 
 from fastapi import APIRouter, FastAPI, HTTPException, Request
-from fastapi.exception_handlers import http_exception_handler, request_validation_exception_handler
+from fastapi.encoders import jsonable_encoder
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from jinja2 import TemplateError
@@ -22,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from prefixes.store import ResidentPrefix
 from server.api import errors
 from server.api.encode import check_text, encode_prompt, on_tokenizer_thread
-from server.api.schemas import ChatCompletionRequest, CompletionRequest, OpenAISampling
+from server.api.schemas import MAX_PROMPTS, ChatCompletionRequest, CompletionRequest, OpenAISampling
 from server.api.streaming import Piece, error_body, open_stream, run_to_end
 from server.auth import CurrentPrincipal, Principal
 from server.engine.sequence import SamplingParams, Sequence
@@ -107,34 +111,133 @@ def _refuse(checks: list[tuple[str, bool]]) -> None:
                               "default.", param=param)
 
 
-def _common_checks(body: OpenAISampling) -> list[tuple[str, bool]]:
-    return [("presence_penalty", bool(body.presence_penalty)),
-            ("frequency_penalty", bool(body.frequency_penalty)),
-            ("logit_bias", bool(body.logit_bias))]
+def _token_ids(values: list[int], vocab_size: int, param: str) -> list[int]:
+    bad = next((v for v in values if not 0 <= v < vocab_size), None)
+    if bad is not None:
+        raise OpenAIError(400, f"token id {bad} is outside the vocabulary (0..{vocab_size - 1}).", param=param)
+    return values
 
 
-def _sampling(body: OpenAISampling, max_tokens: int) -> list[SamplingParams]:
+def _structured(body: OpenAISampling) -> tuple[str, str] | None:
+    """``response_format`` or vLLM's ``guided_*`` as the engine's plain (kind, spec); at most one of them."""
+    asked: list[tuple[str, tuple[str, str]]] = []
+    fmt = body.response_format or {}
+    kind = fmt.get("type", "text")
+    if kind == "json_object":
+        asked.append(("response_format", ("json_object", "")))
+    elif kind == "json_schema":
+        schema = (fmt.get("json_schema") or {}).get("schema")
+        if not isinstance(schema, dict):
+            raise OpenAIError(400, "response_format json_schema needs {'json_schema': {'name': ..., 'schema': "
+                              "{...}}}.", param="response_format")
+        asked.append(("response_format", ("json_schema", json.dumps(schema))))
+    elif kind != "text":
+        raise OpenAIError(400, f"response_format type {kind!r} is not supported (text, json_object, "
+                          "json_schema).", param="response_format")
+    if body.guided_json is not None:
+        spec = body.guided_json if isinstance(body.guided_json, str) else json.dumps(body.guided_json)
+        asked.append(("guided_json", ("json_schema", spec)))
+    if body.guided_regex is not None:
+        asked.append(("guided_regex", ("regex", body.guided_regex)))
+    if body.guided_choice is not None:
+        asked.append(("guided_choice", ("choice", json.dumps(body.guided_choice))))
+    if body.guided_grammar is not None:
+        asked.append(("guided_grammar", ("grammar", body.guided_grammar)))
+    if len(asked) > 1:
+        raise OpenAIError(400, f"send one structured-output constraint, not {[p for p, _ in asked]}.",
+                          param=asked[1][0])
+    return asked[0][1] if asked else None
+
+
+def _sampling(body: OpenAISampling, max_tokens: int, vocab_size: int, *, logprobs: int | None = None,
+              prompt_logprobs: int | None = None) -> list[SamplingParams]:
     """One set of parameters per choice; choice ``i`` is seeded ``seed + i`` so choices differ yet replay."""
+    bias = []
+    for key, value in (body.logit_bias or {}).items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise OpenAIError(400, f"logit_bias keys are token ids, not {key!r}.", param="logit_bias") from None
+        bias.append((_token_ids([token], vocab_size, "logit_bias")[0], value))
+    stop_ids = tuple(_token_ids(body.stop_token_ids or [], vocab_size, "stop_token_ids"))
     try:
         return [SamplingParams(max_new_tokens=max_tokens,
                                temperature=1.0 if body.temperature is None else body.temperature,
                                top_p=1.0 if body.top_p is None else body.top_p,
-                               top_k=body.top_k or 0, seed=None if body.seed is None else body.seed + i,
-                               stop=tuple(body.stop), ignore_eos=bool(body.ignore_eos))
+                               top_k=max(body.top_k or 0, 0), seed=None if body.seed is None else body.seed + i,
+                               stop=tuple(body.stop), ignore_eos=bool(body.ignore_eos),
+                               min_tokens=body.min_tokens or 0, stop_token_ids=stop_ids,
+                               presence_penalty=body.presence_penalty or 0.0,
+                               frequency_penalty=body.frequency_penalty or 0.0,
+                               repetition_penalty=body.repetition_penalty or 1.0, logit_bias=tuple(bias),
+                               logprobs=logprobs, prompt_logprobs=prompt_logprobs, structured=_structured(body))
                 for i in range(body.n or 1)]
     except ValueError as exc:
         raise OpenAIError(400, str(exc)) from None
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+
+
+@dataclass(slots=True)
+class _Prompt:
+    ids: list[int]
+    text: str  # what ``echo`` returns
+
+
+class _Logprobs:
+    """OpenAI's logprobs shapes from the engine's plain (logprob, [(id, logprob)...]) entries."""
+
+    def __init__(self, tokenizer):
+        self._tokenizer = tokenizer
+
+    def token(self, token_id: int) -> str:
+        return self._tokenizer.decode([token_id])
+
+    def completion(self, ids: list[int], entries: list, offset: int) -> dict:
+        """/v1/completions: ``tokens``, ``token_logprobs``, ``top_logprobs`` (the chosen token included, as
+        OpenAI does) and ``text_offset`` (characters from the start of the choice's text)."""
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for token_id, entry in zip(ids, entries):
+            token = self.token(token_id)
+            out["tokens"].append(token)
+            out["text_offset"].append(offset)
+            offset += len(token)
+            if entry is None:
+                out["token_logprobs"].append(None)
+                out["top_logprobs"].append(None)
+                continue
+            logprob, top = entry
+            out["token_logprobs"].append(logprob)
+            tops = {self.token(t): lp for t, lp in top}
+            tops.setdefault(token, logprob)
+            out["top_logprobs"].append(tops)
+        return out
+
+    def chat(self, ids: list[int], entries: list) -> list[dict]:
+        """/v1/chat/completions: ``logprobs.content``, one entry per generated token."""
+        def item(token_id: int, logprob: float) -> dict:
+            token = self.token(token_id)
+            return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+        return [{**item(t, lp), "top_logprobs": [item(i, v) for i, v in top]}
+                for t, (lp, top) in zip(ids, entries)]
 
 
 async def _respond(state: ServerState, principal: Principal, request: Request, body: OpenAISampling,
-                   prompt_ids: list[int], prefix: ResidentPrefix | None, max_tokens: int, *, chat: bool):
-    seqs = [Sequence(prompt_ids, params, prefix, tenant=principal.tenant)
-            for params in _sampling(body, max_tokens)]
+                   prompts: list[_Prompt], prefix: ResidentPrefix | None, max_tokens: int, *, chat: bool,
+                   logprobs: int | None = None, echo: bool = False):
+    vocab_size = state.base.vocab_size
+    prompt_logprobs = logprobs if echo and logprobs is not None else None
+    params = _sampling(body, max_tokens, vocab_size, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+    # OpenAI's indexing: choice p * n + i is sample i of prompt p
+    seqs = [Sequence(prompt.ids, p, prefix, tenant=principal.tenant) for prompt in prompts for p in params]
+    n = len(params)
+    fmt = _Logprobs(state.base.tokenizer)
+    prompt_tokens = sum(len(prompt.ids) for prompt in prompts)
+    cached = len(prompts) * (seqs[0].num_prefix_kv if seqs else 0)
     if body.timeout is not None:
         for seq in seqs:
             seq.deadline = seq.arrival_time + body.timeout
@@ -142,39 +245,75 @@ async def _respond(state: ServerState, principal: Principal, request: Request, b
             "created": int(time.time()), "model": body.model}  # "object" is filled in per response kind
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        render = _chat_chunks if chat else _completion_chunks
-        n, prompt_tokens = len(seqs), len(prompt_ids)
-        return await open_stream(state, principal, seqs,
-                                 lambda pieces: render(pieces, head, n, prompt_tokens, include_usage))
+        usage = lambda completion_tokens: _usage(prompt_tokens, completion_tokens, cached)
+        if chat:
+            render = lambda pieces: _chat_chunks(pieces, head, len(seqs), usage, include_usage, fmt)
+        else:
+            render = lambda pieces: _completion_chunks(pieces, head, seqs, prompts, n, usage,
+                                                       include_usage, fmt, echo)
+        return await open_stream(state, principal, seqs, render)
     seqs = await run_to_end(state, principal, request, seqs)
     choices = []
     for i, seq in enumerate(seqs):
         text = seq.text or ""
-        choice = {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
-        choices.append({"index": i, **choice, "logprobs": None, "finish_reason": seq.finish_reason.value})
+        if chat:
+            choice = {"message": {"role": "assistant", "content": text},
+                      "logprobs": None if logprobs is None else
+                      {"content": fmt.chat(seq.output_ids, seq.output_logprobs)}}
+        else:
+            prompt = prompts[i // n]
+            choice = {"text": prompt.text + text if echo else text,
+                      "logprobs": None if logprobs is None else
+                      _choice_logprobs(fmt, seq, prompt, echo, seq.output_ids, seq.output_logprobs,
+                                       len(prompt.text) if echo else 0)}
+        choices.append({"index": i, **choice, "finish_reason": seq.finish_reason.value})
     return {**head, "object": "chat.completion" if chat else "text_completion", "choices": choices,
-            "usage": _usage(len(prompt_ids), sum(len(seq.output_ids) for seq in seqs))}
+            "usage": _usage(prompt_tokens, sum(len(seq.output_ids) for seq in seqs), cached)}
 
 
-async def _completion_chunks(pieces: AsyncIterator[Piece], head: dict, n: int, prompt_tokens: int,
-                             include_usage: bool) -> AsyncIterator[dict]:
+def _choice_logprobs(fmt: _Logprobs, seq: Sequence, prompt: _Prompt, echo: bool, ids: list[int],
+                     entries: list, offset: int) -> dict:
+    """A completion choice's logprobs: the prompt's first (with ``echo``), then ``ids``' (generated)."""
+    generated = fmt.completion(ids, entries, offset)
+    if not echo:
+        return generated
+    scored = fmt.completion(prompt.ids, seq.prompt_logprobs, 0)
+    return {key: scored[key] + generated[key] for key in scored}
+
+
+async def _completion_chunks(pieces: AsyncIterator[Piece], head: dict, seqs: list[Sequence],
+                             prompts: list[_Prompt], n: int, usage, include_usage: bool, fmt: _Logprobs,
+                             echo: bool) -> AsyncIterator[dict]:
     head = {**head, "object": "text_completion"}
     completion_tokens = 0
+    offsets: dict[int, int] = {}  # choice -> characters of its text sent so far (text_offset)
     async for piece in pieces:
         completion_tokens += len(piece.token_ids)
-        if piece.text or piece.finish_reason:
-            yield {**head, "choices": [{"index": piece.index, "text": piece.text, "logprobs": None,
+        seq, prompt = seqs[piece.index], prompts[piece.index // n]
+        text, first = piece.text, piece.index not in offsets
+        logprobs = None
+        if first and echo:  # the prompt (and its scores) goes out with the choice's first chunk
+            offsets[piece.index] = len(prompt.text)
+            text = prompt.text + text
+        offsets.setdefault(piece.index, 0)
+        if piece.logprobs is not None and (piece.token_ids or (first and echo)):
+            logprobs = (_choice_logprobs(fmt, seq, prompt, echo and first, piece.token_ids, piece.logprobs,
+                                         offsets[piece.index]) if first and echo else
+                        fmt.completion(piece.token_ids, piece.logprobs, offsets[piece.index]))
+        offsets[piece.index] += len(piece.text)
+        if text or piece.finish_reason or logprobs:
+            yield {**head, "choices": [{"index": piece.index, "text": text, "logprobs": logprobs,
                                         "finish_reason": piece.finish_reason}]}
     if include_usage:
-        yield {**head, "choices": [], "usage": _usage(prompt_tokens, completion_tokens)}
+        yield {**head, "choices": [], "usage": usage(completion_tokens)}
 
 
-async def _chat_chunks(pieces: AsyncIterator[Piece], head: dict, n: int, prompt_tokens: int,
-                       include_usage: bool) -> AsyncIterator[dict]:
+async def _chat_chunks(pieces: AsyncIterator[Piece], head: dict, n: int, usage, include_usage: bool,
+                       fmt: _Logprobs) -> AsyncIterator[dict]:
     head = {**head, "object": "chat.completion.chunk"}
 
-    def chunk(index: int, delta: dict, finish_reason: str | None = None) -> dict:
-        return {**head, "choices": [{"index": index, "delta": delta, "logprobs": None,
+    def chunk(index: int, delta: dict, finish_reason: str | None = None, logprobs: dict | None = None) -> dict:
+        return {**head, "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
                                      "finish_reason": finish_reason}]}
 
     for i in range(n):
@@ -182,30 +321,51 @@ async def _chat_chunks(pieces: AsyncIterator[Piece], head: dict, n: int, prompt_
     completion_tokens = 0
     async for piece in pieces:
         completion_tokens += len(piece.token_ids)
-        if piece.text:
-            yield chunk(piece.index, {"content": piece.text})
+        logprobs = None
+        if piece.logprobs is not None and piece.token_ids:
+            logprobs = {"content": fmt.chat(piece.token_ids, piece.logprobs)}
+        if piece.text or logprobs:
+            yield chunk(piece.index, {"content": piece.text}, logprobs=logprobs)
         if piece.finish_reason:
             yield chunk(piece.index, {}, piece.finish_reason)
     if include_usage:
-        yield {**head, "choices": [], "usage": _usage(prompt_tokens, completion_tokens)}
+        yield {**head, "choices": [], "usage": usage(completion_tokens)}
+
+
+async def _completion_prompts(state: ServerState, prompt) -> list[_Prompt]:
+    """A string, strings, token ids or lists of token ids -> one prompt each (echoed as sent). Text is
+    size-checked and tokenized off the event loop (server/api/encode.py)."""
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    if not prompt:
+        raise OpenAIError(400, "'prompt' is empty.", param="prompt")
+    if all(isinstance(p, int) for p in prompt):
+        prompt = [prompt]
+    if len(prompt) > MAX_PROMPTS:
+        raise OpenAIError(400, f"at most {MAX_PROMPTS} prompts per request.", param="prompt")
+    tokenizer = state.base.tokenizer
+    out = []
+    for p in prompt:
+        if isinstance(p, str):
+            out.append(_Prompt(await encode_prompt(state, p), p))
+        else:
+            ids = _token_ids(list(p), state.base.vocab_size, "prompt")
+            out.append(_Prompt(ids, await on_tokenizer_thread(tokenizer.decode, ids)))
+    return out
 
 
 @router.post("/completions", responses=errors.responses(400, 401, 404, 413, 429, 503, openai=True))
 async def completions(body: CompletionRequest, state: State, request: Request, principal: CurrentPrincipal):
     n = body.n or 1
-    _refuse(_common_checks(body) + [
-        ("echo", bool(body.echo)), ("logprobs", body.logprobs is not None),
-        ("best_of", body.best_of is not None and body.best_of != n), ("suffix", bool(body.suffix))])
-    prompt = body.prompt
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
-    if not isinstance(prompt, str):
-        raise OpenAIError(400, "'prompt' must be a string (or a list holding one string); token-id prompts "
-                          "and batches of prompts are not supported.", param="prompt")
+    _refuse([("best_of", body.best_of is not None and body.best_of != n), ("suffix", bool(body.suffix))])
+    max_tokens = COMPLETION_MAX_TOKENS if body.max_tokens is None else body.max_tokens
+    if max_tokens == 0 and not body.echo:
+        raise OpenAIError(400, "max_tokens 0 is only meaningful with echo (scoring the prompt).",
+                          param="max_tokens")
     prefix = await _resolve_model(state, principal, body.model)
-    prompt_ids = await encode_prompt(state, prompt)
-    return await _respond(state, principal, request, body, prompt_ids, prefix,
-                          body.max_tokens or COMPLETION_MAX_TOKENS, chat=False)
+    prompts = await _completion_prompts(state, body.prompt)
+    return await _respond(state, principal, request, body, prompts, prefix, max_tokens, chat=False,
+                          logprobs=body.logprobs, echo=bool(body.echo))
 
 
 def _texts(content) -> list[str]:
@@ -238,20 +398,21 @@ def _chat_prompt_ids(tokenizer, body: ChatCompletionRequest) -> list[int]:
              responses=errors.responses(400, 401, 404, 413, 429, 503, openai=True))
 async def chat_completions(body: ChatCompletionRequest, state: State, request: Request,
                            principal: CurrentPrincipal):
-    _refuse(_common_checks(body) + [
-        ("logprobs", bool(body.logprobs)), ("top_logprobs", bool(body.top_logprobs)),
-        ("tools", bool(body.tools)), ("tool_choice", body.tool_choice not in (None, "none", "auto")),
-        ("functions", bool(body.functions)),
-        ("function_call", body.function_call not in (None, "none", "auto")),
-        ("response_format", (body.response_format or {}).get("type", "text") != "text")])
+    _refuse([("top_logprobs", bool(body.top_logprobs) and not body.logprobs),
+             ("tools", bool(body.tools)), ("tool_choice", body.tool_choice not in (None, "none", "auto")),
+             ("functions", bool(body.functions)),
+             ("function_call", body.function_call not in (None, "none", "auto"))])
     prefix = await _resolve_model(state, principal, body.model)
     check_text(state, "".join(text for message in body.messages for text in _texts(message.content)), "messages")
     prompt_ids = await on_tokenizer_thread(_chat_prompt_ids, state.base.tokenizer, body)
     max_tokens = body.max_completion_tokens or body.max_tokens
+    if max_tokens == 0:
+        raise OpenAIError(400, "max_tokens must be at least 1 for chat.", param="max_tokens")
     if max_tokens is None:  # as much as fits, up to the default (too little room is the engine's 400)
         used = len(prompt_ids) + (prefix.num_virtual_tokens if prefix else 0)
         max_tokens = max(1, min(CHAT_MAX_TOKENS, state.base.shape.max_positions - used))
-    return await _respond(state, principal, request, body, prompt_ids, prefix, max_tokens, chat=True)
+    return await _respond(state, principal, request, body, [_Prompt(prompt_ids, "")], prefix, max_tokens,
+                          chat=True, logprobs=(body.top_logprobs or 0) if body.logprobs else None)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -276,9 +437,20 @@ async def _http_error(request: Request, exc: StarletteHTTPException):
     return JSONResponse(body, status_code=status, headers=exc.headers)
 
 
+def _encodable(value):
+    """``value`` with non-finite floats as strings: a 422 quoting a NaN input must still be valid JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _encodable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_encodable(v) for v in value]
+    return value
+
+
 async def _validation_error(request: Request, exc: RequestValidationError):
     if not _is_openai_route(request):
-        return await request_validation_exception_handler(request, exc)
+        return JSONResponse({"detail": _encodable(jsonable_encoder(exc.errors()))}, status_code=422)
     errors = exc.errors()
     first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
     if first.get("type") == "json_invalid":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
@@ -20,7 +22,7 @@ class GenerateRequest(BaseModel):
     temperature: float = Field(0.0, ge=0.0, le=100.0, description="0 is greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0, description="0 disables top-k")
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1, description="negative (clients send -1): unseeded")
     stop: list[str] = Field(default_factory=list, max_length=16)
     ignore_eos: bool = False
     stream: bool = Field(False, description="Server-Sent Events: text deltas and new token ids as generated")
@@ -30,6 +32,16 @@ class GenerateRequest(BaseModel):
     @classmethod
     def _one_or_many(cls, value):
         return _stop_list(value)
+
+    @field_validator("seed")
+    @classmethod
+    def _negative_is_unseeded(cls, value):
+        return _seed(value)
+
+
+def _seed(value: int | None) -> int | None:
+    """vLLM's convention, which clients follow: a negative seed (usually -1) means "do not seed"."""
+    return None if value is None or value < 0 else value
 
 
 def _stop_list(value):
@@ -79,40 +91,59 @@ class PrefixList(BaseModel):
 MAX_CHOICES = 16  # ``n``: one request may not take over the batch
 
 
+MAX_LOGPROBS = 20  # OpenAI's limit for ``logprobs`` / ``top_logprobs``
+MAX_PROMPTS = 64  # prompts in one /v1/completions request
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
 class OpenAISampling(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # Non-finite floats (JSON has none, but Python's parser reads NaN and Infinity) are refused up front.
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     model: str
-    max_tokens: int | None = Field(None, ge=1, le=65536)
+    max_tokens: int | None = Field(None, ge=0, le=65536)  # 0 only with echo: prompt scoring
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     n: int | None = Field(None, ge=1, le=MAX_CHOICES)
-    seed: int | None = Field(None, ge=0, le=2**63 - 1 - MAX_CHOICES)  # choice i is seeded seed + i
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1 - MAX_CHOICES)  # choice i is seeded seed + i
     stop: list[str] = Field(default_factory=list, max_length=16)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    timeout: float | None = Field(None, ge=MIN_TIMEOUT_S, le=86400, description=TIMEOUT_HELP)  # an extension of ours
-    # vLLM's extensions, honoured because they cost nothing: clients written for vLLM send them
-    top_k: int | None = Field(None, ge=0)
+    timeout: float | None = Field(None, ge=MIN_TIMEOUT_S, le=86400, description=TIMEOUT_HELP)  # an extension
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None  # token id (a string) -> bias
+    response_format: dict | None = None  # {"type": "text" | "json_object" | "json_schema", ...}
+    # vLLM's extensions, honoured because clients written for vLLM (lm-eval, guidellm) send them
+    top_k: int | None = Field(None, ge=-1)  # -1 or 0: no top-k cut
     ignore_eos: bool | None = False
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict | None = None
+    min_tokens: int | None = Field(None, ge=0)
+    stop_token_ids: list[int] | None = Field(None, max_length=64)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
+    guided_json: dict | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None  # a Lark grammar
 
     @field_validator("stop", mode="before")
     @classmethod
     def _one_or_many(cls, value):
         return _stop_list(value)
 
+    @field_validator("seed")
+    @classmethod
+    def _negative_is_unseeded(cls, value):
+        return _seed(value)
+
 
 class CompletionRequest(OpenAISampling):
-    prompt: str | list = Field(..., description="a string, or a list holding one string")
+    # a string, a list of strings, a list of token ids, or a list of token-id lists (one choice block each)
+    prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool | None = None
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     best_of: int | None = None
     suffix: str | None = None
 
@@ -128,9 +159,8 @@ class ChatCompletionRequest(OpenAISampling):
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, le=65536)  # the newer name of max_tokens
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     tools: list | None = None
     tool_choice: str | dict | None = None
     functions: list | None = None
     function_call: str | dict | None = None
-    response_format: dict | None = None

@@ -21,7 +21,7 @@ from starlette.responses import StreamingResponse
 
 from server.auth import Principal
 from server.engine.client import EngineOverloaded, EngineUnavailable
-from server.engine.engine import ContextTooLong
+from server.engine.engine import RequestInvalid
 from server.engine.sequence import FinishReason, Sequence
 from server.state import ServerState
 
@@ -116,6 +116,7 @@ class Piece:
     text: str
     token_ids: list[int]
     finish_reason: str | None = None  # set on the sequence's last piece
+    logprobs: list | None = None  # the engine's entries for ``token_ids`` when the request asked for them
 
 
 @dataclass(eq=False)
@@ -151,7 +152,7 @@ class Generation:
         try:
             for seq in self.seqs:
                 engine.check_fits(seq)
-        except ContextTooLong as exc:
+        except RequestInvalid as exc:
             self.state.metrics.rejected(self.seqs[0].tenant, "rejected")
             raise HTTPException(400, str(exc)) from None
         try:
@@ -215,15 +216,17 @@ class Generation:
                 seq = self.seqs[i]
                 finished = seq.finished  # read first: once finished, every id is already in output_ids
                 ids = seq.output_ids[seen[i]:]
+                # the engine appends a token's logprob before its id, so these are all there
+                logprobs = None if seq.params.logprobs is None else seq.output_logprobs[seen[i]: seen[i] + len(ids)]
                 seen[i] += len(ids)
                 text = detokenizers[i].add(ids)
                 if finished:
                     self.check_errors()
                     pending.remove(i)
                     text += detokenizers[i].finish(seq.text or "")
-                    yield Piece(i, text, ids, seq.finish_reason.value)
+                    yield Piece(i, text, ids, seq.finish_reason.value, logprobs)
                 elif ids:
-                    yield Piece(i, text, ids)
+                    yield Piece(i, text, ids, logprobs=logprobs)
 
 
 async def run_to_end(state: ServerState, principal: Principal, request: Request,

@@ -37,7 +37,8 @@ from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 from prefixes.artifact import ModelShape
 from server.engine import protocol
 from server.engine.core import EngineCoreSpec
-from server.engine.engine import EngineObserver, check_fits
+from server.engine.engine import EngineObserver, check_fits, check_grammar, output_text
+from server.engine.grammar import Grammars
 from server.engine.model import check_supported, resolve_model
 from server.engine.sequence import FinishReason, Sequence
 
@@ -66,6 +67,7 @@ class ServedModel:
     dtype: torch.dtype
     device: str
     max_slots: int  # rows x columns the engine's key/value budget holds
+    vocab_size: int  # the width of the model's logits (token ids beyond the tokenizer's may exist)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +101,7 @@ class EngineClient:
         self._proc: subprocess.Popen | None = None
         self._tasks: list[asyncio.Task] = []
         self._timers: dict[int, asyncio.TimerHandle] = {}
+        self._grammars: Grammars | None = None  # set by start()
         self._ipc_dir: Path | None = None  # holds the sockets' files; removed by close()
 
     @classmethod
@@ -175,7 +178,10 @@ class EngineClient:
             getattr(torch, info["dtype"]),
             info["device"],
             info["max_slots"],
+            info["vocab_size"],
         )
+        # Structured-output specs are validated here too, so a bad schema is a 400 before anything streams.
+        self._grammars = Grammars(tokenizer, info["vocab_size"], frozenset(info["eos_token_ids"]))
         self.engine_info = info
         self._tasks = [
             asyncio.create_task(self._read_outputs(), name="engine-outputs"),
@@ -262,7 +268,10 @@ class EngineClient:
     # -- requests --------------------------------------------------------------------------------------------
 
     def check_fits(self, seq: Sequence) -> None:
+        """Raise :class:`RequestInvalid` for a request the engine could never serve (as Engine.check_fits)."""
         check_fits(seq, self.model.shape.max_positions, self.model.max_slots)
+        if self._grammars is not None:
+            check_grammar(self._grammars, seq)
 
     def check_admission(self, count: int, tenant: str) -> None:
         """Raise unless ``count`` more sequences of ``tenant`` may wait now: the engine is serving and the
@@ -396,19 +405,23 @@ class EngineClient:
             self.observer.admitted(admitted, now)
         if out.decoded:
             self.observer.decoded(out.decoded)
-        touched = []
-        for seq_id, token, _extra in out.tokens:
+        for seq_id, entries in out.prompt_logprobs:
             seq = self._seqs.get(seq_id)
-            if (
-                seq is None
-            ):  # finished here already (stop string, deadline): the engine's extra token is dropped
+            if seq is not None:
+                seq.prompt_logprobs.extend(entries)
+        touched = []
+        for seq_id, token, logprobs in out.tokens:
+            seq = self._seqs.get(seq_id)
+            if seq is None:  # finished here already (stop string, deadline): the engine's extra token is dropped
                 continue
             if seq.first_token_time is None:
                 seq.first_token_time = now
             self.observer.token(seq, now)
             seq.last_token_time = now
+            if logprobs is not None:  # before the id, as in the engine: whoever sees the id sees its logprob
+                seq.output_logprobs.append(logprobs)
             seq.output_ids.append(token)
-            if seq.params.stop and self._stop_string_hit(seq):
+            if seq.params.stop and len(seq.output_ids) >= seq.params.min_tokens and self._stop_string_hit(seq):
                 self._abort([seq.id])
                 self._finish(seq, FinishReason.STOP)
             else:
@@ -440,7 +453,7 @@ class EngineClient:
         if timer is not None:
             timer.cancel()
         if seq.text is None:
-            seq.text = self.model.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+            seq.text = output_text(self.model.tokenizer, seq)
         seq.finish_reason, seq.error, seq.unavailable = reason, error, unavailable
         self.observer.finished(seq, time.monotonic())
         if seq.on_finish is not None:

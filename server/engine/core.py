@@ -105,6 +105,7 @@ class EngineCore:
         )
         self.seqs: dict[int, Sequence] = {}  # every sequence not yet finished, by id
         self.prefixes: dict[str, EnginePrefix] = {}
+        self._prompt_sent: dict[int, int] = {}  # id -> prompt log-probability entries already sent
         self.context = zmq.Context()
         self.inbox = self.context.socket(zmq.PULL)
         self.inbox.connect(spec.input_address)
@@ -127,6 +128,7 @@ class EngineCore:
             },
             "eos_token_ids": sorted(self.base.eos_token_ids),
             "max_slots": self.engine.scheduler.max_slots,
+            "vocab_size": self.engine.sampler.vocab_size,
             "dtype": str(self.base.dtype).removeprefix("torch."),
             "device": str(self.base.device),
             "threads": torch.get_num_threads(),
@@ -186,6 +188,9 @@ class EngineCore:
         self.events.out.finished.append([seq.id, FinishReason.ERROR.value, message])
 
     def _forget(self, seq: Sequence) -> None:
+        if seq.params.prompt_logprobs is not None:  # a prompt-scoring row finishes in its last prefill step
+            self._prompt_logprobs(seq)
+            self._prompt_sent.pop(seq.id, None)
         self.seqs.pop(seq.id, None)
 
     def _receive(self, timeout_ms: int) -> None:
@@ -205,6 +210,9 @@ class EngineCore:
     # -- the loop --------------------------------------------------------------------------------------------
 
     def _send_step(self) -> None:
+        for seq in self.seqs.values():
+            if seq.params.prompt_logprobs is not None:
+                self._prompt_logprobs(seq)
         out = self.events.take()
         if out.empty and not out.decoded:
             return
@@ -214,7 +222,15 @@ class EngineCore:
 
     def _token(self, seq: Sequence) -> None:
         """``seq`` got its next token in this step (the engine calls this once per row and step)."""
-        self.events.out.tokens.append([seq.id, seq.output_ids[-1], None])
+        logprobs = seq.output_logprobs[-1] if seq.params.logprobs is not None else None
+        self.events.out.tokens.append([seq.id, seq.output_ids[-1], logprobs])
+
+    def _prompt_logprobs(self, seq: Sequence) -> None:
+        """Send the prompt log-probabilities ``seq`` gained since the last step (prefill goes chunk by chunk)."""
+        sent = self._prompt_sent.get(seq.id, 0)
+        if len(seq.prompt_logprobs) > sent:
+            self.events.out.prompt_logprobs.append([seq.id, seq.prompt_logprobs[sent:]])
+            self._prompt_sent[seq.id] = len(seq.prompt_logprobs)
 
     def _step(self) -> None:
         try:

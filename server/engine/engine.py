@@ -18,9 +18,10 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from server.engine.grammar import Grammars, InvalidGrammar
 from server.engine.model import BaseModel
-from server.engine.runner import ModelRunner
-from server.engine.sampling import make_generator, sample
+from server.engine.runner import ModelRunner, PromptLogits
+from server.engine.sampling import Sampler, SampleResult, token_logprobs
 from server.engine.sequence import FinishReason, Sequence
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,11 @@ class EngineConfig:
             raise ValueError("kv_cache_bytes must be positive")
 
 
-class ContextTooLong(ValueError):
+class RequestInvalid(ValueError):
+    """A request the engine can never serve as sent (a client error); the message says what to fix."""
+
+
+class ContextTooLong(RequestInvalid):
     pass
 
 
@@ -64,6 +69,24 @@ def check_fits(seq: Sequence, max_positions: int, max_slots: int) -> None:
         )
     if not seq.prompt_ids and not seq.num_soft_tokens:
         raise ContextTooLong("the prompt is empty: send at least one token of prompt text.")
+
+
+def output_text(tokenizer, seq: Sequence) -> str:
+    """The text of ``seq``'s output once finished: special tokens removed, and a stop id that ended it left
+    out, like EOS (a stop id can only come last: it ends the request, and min_tokens masks it before)."""
+    ids = seq.output_ids
+    if ids and ids[-1] in seq.params.stop_token_ids:
+        ids = ids[:-1]
+    return tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def check_grammar(grammars: Grammars, seq: Sequence) -> None:
+    """Raise :class:`RequestInvalid` when ``seq`` asks for structured output that cannot be compiled."""
+    if seq.params.structured is not None:
+        try:
+            grammars.check(seq.params.structured)  # llguidance validates without a compile step
+        except InvalidGrammar as exc:
+            raise RequestInvalid(str(exc)) from None
 
 
 class EngineObserver:
@@ -150,6 +173,9 @@ class Engine:
         self.config = config
         self.scheduler = Scheduler(config, base.shape.kv_width * base.dtype.itemsize)
         self.runner = ModelRunner(base, self.scheduler.max_slots)
+        vocab_size = base.model.get_output_embeddings().weight.shape[0]  # the logits' width
+        self.grammars = Grammars(base.tokenizer, vocab_size, base.eos_token_ids)
+        self.sampler = Sampler(vocab_size, base.device, base.eos_token_ids, self.grammars)
         self.num_steps = 0
         self.observer = observer or EngineObserver()
 
@@ -158,10 +184,12 @@ class Engine:
     def check_fits(self, seq: Sequence) -> None:
         """Raise :class:`ContextTooLong` (a client error) for a request that can never be served."""
         check_fits(seq, self.base.shape.max_positions, self.scheduler.max_slots)
+        check_grammar(self.grammars, seq)
 
     def submit(self, seq: Sequence) -> None:
         self.check_fits(seq)
-        seq.generator = make_generator(seq.params, self.base.device)
+        if seq.params.prompt_logprobs is not None and not seq.prompt_logprobs:
+            seq.prompt_logprobs.append(None)  # nothing predicts the first prompt token
         self.scheduler.add(seq)
 
     @property
@@ -187,45 +215,87 @@ class Engine:
             for seq in joining:
                 seq.admit_time = now
             self.observer.admitted(joining, now)
+            joining = [seq for seq in joining if self._admit(seq)]
         if not runner.num_rows and not joining:
             return 0
         decoding = runner.num_decoding
         if decoding:
             self.observer.decoded(decoding)
-        logits = runner.step(joining, step_tokens)
-        produced = self._append_tokens(sample(logits, runner.rows[: logits.shape[0]]), time.monotonic())
+        self.sampler.prefetch_masks(runner.rows + joining)  # grammar masks fill while the forward runs
+        out = runner.step(joining, step_tokens)
+        for scored in out.prompt:
+            self._append_prompt_logprobs(scored)
+        sampled = self.sampler.sample(out.next, runner.rows[: out.next.shape[0]])
+        produced = self._append_tokens(sampled, time.monotonic())
         self.num_steps += 1
         return produced
 
-    def _append_tokens(self, tokens: list[int], now: float) -> int:
-        """Give rows ``0..len(tokens)-1`` their new tokens, then let finished rows leave the batch."""
+    def _admit(self, seq: Sequence) -> bool:
+        """Make the sampler's state for a joining request; a request whose state cannot be made fails alone."""
+        try:
+            self.sampler.admit(seq)
+            return True
+        except Exception as exc:
+            log.warning("request %s failed at admission: %s", seq.id, exc)
+            self._finish(seq, FinishReason.ERROR, f"request failed: {exc}")
+            return False
+
+    @staticmethod
+    def _append_prompt_logprobs(scored: PromptLogits) -> None:
+        seq = scored.seq
+        targets = seq.prompt_ids[scored.first: scored.first + scored.logits.shape[0]]
+        seq.prompt_logprobs += token_logprobs(scored.logits, targets, seq.params.prompt_logprobs)
+
+    def _append_tokens(self, sampled: SampleResult, now: float) -> int:
+        """Give rows ``0..len(tokens)-1`` their new tokens, then let finished rows leave the batch.
+
+        A row that could not be sampled fails alone; a row asking for no tokens (prompt scoring) finishes
+        without one.
+        """
         rows = self.runner.rows
-        done: dict[int, FinishReason] = {}
-        for row, token in enumerate(tokens):
+        done: dict[int, tuple[FinishReason, str | None]] = {}
+        for row, token in enumerate(sampled.tokens):
             seq = rows[row]
+            if row in sampled.errors:
+                done[row] = (FinishReason.ERROR, sampled.errors[row])
+                continue
+            if seq.params.max_new_tokens == 0:
+                done[row] = (FinishReason.CANCELLED if seq.cancelled else FinishReason.LENGTH, None)
+                seq.text = ""
+                continue
             if seq.first_token_time is None:
                 seq.first_token_time = now
             self.observer.token(seq, now)
             seq.last_token_time = now
+            if row in sampled.logprobs:  # before the id: whoever sees the id sees its logprob
+                seq.output_logprobs.append(sampled.logprobs[row])
             seq.output_ids.append(token)
             reason = FinishReason.CANCELLED if seq.cancelled else self._stop_reason(seq, token)
             if reason is not None:
-                done[row] = reason
+                done[row] = (reason, None)
                 if seq.text is None:  # not already cut at a stop string
-                    seq.text = self.base.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
-        for seq in rows[: len(tokens)]:
-            if seq.on_token is not None:
+                    seq.text = output_text(self.base.tokenizer, seq)
+        for row, seq in enumerate(rows[: len(sampled.tokens)]):
+            if seq.on_token is not None and done.get(row, (None, None))[1] is None:
                 self._call(seq.on_token, seq)
         # Descending: release(row) refills ``row`` from later rows, and every later finished row is gone.
         # Finished before released: whoever sees the row gone also sees the request counted.
         for row in sorted(done, reverse=True):
-            self._finish(rows[row], done[row])
+            reason, error = done[row]
+            if error is not None:
+                log.warning("request %s failed while sampling: %s", rows[row].id, error)
+                self.runner.scrub(row)
+            self._finish(rows[row], reason, error)
             self.runner.release(row)
-        return len(tokens)
+        return len(sampled.tokens) - len(sampled.errors)
 
     def _stop_reason(self, seq: Sequence, token: int) -> FinishReason | None:
         params = seq.params
+        if len(seq.output_ids) < params.min_tokens:  # EOS and stop ids were masked; stop strings wait (vLLM)
+            return None
         if token in self.base.eos_token_ids and not params.ignore_eos:
+            return FinishReason.STOP
+        if token in params.stop_token_ids:
             return FinishReason.STOP
         if params.stop:
             text = self.base.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
@@ -238,6 +308,7 @@ class Engine:
         return None
 
     def _finish(self, seq: Sequence, reason: FinishReason, error: str | None = None) -> None:
+        self.sampler.release(seq)
         seq.finish_reason, seq.error = reason, error
         self.observer.finished(seq, time.monotonic())
         if seq.on_finish is not None:

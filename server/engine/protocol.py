@@ -83,14 +83,18 @@ def decode_request(body: dict) -> RequestSpec:
 class StepOutput:
     """What one engine step changed, for every sequence it touched.
 
-    ``tokens``: ``[id, token, extra]`` per sequence that got a token (``extra``: per-token data such as
-    log-probabilities, or None); ``finished``: ``[id, reason, error]``; ``admitted``: ids that joined the
-    batch at ``time``; ``decoded``: rows that got their next token (the batch size of the step); ``running``
-    / ``waiting``: the engine's counts after the step.
+    ``tokens``: ``[id, token, logprobs]`` per sequence that got a token (``logprobs``: the token's entry of
+    ``Sequence.output_logprobs`` when the request asked for them, else None); ``prompt_logprobs``: ``[id,
+    entries]``, the entries of ``Sequence.prompt_logprobs`` this step added (prompt scoring, chunk by chunk);
+    ``finished``: ``[id, reason, error]``; ``admitted``: ids that joined the batch at ``time``; ``decoded``:
+    rows that got their next token (the batch size of the step); ``running`` / ``waiting``: the engine's
+    counts after the step. The receiver applies them in this order: admitted, prompt_logprobs, tokens,
+    finished.
     """
 
     time: float
     tokens: list[list] = dataclasses.field(default_factory=list)
+    prompt_logprobs: list[list] = dataclasses.field(default_factory=list)
     finished: list[list] = dataclasses.field(default_factory=list)
     admitted: list[int] = dataclasses.field(default_factory=list)
     decoded: int = 0
@@ -106,4 +110,4 @@ class StepOutput:
 
     @property
     def empty(self) -> bool:
-        return not (self.tokens or self.finished or self.admitted)
+        return not (self.tokens or self.prompt_logprobs or self.finished or self.admitted)

@@ -14,9 +14,15 @@ Position ids follow PEFT, so outputs match it token for token, and each equals t
 - soft-prompt rows: virtual tokens are ordinary inputs at positions ``0..P-1`` and prompt token ``j``
   gets ``P + j``;
 - base rows: ``j``.
+
+Prompt log-probabilities come from the same forward: for a row that asks for them, the logits of its prompt
+positions are kept too (``logits_to_keep`` lists them after the next-token positions), chunk by chunk as its
+prefill proceeds, so a long prompt's scores arrive over several steps and no second pass is ever run.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -24,6 +30,21 @@ from server.engine.attention import PackedBatch, packed, use_packed_attention
 from server.engine.kv_cache import SlotKVCache
 from server.engine.model import BaseModel
 from server.engine.sequence import Sequence
+
+
+@dataclass(frozen=True, slots=True)
+class PromptLogits:
+    """Logits of some prompt positions of one row: ``logits[i]`` predicts prompt token ``first + i``."""
+
+    seq: Sequence
+    first: int  # index into seq.prompt_ids of the token the first row of logits predicts (>= 1)
+    logits: torch.Tensor  # [c, V]
+
+
+@dataclass(frozen=True, slots=True)
+class StepLogits:
+    next: torch.Tensor  # [k, V]: next-token logits of rows 0..k-1
+    prompt: list[PromptLogits]  # for rows that asked for prompt logprobs and prefilled in this step
 
 
 class ModelRunner:
@@ -61,11 +82,11 @@ class ModelRunner:
     # -- one step -----------------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def step(self, joining: list[Sequence], step_tokens: int) -> torch.Tensor:
+    def step(self, joining: list[Sequence], step_tokens: int) -> StepLogits:
         """Admit ``joining`` as new rows, then run one forward of at most ``step_tokens`` tokens.
 
-        Returns next-token logits ``[k, V]`` for rows ``0..k-1``: the decoding rows and the rows whose prefill
-        completed in this step.
+        Returns next-token logits ``[k, V]`` for rows ``0..k-1`` (the decoding rows and the rows whose prefill
+        completed in this step), and the prompt positions' logits of rows that want prompt logprobs.
         """
         cache = self.cache
         if joining:
@@ -84,6 +105,8 @@ class ModelRunner:
         keep: list[int] = list(range(d))  # packed indices whose logits are wanted
         soft: list[tuple[int, torch.Tensor]] = []  # (packed index, virtual-token embeddings) to splice in
         chunks: list[tuple[int, int]] = []  # per prefilling row: (first packed index, chunk length)
+        scored: list[tuple[Sequence, int, int]] = []  # (row, first prompt token predicted, how many)
+        score_keep: list[int] = []  # packed indices of those prompt positions, after ``keep``
         budget = step_tokens - d
         for row in range(d, self.num_rows):
             seq = self.rows[row]
@@ -101,6 +124,12 @@ class ModelRunner:
             chunks.append((first, count))
             if start + count == seq.input_len:
                 keep.append(first + count - 1)
+            if seq.params.prompt_logprobs is not None:
+                # input position i predicts input i + 1: prompt tokens 1.. come from positions n_soft..
+                lo, hi = max(start, n_soft), min(start + count, seq.input_len - 1)
+                if lo < hi:
+                    scored.append((seq, lo + 1 - n_soft, hi - lo))
+                    score_keep += range(first + lo - start, first + hi - start)
 
         batch = self._layout(rows, cols, d, chunks)
         device = self.base.device
@@ -114,14 +143,19 @@ class ModelRunner:
                 position_ids=batch.cols[None],
                 cache=cache.view(batch),
                 use_cache=True,
-                logits_to_keep=torch.tensor(keep, dtype=torch.long, device=device),
+                logits_to_keep=torch.tensor(keep + score_keep, dtype=torch.long, device=device),
             )
         for row in range(d):
             cache.lengths[row] += 1
         for (_, count), seq, row in zip(chunks, self.rows[d:], range(d, self.num_rows)):
             cache.lengths[row] += count
             seq.num_computed += count
-        return out.logits[0]
+        logits = out.logits[0]  # [len(keep) + len(score_keep), V]
+        prompt, at = [], len(keep)
+        for seq, first, n in scored:
+            prompt.append(PromptLogits(seq, first, logits[at: at + n]))
+            at += n
+        return StepLogits(logits[: len(keep)], prompt)
 
     def _layout(self, rows: list[int], cols: list[int], d: int, chunks: list[tuple[int, int]]) -> PackedBatch:
         # Widths come from the host-side lists, so building the layout never waits for the device.
@@ -169,7 +203,17 @@ class ModelRunner:
         cache.pop_row()
         self.rows.pop()
 
+    @torch.inference_mode()
+    def scrub(self, row: int) -> None:
+        """Zero ``row``'s keys and values, for a row that failed with non-finite values. Rows reuse slots and
+        mask the columns past their length, but a masked column still enters attention as weight 0 x value,
+        and 0 x inf is NaN: a stale infinity would poison whichever request takes the slot next."""
+        for buf in (*self.cache.keys, *self.cache.values):
+            buf[row].zero_()
+
     def reset(self) -> None:
-        """Drop every row (after a failed forward the cache contents are not trusted)."""
+        """Drop every row (after a failed forward the cache contents are not trusted, so they are zeroed)."""
+        for row in range(self.num_rows):
+            self.scrub(row)
         while self.rows:
             self.release(self.num_rows - 1)

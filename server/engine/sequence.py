@@ -4,38 +4,78 @@ from __future__ import annotations
 
 import enum
 import itertools
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import torch
-
 from prefixes.store import ResidentPrefix
+
+# Below this temperature a request is served greedily: dividing logits by ~1e-38 overflows float32 to
+# infinities (and NaN once two of them are subtracted in the softmax), and any temperature this small
+# already puts all the probability on the argmax.
+MIN_TEMPERATURE = 1e-5
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit for ``logprobs`` / ``top_logprobs``
+# Structured-output kinds: the grammar source the engine compiles for each (``structured = (kind, spec)``).
+STRUCTURED_KINDS = ("json_object", "json_schema", "regex", "choice", "grammar")
 
 
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
-    max_new_tokens: int = 64
-    temperature: float = 0.0  # 0 means greedy
+    """Everything a request asks of the engine, as plain data (numbers, strings, tuples): it crosses a process
+    boundary as msgpack, so no tensors, callables or compiled grammars live here."""
+
+    max_new_tokens: int = 64  # 0: score the prompt only (prompt_logprobs), generate nothing
+    temperature: float = 0.0  # 0 (or below MIN_TEMPERATURE) means greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 means no top-k cut
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    min_tokens: int = 0  # EOS and stop_token_ids are masked (and stop strings not checked) until this many
+    stop_token_ids: tuple[int, ...] = ()  # a generated id in here ends the request like EOS
+    presence_penalty: float = 0.0  # OpenAI: minus this once for every id already generated
+    frequency_penalty: float = 0.0  # OpenAI: minus this times the id's count in the output
+    repetition_penalty: float = 1.0  # CTRL/HF: ids seen in prompt or output: logit / p if > 0, else * p
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
+    logprobs: int | None = None  # per generated token: its log-probability and this many top alternatives
+    prompt_logprobs: int | None = None  # the same for every prompt token but the first
+    structured: tuple[str, str] | None = None  # (kind in STRUCTURED_KINDS, spec): the output follows a grammar
 
     def __post_init__(self):
-        if self.max_new_tokens < 1:
-            raise ValueError("max_new_tokens must be at least 1")
+        if self.max_new_tokens < 0:
+            raise ValueError("max_new_tokens must be at least 0")
+        for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number")
         if self.temperature < 0:
             raise ValueError("temperature must be >= 0 (0 is greedy)")
         if not 0 < self.top_p <= 1:
             raise ValueError("top_p must be in (0, 1]")
         if self.top_k < 0:
             raise ValueError("top_k must be >= 0 (0 disables it)")
+        if self.min_tokens < 0 or self.min_tokens > max(self.max_new_tokens, 0):
+            raise ValueError("min_tokens must be between 0 and max_tokens")
+        if not -2 <= self.presence_penalty <= 2 or not -2 <= self.frequency_penalty <= 2:
+            raise ValueError("presence_penalty and frequency_penalty must be in [-2, 2]")
+        if self.repetition_penalty <= 0:
+            raise ValueError("repetition_penalty must be > 0 (1 disables it)")
+        if any(not math.isfinite(b) or not -100 <= b <= 100 for _, b in self.logit_bias):
+            raise ValueError("logit_bias values must be in [-100, 100]")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= MAX_TOP_LOGPROBS:
+                raise ValueError(f"{name} must be between 0 and {MAX_TOP_LOGPROBS}")
+        if self.structured is not None and self.structured[0] not in STRUCTURED_KINDS:
+            raise ValueError(f"structured output kind must be one of {', '.join(STRUCTURED_KINDS)}")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        return self.temperature < MIN_TEMPERATURE or self.top_k == 1
+
+    @property
+    def penalised(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
 
 
 class FinishReason(str, enum.Enum):
@@ -59,13 +99,16 @@ class Sequence:
     on_token: Callable[[Sequence], None] | None = None  # called after each new token (streaming)
     id: int = field(default_factory=lambda: next(_ids))
     output_ids: list[int] = field(default_factory=list)
+    # One entry per generated token when params.logprobs is set: (its logprob, [(id, logprob), ...] top ones)
+    output_logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
+    # One entry per prompt token when params.prompt_logprobs is set, the first None (nothing predicts it)
+    prompt_logprobs: list[tuple[float, list[tuple[int, float]]] | None] = field(default_factory=list)
     text: str | None = None  # set when the request finishes
     finish_reason: FinishReason | None = None
     error: str | None = None
     cancelled: bool = False
     unavailable: bool = False  # failed because the engine is gone or shutting down: retry later (503)
     deadline: float | None = None  # time.monotonic() by which it must have joined the batch, or leave unserved
-    generator: torch.Generator | None = None  # set for seeded sampling
     arrival_time: float = field(default_factory=time.monotonic)
     admit_time: float | None = None  # when it joined the batch
     first_token_time: float | None = None

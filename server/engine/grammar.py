@@ -1,0 +1,104 @@
+"""Structured outputs: a request's ``structured = (kind, spec)`` becomes a grammar, and a per-request matcher
+masks the tokens that would leave it.
+
+llguidance rather than xgrammar, by measured cost on the 2-core development CPU (SmolLM2's 49,152-token
+vocabulary, a 3-property JSON schema with a 40-character string, 25 tokens of output): llguidance computes a
+token mask in 48 us median / 106 us mean / 404 us worst and builds a matcher in under 1 ms with no compile
+step; xgrammar needs 4 us median but 217 us mean / 4.4 ms worst per mask, and 0.6 s to compile the schema,
+which would stall whoever compiles it. At a decode step of ~100 ms for the batch, either mask is small; the
+compile stall and the worst case decided it.
+
+The matchers hold per-request parser state, so they live in the engine (the sampler's row state), never in
+``SamplingParams``; grammars are plain strings, cached by (kind, spec).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import llguidance
+import llguidance.hf
+import llguidance.torch
+import torch
+
+
+class InvalidGrammar(ValueError):
+    """The structured-output spec cannot be compiled; the message says what to fix."""
+
+
+@functools.lru_cache(maxsize=256)
+def grammar_source(kind: str, spec: str) -> str:
+    """llguidance's grammar (a JSON string) for one structured-output request; cached by (kind, spec)."""
+    # Compact JSON (no free whitespace): otherwise a small model can pad with newlines until max_tokens.
+    defaults = {"whitespace_flexible": False}
+    try:
+        if kind == "json_object":
+            return llguidance.LLMatcher.grammar_from_json_schema('{"type": "object"}', defaults=defaults)
+        if kind == "json_schema":
+            return llguidance.LLMatcher.grammar_from_json_schema(spec, defaults=defaults)
+        if kind == "regex":
+            return llguidance.LLMatcher.grammar_from_regex(spec)
+        if kind == "choice":
+            choices = json.loads(spec)
+            if not choices or not all(isinstance(c, str) and c for c in choices):
+                raise InvalidGrammar("guided_choice must be a non-empty list of non-empty strings")
+            # JSON string literals are valid Lark literals, so any text is matched exactly
+            return llguidance.LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in choices))
+        if kind == "grammar":
+            return llguidance.LLMatcher.grammar_from_lark(spec)
+    except InvalidGrammar:
+        raise
+    except Exception as exc:  # llguidance raises ValueError/RuntimeError with a readable message
+        raise InvalidGrammar(f"invalid {kind} for structured output: {exc}") from None
+    raise InvalidGrammar(f"unknown structured output kind {kind!r}")
+
+
+class Grammars:
+    """Makes matchers for one tokenizer; the tokenizer's token table (~0.5 s to build) is made on first use."""
+
+    def __init__(self, tokenizer, vocab_size: int, eos_token_ids: frozenset[int]):
+        self._hf_tokenizer = tokenizer
+        self.vocab_size = vocab_size  # the width of the model's logits, which may exceed the tokenizer's
+        self._eos = sorted(eos_token_ids)
+        self._ll_tokenizer = None
+
+    @property
+    def tokenizer(self) -> llguidance.LLTokenizer:
+        if self._ll_tokenizer is None:
+            self._ll_tokenizer = llguidance.hf.from_tokenizer(self._hf_tokenizer, n_vocab=self.vocab_size,
+                                                              eos_token=self._eos)
+        return self._ll_tokenizer
+
+    def check(self, structured: tuple[str, str]) -> None:
+        """Raise :class:`InvalidGrammar` unless ``structured`` compiles for this tokenizer."""
+        source = grammar_source(*structured)
+        failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(source, self.tokenizer)
+        if failed:
+            raise InvalidGrammar(f"invalid {structured[0]} for structured output: {'; '.join(messages)}")
+
+    def matcher(self, structured: tuple[str, str]) -> llguidance.LLMatcher:
+        matcher = llguidance.LLMatcher(self.tokenizer, grammar_source(*structured))
+        if matcher.is_error():
+            raise InvalidGrammar(matcher.get_error())
+        return matcher
+
+    def allocate_mask(self, rows: int) -> torch.Tensor:
+        """[rows, ceil(V / 32)] int32: one bit per token id."""
+        return llguidance.torch.allocate_token_bitmask(rows, self.vocab_size)
+
+    @staticmethod
+    def fill_mask(matcher: llguidance.LLMatcher, mask: torch.Tensor, index: int) -> None:
+        llguidance.torch.fill_next_token_bitmask(matcher, mask, index)
+        if matcher.is_error():
+            raise InvalidGrammar(f"structured output failed: {matcher.get_error()}")
+
+    @staticmethod
+    def apply_mask(logits: torch.Tensor, mask: torch.Tensor) -> None:
+        """logits: [rows, V] float32, set to -inf in place where ``mask`` [rows, ceil(V / 32)] has a 0 bit."""
+        llguidance.torch.apply_token_bitmask_inplace(logits, mask)
+
+    @staticmethod
+    def accept(matcher: llguidance.LLMatcher, token: int) -> None:
+        if not matcher.consume_token(token):
+            raise InvalidGrammar(f"structured output failed: token {token} rejected: {matcher.get_error()}")
