@@ -29,9 +29,11 @@ log = logging.getLogger(__name__)
 def engine_environment(settings: Settings) -> dict[str, str]:
     """The engine process's environment: its own thread count and OpenMP wait policy."""
     env = dict(os.environ)
-    env["OMP_WAIT_POLICY"] = settings.omp_wait_policy.upper()
-    if settings.threads:
-        env["OMP_NUM_THREADS"] = str(settings.threads)
+    if settings.omp_wait_policy != "default":
+        env["OMP_WAIT_POLICY"] = settings.omp_wait_policy.upper()
+    else:
+        env.pop("OMP_WAIT_POLICY", None)
+    env["OMP_NUM_THREADS"] = str(settings.engine_threads)
     return env
 
 
@@ -50,7 +52,7 @@ async def build_state(settings: Settings) -> ServerState:
     metrics = Metrics(store, lambda: engine.num_running if engine else 0,
                       lambda: engine.num_waiting if engine else 0)
     engine = EngineClient.for_model(
-        settings.model, settings.dtype, settings.device, settings.threads, settings.max_batch_size,
+        settings.model, settings.dtype, settings.device, settings.engine_threads, settings.max_batch_size,
         settings.kv_cache_bytes, settings.max_step_tokens,
         EngineLimits(max_waiting=settings.waiting_limit, request_timeout=settings.request_timeout,
                      prefix_cache_bytes=settings.cache_bytes),

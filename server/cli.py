@@ -10,7 +10,7 @@ from pathlib import Path
 
 import uvicorn
 
-from server.config import DTYPES, Settings
+from server.config import DTYPES, OMP_WAIT_POLICIES, Settings
 
 
 class DrainingServer(uvicorn.Server):
@@ -133,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Redis shared by all replicas (e.g. redis://127.0.0.1:6379/0): a task uploaded to one "
                        "is served by all; without it each server has its --store-dir alone")
     serve.add_argument("--max-upload-bytes", type=int, default=defaults.max_upload_bytes)
-    serve.add_argument("--threads", type=int, default=defaults.threads, help="torch threads (0: one per core)")
+    serve.add_argument("--threads", type=int, default=defaults.threads,
+                       help="the engine process's torch threads (0: one per core but one, left to the HTTP process)")
     serve.add_argument("--auth-file", help="JSON with tenants, API keys, quotas and admin keys; "
                        "without it the server is open (single-user mode)")
     serve.add_argument("--max-waiting-requests", type=int, default=None,
@@ -143,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="default deadline in seconds for a request to join the batch (per request: timeout)")
     serve.add_argument("--shutdown-timeout", type=float, default=defaults.shutdown_timeout,
                        help="on SIGTERM, seconds in-flight requests may take before they are cancelled")
-    serve.add_argument("--omp-wait-policy", default=defaults.omp_wait_policy, choices=["active", "passive"],
+    serve.add_argument("--omp-wait-policy", default=defaults.omp_wait_policy, choices=list(OMP_WAIT_POLICIES),
                        help="OpenMP wait policy of the engine process")
     serve.add_argument("--log-level", default="info")
     serve.add_argument("--max-request-bytes", type=int, default=defaults.max_request_bytes,

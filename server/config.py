@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+# "default" leaves OMP_WAIT_POLICY unset: libgomp spins a while at a barrier, then sleeps.
+OMP_WAIT_POLICIES = ("default", "active", "passive")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -22,7 +25,7 @@ class Settings:
     cache_bytes: int = 1 << 30  # resident prefixes (memory tier of the store)
     max_upload_bytes: int = 256 << 20
     max_virtual_tokens: int = 1024
-    threads: int = 0  # torch intra-op threads; 0 keeps torch's default (one per core)
+    threads: int = 0  # the engine process's torch threads; 0: one per core but one (see engine_threads)
     auth_file: Path | None = None  # tenants and keys; None serves everyone (single-user mode)
     redis_url: str | None = None  # shared Redis tier of the store (all replicas); None: local disk alone
     host_cache_bytes: int = 2 << 30  # host-memory tier of the store (0: none); unused when the device is the CPU
@@ -31,9 +34,9 @@ class Settings:
     max_waiting_requests: int | None = None
     request_timeout: float | None = None  # default per-request deadline (seconds from arrival to joining the batch)
     shutdown_timeout: float = 30.0  # on SIGTERM, how long in-flight requests may take before they are cancelled
-    # The engine process's OpenMP wait policy (OMP_WAIT_POLICY): "passive" threads sleep at barriers instead
-    # of spinning, which keeps decode going when another process takes a core (see README, "Under load").
-    omp_wait_policy: str = "passive"
+    # The engine process's OpenMP wait policy (OMP_WAIT_POLICY); "default" leaves libgomp's own (spin a
+    # while, then sleep), which measured best (README, "Under load").
+    omp_wait_policy: str = "default"
     # Largest non-upload request body (JSON). The default model's whole context (8,192 tokens) is about 32 KB
     # of text, 200 KB if every character were \u-escaped: 4 MiB fits it many times over.
     max_request_bytes: int = 4 << 20
@@ -65,9 +68,19 @@ class Settings:
             raise ValueError("--request-timeout must be at least 0.1 seconds")
         if not self.shutdown_timeout >= 0:
             raise ValueError("--shutdown-timeout must be 0 or more seconds")
-        if self.omp_wait_policy not in ("active", "passive"):
-            raise ValueError(f"--omp-wait-policy {self.omp_wait_policy!r}: choose active or passive")
+        if self.omp_wait_policy not in OMP_WAIT_POLICIES:
+            raise ValueError(f"--omp-wait-policy {self.omp_wait_policy!r}: choose one of {', '.join(OMP_WAIT_POLICIES)}")
         object.__setattr__(self, "store_dir", Path(self.store_dir))
+
+    @property
+    def engine_threads(self) -> int:
+        """``threads``, or every core this process may use but one: that core is left to the HTTP process
+        (and the OS). An OpenMP team that needs every core stalls at each barrier whenever anything else runs:
+        on 2 cores, decode with 2 threads fell to a quarter beside a busy process, with 1 it kept its speed
+        (README, "Under load")."""
+        if self.threads:
+            return self.threads
+        return max(1, len(os.sched_getaffinity(0)) - 1)
 
     @property
     def waiting_limit(self) -> int:

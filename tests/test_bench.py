@@ -151,14 +151,16 @@ def test_overload_section_measures_decode_behind_a_queue_and_a_burst():
     args = argparse.Namespace(concurrency=2, overload_waiting=[0, 4], overload_window=1.0, new_tokens=8,
                               dtype="float32", device="cpu", threads=1, max_step_tokens=512)
     result = overload.run_served("default", args)
-    for policy in ("passive", "active"):
-        points = result[f"decode_{policy}"]
+    assert [c["name"] for c in result["configs"]][0] == "default" and len(result["configs"]) == 3
+    for config in result["configs"]:
+        points = config["decode"]
         assert [(p["cpu_hog"], p["waiting"]) for p in points] == [(False, 0), (False, 4), (True, 0), (True, 4)]
         assert all(p["running"] == 2 and p["decode_tokens_per_s"] > 0 for p in points), points
+        assert config["engine_threads"] >= 1
     burst = result["burst"]
     # twice what the default queue admits (2 running + 2 x 2 waiting)
     assert burst["requests"] == 12 and burst["other_status"] == []
     assert burst["accepted"] >= 6 and burst["rejected"] >= 1
     assert burst["rejections_with_retry_after"] == burst["rejected"]
-    assert overload.queue_ratio(result["decode_passive"]) > 0
+    assert overload.queue_ratio(result["configs"][0]["decode"]) > 0
     assert "| 4 |" in overload.render(result)

@@ -20,7 +20,7 @@ async def healthz(state: State):
     SIGTERM), so that a load balancer or Kubernetes takes it out of rotation."""
     engine = state.engine
     body = {"status": "ok", "model": state.base.model_id, "running": engine.num_running,
-            "waiting": engine.num_waiting}
+            "waiting": engine.num_waiting, "engine_threads": engine.engine_info["threads"]}
     if engine.unavailable is not None:
         return JSONResponse({**body, "status": "engine_down", "detail": engine.unavailable}, status_code=503)
     if engine.draining:

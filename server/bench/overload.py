@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import re
 import statistics
 import subprocess
@@ -152,19 +153,29 @@ def run(url: str, waiting: list[int], running: int, window_s: float, hog_too: bo
     return out
 
 
+def engine_configs(cores: int) -> list[tuple[str, tuple[str, ...]]]:
+    """The engine-process settings the overload section compares: the server's default first, then every
+    core with libgomp's own wait policy (spin, then sleep) and with passive waits (sleep at once)."""
+    every = ("--threads", str(cores))
+    return [("default", ()), (f"{cores} threads", every + ("--omp-wait-policy", "default")),
+            (f"{cores} threads, passive", every + ("--omp-wait-policy", "passive"))]
+
+
 def run_served(model: str, args) -> dict:
     """``prefix-serve bench``'s overload section on servers it starts: decode at each queue depth (a queue
-    limit large enough to hold the deepest), idle and beside a CPU hog, with the OpenMP wait policies side
-    by side; then a burst of twice what a server with the default queue limit admits."""
+    limit large enough to hold the deepest), idle and beside a CPU hog, for each of :func:`engine_configs`;
+    then a burst of twice what a server with the default settings admits."""
     from server.bench.serving import serving
 
     running = args.concurrency
     deepest = max(args.overload_waiting)
-    out: dict = {"running": running, "waiting": args.overload_waiting, "window_s": args.overload_window}
-    for policy in ("passive", "active"):
-        extra = ("--max-waiting-requests", str(deepest), "--omp-wait-policy", policy)
-        with serving(model, args, running, extra_args=extra) as url:
-            out[f"decode_{policy}"] = run(url, args.overload_waiting, running, args.overload_window)["decode"]
+    out: dict = {"running": running, "waiting": args.overload_waiting, "window_s": args.overload_window,
+                 "configs": []}
+    for name, extra in engine_configs(len(os.sched_getaffinity(0))):
+        with serving(model, args, running, extra_args=("--max-waiting-requests", str(deepest), *extra)) as url:
+            threads = httpx.get(f"{url}/healthz", timeout=10).json().get("engine_threads")
+            points = run(url, args.overload_waiting, running, args.overload_window)["decode"]
+        out["configs"].append({"name": name, "args": list(extra), "engine_threads": threads, "decode": points})
     with serving(model, args, running) as url:  # the default queue limit: 2 x the batch
         admitted = running + 2 * running
         out["burst"] = asyncio.run(burst(url, 2 * admitted, args.new_tokens, client_timeout=30.0))
@@ -179,16 +190,28 @@ def queue_ratio(points: list[dict]) -> float | None:
     return idle[max(idle)] / idle[0]
 
 
+def hog_share(points: list[dict]) -> float | None:
+    """Decode beside a CPU hog / idle, with nothing waiting."""
+    at_zero = {p["cpu_hog"]: p["decode_tokens_per_s"] for p in points if p["waiting"] == 0}
+    return at_zero[True] / at_zero[False] if len(at_zero) == 2 else None
+
+
 def render(overload: dict) -> str:
     """The overload section of the benchmark report (markdown)."""
+    configs = overload["configs"]
+    head = " | ".join(f"{c['name']}, {kind}" for c in configs for kind in ("idle", "hog"))
     lines = [f"\nDecode tokens/s with {overload['running']} requests running and N more waiting (plain /generate "
-             f"clients), idle and with a CPU hog on one core, per OpenMP wait policy of the engine process:", "",
-             "| waiting | passive, idle | passive, hog | active, idle | active, hog |", "|---|---|---|---|---|"]
-    cells = {(policy, p["cpu_hog"], p["waiting"]): p["decode_tokens_per_s"]
-             for policy in ("passive", "active") for p in overload.get(f"decode_{policy}", [])}
+             "clients), idle and with a CPU hog on one core, per engine-process setting:", "",
+             f"| waiting | {head} |", "|---|" + "---|" * (2 * len(configs))]
     for n in overload["waiting"]:
-        row = [cells.get((policy, hog, n)) for policy in ("passive", "active") for hog in (False, True)]
-        lines.append(f"| {n} | " + " | ".join("-" if v is None else f"{v:.1f}" for v in row) + " |")
+        cells = []
+        for c in configs:
+            by = {(p["cpu_hog"], p["waiting"]): p["decode_tokens_per_s"] for p in c["decode"]}
+            cells += [by.get((hog, n)) for hog in (False, True)]
+        lines.append(f"| {n} | " + " | ".join("-" if v is None else f"{v:.1f}" for v in cells) + " |")
+    shares = [(c["name"], hog_share(c["decode"])) for c in configs]
+    lines.append("\nBeside the hog / idle: " + ", ".join(f"{name} {v:.2f}" for name, v in shares if v is not None)
+                 + ".")
     b = overload.get("burst")
     if b:
         lines.append(

@@ -102,6 +102,7 @@ class EngineClient:
         self._tasks: list[asyncio.Task] = []
         self._timers: dict[int, asyncio.TimerHandle] = {}
         self._grammars: Grammars | None = None  # set by start()
+        self.engine_info: dict = {}  # what the engine process said when ready (pid, threads, device, ...)
         self._ipc_dir: Path | None = None  # holds the sockets' files; removed by close()
 
     @classmethod
