@@ -157,7 +157,7 @@ def engine_configs(cores: int) -> list[tuple[str, tuple[str, ...]]]:
     """The engine-process settings the overload section compares: the server's default first, then every
     core with libgomp's own wait policy (spin, then sleep) and with passive waits (sleep at once)."""
     every = ("--threads", str(cores))
-    return [("default", ()), (f"{cores} threads", every + ("--omp-wait-policy", "default")),
+    return [("default", ("--threads", "0")), (f"{cores} threads", every + ("--omp-wait-policy", "default")),
             (f"{cores} threads, passive", every + ("--omp-wait-policy", "passive"))]
 
 

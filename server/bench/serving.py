@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import torch
 
 from prefixes.artifact import ModelShape, PrefixArtifact, PrefixKind
 from prefixes.formats import to_own_format
@@ -42,8 +43,9 @@ def serving(model: str, args, max_batch_size: int, kv_cache_bytes: int | None = 
                "--max-step-tokens", str(max(args.max_step_tokens, max_batch_size)), "--log-level", "warning"]
         if kv_cache_bytes is not None:
             cmd += ["--kv-cache-bytes", str(kv_cache_bytes)]
-        if args.threads:  # the same compute threads as the in-process measurements
-            cmd += ["--threads", str(args.threads)]
+        # The same compute threads as the in-process measurements (the server's own default leaves a core to
+        # its HTTP process; the overload section measures that default by passing --threads 0 after this).
+        cmd += ["--threads", str(args.threads or torch.get_num_threads())]
         cmd += extra_args
         env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
         with open(log_path, "wb") as log:  # a file, not a pipe: a pipe nobody reads would block the server
