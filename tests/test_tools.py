@@ -8,8 +8,15 @@ import json
 
 import pytest
 
-from server.api.tools import CallParser, ToolError, chat_messages, grammar, parse_choice, parse_tools, \
-    template_renders_tools
+from server.api.tools import (
+    CallParser,
+    ToolError,
+    chat_messages,
+    grammar,
+    parse_choice,
+    parse_tools,
+    template_renders_tools,
+)
 from server.engine.grammar import Grammars
 
 WEATHER = {"type": "function", "function": {
@@ -127,6 +134,7 @@ def test_tool_choice_is_checked_against_the_tools():
         assert err.value.param == "tool_choice"
     with pytest.raises(ToolError):
         parse_choice("required", (), None)
+    assert not parse_choice("auto", (), None).active  # what clients sent before tools were served
 
 
 CONVERSATION = [

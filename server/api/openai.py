@@ -28,8 +28,17 @@ from server.api import errors
 from server.api.encode import check_text, encode_prompt, on_tokenizer_thread
 from server.api.schemas import MAX_PROMPTS, ChatCompletionRequest, CompletionRequest, OpenAISampling
 from server.api.streaming import Piece, error_body, open_stream, run_to_end
-from server.api.tools import NO_TOOLS, CallParser, ToolChoice, ToolError, chat_messages, grammar, parse_choice, \
-    parse_tools, template_renders_tools
+from server.api.tools import (
+    NO_TOOLS,
+    CallParser,
+    ToolChoice,
+    ToolError,
+    chat_messages,
+    grammar,
+    parse_choice,
+    parse_tools,
+    template_renders_tools,
+)
 from server.auth import CurrentPrincipal, Principal
 from server.engine.sequence import SamplingParams, Sequence
 from server.state import ServerState, State

@@ -9,7 +9,8 @@ grammar forces and what the parser reads back:
 - the prompt: a template that renders ``tools=`` itself gets them (and the conversation's calls and
   results in Hugging Face's shapes); one that ignores them (the default SmolLM2) gets a system message
   listing the tools as JSON and teaching the format, with earlier calls rendered in it and tool results
-  as user turns inside ``<tool_response>``;
+  as user turns inside ``<tool_response>``. (A model whose template teaches another call format is still
+  held to this one; under ``auto`` its own format can only come out as text.)
 - the grammar (a Lark grammar for llguidance, structured outputs' engine): ``required`` is one call (up to
   :data:`MAX_PARALLEL_CALLS` with ``parallel_tool_calls``) whose name is one of the tools and whose
   arguments follow that tool's ``parameters`` schema (closed: no properties beyond those it lists, see
@@ -32,6 +33,7 @@ import uuid
 from dataclasses import dataclass, field
 
 import llguidance
+from jinja2 import TemplateError
 
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 CALL_SEPARATOR = "\n"
@@ -84,7 +86,8 @@ NO_TOOLS = ToolChoice("none")
 
 def _check_schema(schema: dict, param: str) -> None:
     """Compile ``schema`` the way the call grammar will (without a tokenizer: microseconds)."""
-    source = llguidance.LLMatcher.grammar_from_lark("start: %json " + json.dumps({**schema, "x-guidance": _COMPACT}))
+    source = llguidance.LLMatcher.grammar_from_lark("start: %json " + json.dumps({**closed(schema),
+                                                                                 "x-guidance": _COMPACT}))
     failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(source, None)
     if failed:
         raise ToolError(f"{param} is not a JSON schema this server can follow: {'; '.join(messages)}", param)
@@ -98,7 +101,7 @@ def parse_tools(raw: list | None) -> tuple[Tool, ...]:
         param = f"tools.{i}"
         if not isinstance(entry, dict) or entry.get("type", "function") != "function":
             raise ToolError(f"{param} must be {{'type': 'function', 'function': {{'name': ..., 'parameters': "
-                            "{...}}}}: function tools are the only kind served.", f"{param}.type")
+                            "{...}}}: function tools are the only kind served.", f"{param}.type")
         function = entry.get("function")
         if not isinstance(function, dict):
             raise ToolError(f"{param}.function must be an object with 'name' and 'parameters'.",
@@ -129,7 +132,7 @@ def parse_choice(raw: str | dict | None, tools: tuple[Tool, ...], parallel: bool
         if raw not in ("none", "auto", "required"):
             raise ToolError(f"tool_choice must be 'none', 'auto', 'required' or {{'type': 'function', "
                             f"'function': {{'name': ...}}}}, not {raw!r}.", "tool_choice")
-        if raw == "none":
+        if raw == "none" or (raw == "auto" and not tools):  # auto without tools: as before tools were served
             return NO_TOOLS
         if not tools:
             raise ToolError(f"tool_choice {raw!r} needs tools.", "tool_choice")
@@ -231,7 +234,7 @@ def template_renders_tools(tokenizer) -> bool:
     try:
         with_tools = tokenizer.apply_chat_template(probe, tools=[tool], tokenize=False)
         without = tokenizer.apply_chat_template(probe, tokenize=False)
-    except Exception:  # a template that fails on tools does not render them
+    except (TemplateError, ValueError, TypeError, KeyError):  # a template that fails on tools ignores them
         return False
     return with_tools != without
 
@@ -272,19 +275,19 @@ def chat_messages(messages: list[dict], choice: ToolChoice, native: bool) -> tup
                                        for name, arguments, call_id in calls]
             if role == "tool":
                 entry["tool_call_id"] = message.get("tool_call_id")
-                entry["name"] = names.get(message.get("tool_call_id"), message.get("name"))
+                name = names.get(message.get("tool_call_id"), message.get("name"))
+                if name:
+                    entry["name"] = name
             out.append(entry)
         elif role == "tool":  # a user turn: templates that ignore tools may not know a "tool" role
             result = f"<tool_response>\n{content}\n</tool_response>"
-            if out and out[-1].get("tool_results"):  # results of parallel calls: one turn
+            if i and messages[i - 1]["role"] == "tool":  # results of parallel calls: one turn
                 out[-1]["content"] += "\n" + result
             else:
-                out.append({"role": "user", "content": result, "tool_results": True})
+                out.append({"role": "user", "content": result})
         else:
             text = CALL_SEPARATOR.join([content] * bool(content) + [render_call(n, a) for n, a, _ in calls])
             out.append({"role": role, "content": text})
-    for entry in out:
-        entry.pop("tool_results", None)
     if not choice.active:
         return out, None
     if native:
