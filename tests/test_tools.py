@@ -199,3 +199,13 @@ def test_arguments_hold_only_the_declared_properties(grammars, tokenizer):
         "type": "object", "properties": {"x": {"type": "integer"}}, "additionalProperties": {"type": "integer"}}}}
     choice = parse_choice("required", parse_tools([explicit]), None)
     assert _accepts(grammars, tokenizer, choice, call % '{"x":1,"y":2}')  # what a schema says is kept
+
+
+def test_schemas_that_cannot_be_compiled_are_client_errors():
+    deep: dict = {"type": "integer"}
+    for _ in range(1500):  # deeper than Python's recursion limit: a 400, not a crash
+        deep = {"type": "object", "properties": {"a": deep}}
+    for parameters in (deep, {"type": "object", "properties": {"x": {"$ref": "#/$defs/missing"}}}):
+        with pytest.raises(ToolError) as err:
+            parse_tools([{"type": "function", "function": {"name": "f", "parameters": parameters}}])
+        assert err.value.param == "tools.0.function.parameters"

@@ -437,10 +437,12 @@ async def chat_completions(body: ChatCompletionRequest, state: State, request: R
              ("functions", bool(body.functions)),
              ("function_call", body.function_call not in (None, "none", "auto"))])
     if body.tools:
-        check_text(state, json.dumps(body.tools), "tools")
+        check_text(state, json.dumps(body.tools, ensure_ascii=False), "tools")
     tools = await run_in_threadpool(_tool_choice, body)
     prefix = await _resolve_model(state, principal, body.model)
-    check_text(state, "".join(text for message in body.messages for text in _texts(message.content)), "messages")
+    calls = [message.tool_calls for message in body.messages if message.tool_calls]  # rendered into the prompt
+    check_text(state, "".join(text for message in body.messages for text in _texts(message.content))
+               + (json.dumps(calls, ensure_ascii=False) if calls else ""), "messages")
     prompt_ids = await on_tokenizer_thread(_chat_prompt_ids, state.base.tokenizer, body, tools)
     max_tokens = body.max_completion_tokens or body.max_tokens
     if max_tokens == 0:

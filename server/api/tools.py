@@ -86,9 +86,14 @@ NO_TOOLS = ToolChoice("none")
 
 def _check_schema(schema: dict, param: str) -> None:
     """Compile ``schema`` the way the call grammar will (without a tokenizer: microseconds)."""
-    source = llguidance.LLMatcher.grammar_from_lark("start: %json " + json.dumps({**closed(schema),
-                                                                                 "x-guidance": _COMPACT}))
-    failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(source, None)
+    try:
+        lark = "start: %json " + json.dumps({**closed(schema), "x-guidance": _COMPACT})
+        failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(
+            llguidance.LLMatcher.grammar_from_lark(lark), None)
+    except RecursionError:
+        raise ToolError(f"{param} is nested too deeply.", param) from None
+    except (ValueError, RuntimeError) as exc:  # llguidance's errors carry a readable message
+        failed, messages = True, [str(exc)]
     if failed:
         raise ToolError(f"{param} is not a JSON schema this server can follow: {'; '.join(messages)}", param)
 
@@ -266,7 +271,7 @@ def chat_messages(messages: list[dict], choice: ToolChoice, native: bool) -> tup
     for i, message in enumerate(messages):
         role, content = message["role"], message.get("content") or ""
         calls = [_arguments(c, f"messages.{i}.tool_calls.{j}") for j, c in enumerate(message.get("tool_calls") or ())]
-        names.update({call_id: name for name, _, call_id in calls if call_id})
+        names.update({call_id: name for name, _, call_id in calls if isinstance(call_id, str)})
         if native:
             entry = {"role": role, "content": content}
             if calls:
