@@ -365,7 +365,7 @@ def test_error_shapes_of_auth_and_other_routes(server, base_id):
         openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0).models.list()
     r = httpx.post(server.url + "/v1/chat/completions", headers=_auth("acme"),
                    json={"model": base_id, "messages": [{"role": "user", "content": "hi"}], "tools": [{}]})
-    assert r.status_code == 400 and r.json()["error"]["param"] == "tools"
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tools.0.function"
     # extra fields clients send are ignored on /v1 ...
     r = httpx.post(server.url + "/v1/completions", headers=_auth("acme"),
                    json={"model": base_id, "prompt": PROMPT, "max_tokens": 2, "user": "x",
@@ -595,6 +595,182 @@ def test_tokenizer_routes_have_vllm_shapes(server, base_id):
     assert info["eos_token"] and "chat_template" in info and info["tokenizer_class"]
     assert httpx.get(server.url + "/tokenizer_info").status_code == 401  # like every other route
     assert httpx.get(server.url + "/health").json()["status"] == "ok"  # the probe needs no key
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tool calling (server/api/tools.py): the output is forced into a valid call by the structured-output grammar
+
+WEATHER_ARGS = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                                 "unit": {"enum": ["celsius", "fahrenheit"]}},
+                "required": ["city", "unit"], "additionalProperties": False}
+ADD_ARGS = {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 999},
+                                             "b": {"type": "integer", "minimum": 0, "maximum": 999}},
+            "required": ["a", "b"], "additionalProperties": False}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "The current weather in a city",
+                                           "parameters": WEATHER_ARGS}},
+         {"type": "function", "function": {"name": "add", "description": "Add two numbers",
+                                           "parameters": ADD_ARGS}}]
+SCHEMAS = {"get_weather": WEATHER_ARGS, "add": ADD_ARGS}
+WEATHER_QUESTION = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def _check_calls(calls, names: set[str]) -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    assert calls
+    for call in calls:
+        assert call.id.startswith("call_") and call.type == "function" and call.function.name in names
+        jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
+
+
+def _streamed_calls(chunks) -> tuple[list, str, list]:
+    """Accumulate a stream's tool-call deltas as OpenAI clients do (by index); the finish reason; the chunks."""
+    calls: dict[int, dict] = {}
+    finish = None
+    for chunk in chunks:
+        for choice in chunk.choices:
+            finish = choice.finish_reason or finish
+            for delta in choice.delta.tool_calls or ():
+                call = calls.setdefault(delta.index, {"id": "", "name": "", "arguments": ""})
+                call["id"] += delta.id or ""
+                call["name"] += delta.function.name or ""
+                call["arguments"] += delta.function.arguments or ""
+    as_objects = [openai.types.chat.ChatCompletionMessageToolCall(
+        id=c["id"], type="function", function={"name": c["name"], "arguments": c["arguments"]})
+        for _, c in sorted(calls.items())]
+    return as_objects, finish, chunks
+
+
+@slow
+@pytest.mark.parametrize("tool_choice, names", [
+    ("required", {"get_weather", "add"}),
+    ({"type": "function", "function": {"name": "add"}}, {"add"}),
+])
+@pytest.mark.parametrize("stream", [False, True])
+def test_forced_tool_calls_parse_and_validate(client, base_id, tool_choice, names, stream):
+    request = {"model": base_id, "messages": WEATHER_QUESTION, "tools": TOOLS, "tool_choice": tool_choice,
+               "parallel_tool_calls": False, "max_tokens": 50, "temperature": 0.7, "seed": 5}
+    if not stream:
+        chat = client.chat.completions.create(**request)
+        [choice] = chat.choices
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+        assert len(choice.message.tool_calls) == 1
+        _check_calls(choice.message.tool_calls, names)
+        return
+    calls, finish, chunks = _streamed_calls(list(client.chat.completions.create(
+        **request, stream=True, stream_options={"include_usage": True})))
+    assert finish == "tool_calls" and len(calls) == 1
+    _check_calls(calls, names)
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 10
+
+
+@slow
+def test_parallel_calls_and_none_and_auto(client, base_id):
+    # parallel_tool_calls (OpenAI's default): one or more calls, each valid, streamed as whole
+    request = {"model": base_id, "messages": [{"role": "user", "content": "What is the weather in Paris and Rome?"}],
+               "tools": TOOLS, "tool_choice": "required", "max_tokens": 60, "temperature": 0}
+    [choice] = client.chat.completions.create(**request).choices
+    calls = choice.message.tool_calls
+    _check_calls(calls, set(SCHEMAS))
+    assert len({c.id for c in calls}) == len(calls)
+    if choice.finish_reason == "length":  # the model went on calling (SmolLM2 does): the cut call is text
+        assert choice.message.content is not None and "</tool_call>" not in choice.message.content
+    else:
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    streamed, finish, _ = _streamed_calls(list(client.chat.completions.create(**request, stream=True)))
+    assert finish == choice.finish_reason
+    assert [c.function for c in streamed] == [c.function for c in calls]
+    # none: the tools are not offered, the answer is text
+    plain = client.chat.completions.create(model=base_id, messages=WEATHER_QUESTION, tools=TOOLS,
+                                           tool_choice="none", max_tokens=20, temperature=0)
+    assert plain.choices[0].message.content and not plain.choices[0].message.tool_calls
+    assert plain.choices[0].finish_reason in ("stop", "length")
+    # auto: text or a valid call, never a malformed call, over several samples (one call at most: the
+    # model's repeated calls, above, would run into max_tokens)
+    for seed in range(3):
+        auto = client.chat.completions.create(model=base_id, messages=WEATHER_QUESTION, tools=TOOLS,
+                                              parallel_tool_calls=False, max_tokens=60, temperature=1.0,
+                                              seed=seed)
+        message, finish = auto.choices[0].message, auto.choices[0].finish_reason
+        if message.tool_calls:
+            assert finish == "tool_calls" and message.content is None and len(message.tool_calls) == 1
+            _check_calls(message.tool_calls, set(SCHEMAS))
+        else:
+            assert message.content and not message.content.startswith("<"), message.content
+
+
+@slow
+def test_a_second_turn_with_the_tool_result(client, base_id):
+    first = client.chat.completions.create(model=base_id, messages=WEATHER_QUESTION, tools=TOOLS,
+                                           tool_choice={"type": "function", "function": {"name": "get_weather"}},
+                                           max_tokens=50, temperature=0)
+    [call] = first.choices[0].message.tool_calls
+    result = "It is 31 degrees and sunny in Paris, with a light wind from the south."
+    conversation = WEATHER_QUESTION + [first.choices[0].message.model_dump(exclude_none=True),
+                                       {"role": "tool", "tool_call_id": call.id, "content": result}]
+    second = client.chat.completions.create(model=base_id, messages=conversation, tools=TOOLS,
+                                            tool_choice="none", max_tokens=20, temperature=0)
+    assert second.choices[0].message.content and second.choices[0].finish_reason in ("stop", "length")
+    # the call and its result are in the prompt: it grew by at least their text's tokens
+    reference = client.chat.completions.create(model=base_id, messages=WEATHER_QUESTION, tools=TOOLS,
+                                               tool_choice="none", max_tokens=1)
+    assert second.usage.prompt_tokens >= reference.usage.prompt_tokens + len(result.split()) + 10
+    streamed = list(client.chat.completions.create(model=base_id, messages=conversation, tools=TOOLS,
+                                                   tool_choice="none", max_tokens=20, temperature=0, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in streamed) == second.choices[0].message.content
+
+
+@slow
+@pytest.mark.parametrize("change, param", [
+    ({"tools": [{"type": "function", "function": {"name": "bad name!", "parameters": WEATHER_ARGS}}]},
+     "tools.0.function.name"),
+    ({"tools": [TOOLS[0], {"type": "function", "function": {"name": "x", "parameters": "object"}}]},
+     "tools.1.function.parameters"),
+    ({"tools": [{"type": "retrieval"}]}, "tools.0.type"),
+    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+    ({"tools": TOOLS, "tool_choice": "always"}, "tool_choice"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"tools": TOOLS, "response_format": {"type": "json_object"}}, "tool_choice"),
+    ({"messages": [{"role": "assistant", "tool_calls": [{"id": "c", "type": "function",
+                                                         "function": {"name": "add", "arguments": "{1"}}]}]},
+     "messages.0.tool_calls.0.function.arguments"),
+])
+def test_bad_tool_requests_are_400_naming_the_param(server, base_id, change, param):
+    body = {"model": base_id, "messages": WEATHER_QUESTION, "max_tokens": 5, **change}
+    r = httpx.post(server.url + "/v1/chat/completions", headers=_auth("acme"), json=body)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param and r.json()["error"]["type"] == "invalid_request_error"
+
+
+@slow
+def test_langchain_binds_tools(server, base_id):
+    langchain_openai = pytest.importorskip("langchain_openai")
+    from pydantic import BaseModel, Field
+
+    class GetWeather(BaseModel):
+        """The current weather in a city."""
+
+        city: str = Field(max_length=20, description="the city")
+        unit: str = Field(pattern="^(celsius|fahrenheit)$")
+
+    def add(a: int, b: int) -> int:
+        """Add two numbers."""
+        return a + b
+
+    llm = langchain_openai.ChatOpenAI(base_url=server.url + "/v1", api_key=KEYS["acme"], model=base_id,
+                                      max_tokens=50, temperature=0, max_retries=0, timeout=120)
+    message = llm.bind_tools([GetWeather, add], tool_choice="GetWeather").invoke("What is the weather in Paris?")
+    assert len(message.tool_calls) == 1, message
+    [call] = message.tool_calls
+    assert call["name"] == "GetWeather" and call["id"].startswith("call_")
+    GetWeather(**call["args"])  # validates
+    message = llm.bind_tools([GetWeather, add], tool_choice="any", parallel_tool_calls=False).invoke(
+        "What is 2 plus 3?")
+    assert len(message.tool_calls) == 1 and all(c["name"] in ("GetWeather", "add") for c in message.tool_calls)
+    for c in message.tool_calls:
+        if c["name"] == "add":
+            assert set(c["args"]) == {"a", "b"} and all(type(v) is int for v in c["args"].values())
+        else:
+            GetWeather(**c["args"])
 
 
 @slow

@@ -28,6 +28,17 @@ from server.api import errors
 from server.api.encode import check_text, encode_prompt, on_tokenizer_thread
 from server.api.schemas import MAX_PROMPTS, ChatCompletionRequest, CompletionRequest, OpenAISampling
 from server.api.streaming import Piece, error_body, open_stream, run_to_end
+from server.api.tools import (
+    NO_TOOLS,
+    CallParser,
+    ToolChoice,
+    ToolError,
+    chat_messages,
+    grammar,
+    parse_choice,
+    parse_tools,
+    template_renders_tools,
+)
 from server.auth import CurrentPrincipal, Principal
 from server.engine.sequence import SamplingParams, Sequence
 from server.state import ServerState, State
@@ -150,8 +161,10 @@ def _structured(body: OpenAISampling) -> tuple[str, str] | None:
 
 
 def _sampling(body: OpenAISampling, max_tokens: int, vocab_size: int, *, logprobs: int | None = None,
-              prompt_logprobs: int | None = None) -> list[SamplingParams]:
-    """One set of parameters per choice; choice ``i`` is seeded ``seed + i`` so choices differ yet replay."""
+              prompt_logprobs: int | None = None, tools: ToolChoice = NO_TOOLS) -> list[SamplingParams]:
+    """One set of parameters per choice; choice ``i`` is seeded ``seed + i`` so choices differ yet replay.
+    Tool calling constrains the output with its own grammar (the route refuses it with another one)."""
+    structured = ("grammar", grammar(tools)) if tools.active else _structured(body)
     bias = []
     for key, value in (body.logit_bias or {}).items():
         try:
@@ -170,7 +183,7 @@ def _sampling(body: OpenAISampling, max_tokens: int, vocab_size: int, *, logprob
                                presence_penalty=body.presence_penalty or 0.0,
                                frequency_penalty=body.frequency_penalty or 0.0,
                                repetition_penalty=body.repetition_penalty or 1.0, logit_bias=tuple(bias),
-                               logprobs=logprobs, prompt_logprobs=prompt_logprobs, structured=_structured(body))
+                               logprobs=logprobs, prompt_logprobs=prompt_logprobs, structured=structured)
                 for i in range(body.n or 1)]
     except ValueError as exc:
         raise OpenAIError(400, str(exc)) from None
@@ -228,10 +241,11 @@ class _Logprobs:
 
 async def _respond(state: ServerState, principal: Principal, request: Request, body: OpenAISampling,
                    prompts: list[_Prompt], prefix: ResidentPrefix | None, max_tokens: int, *, chat: bool,
-                   logprobs: int | None = None, echo: bool = False):
+                   logprobs: int | None = None, echo: bool = False, tools: ToolChoice = NO_TOOLS):
     vocab_size = state.base.vocab_size
     prompt_logprobs = logprobs if echo and logprobs is not None else None
-    params = _sampling(body, max_tokens, vocab_size, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+    params = _sampling(body, max_tokens, vocab_size, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+                       tools=tools)
     # OpenAI's indexing: choice p * n + i is sample i of prompt p
     seqs = [Sequence(prompt.ids, p, prefix, tenant=principal.tenant) for prompt in prompts for p in params]
     n = len(params)
@@ -247,7 +261,7 @@ async def _respond(state: ServerState, principal: Principal, request: Request, b
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         usage = lambda completion_tokens: _usage(prompt_tokens, completion_tokens, cached)
         if chat:
-            render = lambda pieces: _chat_chunks(pieces, head, len(seqs), usage, include_usage, fmt)
+            render = lambda pieces: _chat_chunks(pieces, head, len(seqs), usage, include_usage, fmt, tools)
         else:
             render = lambda pieces: _completion_chunks(pieces, head, seqs, prompts, n, usage,
                                                        include_usage, fmt, echo)
@@ -256,8 +270,12 @@ async def _respond(state: ServerState, principal: Principal, request: Request, b
     choices = []
     for i, seq in enumerate(seqs):
         text = seq.text or ""
+        finish_reason = seq.finish_reason.value
         if chat:
-            choice = {"message": {"role": "assistant", "content": text},
+            message = {"role": "assistant", "content": text}
+            if tools.active:
+                message, finish_reason = CallParser(tools).message(text, finish_reason)
+            choice = {"message": message,
                       "logprobs": None if logprobs is None else
                       {"content": fmt.chat(seq.output_ids, seq.output_logprobs)}}
         else:
@@ -266,7 +284,7 @@ async def _respond(state: ServerState, principal: Principal, request: Request, b
                       "logprobs": None if logprobs is None else
                       _choice_logprobs(fmt, seq, prompt, echo, seq.output_ids, seq.output_logprobs,
                                        len(prompt.text) if echo else 0)}
-        choices.append({"index": i, **choice, "finish_reason": seq.finish_reason.value})
+        choices.append({"index": i, **choice, "finish_reason": finish_reason})
     return {**head, "object": "chat.completion" if chat else "text_completion", "choices": choices,
             "usage": _usage(prompt_tokens, sum(len(seq.output_ids) for seq in seqs), cached)}
 
@@ -309,8 +327,11 @@ async def _completion_chunks(pieces: AsyncIterator[Piece], head: dict, seqs: lis
 
 
 async def _chat_chunks(pieces: AsyncIterator[Piece], head: dict, n: int, usage, include_usage: bool,
-                       fmt: _Logprobs) -> AsyncIterator[dict]:
+                       fmt: _Logprobs, tools: ToolChoice) -> AsyncIterator[dict]:
+    """Text as ``content`` deltas; with tools, each complete call as one ``tool_calls`` delta (its id, name
+    and whole arguments) and then ``finish_reason`` ``tool_calls``."""
     head = {**head, "object": "chat.completion.chunk"}
+    parsers = [CallParser(tools) for _ in range(n)]
 
     def chunk(index: int, delta: dict, finish_reason: str | None = None, logprobs: dict | None = None) -> dict:
         return {**head, "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
@@ -324,10 +345,16 @@ async def _chat_chunks(pieces: AsyncIterator[Piece], head: dict, n: int, usage, 
         logprobs = None
         if piece.logprobs is not None and piece.token_ids:
             logprobs = {"content": fmt.chat(piece.token_ids, piece.logprobs)}
-        if piece.text or logprobs:
-            yield chunk(piece.index, {"content": piece.text}, logprobs=logprobs)
+        parser = parsers[piece.index]
+        deltas = parser.feed(piece.text) if tools.active else [{"content": piece.text}] * bool(piece.text)
+        if piece.finish_reason and tools.active:
+            deltas += parser.finish()
+        if logprobs and not deltas:  # the scores of tokens whose text is not out yet
+            deltas = [{}] if tools.active else [{"content": ""}]
+        for k, delta in enumerate(deltas):
+            yield chunk(piece.index, delta, logprobs=logprobs if k == 0 else None)
         if piece.finish_reason:
-            yield chunk(piece.index, {}, piece.finish_reason)
+            yield chunk(piece.index, {}, parser.finish_reason(piece.finish_reason))
     if include_usage:
         yield {**head, "choices": [], "usage": usage(completion_tokens)}
 
@@ -374,7 +401,7 @@ def _texts(content) -> list[str]:
     return [part["text"] for part in content or () if isinstance(part.get("text"), str)]
 
 
-def _chat_prompt_ids(tokenizer, body: ChatCompletionRequest) -> list[int]:
+def _chat_prompt_ids(tokenizer, body: ChatCompletionRequest, tools: ToolChoice) -> list[int]:
     messages = []
     for i, message in enumerate(body.messages):
         content = message.content
@@ -383,11 +410,19 @@ def _chat_prompt_ids(tokenizer, body: ChatCompletionRequest) -> list[int]:
                 raise OpenAIError(400, "Only text content parts are supported.",
                                   param=f"messages.{i}.content")
             content = "".join(part["text"] for part in content)
-        messages.append({"role": message.role, "content": content or ""})
+        messages.append({"role": message.role, "content": content or "", "tool_calls": message.tool_calls,
+                         "tool_call_id": message.tool_call_id, "name": message.name})
     if not getattr(tokenizer, "chat_template", None):
         raise OpenAIError(400, "The base model has no chat template; use /v1/completions.", param="messages")
     try:
-        out = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        messages, tool_defs = chat_messages(messages, tools, template_renders_tools(tokenizer))
+    except ToolError as exc:
+        raise OpenAIError(400, str(exc), param=exc.param) from None
+    try:
+        if tool_defs is None:
+            out = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        else:
+            out = tokenizer.apply_chat_template(messages, tools=tool_defs, add_generation_prompt=True)
     except (TemplateError, ValueError, TypeError, KeyError) as exc:
         raise OpenAIError(400, f"The chat template rejected these messages: {exc}",
                           param="messages") from None
@@ -399,12 +434,16 @@ def _chat_prompt_ids(tokenizer, body: ChatCompletionRequest) -> list[int]:
 async def chat_completions(body: ChatCompletionRequest, state: State, request: Request,
                            principal: CurrentPrincipal):
     _refuse([("top_logprobs", bool(body.top_logprobs) and not body.logprobs),
-             ("tools", bool(body.tools)), ("tool_choice", body.tool_choice not in (None, "none", "auto")),
              ("functions", bool(body.functions)),
              ("function_call", body.function_call not in (None, "none", "auto"))])
+    if body.tools:
+        check_text(state, json.dumps(body.tools, ensure_ascii=False), "tools")
+    tools = await run_in_threadpool(_tool_choice, body)
     prefix = await _resolve_model(state, principal, body.model)
-    check_text(state, "".join(text for message in body.messages for text in _texts(message.content)), "messages")
-    prompt_ids = await on_tokenizer_thread(_chat_prompt_ids, state.base.tokenizer, body)
+    calls = [message.tool_calls for message in body.messages if message.tool_calls]  # rendered into the prompt
+    check_text(state, "".join(text for message in body.messages for text in _texts(message.content))
+               + (json.dumps(calls, ensure_ascii=False) if calls else ""), "messages")
+    prompt_ids = await on_tokenizer_thread(_chat_prompt_ids, state.base.tokenizer, body, tools)
     max_tokens = body.max_completion_tokens or body.max_tokens
     if max_tokens == 0:
         raise OpenAIError(400, "max_tokens must be at least 1 for chat.", param="max_tokens")
@@ -412,7 +451,20 @@ async def chat_completions(body: ChatCompletionRequest, state: State, request: R
         used = len(prompt_ids) + (prefix.num_virtual_tokens if prefix else 0)
         max_tokens = max(1, min(CHAT_MAX_TOKENS, state.base.shape.max_positions - used))
     return await _respond(state, principal, request, body, [_Prompt(prompt_ids, "")], prefix, max_tokens,
-                          chat=True, logprobs=(body.top_logprobs or 0) if body.logprobs else None)
+                          chat=True, logprobs=(body.top_logprobs or 0) if body.logprobs else None, tools=tools)
+
+
+def _tool_choice(body: ChatCompletionRequest) -> ToolChoice:
+    """``tools``, ``tool_choice`` and ``parallel_tool_calls`` checked (each tool's schema is compiled)."""
+    try:
+        tools = parse_choice(body.tool_choice, parse_tools(body.tools), body.parallel_tool_calls)
+    except ToolError as exc:
+        raise OpenAIError(400, str(exc), param=exc.param) from None
+    if tools.active and _structured(body) is not None:
+        raise OpenAIError(400, "tool calls follow their own grammar: send tools or a structured-output "
+                          "constraint (response_format, guided_*), not both, or set tool_choice 'none'.",
+                          param="tool_choice")
+    return tools
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -153,6 +153,9 @@ class ChatMessage(BaseModel):
 
     role: str
     content: str | list[dict] | None = None
+    tool_calls: list[dict] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a "tool" message: the call it answers
+    name: str | None = None
 
 
 class ChatCompletionRequest(OpenAISampling):
@@ -160,7 +163,8 @@ class ChatCompletionRequest(OpenAISampling):
     max_completion_tokens: int | None = Field(None, ge=1, le=65536)  # the newer name of max_tokens
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    tools: list | None = None
+    tools: list | None = None  # checked by server/api/tools.py, which names the faulty field
     tool_choice: str | dict | None = None
+    parallel_tool_calls: bool | None = None
     functions: list | None = None
     function_call: str | dict | None = None
