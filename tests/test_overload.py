@@ -239,7 +239,8 @@ def test_prompts_are_refused_by_size_before_tokenizing_and_healthz_stays_respons
             async with httpx.AsyncClient(timeout=120) as client:
                 huge = asyncio.create_task(
                     client.post(
-                        f"{server.url}/generate", json={"prompt": "word " * 2_000_000, "max_new_tokens": 2}
+                        # 1 MB: under the 4 MiB body cap, over what the 8,192-position context could hold
+                        f"{server.url}/generate", json={"prompt": "word " * 200_000, "max_new_tokens": 2}
                     )
                 )
                 health = await client.get(f"{server.url}/healthz")

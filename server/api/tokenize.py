@@ -3,11 +3,14 @@ count and split tokens exactly as the server does (its ``remote`` tokenizer back
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 
 from fastapi import APIRouter, HTTPException
 from pydantic import BaseModel, ConfigDict, Field
 
+from server.api import errors
+from server.api.encode import check_text, on_tokenizer_thread
 from server.auth import CurrentPrincipal
 from server.state import State
 
@@ -32,33 +35,40 @@ class DetokenizeRequest(BaseModel):
     tokens: list[int] = Field(..., max_length=1 << 20)
 
 
-@router.post("/tokenize")
+def _chat_ids(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+    try:
+        out = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+    except Exception as exc:  # the template's own errors: the client's messages do not fit it
+        raise HTTPException(400, f"the chat template rejected these messages: {exc}") from None
+    return list(out["input_ids"] if isinstance(out, Mapping) else out)
+
+
+@router.post("/tokenize", responses=errors.responses(400, 401, 413))
 async def tokenize(body: TokenizeRequest, state: State, principal: CurrentPrincipal):
     tokenizer = state.base.tokenizer
     if (body.prompt is None) == (body.messages is None):
         raise HTTPException(400, "send either 'prompt' (text) or 'messages' (chat)")
     if body.prompt is not None:
-        ids = tokenizer(body.prompt, add_special_tokens=body.add_special_tokens)["input_ids"]
+        check_text(state, body.prompt)
+        out = await on_tokenizer_thread(tokenizer, body.prompt, add_special_tokens=body.add_special_tokens)
+        ids = out["input_ids"]
     else:
-        try:
-            out = tokenizer.apply_chat_template(body.messages, add_generation_prompt=body.add_generation_prompt)
-        except Exception as exc:  # the template's own errors: the client's messages do not fit it
-            raise HTTPException(400, f"the chat template rejected these messages: {exc}") from None
-        ids = list(out["input_ids"] if isinstance(out, Mapping) else out)
+        check_text(state, json.dumps(body.messages), "messages")
+        ids = await on_tokenizer_thread(_chat_ids, tokenizer, body.messages, body.add_generation_prompt)
     return {"count": len(ids), "max_model_len": state.base.shape.max_positions, "tokens": ids,
             "token_strs": tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None}
 
 
-@router.post("/detokenize")
+@router.post("/detokenize", responses=errors.responses(400, 401, 413))
 async def detokenize(body: DetokenizeRequest, state: State, principal: CurrentPrincipal):
     vocab = len(state.base.tokenizer)
     bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
     if bad is not None:
         raise HTTPException(400, f"token id {bad} is outside the vocabulary (0..{vocab - 1})")
-    return {"prompt": state.base.tokenizer.decode(body.tokens)}
+    return {"prompt": await on_tokenizer_thread(state.base.tokenizer.decode, body.tokens)}
 
 
-@router.get("/tokenizer_info")
+@router.get("/tokenizer_info", responses=errors.responses(401))
 async def tokenizer_info(state: State, principal: CurrentPrincipal):
     """The tokenizer's configuration, as vLLM reports it (special tokens, chat template, context length)."""
     tokenizer = state.base.tokenizer
