@@ -60,6 +60,17 @@ async def _burst(url: str, count: int, body: dict) -> list[httpx.Response]:
         return await asyncio.gather(*(client.post(f"{url}/generate", json=body) for _ in range(count)))
 
 
+def _long_request(client: httpx.AsyncClient, server: ServerProcess, new_tokens: int) -> asyncio.Task:
+    """A plain /generate request that keeps a batch row busy for ``new_tokens`` tokens."""
+    body = {"prompt": PROMPT, "max_new_tokens": new_tokens, "ignore_eos": True}
+    return asyncio.create_task(client.post(f"{server.url}/generate", json=body))
+
+
+async def _until_running(client: httpx.AsyncClient, server: ServerProcess, count: int) -> None:
+    while (await client.get(f"{server.url}/healthz")).json()["running"] < count:
+        await asyncio.sleep(0.05)
+
+
 def test_engine_runs_in_its_own_process(tmp_path):
     server = _start(tmp_path)
     try:
@@ -103,14 +114,8 @@ def test_a_request_past_its_deadline_leaves_the_queue_unserved(tmp_path):
 
         async def scenario():
             async with httpx.AsyncClient(timeout=300) as client:
-                long = asyncio.create_task(
-                    client.post(
-                        f"{server.url}/generate",
-                        json={"prompt": PROMPT, "max_new_tokens": 300, "ignore_eos": True},
-                    )
-                )
-                while httpx.get(f"{server.url}/healthz").json()["running"] < 1:
-                    await asyncio.sleep(0.05)
+                long = _long_request(client, server, 300)
+                await _until_running(client, server, 1)
                 late = await client.post(
                     f"{server.url}/generate", json={"prompt": "Hi", "max_new_tokens": 4, "timeout": 0.3}
                 )
@@ -136,17 +141,8 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(tmp_path):
 
         async def scenario():
             async with httpx.AsyncClient(timeout=300) as client:
-                running = [
-                    asyncio.create_task(
-                        client.post(
-                            f"{server.url}/generate",
-                            json={"prompt": PROMPT, "max_new_tokens": 150, "ignore_eos": True},
-                        )
-                    )
-                    for _ in range(2)
-                ]
-                while httpx.get(f"{server.url}/healthz").json()["running"] < 2:
-                    await asyncio.sleep(0.05)
+                running = [_long_request(client, server, 150) for _ in range(2)]
+                await _until_running(client, server, 2)
                 server.proc.send_signal(signal.SIGTERM)
                 await asyncio.sleep(0.5)
                 health = await client.get(f"{server.url}/healthz")
@@ -183,8 +179,7 @@ def test_sigterm_cancels_what_outlasts_the_shutdown_timeout_with_a_clear_error(t
                         ]
 
                 streamed = asyncio.create_task(stream())
-                while httpx.get(f"{server.url}/healthz").json()["running"] < 2:
-                    await asyncio.sleep(0.05)
+                await _until_running(client, server, 2)
                 server.proc.send_signal(signal.SIGTERM)
                 return await plain, await streamed
 
@@ -204,14 +199,8 @@ def test_a_dead_engine_process_gives_503s_and_a_failing_healthz_not_a_hang(tmp_p
 
         async def scenario():
             async with httpx.AsyncClient(timeout=60) as client:
-                running = asyncio.create_task(
-                    client.post(
-                        f"{server.url}/generate",
-                        json={"prompt": PROMPT, "max_new_tokens": 2000, "ignore_eos": True},
-                    )
-                )
-                while httpx.get(f"{server.url}/healthz").json()["running"] < 1:
-                    await asyncio.sleep(0.05)
+                running = _long_request(client, server, 2000)
+                await _until_running(client, server, 1)
                 os.kill(_engine_pid(server), signal.SIGKILL)
                 return await running
 
