@@ -254,6 +254,9 @@ class PrefixStore:
         self._device = _LRU(cache_bytes, self.stats)  # key -> ResidentPrefix on the serving device
         self._host = _LRU(host_cache_bytes, self.host_stats)  # key -> ResidentPrefix with a CPU tensor
         self._generation: dict[str, int] = {}  # bumped by every invalidation: late loads are not admitted
+        # the newest version another replica announced: a load of an older one finishing late is not admitted,
+        # while a late event for the version just loaded (the usual race at start-up) leaves it resident
+        self._announced: dict[str, int] = {}
         self._disk_bytes: dict[str, int] = {}  # key -> bytes of its current version on disk
         self._pending: dict[str, dict] = {}  # key -> write made while Redis was unreachable
         self._lock = threading.Lock()  # guards the LRUs, stats, the dicts above and local version allocation
@@ -632,7 +635,8 @@ class PrefixStore:
         resident = ResidentPrefix(record, kind, self.prepare(tensor))
         with self._lock:
             self.stats.load_seconds_total += time.perf_counter() - start
-            current = self._generation.get(task, 0) == generation  # not replaced or deleted meanwhile
+            current = self._generation.get(task, 0) == generation \
+                and record.version >= self._announced.get(task, 0)  # not replaced or deleted meanwhile
             if current and (self.redis is not None or self._current_version(task) == record.version):
                 self._device.admit(task, resident)
         return resident
@@ -726,7 +730,10 @@ class PrefixStore:
                 item = tier.items.get(task)
                 if item is not None and (item.record.version < version or op == "delete"):
                     tier.drop(task)
-            self._generation[task] = self._generation.get(task, 0) + 1
+            if op == "delete":
+                self._generation[task] = self._generation.get(task, 0) + 1
+            else:
+                self._announced[task] = max(self._announced.get(task, 0), version)
         if task in self._pending:
             return  # an unpushed local write: _resync decides
         local = self._local_record(task)

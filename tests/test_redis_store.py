@@ -140,6 +140,32 @@ def test_update_reaches_other_replica_through_pubsub_within_a_second(open_store)
     assert b.redis.events >= 1
 
 
+def test_a_late_event_only_keeps_out_a_load_it_supersedes(open_store):
+    """The event for a put can reach a replica after that replica already began loading the version it
+    announces (CI saw this once: the first load was then never admitted). Such a late event must leave the
+    load resident; an event for a newer version must still keep the older load out of memory."""
+    a, b = open_store("a"), open_store("b")
+    a.put("t", soft(value=1.0))
+    b.redis.stop_listener()  # the events below are delivered by hand, in the middle of a load
+    load = b._load
+
+    def load_then_event(version: int):
+        def wrapped(*args):
+            loaded = load(*args)
+            b._on_event("put", "t", version)
+            return loaded
+        return wrapped
+
+    b._load = load_then_event(1)
+    assert value(b, "t") == 1.0
+    assert b.stats.resident_tasks == 1  # the late event for version 1 did not evict what it announced
+
+    b._device.drop("t")
+    b._load = load_then_event(2)  # version 2 is announced while version 1 is being loaded
+    assert value(b, "t") == 1.0
+    assert b.stats.resident_tasks == 0
+
+
 def test_missed_event_cannot_serve_a_stale_version(open_store):
     a, b = open_store("a"), open_store("b")
     a.put("t", soft(value=1.0))
