@@ -228,7 +228,7 @@ def eval_loss(peft_model, examples: list[Example], batch_size: int, pad_id: int)
 
 def exact_match(base, adapter_dir: Path, examples: list[Example]) -> float:
     """Greedy generations by the serving engine with the saved adapter, compared to the completions."""
-    from prefixes.store import ResidentPrefix
+    from prefixes.records import ResidentPrefix
     from server.engine.engine import Engine
     from server.engine.sequence import SamplingParams, Sequence
 

@@ -26,7 +26,7 @@ from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request
 
-from prefixes.store import TASK_NAME, task_key
+from prefixes.keys import TASK_NAME, task_key
 
 DEFAULT_TENANT = "default"
 ADMIN_TENANT = "admin"  # the tenant label admins' own requests are counted under

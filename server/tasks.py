@@ -9,16 +9,9 @@ from contextlib import asynccontextmanager
 from fastapi import HTTPException
 from starlette.concurrency import run_in_threadpool
 
-from prefixes.store import (
-    TASK_NAME,
-    InvalidTaskName,
-    PrefixStore,
-    ResidentPrefix,
-    StoreUnavailable,
-    TaskNotFound,
-    TaskRecord,
-    check_task_name,
-)
+from prefixes.keys import TASK_NAME, InvalidTaskName, check_task_name
+from prefixes.records import ResidentPrefix, TaskRecord
+from prefixes.store import PrefixStore, Quota, StoreUnavailable, TaskNotFound
 from server.auth import SHARED_NAMESPACE, AuthConfig, Principal
 
 RETRY_AFTER_S = 1
@@ -77,22 +70,12 @@ def visible_records(store: PrefixStore, principal: Principal) -> list[TaskRecord
     return own + store.list(SHARED_NAMESPACE)
 
 
-def check_storage_quota(store: PrefixStore, principal: Principal, key: str, new_bytes: int) -> None:
-    """429 when storing ``new_bytes`` under ``key`` would exceed the tenant's task count or bytes."""
+def storage_quota(principal: Principal) -> Quota | None:
+    """The limits the store enforces with this caller's uploads (None: admins, and tenants without any)."""
     policy = principal.policy
     if principal.is_admin or (policy.max_tasks is None and policy.max_bytes is None):
-        return
-    records = store.list(principal.namespace)
-    replaced = next((r for r in records if r.task == key), None)
-    count = len(records) + (0 if replaced else 1)
-    used = sum(r.bytes for r in records) - (replaced.bytes if replaced else 0) + new_bytes
-    if policy.max_tasks is not None and count > policy.max_tasks:
-        raise HTTPException(429, f"Tenant {principal.tenant!r} already has {len(records)} tasks, its quota is "
-                            f"{policy.max_tasks}: delete one first.", headers={"Retry-After": str(RETRY_AFTER_S)})
-    if policy.max_bytes is not None and used > policy.max_bytes:
-        raise HTTPException(429, f"Storing this task would use {used} bytes, over tenant {principal.tenant!r}'s "
-                            f"quota of {policy.max_bytes}: delete tasks or use fewer virtual tokens.",
-                            headers={"Retry-After": str(RETRY_AFTER_S)})
+        return None
+    return Quota(policy.max_tasks, policy.max_bytes)
 
 
 class ConcurrencyLimiter:

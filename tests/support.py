@@ -36,7 +36,7 @@ from transformers import (
 )
 
 from prefixes.formats import parse_artifact
-from prefixes.store import ResidentPrefix
+from prefixes.records import ResidentPrefix
 from server.engine.model import BaseModel
 from placement import NEAR_TIE, place
 

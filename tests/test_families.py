@@ -13,7 +13,7 @@ import torch
 from peft import PrefixTuningConfig, get_peft_model
 
 from prefixes.formats import InvalidArtifact, parse_artifact
-from prefixes.store import ResidentPrefix
+from prefixes.records import ResidentPrefix
 from server.engine.attention import UnsupportedAttention, packed_attention
 from server.engine.engine import Engine, EngineConfig
 from server.engine.model import SUPPORTED_MODEL_TYPES, UnsupportedModel, check_supported, wrap_model

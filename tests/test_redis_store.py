@@ -120,9 +120,9 @@ def test_list_shows_tasks_uploaded_on_other_replicas(open_store):
     b.put("beta~y", soft(seed=2))
     b.put("plain", soft(seed=3))
     for store in (a, b):
-        assert [r.task for r in store.list()] == ["acme~x", "beta~y", "plain"]
+        assert [r.key for r in store.list()] == ["acme~x", "beta~y", "plain"]
         assert store.list("acme") == [x]
-        assert [r.task for r in store.list("beta")] == ["beta~y"]
+        assert [r.key for r in store.list("beta")] == ["beta~y"]
 
 
 def test_update_reaches_other_replica_through_pubsub_within_a_second(open_store):
@@ -152,7 +152,7 @@ def test_a_late_event_only_keeps_out_a_load_it_supersedes(open_store):
     def load_then_event(version: int):
         def wrapped(*args):
             loaded = load(*args)
-            b._on_event("put", "t", version)
+            b.sync.on_event("put", "t", version)
             return loaded
         return wrapped
 
@@ -160,7 +160,7 @@ def test_a_late_event_only_keeps_out_a_load_it_supersedes(open_store):
     assert value(b, "t") == 1.0
     assert b.stats.resident_tasks == 1  # the late event for version 1 did not evict what it announced
 
-    b._device.drop("t")
+    b.residency.device.drop("t")
     b._load = load_then_event(2)  # version 2 is announced while version 1 is being loaded
     assert value(b, "t") == 1.0
     assert b.stats.resident_tasks == 0
@@ -284,7 +284,7 @@ def test_redis_outage_keeps_serving_and_writes_are_pushed_when_it_returns(open_s
     b.delete("cold")
     with pytest.raises(TaskNotFound):
         b.get("cold")
-    assert [r.task for r in b.list()] == ["hot", "new"]
+    assert [r.key for r in b.list()] == ["hot", "new"]
     a.put("hot", soft(value=5.0))  # A too keeps taking uploads
     assert value(a, "hot") == 5.0
     assert time.monotonic() - start < 3.0, "a dead Redis stalled the store"
@@ -293,7 +293,7 @@ def test_redis_outage_keeps_serving_and_writes_are_pushed_when_it_returns(open_s
     redis_server.start()  # empty: both replicas push back what they have, and what they did meanwhile
     expected = {"hot", "new", "only-a"}  # "cold" stays deleted: B's tombstone beats A's older copy
     for store in (a, b):
-        wait_until(lambda s=store: {r.task for r in s.list()} == expected, 10.0,
+        wait_until(lambda s=store: {r.key for r in s.list()} == expected, 10.0,
                    f"{store.root.name} reconciled")
     wait_until(lambda: value(b, "hot") == 5.0, 5.0, "A's outage upload of 'hot' reached B")
     assert value(a, "new") == 4.0 and a.info("new").sha256 == new.sha256
@@ -339,7 +339,7 @@ def test_hung_redis_costs_a_request_at_most_a_short_timeout(open_store, redis_se
     assert worst < 0.6
     b.put("u", soft(value=2.0))  # recorded, pushed once Redis answers again
     redis_server.resume()
-    wait_until(lambda: [r.task for r in a.list()] == ["t", "u"], 10.0, "B's upload pushed after the pause")
+    wait_until(lambda: [r.key for r in a.list()] == ["t", "u"], 10.0, "B's upload pushed after the pause")
     assert value(a, "u") == 2.0
 
 
@@ -415,8 +415,8 @@ def test_tier_stats_per_tier(open_store, redis_server, tmp_path):
     wait_until(lambda: on_disk(b, "y") == 2, 1.0, "B's disk copy refreshed in the background")
     assert value(b, "y") == 3.0  # the current version, from B's own disk: Redis only said which one
     assert counts(b) == {"memory": (1, 4, 3), "host": (1, 3, 0), "redis": (2, 0, 0), "disk": (1, 2, 0)}
-    with b._lock:
-        b._invalidate("x")  # x leaves B's memory tiers (host memory too): its next load is from B's disk
+    with b.lock:
+        b.residency.invalidate("x")  # x leaves B's memory tiers (host memory too): next load from B's disk
     assert value(b, "x") == 1.0
     assert counts(b)["disk"] == (2, 2, 0) and counts(b)["redis"] == (2, 0, 0)
 

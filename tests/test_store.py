@@ -11,15 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import prefixes.store as store_module
+import prefixes.store.disk as disk_module
 from prefixes.artifact import PrefixArtifact, PrefixKind
-from prefixes.store import (
-    InvalidTaskName,
-    PrefixStore,
-    TaskNotFound,
-    TaskRecord,
-    check_task_name,
-)
+from prefixes.keys import InvalidTaskName, check_task_name
+from prefixes.records import TaskRecord
+from prefixes.store import PrefixStore, TaskNotFound
 
 REPO = Path(__file__).resolve().parents[1]
 ROW_BYTES = 64 * 4  # one float32 virtual token of a hidden-size-64 soft prompt
@@ -62,7 +58,7 @@ def test_put_info_list_get_delete(tmp_path):
     record = store.put("sentiment", artifact)
 
     assert isinstance(record, TaskRecord)
-    assert record.task == "sentiment"
+    assert record.key == "sentiment"
     assert record.kind == "p_tuning"
     assert record.num_virtual_tokens == 4
     assert record.version == 1
@@ -79,7 +75,7 @@ def test_put_info_list_get_delete(tmp_path):
 
     assert store.info("sentiment") == record
     store.put("another", deep())
-    assert [r.task for r in store.list()] == ["another", "sentiment"]
+    assert [r.key for r in store.list()] == ["another", "sentiment"]
     assert store.list()[1] == record
 
     resident = store.get("sentiment")
@@ -90,7 +86,7 @@ def test_put_info_list_get_delete(tmp_path):
 
     store.delete("sentiment")
     assert not task_dir.exists()
-    assert [r.task for r in store.list()] == ["another"]
+    assert [r.key for r in store.list()] == ["another"]
     with pytest.raises(TaskNotFound):
         store.info("sentiment")
     with pytest.raises(TaskNotFound):
@@ -150,7 +146,7 @@ def test_new_store_over_same_dir_serves_identical_tensors(tmp_path):
     del store
 
     reopened = open_store(tmp_path)
-    assert {r.task: r for r in reopened.list()} == records
+    assert {r.key: r for r in reopened.list()} == records
     for task, art in artifacts.items():
         resident = reopened.get(task)
         assert resident.kind is art.kind
@@ -176,10 +172,10 @@ def test_failed_write_keeps_previous_version(tmp_path, monkeypatch, fail_at):
         staged.append(sorted(p.name for p in src.iterdir()) if src.is_dir() else src.read_text())
         raise OSError(28, "No space left on device (simulated)")
 
-    monkeypatch.setattr(store_module.os, fail_at, failing)
+    monkeypatch.setattr(disk_module.os, fail_at, failing)
     with pytest.raises(OSError, match="simulated"):
         store.put("t", soft(value=2.0))
-    monkeypatch.setattr(store_module.os, fail_at, real)
+    monkeypatch.setattr(disk_module.os, fail_at, real)
     # the failure hit after the new data was staged: the complete version dir, or the new pointer
     expected = [["meta.json", "prefix.safetensors"]] if fail_at == "rename" else ["2"]
     assert staged == expected
@@ -204,7 +200,7 @@ def test_failed_first_write_leaves_no_task(tmp_path, monkeypatch):
     def failing(*args, **kwargs):
         raise OSError("simulated")
 
-    monkeypatch.setattr(store_module.os, "replace", failing)
+    monkeypatch.setattr(disk_module.os, "replace", failing)
     with pytest.raises(OSError):
         store.put("t", soft())
     monkeypatch.undo()
@@ -263,7 +259,7 @@ def test_crash_mid_put_keeps_previous_version_and_sweeps_staging(tmp_path, point
     assert list((tmp_path / "tmp").iterdir()) == []
     assert list((tmp_path / "trash").iterdir()) == []
     assert reopened.info("t") == old_record
-    assert [r.task for r in reopened.list()] == ["t"]
+    assert [r.key for r in reopened.list()] == ["t"]
     resident = reopened.get("t")
     assert resident.record == old_record
     assert torch.equal(resident.tensor, old.tensor)
@@ -285,7 +281,7 @@ def test_crash_mid_delete_is_a_completed_delete_and_trash_is_swept(tmp_path):
     assert list((tmp_path / "trash").iterdir()) == []
     with pytest.raises(TaskNotFound):
         reopened.info("t")
-    assert [r.task for r in reopened.list()] == ["keep"]
+    assert [r.key for r in reopened.list()] == ["keep"]
     assert torch.equal(reopened.get("keep").tensor, torch.full((4, 64), 4.0))
 
 
@@ -300,19 +296,19 @@ def test_crash_between_rename_and_replace_leaves_nothing_after_reopen(tmp_path):
 def test_get_racing_a_reupload_or_delete(tmp_path, monkeypatch, racer):
     store = open_store(tmp_path)
     store.put("t", soft(value=1.0))
-    real_info = PrefixStore.info
+    real_info = store.disk.info
 
-    def info_then_other_thread_writes(task):
-        record = real_info(store, task)
+    def info_then_other_thread_writes(key):
+        record = real_info(key)
         # The interleaving a concurrent request can produce: it writes right after get() read the record.
-        monkeypatch.setattr(store, "info", lambda t: real_info(store, t))
+        monkeypatch.setattr(store.disk, "info", real_info)
         if racer == "put":
             store.put("t", soft(value=2.0))
         else:
             store.delete("t")
         return record
 
-    monkeypatch.setattr(store, "info", info_then_other_thread_writes)
+    monkeypatch.setattr(store.disk, "info", info_then_other_thread_writes)
     if racer == "put":
         resident = store.get("t")
         assert resident.tensor[0, 0].item() in (1.0, 2.0)
@@ -481,8 +477,8 @@ def test_invalid_task_names_are_refused_by_info_and_get(tmp_path, method, name):
 def test_valid_task_names(tmp_path, name):
     store = open_store(tmp_path)
     assert check_task_name(name) == name
-    assert store.put(name, soft()).task == name
-    assert store.info(name).task == name
+    assert store.put(name, soft()).key == name
+    assert store.info(name).key == name
 
 
 def test_task_name_with_trailing_newline_refused(tmp_path):
@@ -498,4 +494,4 @@ def test_unknown_task_raises_task_not_found(tmp_path):
         with pytest.raises(TaskNotFound) as exc:
             call()
         assert isinstance(exc.value, KeyError)
-    assert [r.task for r in store.list()] == ["known"]
+    assert [r.key for r in store.list()] == ["known"]

@@ -122,7 +122,7 @@ def test_every_method_saves_a_servable_peft_adapter(tiny_folder, tmp_path, optio
     peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_folder), result.out).eval()
     from server.engine.engine import Engine
     from server.engine.sequence import SamplingParams, Sequence
-    from prefixes.store import ResidentPrefix
+    from prefixes.records import ResidentPrefix
 
     engine = Engine(base)
     seq = Sequence([10, 20, 30], SamplingParams(max_new_tokens=6, ignore_eos=True),

@@ -13,7 +13,7 @@ from fastapi.exception_handlers import http_exception_handler
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from prefixes.store import StoreUnavailable
+from prefixes.store import QuotaExceeded, StoreUnavailable
 
 
 class ErrorDetail(BaseModel):
@@ -59,13 +59,23 @@ def responses(*statuses: int, openai: bool = False) -> dict[int | str, dict]:
     return out
 
 
-def add_store_error_handlers(app: FastAPI) -> None:
-    """StoreUnavailable -> 503 with Retry-After, rendered by the app's HTTPException handler (so /v1 callers
-    get OpenAI's shape)."""
+QUOTA_RETRY_AFTER_S = 1  # as for the other per-tenant limits (server.tasks.RETRY_AFTER_S)
 
-    async def unavailable(request: Request, exc: StoreUnavailable):
+
+def add_store_error_handlers(app: FastAPI) -> None:
+    """StoreUnavailable -> 503 and QuotaExceeded -> 429, both with Retry-After, rendered by the app's
+    HTTPException handler (so /v1 callers get OpenAI's shape)."""
+
+    async def render(request: Request, refused: HTTPException):
         handler = app.exception_handlers.get(StarletteHTTPException, http_exception_handler)
-        refused = HTTPException(503, str(exc), headers={"Retry-After": str(exc.retry_after)})
         return await handler(request, refused)
 
+    async def unavailable(request: Request, exc: StoreUnavailable):
+        return await render(request, HTTPException(503, str(exc), headers={"Retry-After": str(exc.retry_after)}))
+
+    async def over_quota(request: Request, exc: QuotaExceeded):
+        return await render(request, HTTPException(429, str(exc),
+                                                   headers={"Retry-After": str(QUOTA_RETRY_AFTER_S)}))
+
     app.add_exception_handler(StoreUnavailable, unavailable)
+    app.add_exception_handler(QuotaExceeded, over_quota)

@@ -23,7 +23,7 @@ from jinja2 import TemplateError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from prefixes.store import ResidentPrefix
+from prefixes.records import ResidentPrefix
 from server.api import errors
 from server.api.encode import check_text, encode_prompt, on_tokenizer_thread
 from server.api.schemas import MAX_PROMPTS, ChatCompletionRequest, CompletionRequest, OpenAISampling

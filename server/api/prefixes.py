@@ -8,13 +8,15 @@ from fastapi import APIRouter, File, HTTPException, Query, Response, UploadFile
 from starlette.concurrency import run_in_threadpool
 
 from prefixes.formats import InvalidArtifact, parse_artifact
-from prefixes.store import InvalidTaskName, TaskNotFound, TaskRecord
+from prefixes.keys import InvalidTaskName
+from prefixes.records import TaskRecord
+from prefixes.store import TaskNotFound
 from prefixes.validate import validate_artifact
 from server.api import errors
 from server.api.schemas import PrefixInfo, PrefixList
 from server.auth import CurrentPrincipal, Principal
 from server.state import ServerState, State
-from server.tasks import check_storage_quota, resolve_record, visible_records, write_key
+from server.tasks import resolve_record, storage_quota, visible_records, write_key
 
 router = APIRouter(prefix="/prefixes", tags=["prefixes"])
 _CHUNK = 1 << 20
@@ -49,8 +51,7 @@ def info(record: TaskRecord) -> dict:
 def _store_artifact(state: ServerState, principal: Principal, key: str, files: dict[str, bytes]) -> TaskRecord:
     artifact = parse_artifact(files, state.base.shape)
     validate_artifact(artifact, state.base.shape, state.limits)
-    check_storage_quota(state.store, principal, key, artifact.nbytes)
-    return state.store.put(key, artifact)
+    return state.store.put(key, artifact, quota=storage_quota(principal))  # QuotaExceeded: see api.errors
 
 
 @router.post("/{task}", status_code=201, response_model=PrefixInfo,
@@ -85,7 +86,7 @@ async def download_prefix(task: str, state: State, principal: CurrentPrincipal):
     """The task's served tensors in prefix-serve's format (re-uploadable; a start for `train --init-from`)."""
     record = await resolve_record(state.store, principal, task)
     try:
-        data = await run_in_threadpool(state.store.read_artifact, record.task)
+        data = await run_in_threadpool(state.store.read_artifact, record.key)
     except TaskNotFound:
         raise HTTPException(404, f"Unknown task {task!r}.") from None
     return Response(data, media_type="application/octet-stream",

@@ -19,7 +19,8 @@ import torch
 from transformers import DynamicCache
 
 from prefixes.artifact import ModelShape, PrefixArtifact, PrefixKind
-from prefixes.store import PrefixStore, ResidentPrefix
+from prefixes.records import ResidentPrefix
+from prefixes.store import PrefixStore
 from server.bench.clock import DeviceClock, synchronize
 from server.engine.engine import Engine, EngineConfig
 from server.engine.model import BaseModel

@@ -361,7 +361,7 @@ class EngineClient:
         on its device; the engine keeps it until told to drop it, so a task crosses once while it stays hot.
         """
         record = prefix.record
-        ref = f"{record.task}@{record.version}#{record.sha256[:16]}"
+        ref = f"{record.key}@{record.version}#{record.sha256[:16]}"
         if ref in self._prefixes:
             self._prefixes.move_to_end(ref)
             return ref

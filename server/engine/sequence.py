@@ -8,8 +8,11 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
-from prefixes.store import ResidentPrefix
+import torch
+
+from prefixes.artifact import PrefixKind
 
 # Below this temperature a request is served greedily: dividing logits by ~1e-38 overflows float32 to
 # infinities (and NaN once two of them are subtracted in the softmax), and any temperature this small
@@ -89,11 +92,25 @@ class FinishReason(str, enum.Enum):
 _ids = itertools.count()
 
 
+class TaskPrefix(Protocol):
+    """What a sequence needs of its task's prefix: the store's ResidentPrefix (HTTP process) and the engine's
+    EnginePrefix both are one. Declared here so that the engine does not import the store."""
+
+    @property
+    def kind(self) -> PrefixKind: ...
+
+    @property
+    def num_virtual_tokens(self) -> int: ...
+
+    @property
+    def tensor(self) -> torch.Tensor: ...  # deep: [L, 2, Hkv, P, D]; soft prompt: [P, H]
+
+
 @dataclass(eq=False, slots=True)
 class Sequence:
     prompt_ids: list[int]
     params: SamplingParams
-    prefix: ResidentPrefix | None = None
+    prefix: TaskPrefix | None = None
     tenant: str = "default"  # whose queue it waits in (fair scheduling)
     on_finish: Callable[[Sequence], None] | None = None  # called once on the engine thread
     on_token: Callable[[Sequence], None] | None = None  # called after each new token (streaming)

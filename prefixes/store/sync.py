@@ -1,0 +1,128 @@
+"""Keeping a replica's disk and memory in step with Redis: other replicas' events, and the reconciliation
+after each (re)subscription of the listener.
+
+Events only make invalidation immediate (every ``get`` checks Redis's version anyway). A task loaded from
+Redis is written through to the local disk, and events refresh or remove local copies in the background.
+
+When the listener is subscribed again (it reconnects by itself, with backoff) :meth:`Sync.resync` pushes
+the writes made here while Redis was unreachable: an outage write wins unless Redis holds a later one (by
+wall-clock time: last writer wins), and it gets a fresh version number. The same pass pushes local
+versions Redis lacks (e.g. Redis restarted without persistence) and refreshes or removes local copies
+Redis has superseded. Tombstones only live in Redis: run it with persistence, or a replica that missed a
+delete may push the task back after Redis lost its data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+
+from prefixes.keys import STORE_KEY
+from prefixes.records import TaskRecord, same_version
+from prefixes.store.disk import DiskTier
+from prefixes.store.memory import Residency
+from prefixes.store.redis_layout import RemoteState
+from prefixes.store.redis_tier import RedisUnavailable
+from prefixes.store.shared import RedisSharedTier
+
+log = logging.getLogger(__name__)
+
+
+class Sync:
+    def __init__(self, shared: RedisSharedTier, disk: DiskTier, residency: Residency, lock: threading.Lock):
+        self.shared = shared
+        self.redis = shared.redis
+        self.disk = disk
+        self.residency = residency
+        self.lock = lock
+
+    def start(self) -> None:
+        self.redis.start_listener(self.on_event, self.resync)
+
+    def on_event(self, op: str, key: str, version: int) -> None:
+        """Another replica wrote ``version`` of ``key`` (listener thread)."""
+        if not STORE_KEY.fullmatch(key):
+            return
+        with self.lock:
+            self.residency.announce(op, key, version)
+        if self.shared.pending(key) is not None:
+            return  # an unpushed local write: resync decides
+        local = self.disk.record(key)
+        if local is None or local.version >= version:
+            return
+        if op == "delete":
+            self.disk.delete(key)
+        else:  # keep the local copy current, for the next outage
+            try:
+                self.shared.fetch(key, lookup=False)
+            except RedisUnavailable:
+                pass
+
+    def resync(self) -> None:
+        """Reconcile the local disk with Redis (listener thread, after each (re)subscription)."""
+        keys = sorted(set(self.disk.keys()) | set(self.shared.markers))
+        states = self.redis.probe_many(keys)
+        for key in keys:
+            try:
+                self._reconcile(key, states[key])
+            except RedisUnavailable:
+                raise
+            except Exception:  # one task must not stop the others
+                log.exception("reconciling task %s with Redis failed", key)
+
+    def _reconcile(self, key: str, remote: RemoteState | None) -> None:
+        pending = self.shared.pending(key)
+        if pending is not None:
+            self._push_pending(key, remote)
+            return
+        local = self.disk.record(key)
+        if local is None:
+            return
+        if remote is None or remote.version < local.version:  # Redis lost it, or never got it
+            data = self.disk.read_version(key, local.version)
+            if self.redis.publish(local.as_json(), data, local.namespace):
+                return
+            remote = self.redis.probe(key)  # another replica got there first: follow Redis
+            if remote is None:
+                return
+        if remote.deleted:
+            if remote.version >= local.version:
+                self.disk.delete(key)
+        elif remote.meta is not None and not same_version(local, TaskRecord.from_json(remote.meta)):
+            self.shared.fetch(key, lookup=False)
+
+    def _push_pending(self, key: str, remote: RemoteState | None) -> None:
+        """Push the put or delete made here while Redis was unreachable, unless a later write superseded
+        it."""
+        pending = self.shared.pending(key)
+        assert pending is not None
+        local = self.disk.record(key)
+        if remote is not None and remote.at > pending.at:
+            log.warning("the %s of task %s made here while Redis was unreachable was superseded by a "
+                        "later write on another replica", pending.op, key)
+            if local is not None:  # whatever its version number, the outage write lost: take Redis's
+                self.disk.delete(key)
+            self.shared.clear_pending(key)
+            if not remote.deleted:
+                self.shared.fetch(key, lookup=False)
+        elif pending.op == "put":
+            if local is not None and local.sha256 == pending.sha256:
+                # A fresh version above anything Redis has seen; created_at stays the upload's time.
+                floor = max(local.version, remote.version if remote else 0)
+                version = self.redis.allocate(key, floor=floor)
+                record = dataclasses.replace(local, version=version)
+                data = self.disk.read_version(key, local.version)
+                written = self.disk.write(key, data, lambda _version: record, version=version)
+                if written is not None:
+                    self.redis.publish(record.as_json(), data, record.namespace)
+                    log.info("pushed task %s (uploaded while Redis was unreachable) as v%d", key, version)
+            self.shared.clear_pending(key)
+        else:
+            if remote is None or not remote.deleted:
+                # A tombstone even when Redis lost the task: older copies pushed back later lose to it.
+                floor = max(remote.version if remote else 0, pending.version)
+                self.redis.delete(key, floor=floor, force=True, at=pending.at)
+                log.info("pushed the delete of task %s (made while Redis was unreachable)", key)
+            self.disk.delete(key)
+            self.shared.clear_pending(key)
