@@ -71,7 +71,8 @@ def add_store_error_handlers(app: FastAPI) -> None:
         return await handler(request, refused)
 
     async def unavailable(request: Request, exc: StoreUnavailable):
-        return await render(request, HTTPException(503, str(exc), headers={"Retry-After": str(exc.retry_after)}))
+        return await render(request, HTTPException(503, str(exc),
+                                                   headers={"Retry-After": str(exc.retry_after)}))
 
     async def over_quota(request: Request, exc: QuotaExceeded):
         return await render(request, HTTPException(429, str(exc),
