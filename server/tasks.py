@@ -6,12 +6,10 @@ from collections import defaultdict
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 
-from fastapi import HTTPException
 from starlette.concurrency import run_in_threadpool
 
 from prefixes.store import (
     TASK_NAME,
-    InvalidTaskName,
     PrefixStore,
     ResidentPrefix,
     StoreUnavailable,
@@ -20,34 +18,28 @@ from prefixes.store import (
     check_task_name,
 )
 from server.auth import SHARED_NAMESPACE, AuthConfig, Principal
+from server.errors import QuotaExceeded, UnknownTask, UnknownTenant
 
 RETRY_AFTER_S = 1
 
 
-def checked_name(name: str) -> str:
-    try:
-        return check_task_name(name)
-    except InvalidTaskName as exc:
-        raise HTTPException(400, str(exc)) from None
-
-
 def write_key(auth: AuthConfig, principal: Principal, name: str, tenant: str | None) -> str:
     """The store key an upload or delete of task ``name`` addresses; ``tenant``: an admin acting for one.
-    400 when ``tenant`` is not one of this server's tenants."""
-    checked_name(name)
+    :class:`UnknownTenant` when ``tenant`` is not one of this server's tenants."""
+    check_task_name(name)
     if tenant is not None and principal.is_admin:
         if auth.is_open:
-            raise HTTPException(400, f"tenant={tenant!r}: this server has no tenants (it runs without "
+            raise UnknownTenant(f"tenant={tenant!r}: this server has no tenants (it runs without "
                                 "--auth-file); drop the tenant parameter.")
         if not TASK_NAME.fullmatch(tenant) or not auth.has_tenant(tenant):
-            raise HTTPException(400, f"tenant={tenant!r} is not a tenant of this server: name one from its "
+            raise UnknownTenant(f"tenant={tenant!r} is not a tenant of this server: name one from its "
                                 "--auth-file, or drop the parameter to publish a shared task.")
     return principal.write_key(name, tenant)
 
 
 def _first_visible(store: PrefixStore, principal: Principal, name: str, load):
     unavailable: StoreUnavailable | None = None
-    for key in principal.lookup_keys(checked_name(name)):
+    for key in principal.lookup_keys(check_task_name(name)):
         try:
             return load(key)
         except TaskNotFound:
@@ -56,11 +48,12 @@ def _first_visible(store: PrefixStore, principal: Principal, name: str, load):
             unavailable = exc
     if unavailable is not None:
         raise unavailable
-    raise HTTPException(404, f"Unknown task {name!r}: upload it with POST /prefixes/{name} first.")
+    raise UnknownTask(f"Unknown task {name!r}: upload it with POST /prefixes/{name} first.")
 
 
 async def resolve_prefix(store: PrefixStore, principal: Principal, name: str | None) -> ResidentPrefix | None:
-    """The served prefix a caller means by ``name`` (None: the base model). 404 when not visible."""
+    """The served prefix a caller means by ``name`` (None: the base model). :class:`UnknownTask` when not
+    visible."""
     if name is None:
         return None
     return await run_in_threadpool(_first_visible, store, principal, name, store.get)
@@ -78,7 +71,8 @@ def visible_records(store: PrefixStore, principal: Principal) -> list[TaskRecord
 
 
 def check_storage_quota(store: PrefixStore, principal: Principal, key: str, new_bytes: int) -> None:
-    """429 when storing ``new_bytes`` under ``key`` would exceed the tenant's task count or bytes."""
+    """:class:`QuotaExceeded` when storing ``new_bytes`` under ``key`` would exceed the tenant's task count or
+    bytes."""
     policy = principal.policy
     if principal.is_admin or (policy.max_tasks is None and policy.max_bytes is None):
         return
@@ -87,12 +81,12 @@ def check_storage_quota(store: PrefixStore, principal: Principal, key: str, new_
     count = len(records) + (0 if replaced else 1)
     used = sum(r.bytes for r in records) - (replaced.bytes if replaced else 0) + new_bytes
     if policy.max_tasks is not None and count > policy.max_tasks:
-        raise HTTPException(429, f"Tenant {principal.tenant!r} already has {len(records)} tasks, its quota is "
-                            f"{policy.max_tasks}: delete one first.", headers={"Retry-After": str(RETRY_AFTER_S)})
+        raise QuotaExceeded(f"Tenant {principal.tenant!r} already has {len(records)} tasks, its quota is "
+                            f"{policy.max_tasks}: delete one first.", RETRY_AFTER_S)
     if policy.max_bytes is not None and used > policy.max_bytes:
-        raise HTTPException(429, f"Storing this task would use {used} bytes, over tenant {principal.tenant!r}'s "
+        raise QuotaExceeded(f"Storing this task would use {used} bytes, over tenant {principal.tenant!r}'s "
                             f"quota of {policy.max_bytes}: delete tasks or use fewer virtual tokens.",
-                            headers={"Retry-After": str(RETRY_AFTER_S)})
+                            RETRY_AFTER_S)
 
 
 class ConcurrencyLimiter:
@@ -109,8 +103,8 @@ class ConcurrencyLimiter:
         limit = principal.policy.max_concurrent_requests
         if limit is not None and self._in_flight[principal.tenant] >= limit:
             self._on_reject(principal.tenant)
-            raise HTTPException(429, f"Tenant {principal.tenant!r} has {limit} requests in flight, its limit; "
-                                "retry shortly.", headers={"Retry-After": str(RETRY_AFTER_S)})
+            raise QuotaExceeded(f"Tenant {principal.tenant!r} has {limit} requests in flight, its limit; "
+                                "retry shortly.", RETRY_AFTER_S)
         self._in_flight[principal.tenant] += 1
         try:
             yield

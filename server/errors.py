@@ -1,0 +1,33 @@
+"""What the service rules refuse (who may call, which task a name means, quotas), as domain errors.
+
+They carry the message the client will read and nothing about HTTP: :mod:`server.api.errors` is the one
+place that gives each its status code and headers. The store's own errors (``InvalidTaskName``,
+``StoreUnavailable``) are mapped there too.
+"""
+
+from __future__ import annotations
+
+
+class Unauthenticated(Exception):
+    """No API key, or one this server does not know."""
+
+
+class Forbidden(Exception):
+    """The caller is known but may not do this."""
+
+
+class UnknownTenant(ValueError):
+    """An admin named a tenant this server does not have."""
+
+
+class UnknownTask(LookupError):
+    """No task of that name is visible to the caller (one another tenant owns is answered the same way)."""
+
+
+class QuotaExceeded(Exception):
+    """Over the tenant's task count, stored bytes or requests in flight; worth retrying after
+    ``retry_after`` seconds (once tasks are deleted or requests finish)."""
+
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(message)
+        self.retry_after = retry_after
