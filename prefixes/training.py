@@ -8,8 +8,9 @@ The methods are PEFT's own, so the saved folder is exactly what PEFT (and ``POST
 PEFT saves the encoder's output, so any reparameterisation is folded into plain tensors on save.
 
 Only the prefix parameters train; the loss covers completion tokens only. Exact-match accuracy is
-measured by generating greedily with the serving engine itself, through the same artifact parser an
-upload uses, so the number printed is what the server will do.
+measured by generating greedily with an :class:`Evaluator` the caller passes in (the CLI's runs the serving
+engine itself, :mod:`server.training_eval`), from the artifact parsed as an upload is, so the number printed
+is what the server will do. This package never imports ``server``: the engine is injected, not reached for.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import httpx
 import torch
@@ -226,26 +228,31 @@ def eval_loss(peft_model, examples: list[Example], batch_size: int, pad_id: int)
     return total / count
 
 
-def exact_match(base, adapter_dir: Path, examples: list[Example]) -> float:
-    """Greedy generations by the serving engine with the saved adapter, compared to the completions."""
-    from prefixes.records import ResidentPrefix
-    from server.engine.engine import Engine
-    from server.engine.sequence import SamplingParams, Sequence
-
-    artifact = parse_artifact({n: (adapter_dir / n).read_bytes() for n in ADAPTER_FILES}, base.shape)
-    artifact.tensor = artifact.tensor.to(base.device, base.dtype)
-    prefix = ResidentPrefix.unstored("eval", artifact)
-    engine = Engine(base)
-    seqs = [Sequence(e.prompt_ids, SamplingParams(max_new_tokens=len(e.completion_ids) + 2), prefix)
-            for e in examples]
-    for seq in seqs:
-        engine.submit(seq)
-    engine.run_until_idle()
-    return sum(s.text.strip() == e.completion.strip() for s, e in zip(seqs, examples)) / len(examples)
+@dataclass(frozen=True, slots=True)
+class EvalPrompt:
+    ids: list[int]  # the prompt's token ids
+    max_new_tokens: int
 
 
-def train(cfg: TrainConfig, base) -> TrainResult:
-    """``base`` is the loaded :class:`server.engine.model.BaseModel` (frozen; shared with evaluation)."""
+class Evaluator(Protocol):
+    def __call__(self, artifact: PrefixArtifact, prompts: list[EvalPrompt]) -> list[str]:
+        """Greedy generations with ``artifact`` as the task's prefix: one text per prompt, in order, each
+        ending at EOS or after ``max_new_tokens``."""
+        ...
+
+
+def exact_match(evaluate: Evaluator, shape, adapter_dir: Path, examples: list[Example]) -> float:
+    """Greedy generations with the saved adapter, parsed as an upload is, compared to the completions."""
+    artifact = parse_artifact({n: (adapter_dir / n).read_bytes() for n in ADAPTER_FILES}, shape)
+    prompts = [EvalPrompt(e.prompt_ids, len(e.completion_ids) + 2) for e in examples]
+    texts = evaluate(artifact, prompts)
+    correct = sum(t.strip() == e.completion.strip() for t, e in zip(texts, examples, strict=True))
+    return correct / len(examples)
+
+
+def train(cfg: TrainConfig, base, evaluate: Evaluator | None = None) -> TrainResult:
+    """``base`` is the loaded base model (frozen; ``evaluate`` may share it): its ``model``, ``tokenizer``
+    and ``shape``. Without ``evaluate`` the epoch reports give the eval loss but no exact match."""
     tokenizer = base.tokenizer
     train_set = load_examples(cfg.data, tokenizer)
     eval_set = load_examples(cfg.eval, tokenizer) if cfg.eval else []
@@ -288,7 +295,8 @@ def train(cfg: TrainConfig, base) -> TrainResult:
             if eval_set:
                 report.eval_loss = eval_loss(peft_model, eval_set, cfg.batch_size, pad_id)
                 save(peft_model, result.out)
-                report.exact_match = exact_match(base, result.out, eval_set)
+                if evaluate is not None:
+                    report.exact_match = exact_match(evaluate, base.shape, result.out, eval_set)
             result.history.append(report)
             if cfg.progress:
                 bar.write(_format_report(report), file=sys.stderr)

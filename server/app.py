@@ -18,6 +18,7 @@ from server.api import errors, generate, health, openai, prefixes, tokenize
 from server.auth import AuthConfig
 from server.config import Settings
 from server.engine.client import EngineClient, EngineLimits
+from server.errors import Unauthenticated
 from server.metrics import Metrics
 from server.middleware import GatePolicy, RequestGate
 from server.state import ServerState
@@ -92,7 +93,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(openai.router)
     app.include_router(tokenize.router)
     openai.add_exception_handlers(app)  # OpenAI's error shape under /v1; elsewhere unchanged
-    errors.add_store_error_handlers(app)  # after it: renders through its HTTPException handler
+    errors.add_domain_error_handlers(app)  # after it: renders through its HTTPException handler
     add_request_gate(app, settings)
     return app
 
@@ -103,7 +104,10 @@ def add_request_gate(app: FastAPI, settings: Settings) -> None:
     app's own HTTPException handler (OpenAI's shape under /v1)."""
 
     def authenticate(scope, authorization: str | None):
-        return scope["app"].state.server.auth.authenticate(authorization)
+        try:
+            return scope["app"].state.server.auth.authenticate(authorization)
+        except Unauthenticated as exc:  # the gate renders HTTPExceptions, before any route or handler
+            raise errors.as_http(exc) from None
 
     async def render_error(request: Request, exc: StarletteHTTPException):
         handler = request.scope["app"].exception_handlers.get(StarletteHTTPException, http_exception_handler)

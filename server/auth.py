@@ -24,9 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, Request
 
 from prefixes.keys import TASK_NAME, task_key
+from server.errors import Forbidden, Unauthenticated
 
 DEFAULT_TENANT = "default"
 ADMIN_TENANT = "admin"  # the tenant label admins' own requests are counted under
@@ -67,7 +68,7 @@ class Principal:
         if self.namespace is None:
             return task_key(name)
         if tenant is not None and not self.is_admin:
-            raise HTTPException(403, "Only admin keys may act on another tenant's tasks.")
+            raise Forbidden("Only admin keys may act on another tenant's tasks.")
         namespace = (tenant or SHARED_NAMESPACE) if self.is_admin else self.namespace
         return task_key(name, namespace)
 
@@ -153,8 +154,7 @@ class AuthConfig:
             return Principal(DEFAULT_TENANT, True, None, TenantPolicy(DEFAULT_TENANT))
         scheme, _, token = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            raise HTTPException(401, "Missing API key: send 'Authorization: Bearer <key>'.",
-                                headers={"WWW-Authenticate": "Bearer"})
+            raise Unauthenticated("Missing API key: send 'Authorization: Bearer <key>'.")
         digest = _digest(token.strip())
         # Compare against every key, always, so timing does not reveal which (or whether any) matched.
         match: Principal | None = None
@@ -166,7 +166,7 @@ class AuthConfig:
                 if hmac.compare_digest(digest, known) and match is None:
                     match = Principal(name, False, name, policy)
         if match is None:
-            raise HTTPException(401, "Invalid API key.", headers={"WWW-Authenticate": "Bearer"})
+            raise Unauthenticated("Invalid API key.")
         return match
 
 

@@ -84,6 +84,7 @@ def _train(args: argparse.Namespace) -> int:
 
     from prefixes.training import TrainConfig, TrainingError, train
     from server.engine.model import UnsupportedModel, load_base_model
+    from server.training_eval import EngineEvaluator
 
     try:
         cfg = TrainConfig(
@@ -97,7 +98,7 @@ def _train(args: argparse.Namespace) -> int:
         base = load_base_model(cfg.model, DTYPES[args.dtype], args.device)
         if args.threads:
             torch.set_num_threads(args.threads)
-        result = train(cfg, base)
+        result = train(cfg, base, EngineEvaluator(base))
     except (TrainingError, UnsupportedModel, ValueError) as exc:
         print(f"prefix-serve train: {exc}", file=sys.stderr)
         return 2

@@ -6,41 +6,32 @@ from collections import defaultdict
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 
-from fastapi import HTTPException
 from starlette.concurrency import run_in_threadpool
 
-from prefixes.keys import TASK_NAME, InvalidTaskName, check_task_name
+from prefixes.keys import TASK_NAME, check_task_name
 from prefixes.records import ResidentPrefix, TaskRecord
 from prefixes.store import PrefixStore, Quota, StoreUnavailable, TaskNotFound
 from server.auth import SHARED_NAMESPACE, AuthConfig, Principal
-
-RETRY_AFTER_S = 1
-
-
-def checked_name(name: str) -> str:
-    try:
-        return check_task_name(name)
-    except InvalidTaskName as exc:
-        raise HTTPException(400, str(exc)) from None
+from server.errors import RETRY_AFTER_S, TooManyInFlight, UnknownTask, UnknownTenant
 
 
 def write_key(auth: AuthConfig, principal: Principal, name: str, tenant: str | None) -> str:
     """The store key an upload or delete of task ``name`` addresses; ``tenant``: an admin acting for one.
-    400 when ``tenant`` is not one of this server's tenants."""
-    checked_name(name)
+    :class:`UnknownTenant` when ``tenant`` is not one of this server's tenants."""
+    check_task_name(name)
     if tenant is not None and principal.is_admin:
         if auth.is_open:
-            raise HTTPException(400, f"tenant={tenant!r}: this server has no tenants (it runs without "
+            raise UnknownTenant(f"tenant={tenant!r}: this server has no tenants (it runs without "
                                 "--auth-file); drop the tenant parameter.")
         if not TASK_NAME.fullmatch(tenant) or not auth.has_tenant(tenant):
-            raise HTTPException(400, f"tenant={tenant!r} is not a tenant of this server: name one from its "
+            raise UnknownTenant(f"tenant={tenant!r} is not a tenant of this server: name one from its "
                                 "--auth-file, or drop the parameter to publish a shared task.")
     return principal.write_key(name, tenant)
 
 
 def _first_visible(store: PrefixStore, principal: Principal, name: str, load):
     unavailable: StoreUnavailable | None = None
-    for key in principal.lookup_keys(checked_name(name)):
+    for key in principal.lookup_keys(check_task_name(name)):
         try:
             return load(key)
         except TaskNotFound:
@@ -49,11 +40,12 @@ def _first_visible(store: PrefixStore, principal: Principal, name: str, load):
             unavailable = exc
     if unavailable is not None:
         raise unavailable
-    raise HTTPException(404, f"Unknown task {name!r}: upload it with POST /prefixes/{name} first.")
+    raise UnknownTask(f"Unknown task {name!r}: upload it with POST /prefixes/{name} first.")
 
 
 async def resolve_prefix(store: PrefixStore, principal: Principal, name: str | None) -> ResidentPrefix | None:
-    """The served prefix a caller means by ``name`` (None: the base model). 404 when not visible."""
+    """The served prefix a caller means by ``name`` (None: the base model). :class:`UnknownTask` when not
+    visible."""
     if name is None:
         return None
     return await run_in_threadpool(_first_visible, store, principal, name, store.get)
@@ -92,8 +84,8 @@ class ConcurrencyLimiter:
         limit = principal.policy.max_concurrent_requests
         if limit is not None and self._in_flight[principal.tenant] >= limit:
             self._on_reject(principal.tenant)
-            raise HTTPException(429, f"Tenant {principal.tenant!r} has {limit} requests in flight, its limit; "
-                                "retry shortly.", headers={"Retry-After": str(RETRY_AFTER_S)})
+            raise TooManyInFlight(f"Tenant {principal.tenant!r} has {limit} requests in flight, its limit; "
+                                "retry shortly.", RETRY_AFTER_S)
         self._in_flight[principal.tenant] += 1
         try:
             yield

@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM
 from prefixes.formats import parse_artifact
 from prefixes.training import TrainConfig, TrainingError, collate, load_examples, train
 from server.engine.model import default_model_dir, load_base_model
+from server.training_eval import EngineEvaluator
 from server_process import ServerProcess
 from support import assert_oracle_tokens, save_tiny_llama
 
@@ -102,7 +103,7 @@ def run_tiny(folder: Path, tmp_path: Path, name: str, **options):
     cfg = TrainConfig(data=data, eval=eval_data, out=tmp_path / name, model=str(folder), steps=options.pop("steps", 2),
                       batch_size=4, progress=False, **options)
     base = load_base_model(str(folder), torch.float32, "cpu")
-    return train(cfg, base), base
+    return train(cfg, base, EngineEvaluator(base)), base
 
 
 @pytest.mark.parametrize("options", [

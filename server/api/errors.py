@@ -1,5 +1,5 @@
-"""Error responses: what each route documents in the OpenAPI schema, and the one mapping of the store's
-domain errors to HTTP.
+"""Error responses: what each route documents in the OpenAPI schema, and the one mapping of domain errors
+(:mod:`server.errors`, the store's) to HTTP statuses and headers.
 
 Routes declare the error statuses they really give with ``responses=errors.responses(...)`` (FastAPI adds
 422 for request validation itself). The bodies are FastAPI's ``{"detail": ...}`` everywhere except under
@@ -8,12 +8,19 @@ Routes declare the error statuses they really give with ``responses=errors.respo
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from inspect import isawaitable
+from typing import Any
+
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exception_handlers import http_exception_handler
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
 
+from prefixes.keys import InvalidTaskName
 from prefixes.store import QuotaExceeded, StoreUnavailable
+from server.errors import RETRY_AFTER_S, Forbidden, TooManyInFlight, Unauthenticated, UnknownTask, UnknownTenant
 
 
 class ErrorDetail(BaseModel):
@@ -59,24 +66,47 @@ def responses(*statuses: int, openai: bool = False) -> dict[int | str, dict]:
     return out
 
 
-QUOTA_RETRY_AFTER_S = 1  # as for the other per-tenant limits (server.tasks.RETRY_AFTER_S)
+def _retry_after(exc: Any) -> dict[str, str]:
+    return {"Retry-After": str(exc.retry_after)}
 
 
-def add_store_error_handlers(app: FastAPI) -> None:
-    """StoreUnavailable -> 503 and QuotaExceeded -> 429, both with Retry-After, rendered by the app's
+def _retry_soon(exc: Any) -> dict[str, str]:
+    return {"Retry-After": str(RETRY_AFTER_S)}
+
+
+def _bearer_challenge(exc: Any) -> dict[str, str]:
+    return {"WWW-Authenticate": "Bearer"}
+
+
+# Domain error -> (status, the headers it is sent with). Subclasses map as their base does.
+STATUSES: dict[type[Exception], tuple[int, Callable[[Any], dict[str, str]] | None]] = {
+    InvalidTaskName: (400, None),
+    UnknownTenant: (400, None),
+    Unauthenticated: (401, _bearer_challenge),
+    Forbidden: (403, None),
+    UnknownTask: (404, None),
+    TooManyInFlight: (429, _retry_after),
+    QuotaExceeded: (429, _retry_soon),  # the store's: over stored tasks or bytes
+    StoreUnavailable: (503, _retry_after),
+}
+
+
+def as_http(exc: Exception) -> HTTPException:
+    """The HTTP refusal a domain error of :data:`STATUSES` is sent as; its message is the detail."""
+    for kind, (status, headers) in STATUSES.items():
+        if isinstance(exc, kind):
+            return HTTPException(status, str(exc), headers=headers(exc) if headers else None)
+    raise TypeError(f"{type(exc).__name__} is not a domain error with an HTTP status")
+
+
+def add_domain_error_handlers(app: FastAPI) -> None:
+    """Each domain error of :data:`STATUSES` is answered as :func:`as_http` says, rendered by the app's
     HTTPException handler (so /v1 callers get OpenAI's shape)."""
 
-    async def render(request: Request, refused: HTTPException):
+    async def refuse(request: Request, exc: Exception) -> Response:
         handler = app.exception_handlers.get(StarletteHTTPException, http_exception_handler)
-        return await handler(request, refused)
+        response = handler(request, as_http(exc))
+        return await response if isawaitable(response) else response
 
-    async def unavailable(request: Request, exc: StoreUnavailable):
-        return await render(request, HTTPException(503, str(exc),
-                                                   headers={"Retry-After": str(exc.retry_after)}))
-
-    async def over_quota(request: Request, exc: QuotaExceeded):
-        return await render(request, HTTPException(429, str(exc),
-                                                   headers={"Retry-After": str(QUOTA_RETRY_AFTER_S)}))
-
-    app.add_exception_handler(StoreUnavailable, unavailable)
-    app.add_exception_handler(QuotaExceeded, over_quota)
+    for kind in STATUSES:
+        app.add_exception_handler(kind, refuse)

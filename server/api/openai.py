@@ -23,6 +23,7 @@ from jinja2 import TemplateError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from prefixes.keys import InvalidTaskName
 from prefixes.records import ResidentPrefix
 from server.api import errors
 from server.api.encode import check_text, encode_prompt, on_tokenizer_thread
@@ -41,6 +42,7 @@ from server.api.tools import (
 )
 from server.auth import CurrentPrincipal, Principal
 from server.engine.sequence import SamplingParams, Sequence
+from server.errors import UnknownTask
 from server.state import ServerState, State
 from server.tasks import resolve_prefix, visible_records
 
@@ -103,10 +105,8 @@ async def _resolve_model(state: ServerState, principal: Principal, name: str) ->
         return None
     try:
         return await resolve_prefix(state.store, principal, name)
-    except HTTPException as exc:
-        if exc.status_code in (400, 404):  # not a task name at all, or not one this caller can see
-            raise model_not_found(name) from None
-        raise
+    except (InvalidTaskName, UnknownTask):  # not a task name at all, or not one this caller can see
+        raise model_not_found(name) from None
 
 
 # ---------------------------------------------------------------------------------------------------------

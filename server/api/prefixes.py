@@ -8,7 +8,6 @@ from fastapi import APIRouter, File, HTTPException, Query, Response, UploadFile
 from starlette.concurrency import run_in_threadpool
 
 from prefixes.formats import InvalidArtifact, parse_artifact
-from prefixes.keys import InvalidTaskName
 from prefixes.records import TaskRecord
 from prefixes.store import TaskNotFound
 from prefixes.validate import validate_artifact
@@ -64,8 +63,6 @@ async def upload_prefix(task: str, state: State, principal: CurrentPrincipal,
         record = await run_in_threadpool(_store_artifact, state, principal, key, contents)
     except InvalidArtifact as exc:
         raise HTTPException(400, f"Invalid artifact for task {task!r}: {exc}") from None
-    except InvalidTaskName as exc:
-        raise HTTPException(400, str(exc)) from None
     return info(record)
 
 
@@ -100,6 +97,4 @@ async def delete_prefix(task: str, state: State, principal: CurrentPrincipal, te
         await run_in_threadpool(state.store.delete, key)
     except TaskNotFound:
         raise HTTPException(404, f"Unknown task {task!r}.") from None
-    except InvalidTaskName as exc:
-        raise HTTPException(400, str(exc)) from None
     return Response(status_code=204)

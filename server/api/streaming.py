@@ -23,6 +23,7 @@ from server.auth import Principal
 from server.engine.client import EngineOverloaded, EngineUnavailable
 from server.engine.engine import RequestInvalid
 from server.engine.sequence import FinishReason, Sequence
+from server.errors import RETRY_AFTER_S
 from server.state import ServerState
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,6 @@ _FAILED = (FinishReason.ERROR, FinishReason.TIMEOUT)
 REPLACEMENT_CHAR = "\ufffd"  # what a token ending inside a multi-byte UTF-8 character decodes to
 
 
-RETRY_AFTER_S = 1  # what a 503 tells clients to wait before retrying (a queue moves in about a second)
 
 
 class GenerationError(RuntimeError):

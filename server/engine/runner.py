@@ -47,6 +47,23 @@ class StepLogits:
     prompt: list[PromptLogits]  # for rows that asked for prompt logprobs and prefilled in this step
 
 
+def num_decoding(rows: list[Sequence]) -> int:
+    """Rows whose prefill is complete; they are rows ``0..num_decoding-1``."""
+    n = len(rows)
+    while n and not rows[n - 1].prefilled:
+        n -= 1
+    return n
+
+
+def prefill_budget(rows: list[Sequence], step_tokens: int) -> int:
+    """Tokens of a ``step_tokens`` step left for rows that join now, after decoding and unfinished rows."""
+    decoding = num_decoding(rows)
+    budget = step_tokens - decoding
+    for seq in rows[decoding:]:
+        budget -= min(seq.input_len - seq.num_computed, max(budget, 0))
+    return max(budget, 0)
+
+
 class ModelRunner:
     def __init__(self, base: BaseModel, max_slots: int):
         self.base = base
@@ -67,17 +84,10 @@ class ModelRunner:
     @property
     def num_decoding(self) -> int:
         """Rows whose prefill is complete; they are rows ``0..num_decoding-1``."""
-        n = self.num_rows
-        while n and not self.rows[n - 1].prefilled:
-            n -= 1
-        return n
+        return num_decoding(self.rows)
 
     def prefill_budget(self, step_tokens: int) -> int:
-        """Tokens of a ``step_tokens`` step left for rows that join now, after decoding and unfinished rows."""
-        budget = step_tokens - self.num_decoding
-        for seq in self.rows[self.num_decoding:]:
-            budget -= min(seq.input_len - seq.num_computed, max(budget, 0))
-        return max(budget, 0)
+        return prefill_budget(self.rows, step_tokens)
 
     # -- one step -----------------------------------------------------------------------------------------
 
