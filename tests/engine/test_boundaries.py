@@ -1,4 +1,5 @@
-"""Import boundaries: the engine and auth do not pull in the store or Redis; prefixes/ does not import server.
+"""Import boundaries: the engine and auth do not pull in the store or Redis (that prefixes/ does not import
+server is tests/prefixes/test_imports.py).
 
 Each check imports in a fresh interpreter, so what the test process already imported cannot hide a leak.
 """
@@ -28,15 +29,3 @@ def test_engine_and_auth_import_neither_the_store_nor_redis():
         "leaked = sorted(m for m in sys.modules if m.split('.')[:2] == ['prefixes', 'store'])\n"
         "assert not leaked, leaked\n")
 
-
-def test_prefixes_do_not_import_server():
-    # prefixes.training still imports the engine to evaluate (being replaced by an injected evaluator).
-    run("import pkgutil, importlib, sys\n"
-        "import prefixes\n"
-        "names = [m.name for m in pkgutil.walk_packages(prefixes.__path__, 'prefixes.')\n"
-        "         if m.name != 'prefixes.training']\n"
-        "assert 'prefixes.store.store' in names, names\n"
-        "for name in names:\n"
-        "    importlib.import_module(name)\n"
-        "leaked = sorted(m for m in sys.modules if m == 'server' or m.startswith('server.'))\n"
-        "assert not leaked, leaked\n")
