@@ -107,7 +107,7 @@ def parse_artifact(files: Mapping[str, bytes], shape: ModelShape) -> PrefixArtif
     tensors, metadata = read_tensors(files[name], name)
     if metadata.get("format") == OWN_FORMAT:
         return _parse_own(tensors, metadata, name)
-    if any(k.startswith(CHATGLM_PREFIX) or k.startswith("prefix_encoder.") for k in tensors):
+    if any(k.startswith((CHATGLM_PREFIX, "prefix_encoder.")) for k in tensors):
         return _parse_chatglm(tensors, shape, name)
     raise InvalidArtifact(
         f"{name}: unrecognised tensors {sorted(tensors)[:5]}. A PEFT adapter also needs its {PEFT_CONFIG}; a "

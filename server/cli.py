@@ -182,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=_train)
 
     bench = sub.add_parser("bench", help="throughput and latency against the bare model and the alternatives")
-    ints = lambda v: [int(x) for x in v.split(",")]  # noqa: E731
+    ints = lambda v: [int(x) for x in v.split(",")]
     bench.add_argument("--model", default="default",
                        help="'default', a local model folder, or a random-weight model of a real shape built from its "
                        "config (no download): random:tiny, random:llama-1b, random:llama-8b")

@@ -6,7 +6,6 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-
 # A deadline shorter than this could pass before an idle server's next step admits the request: a client
 # error (422), not a 503 for a server that was never busy.
 MIN_TIMEOUT_S = 0.1

@@ -76,7 +76,7 @@ def http_decode_rounds(base, url: str, names: list[str], args) -> dict:
     takes the token rate over the window in which all of them are decoding. The ceiling is decode only,
     so this is the server's like-for-like figure; prefill is measured with the closed-loop sweep."""
     n, p, vt, new = args.concurrency, args.prompt_tokens, args.virtual_tokens, args.new_tokens
-    burst = lambda tasks, mix: asyncio.run(run_load(url, LoadSpec(  # noqa: E731
+    burst = lambda tasks, mix: asyncio.run(run_load(url, LoadSpec(
         requests=n, concurrency=n, tasks=tuple(tasks), mix=mix, prompt_tokens=p, new_tokens=new)))
     ceiling, mixed, single = [], [], []
     for _ in range(args.rounds):
@@ -92,7 +92,7 @@ def run_http(base, model: str, args) -> dict:
     with serving(model, args, max(*args.sweep, args.concurrency)) as url:
         health = httpx.get(f"{url}/healthz").json()
         names = register_tasks(url, base.shape, max(*args.sweep, args.concurrency), args.virtual_tokens)
-        common = dict(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens)
+        common = {"prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens}
         asyncio.run(run_load(url, LoadSpec(requests=4, concurrency=4, tasks=tuple(names), **common)))  # warm
         decode = http_decode_rounds(base, url, names, args)
         rows = []
@@ -161,7 +161,7 @@ def main(args: argparse.Namespace) -> int:
             result["sweep"] = sweep.run_sweep(base, args)
             write_sweep(result, out / name)  # kept if the HTTP part does not finish
             if not args.no_http:
-                start_server = lambda batch, kv_bytes: serving(model(), args, batch, kv_bytes)  # noqa: E731
+                start_server = lambda batch, kv_bytes: serving(model(), args, batch, kv_bytes)
                 result["sweep"]["http"] = sweep.run_sweep_http(base, args, start_server)
                 write_sweep(result, out / name)
             print(sweep.render_sweep(result))

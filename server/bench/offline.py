@@ -188,7 +188,7 @@ def rss_bytes() -> int:
 def cold_and_hot_load_ms(base: BaseModel, num_virtual_tokens: int, tasks: int = 20) -> dict[str, float]:
     """Time to make a task servable: from disk (a fresh store, nothing resident) vs already resident."""
     with tempfile.TemporaryDirectory() as root:
-        prepare = lambda t: t.to(device=base.device, dtype=base.dtype)  # noqa: E731
+        prepare = lambda t: t.to(device=base.device, dtype=base.dtype)
         writer = PrefixStore(Path(root), 1 << 30, prepare)
         for i in range(tasks):
             writer.put(f"t{i}", PrefixArtifact(PrefixKind.PREFIX_TUNING, random_prefix(base.shape, num_virtual_tokens, i),
@@ -210,7 +210,7 @@ def scale(base: BaseModel, task_counts: list[int], batch: int, prompt_tokens: in
     """Register N tasks, serve a Zipf mix of them, and watch throughput and memory as N grows."""
     rows = []
     with tempfile.TemporaryDirectory() as root:
-        prepare = lambda t: t.to(device=base.device, dtype=base.dtype)  # noqa: E731
+        prepare = lambda t: t.to(device=base.device, dtype=base.dtype)
         store = PrefixStore(Path(root), 1 << 40, prepare)
         registered = 0
         for n in task_counts:

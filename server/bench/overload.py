@@ -27,7 +27,7 @@ from collections.abc import Iterator
 import httpx
 
 PROMPT = "Write a long story about a lighthouse keeper and the sea."
-_SERIES = re.compile(r"^prefix_serve_batch_size_(sum|count) ([0-9.e+]+)$", re.M)
+_SERIES = re.compile(r"^prefix_serve_batch_size_(sum|count) ([0-9.e+]+)$", re.MULTILINE)
 
 
 def _decode_counters(url: str) -> tuple[float, float]:
@@ -125,7 +125,7 @@ async def burst(url: str, count: int, new_tokens: int, client_timeout: float) ->
     rejected = [r for r in results if r[0] in (429, 503)]
     latencies = sorted(r[1] for r in accepted)
     in_time = [r for r in accepted if r[1] <= client_timeout]
-    pct = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))] if latencies else None  # noqa: E731
+    pct = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))] if latencies else None
     return {
         "requests": count,
         "accepted": len(accepted),
@@ -200,8 +200,8 @@ def render(overload: dict) -> str:
     """The overload section of the benchmark report (markdown)."""
     configs = overload["configs"]
     head = " | ".join(f"{c['name']}, {kind}" for c in configs for kind in ("idle", "hog"))
-    lines = [f"\nDecode tokens/s with {overload['running']} requests running and N more waiting (plain /generate "
-             "clients), idle and with a CPU hog on one core, per engine-process setting:", "",
+    lines = [(f"\nDecode tokens/s with {overload['running']} requests running and N more waiting (plain /generate "
+              "clients), idle and with a CPU hog on one core, per engine-process setting:"), "",
              f"| waiting | {head} |", "|---|" + "---|" * (2 * len(configs))]
     for n in overload["waiting"]:
         cells = []

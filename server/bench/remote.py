@@ -57,10 +57,10 @@ def run_remote(args: argparse.Namespace) -> dict:
 def render_remote(result: dict) -> str:
     tasks = f"{len(result['tasks'])} tasks ({result['mix']} mix)" if result["tasks"] else "the base model"
     length = f"{result['duration']:g} s per concurrency" if result["duration"] else "4 requests per client"
-    lines = [f"**{result['url']}** ({result.get('model') or 'model not reported'}): {tasks}; prompt "
-             f"{result['prompt_tokens']} tokens, {result['new_tokens']} new tokens; {length}", "",
-             "| concurrency | requests (failed) | req/s | tok/s (all busy) | TTFT p50 / p99 (s) | ITL p50 / p99 (ms) "
-             "| e2e p50 / p90 / p99 (s) |", "|---|---|---|---|---|---|---|"]
+    lines = [(f"**{result['url']}** ({result.get('model') or 'model not reported'}): {tasks}; prompt "
+              f"{result['prompt_tokens']} tokens, {result['new_tokens']} new tokens; {length}"), "",
+             ("| concurrency | requests (failed) | req/s | tok/s (all busy) | TTFT p50 / p99 (s) | ITL p50 / p99 (ms) "
+              "| e2e p50 / p90 / p99 (s) |"), "|---|---|---|---|---|---|---|"]
     for row in result["sweep"]:
         m = row["load"]
         busy = f" ({m['steady_token_throughput']:.1f})" if m.get("steady_token_throughput") else ""

@@ -31,8 +31,8 @@ def targets(result: dict) -> list[tuple[str, float, str, bool]]:
     if decode and all(decode["mixed"]):
         # Decode against decode: each round's burst over HTTP against the ceiling timed just before it.
         ratio = median_ratio(decode["mixed"], decode["ceiling"])
-        rows.append((f"server decode tokens/s (HTTP, {n} streams on {n} tasks) / bare forward at batch {n} "
-                     "(median of per-round ratios)", ratio, ">= 0.8", ratio >= 0.8))
+        rows.append(((f"server decode tokens/s (HTTP, {n} streams on {n} tasks) / bare forward at batch {n} "
+                      "(median of per-round ratios)"), ratio, ">= 0.8", ratio >= 0.8))
     elif off.get("samples", {}).get("ceiling"):
         ratio = median_ratio(off["samples"]["mixed"], off["samples"]["ceiling"])
         rows.append((f"engine decode tokens/s (in process, {n} tasks) / bare forward at batch {n}", ratio, ">= 0.8",
@@ -74,33 +74,33 @@ def render_markdown(result: dict) -> str:
     off = result["offline"]
     n = result["concurrency"]
     lines = [
-        f"**{result['model']}** on {result['device']} ({result['dtype']}, {result['threads']} threads); "
-        f"prompt {result['prompt_tokens']} tokens, prefix {result['virtual_tokens']} virtual tokens, "
-        f"{result['new_tokens']} new tokens; at most {result.get('max_step_tokens', '?')} tokens per engine step; "
-        f"medians of {result['rounds']} alternating rounds",
+        (f"**{result['model']}** on {result['device']} ({result['dtype']}, {result['threads']} threads); "
+         f"prompt {result['prompt_tokens']} tokens, prefix {result['virtual_tokens']} virtual tokens, "
+         f"{result['new_tokens']} new tokens; at most {result.get('max_step_tokens', '?')} tokens per engine step; "
+         f"medians of {result['rounds']} alternating rounds"),
         "",
         "| measurement | tokens/s |",
         "|---|---|",
         f"| bare forward pass, batch {n} (the ceiling) | {off['ceiling_decode_tokens_per_s']:.1f} |",
         f"| engine decode, {n} requests on {n} tasks | {off['engine_decode_mixed_tokens_per_s']:.1f} |",
         f"| engine decode, {n} requests on one task | {off['engine_decode_single_tokens_per_s']:.1f} |",
-        f"| bare model doing the same work: one prefill of {n} prompts, then decode | "
-        f"{off['bare_same_work_tokens_per_s']:.1f} |",
-        f"| engine, {n} at a time, {2 * n} requests (closed loop, no HTTP) | "
-        f"{off['engine_closed_loop_tokens_per_s']:.1f} |",
+        (f"| bare model doing the same work: one prefill of {n} prompts, then decode | "
+         f"{off['bare_same_work_tokens_per_s']:.1f} |"),
+        (f"| engine, {n} at a time, {2 * n} requests (closed loop, no HTTP) | "
+         f"{off['engine_closed_loop_tokens_per_s']:.1f} |"),
         f"| engine end to end, tasks x 2 requests at once | {off['engine_end_to_end_tokens_per_s']:.1f} |",
         f"| transformers `generate`, one request at a time | {off['generate_one_at_a_time_tokens_per_s']:.1f} |",
         f"| transformers `generate`, per-task static batches of 2 | {off['generate_static_per_task_tokens_per_s']:.1f} |",
     ]
     decode = result.get("http", {}).get("decode")
     if decode and all(decode["mixed"]) and all(decode["single"]):
-        lines += [f"| server over HTTP, {n} streams all decoding, on {n} tasks / on one task "
-                  f"(ceiling timed beside it: {median(decode['ceiling']):.1f}) | "
-                  f"{median(decode['mixed']):.1f} / {median(decode['single']):.1f} |"]
+        lines += [(f"| server over HTTP, {n} streams all decoding, on {n} tasks / on one task "
+                   f"(ceiling timed beside it: {median(decode['ceiling']):.1f}) | "
+                   f"{median(decode['mixed']):.1f} / {median(decode['single']):.1f} |")]
     if "http" in result:
-        lines += ["", "| HTTP concurrency | mixed tok/s (all busy) | one task tok/s (all busy) | TTFT p50 / p99 (s) "
-                  "| ITL p50 / p99 (ms) | e2e p50 / p90 / p99 (s) |", "|---|---|---|---|---|---|"]
-        busy = lambda m: f" ({m['steady_token_throughput']:.1f})" if m.get("steady_token_throughput") else ""  # noqa: E731
+        lines += ["", ("| HTTP concurrency | mixed tok/s (all busy) | one task tok/s (all busy) | TTFT p50 / p99 (s) "
+                       "| ITL p50 / p99 (ms) | e2e p50 / p90 / p99 (s) |"), "|---|---|---|---|---|---|"]
+        busy = lambda m: f" ({m['steady_token_throughput']:.1f})" if m.get("steady_token_throughput") else ""
         for row in result["http"]["sweep"]:
             m, one = row["mixed"], row["single"]
             cells = [str(row["concurrency"]), f"{m['token_throughput']:.1f}{busy(m)}",

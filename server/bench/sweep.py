@@ -103,16 +103,19 @@ def run_batch(base: BaseModel, tasks: list, batch: int, args) -> dict:
 
 def http_batches(url: str, names: list[str], batch_sizes: list[int], args) -> list[dict]:
     """At each batch size, bursts of ``b`` streaming requests on ``b`` tasks and on one, alternating."""
-    common = dict(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens)
+    common = {"prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens}
     asyncio.run(run_load(url, LoadSpec(requests=4, concurrency=4, tasks=tuple(names), **common)))  # warm-up
+
+    def burst(b: int, tasks: list[str]) -> dict:
+        return asyncio.run(run_load(url, LoadSpec(
+            requests=b, concurrency=b, tasks=tuple(tasks), mix="distinct", **common)))
+
     rows = []
     for b in batch_sizes:
-        burst = lambda tasks: asyncio.run(run_load(url, LoadSpec(  # noqa: E731
-            requests=b, concurrency=b, tasks=tuple(tasks), mix="distinct", **common)))
         mixed, single = [], []
         for _ in range(args.rounds):
-            mixed.append(burst(names[:b]))
-            single.append(burst(names[:1]))
+            mixed.append(burst(b, names[:b]))
+            single.append(burst(b, names[:1]))
         rows.append({"batch": b, "mixed": mixed, "single": single})
     return rows
 
@@ -158,13 +161,13 @@ def render_sweep(result: dict) -> str:
     sweep = result["sweep"]
     http = sweep.get("http")
     lines = [
-        f"**{result['model']}** on {result['device']} ({result['dtype']}); prompt {result['prompt_tokens']} tokens, "
-        f"prefix {result['virtual_tokens']} virtual tokens, {result['new_tokens']} new tokens; at most "
-        f"{result['max_step_tokens']} tokens per engine step (at least the batch); medians of {result['rounds']} "
-        "alternating rounds; decode tokens/s",
+        (f"**{result['model']}** on {result['device']} ({result['dtype']}); prompt {result['prompt_tokens']} "
+         f"tokens, prefix {result['virtual_tokens']} virtual tokens, {result['new_tokens']} new tokens; at most "
+         f"{result['max_step_tokens']} tokens per engine step (at least the batch); medians of {result['rounds']} "
+         "alternating rounds; decode tokens/s"),
         "",
-        "| batch | bare forward | engine, N tasks | engine, one task | N tasks / one | engine / bare "
-        "| server over HTTP, N tasks / one task | HTTP / bare | TTFT p50 / p99 (s) | ITL p50 / p99 (ms) |",
+        ("| batch | bare forward | engine, N tasks | engine, one task | N tasks / one | engine / bare "
+         "| server over HTTP, N tasks / one task | HTTP / bare | TTFT p50 / p99 (s) | ITL p50 / p99 (ms) |"),
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in sweep["batches"]:
@@ -177,8 +180,8 @@ def render_sweep(result: dict) -> str:
             cells += ["not run"] * 4
         else:
             over_http, one = _decode(loads["mixed"]), _decode(loads["single"])
-            rate = lambda v: "no window" if v is None else f"{v:.1f}"  # noqa: E731
-            fmt = lambda v, scale, digits: "-" if v is None else f"{scale * v:.{digits}f}"  # noqa: E731
+            rate = lambda v: "no window" if v is None else f"{v:.1f}"
+            fmt = lambda v, scale, digits: "-" if v is None else f"{scale * v:.{digits}f}"
             ttft = [fmt(_pct(loads["mixed"], "ttft_s", q), 1, 2) for q in ("p50", "p99")]
             itl = [fmt(_pct(loads["mixed"], "itl_s", q), 1e3, 1) for q in ("p50", "p99")]
             cells += [f"{rate(over_http)} / {rate(one)}", "-" if over_http is None else f"{over_http / ceiling:.2f}",
@@ -186,11 +189,12 @@ def render_sweep(result: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
-        "Host overhead per decode step (engine, N tasks; device times from "
-        f"{'CUDA events' if result['device'].startswith('cuda') else 'the host clock: on a CPU the device is the host'}):",
+        ("Host overhead per decode step (engine, N tasks; device times from "
+         f"{'CUDA events' if result['device'].startswith('cuda') else 'the host clock: on a CPU the device is the host'}"
+         "):"),
         "",
-        "| batch | engine step (ms) | device in forward (ms) | host queuing the forward (ms) "
-        "| device idle, share of step | bare loop: step (ms) / device share |",
+        ("| batch | engine step (ms) | device in forward (ms) | host queuing the forward (ms) "
+         "| device idle, share of step | bare loop: step (ms) / device share |"),
         "|---|---|---|---|---|---|",
     ]
     for row in sweep["batches"]:

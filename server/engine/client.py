@@ -149,7 +149,9 @@ class EngineClient:
         self._inputs = self._zmq.socket(zmq.PUSH)
         self._inputs.setsockopt(zmq.SNDHWM, 0)  # never drop or block: the engine reads everything each step
         self._inputs.bind(self.spec.input_address)
-        self._proc = subprocess.Popen(
+        # A plain Popen on purpose (it returns once the child is spawned): the process is polled from sync code
+        # (`_abort`) and waited for in a thread (`_reap`), which an asyncio subprocess would not allow.
+        self._proc = subprocess.Popen(  # noqa: ASYNC220
             [sys.executable, "-m", "server.engine.core", json.dumps(asdict(self.spec))],
             env=self.env,
             stdin=subprocess.DEVNULL,

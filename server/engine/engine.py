@@ -235,7 +235,7 @@ class Engine:
         try:
             self.sampler.admit(seq)
             return True
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever goes wrong, only this request fails, not the step
             log.warning("request %s failed at admission: %s", seq.id, exc)
             self._finish(seq, FinishReason.ERROR, f"request failed: {exc}")
             return False

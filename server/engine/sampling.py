@@ -118,7 +118,7 @@ class Sampler:
                     result.tokens[i] = self._choose(logits[i: i + 1], [seq], errors)[0]
                     if errors:
                         result.errors[i] = errors[0]
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001 - any failure fails this row's request alone
                     result.errors[i] = f"sampling failed: {type(exc).__name__}: {exc}"
         self._prefetched = None  # used up: the matchers move on below
         for i, seq in enumerate(seqs):  # the per-request state moves on only for rows that got a token
@@ -128,7 +128,7 @@ class Sampler:
                 state = self._rows[seq.id]
                 if state.matcher is not None:
                     self.grammars.accept(state.matcher, result.tokens[i])
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - any failure fails this row's request alone
                 result.errors[i] = f"sampling failed: {type(exc).__name__}: {exc}"
         wanted = [i for i, seq in enumerate(seqs) if seq.params.logprobs is not None and i not in result.errors]
         if wanted:
@@ -204,7 +204,7 @@ class Sampler:
             for j, matcher in enumerate(matchers):
                 try:
                     self.grammars.fill_mask(matcher, mask, j)
-                except Exception as exc:  # this row's grammar failed: that request fails, not the step
+                except Exception as exc:  # noqa: BLE001 - this row's grammar failed: that request fails, not the step
                     failed[j] = str(exc)
             return failed
 
@@ -227,7 +227,7 @@ class Sampler:
         for j, (seq, row) in enumerate(zip(seqs, rows)):
             try:
                 self.grammars.fill_mask(self._rows[seq.id].matcher, mask, j)
-            except Exception as exc:  # this row's grammar failed: that request fails, not the step
+            except Exception as exc:  # noqa: BLE001 - this row's grammar failed: that request fails, not the step
                 errors[row] = str(exc)
         return mask
 
