@@ -125,7 +125,8 @@ def _refuse(checks: list[tuple[str, bool]]) -> None:
 def _token_ids(values: list[int], vocab_size: int, param: str) -> list[int]:
     bad = next((v for v in values if not 0 <= v < vocab_size), None)
     if bad is not None:
-        raise OpenAIError(400, f"token id {bad} is outside the vocabulary (0..{vocab_size - 1}).", param=param)
+        raise OpenAIError(400, f"token id {bad} is outside the vocabulary (0..{vocab_size - 1}).",
+                          param=param)
     return values
 
 
@@ -139,8 +140,8 @@ def _structured(body: OpenAISampling) -> tuple[str, str] | None:
     elif kind == "json_schema":
         schema = (fmt.get("json_schema") or {}).get("schema")
         if not isinstance(schema, dict):
-            raise OpenAIError(400, "response_format json_schema needs {'json_schema': {'name': ..., 'schema': "
-                              "{...}}}.", param="response_format")
+            raise OpenAIError(400, "response_format json_schema needs {'json_schema': {'name': ..., "
+                              "'schema': {...}}}.", param="response_format")
         asked.append(("response_format", ("json_schema", json.dumps(schema))))
     elif kind != "text":
         raise OpenAIError(400, f"response_format type {kind!r} is not supported (text, json_object, "
@@ -170,14 +171,16 @@ def _sampling(body: OpenAISampling, max_tokens: int, vocab_size: int, *, logprob
         try:
             token = int(key)
         except ValueError:
-            raise OpenAIError(400, f"logit_bias keys are token ids, not {key!r}.", param="logit_bias") from None
+            raise OpenAIError(400, f"logit_bias keys are token ids, not {key!r}.",
+                              param="logit_bias") from None
         bias.append((_token_ids([token], vocab_size, "logit_bias")[0], value))
     stop_ids = tuple(_token_ids(body.stop_token_ids or [], vocab_size, "stop_token_ids"))
     try:
         return [SamplingParams(max_new_tokens=max_tokens,
                                temperature=1.0 if body.temperature is None else body.temperature,
                                top_p=1.0 if body.top_p is None else body.top_p,
-                               top_k=max(body.top_k or 0, 0), seed=None if body.seed is None else body.seed + i,
+                               top_k=max(body.top_k or 0, 0),
+                               seed=None if body.seed is None else body.seed + i,
                                stop=tuple(body.stop), ignore_eos=bool(body.ignore_eos),
                                min_tokens=body.min_tokens or 0, stop_token_ids=stop_ids,
                                presence_penalty=body.presence_penalty or 0.0,
@@ -333,7 +336,8 @@ async def _chat_chunks(pieces: AsyncIterator[Piece], head: dict, n: int, usage, 
     head = {**head, "object": "chat.completion.chunk"}
     parsers = [CallParser(tools) for _ in range(n)]
 
-    def chunk(index: int, delta: dict, finish_reason: str | None = None, logprobs: dict | None = None) -> dict:
+    def chunk(index: int, delta: dict, finish_reason: str | None = None,
+              logprobs: dict | None = None) -> dict:
         return {**head, "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
                                      "finish_reason": finish_reason}]}
 
@@ -440,7 +444,8 @@ async def chat_completions(body: ChatCompletionRequest, state: State, request: R
         check_text(state, json.dumps(body.tools, ensure_ascii=False), "tools")
     tools = await run_in_threadpool(_tool_choice, body)
     prefix = await _resolve_model(state, principal, body.model)
-    calls = [message.tool_calls for message in body.messages if message.tool_calls]  # rendered into the prompt
+    # rendered into the prompt
+    calls = [message.tool_calls for message in body.messages if message.tool_calls]
     check_text(state, "".join(text for message in body.messages for text in _texts(message.content))
                + (json.dumps(calls, ensure_ascii=False) if calls else ""), "messages")
     prompt_ids = await on_tokenizer_thread(_chat_prompt_ids, state.base.tokenizer, body, tools)
@@ -450,8 +455,9 @@ async def chat_completions(body: ChatCompletionRequest, state: State, request: R
     if max_tokens is None:  # as much as fits, up to the default (too little room is the engine's 400)
         used = len(prompt_ids) + (prefix.num_virtual_tokens if prefix else 0)
         max_tokens = max(1, min(CHAT_MAX_TOKENS, state.base.shape.max_positions - used))
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
     return await _respond(state, principal, request, body, [_Prompt(prompt_ids, "")], prefix, max_tokens,
-                          chat=True, logprobs=(body.top_logprobs or 0) if body.logprobs else None, tools=tools)
+                          chat=True, logprobs=logprobs, tools=tools)
 
 
 def _tool_choice(body: ChatCompletionRequest) -> ToolChoice:

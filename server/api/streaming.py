@@ -217,7 +217,8 @@ class Generation:
                 finished = seq.finished  # read first: once finished, every id is already in output_ids
                 ids = seq.output_ids[seen[i]:]
                 # the engine appends a token's logprob before its id, so these are all there
-                logprobs = None if seq.params.logprobs is None else seq.output_logprobs[seen[i]: seen[i] + len(ids)]
+                logprobs = (None if seq.params.logprobs is None
+                            else seq.output_logprobs[seen[i]: seen[i] + len(ids)])
                 seen[i] += len(ids)
                 text = detokenizers[i].add(ids)
                 if finished:

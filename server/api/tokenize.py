@@ -1,5 +1,5 @@
-"""``/tokenize``, ``/detokenize`` and ``/tokenizer_info`` in vLLM's shapes: clients such as lm-eval use them to
-count and split tokens exactly as the server does (its ``remote`` tokenizer backend needs all three)."""
+"""``/tokenize``, ``/detokenize`` and ``/tokenizer_info`` in vLLM's shapes: clients such as lm-eval use them
+to count and split tokens exactly as the server does (its ``remote`` tokenizer backend needs all three)."""
 
 from __future__ import annotations
 
