@@ -7,10 +7,10 @@ knowledge is a :class:`PackedBatch`, set for the duration of a forward on the ca
 thread), and read by :func:`packed_attention`, which transformers calls in every layer once the model's
 attention implementation is :data:`PACKED_ATTENTION` (see :func:`use_packed_attention`).
 
-Per layer it honours what transformers passes that changes the result: ``scaling``, ``sliding_window`` (the
-row masks are narrowed to the window) and ``softcap`` (Gemma 2's tanh logit cap, which SDPA lacks); any other
-such option is refused (:class:`UnsupportedAttention`), never ignored. Falcon, which computes attention inline,
-is the one family whose attention core is rerouted here (:func:`use_packed_attention`).
+Per layer it honours what transformers passes that changes the result: ``scaling``, ``sliding_window``
+(the row masks are narrowed to the window) and ``softcap`` (Gemma 2's tanh logit cap, which SDPA lacks); any
+other such option is refused (:class:`UnsupportedAttention`), never ignored. Falcon, which computes attention
+inline, is the one family whose attention core is rerouted here (:func:`use_packed_attention`).
 
 Outside such a forward (the benchmark's bare-model baseline, tests calling the model directly on another
 thread) the same model falls back to transformers' own SDPA attention (a soft-capped one where SDPA cannot),
@@ -42,7 +42,8 @@ class PackedBatch:
     num_decode: int  # d: tokens 0..d-1 are one decode token each for rows 0..d-1
     decode_mask: torch.Tensor | None  # [d, 1, 1, Wd] bool: row r attends to its columns [0, length_r]
     prefill_rows: slice  # rows d..d+m-1, one prefill chunk each, in packed order
-    prefill_gather: torch.Tensor | None  # [m, S] long: packed index of chunk j's i-th query (padding repeats the last)
+    # [m, S] long: packed index of chunk j's i-th query (padding repeats the last)
+    prefill_gather: torch.Tensor | None
     prefill_take: torch.Tensor | None  # [T - d] long: flat (j * S + i) of each real query, in packed order
     prefill_mask: torch.Tensor | None  # [m, 1, S, Wp] bool: causal within the row, over columns [0, Wp)
 
@@ -94,8 +95,9 @@ def _check_kwargs(module: torch.nn.Module, kwargs: dict) -> tuple[int | None, fl
         if name == "is_causal" and value:
             continue
         raise UnsupportedAttention(
-            f"{type(module).__name__} passes {name}={value!r} to its attention function, which prefix-serve's "
-            "packed attention does not implement; refusing rather than computing a different result."
+            f"{type(module).__name__} passes {name}={value!r} to its attention function, which "
+            "prefix-serve's packed attention does not implement; refusing rather than computing a different "
+            "result."
         )
     return kwargs.get("sliding_window"), kwargs.get("softcap")
 
@@ -151,15 +153,16 @@ def _unpacked_softcapped(module, query, key, value, attention_mask, scaling, sof
 def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                      **kwargs) -> tuple[torch.Tensor, None]:
-    """query: [1, H, T, D]; key/value: the layer's whole cache buffers [R, Hkv, C, D] (the runner's cache view
-    returns them after writing the new tokens). Returns [1, T, H, D], as transformers' attention functions do."""
+    """query: [1, H, T, D]; key/value: the layer's whole cache buffers [R, Hkv, C, D] (the runner's cache
+    view returns them after writing the new tokens). Returns [1, T, H, D], as transformers' attention
+    functions do."""
     window, softcap = _check_kwargs(module, kwargs)
     batch: PackedBatch | None = getattr(_local, "batch", None)
     if batch is None:
         if softcap is not None:
             return _unpacked_softcapped(module, query, key, value, attention_mask, scaling, softcap)
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
     if window:
         decode_mask, prefill_mask = _windowed_masks(batch, window)
     else:
@@ -211,10 +214,10 @@ def _falcon_attention(self, hidden_states: torch.Tensor, alibi: torch.Tensor | N
     """``FalconAttention.forward`` (rotary, no ALiBi) with its attention core as :func:`packed_attention`.
 
     Falcon computes attention inline instead of through transformers' AttentionInterface, so this is the one
-    attention adapter in the engine. hidden_states: [B, T, hidden]; returns ([B, T, hidden], None). The cache
-    holds what Falcon's own cache holds, hence what PEFT prefixes: ``num_attention_heads`` key/value heads with
-    the new decoder architecture (its grouped keys are broadcast to every query head before caching), one with
-    ``multi_query``, all of them otherwise.
+    attention adapter in the engine. hidden_states: [B, T, hidden]; returns ([B, T, hidden], None). The
+    cache holds what Falcon's own cache holds, hence what PEFT prefixes: ``num_attention_heads`` key/value
+    heads with the new decoder architecture (its grouped keys are broadcast to every query head before
+    caching), one with ``multi_query``, all of them otherwise.
     """
     from transformers.models.falcon.modeling_falcon import apply_rotary_pos_emb
 
@@ -230,7 +233,8 @@ def _falcon_attention(self, hidden_states: torch.Tensor, alibi: torch.Tensor | N
     query, key = apply_rotary_pos_emb(query, key, cos, sin)
     if layer_past is not None:
         key, value = layer_past.update(key, value, self.layer_idx)
-    out, _ = packed_attention(self, query, key, value, attention_mask, scaling=self.inv_norm_factor)  # [B,T,H,D]
+    out, _ = packed_attention(self, query, key, value, attention_mask,
+                              scaling=self.inv_norm_factor)  # [B, T, H, D]
     return self.dense(out.reshape(b, t, self.num_heads * self.head_dim)), None
 
 

@@ -149,8 +149,8 @@ class EngineClient:
         self._inputs = self._zmq.socket(zmq.PUSH)
         self._inputs.setsockopt(zmq.SNDHWM, 0)  # never drop or block: the engine reads everything each step
         self._inputs.bind(self.spec.input_address)
-        # A plain Popen on purpose (it returns once the child is spawned): the process is polled from sync code
-        # (`_abort`) and waited for in a thread (`_reap`), which an asyncio subprocess would not allow.
+        # A plain Popen on purpose (it returns once the child is spawned): the process is polled from sync
+        # code (`_abort`) and waited for in a thread (`_reap`), which an asyncio subprocess would not allow.
         self._proc = subprocess.Popen(  # noqa: ASYNC220
             [sys.executable, "-m", "server.engine.core", json.dumps(asdict(self.spec))],
             env=self.env,
@@ -415,8 +415,8 @@ class EngineClient:
         touched = []
         for seq_id, token, logprobs in out.tokens:
             seq = self._seqs.get(seq_id)
-            if seq is None:  # finished here already (stop string, deadline): the engine's extra token is dropped
-                continue
+            if seq is None:
+                continue  # finished here already (stop string, deadline): the engine's extra token is dropped
             if seq.first_token_time is None:
                 seq.first_token_time = now
             self.observer.token(seq, now)
@@ -424,7 +424,8 @@ class EngineClient:
             if logprobs is not None:  # before the id, as in the engine: whoever sees the id sees its logprob
                 seq.output_logprobs.append(logprobs)
             seq.output_ids.append(token)
-            if seq.params.stop and len(seq.output_ids) >= seq.params.min_tokens and self._stop_string_hit(seq):
+            if (seq.params.stop and len(seq.output_ids) >= seq.params.min_tokens
+                    and self._stop_string_hit(seq)):
                 self._abort([seq.id])
                 self._finish(seq, FinishReason.STOP)
             else:

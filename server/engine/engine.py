@@ -40,7 +40,9 @@ class EngineConfig:
         if self.max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
         if self.max_step_tokens < self.max_batch_size:
-            raise ValueError("max_step_tokens must be at least max_batch_size (a full batch decodes in one step)")
+            raise ValueError(
+                "max_step_tokens must be at least max_batch_size (a full batch decodes in one step)"
+            )
         if self.kv_cache_bytes <= 0:
             raise ValueError("kv_cache_bytes must be positive")
 
@@ -141,7 +143,8 @@ class Scheduler:
         return waiting
 
     def pick(self, running: list[Sequence], token_budget: int) -> list[Sequence]:
-        """Waiting requests that fit beside ``running`` to their last token, least recently served tenant first.
+        """Waiting requests that fit beside ``running`` to their last token, least recently served tenant
+        first.
 
         Each joiner's prefill takes its input length out of ``token_budget`` (the last may take only part of
         it and continue in later steps); no one joins once the budget is spent.
@@ -231,7 +234,8 @@ class Engine:
         return produced
 
     def _admit(self, seq: Sequence) -> bool:
-        """Make the sampler's state for a joining request; a request whose state cannot be made fails alone."""
+        """Make the sampler's state for a joining request; a request whose state cannot be made fails
+        alone."""
         try:
             self.sampler.admit(seq)
             return True

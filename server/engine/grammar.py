@@ -44,7 +44,9 @@ def grammar_source(kind: str, spec: str) -> str:
             if not choices or not all(isinstance(c, str) and c for c in choices):
                 raise InvalidGrammar("guided_choice must be a non-empty list of non-empty strings")
             # JSON string literals are valid Lark literals, so any text is matched exactly
-            return llguidance.LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in choices))
+            return llguidance.LLMatcher.grammar_from_lark(
+                "start: " + " | ".join(json.dumps(c) for c in choices)
+            )
         if kind == "grammar":
             return llguidance.LLMatcher.grammar_from_lark(spec)
     except InvalidGrammar:
@@ -55,7 +57,8 @@ def grammar_source(kind: str, spec: str) -> str:
 
 
 class Grammars:
-    """Makes matchers for one tokenizer; the tokenizer's token table (~0.5 s to build) is made on first use."""
+    """Makes matchers for one tokenizer; the tokenizer's token table (~0.5 s to build) is made on first
+    use."""
 
     def __init__(self, tokenizer, vocab_size: int, eos_token_ids: frozenset[int]):
         self._hf_tokenizer = tokenizer

@@ -53,8 +53,8 @@ class ModelRunner:
         self.model = base.model
         use_packed_attention(self.model)
         shape = base.shape
-        self.cache = SlotKVCache(shape.num_layers, shape.num_kv_heads, shape.head_dim, base.dtype, base.device,
-                                  max_slots)
+        self.cache = SlotKVCache(shape.num_layers, shape.num_kv_heads, shape.head_dim, base.dtype,
+                                 base.device, max_slots)
         self.embed = self.model.get_input_embeddings()
         self.rows: list[Sequence] = []
         # transformers builds no mask of its own when handed a 4-D one; packed_attention masks per row itself.
@@ -73,7 +73,8 @@ class ModelRunner:
         return n
 
     def prefill_budget(self, step_tokens: int) -> int:
-        """Tokens of a ``step_tokens`` step left for rows that join now, after decoding and unfinished rows."""
+        """Tokens of a ``step_tokens`` step left for rows that join now, after decoding and unfinished
+        rows."""
         budget = step_tokens - self.num_decoding
         for seq in self.rows[self.num_decoding:]:
             budget -= min(seq.input_len - seq.num_computed, max(budget, 0))
@@ -175,12 +176,13 @@ class ModelRunner:
             i = torch.arange(s, device=device)  # [S]
             offset = torch.minimum(i[None], count[:, None] - 1)  # [m, S]: padding repeats the last query
             gather = first[:, None] + offset
-            take = torch.tensor([j * s + k for j, (_, c) in enumerate(chunks) for k in range(c)], dtype=torch.long,
-                                device=device)
+            take = torch.tensor([j * s + k for j, (_, c) in enumerate(chunks) for k in range(c)],
+                                dtype=torch.long, device=device)
             query_cols = cols_t[gather]  # [m, S]
             width = max(cols[d:]) + 1
             prefill_mask = (torch.arange(width, device=device)[None, None] <= query_cols[..., None])[:, None]
-        return PackedBatch(rows_t, cols_t, d, decode_mask, slice(d, d + len(chunks)), gather, take, prefill_mask)
+        return PackedBatch(rows_t, cols_t, d, decode_mask, slice(d, d + len(chunks)), gather, take,
+                           prefill_mask)
 
     # -- leaving ------------------------------------------------------------------------------------------
 

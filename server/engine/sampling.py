@@ -130,7 +130,8 @@ class Sampler:
                     self.grammars.accept(state.matcher, result.tokens[i])
             except Exception as exc:  # noqa: BLE001 - any failure fails this row's request alone
                 result.errors[i] = f"sampling failed: {type(exc).__name__}: {exc}"
-        wanted = [i for i, seq in enumerate(seqs) if seq.params.logprobs is not None and i not in result.errors]
+        wanted = [i for i, seq in enumerate(seqs)
+                  if seq.params.logprobs is not None and i not in result.errors]
         if wanted:
             top = max(seqs[i].params.logprobs for i in wanted)
             entries = token_logprobs(logits[wanted], [result.tokens[i] for i in wanted], top)
@@ -148,9 +149,10 @@ class Sampler:
         best, tokens = processed.max(dim=-1)  # [n] each: greedy rows are done
         for i in (~torch.isfinite(best)).nonzero()[:, 0].tolist():
             if i not in errors:
-                errors[i] = ("the model produced non-finite logits for this request (check the task's prefix "
-                             "values)" if not torch.isfinite(logits[i]).all() else
-                             "no token is allowed here (min_tokens, logit_bias or the grammar exclude them all)")
+                errors[i] = ("the model produced non-finite logits for this request (check the task's "
+                             "prefix values)" if not torch.isfinite(logits[i]).all() else
+                             "no token is allowed here (min_tokens, logit_bias or the grammar exclude them "
+                             "all)")
         drawn = [i for i, seq in enumerate(seqs) if not seq.params.greedy and i not in errors]
         if drawn:
             tokens[drawn] = self._draw(processed[drawn], [seqs[i].params for i in drawn],
@@ -250,7 +252,8 @@ class Sampler:
             if params.frequency_penalty or params.presence_penalty:
                 hit_rows += [i] * len(counts)
                 hit_ids += counts.keys()
-                hit_deltas += [-(params.frequency_penalty * c + params.presence_penalty) for c in counts.values()]
+                hit_deltas += [-(params.frequency_penalty * c + params.presence_penalty)
+                               for c in counts.values()]
         if seen_rows:
             index = (self._long(seen_rows), self._long(seen_ids))
             values, penalty = out[index], torch.tensor(seen_penalty, device=out.device)  # [s] each
