@@ -68,7 +68,8 @@ def _choose_tasks(spec: LoadSpec) -> Iterator[tuple[int, str | None]]:
             yield i, spec.tasks[rng.choices(range(n), weights)[0]]
 
 
-async def _one(client: httpx.AsyncClient, url: str, task: str | None, prompt: str, new_tokens: int) -> RequestResult:
+async def _one(client: httpx.AsyncClient, url: str, task: str | None, prompt: str,
+               new_tokens: int) -> RequestResult:
     params = {"task": task} if task else {}
     body = {"prompt": prompt, "max_new_tokens": new_tokens, "ignore_eos": True, "stream": True}
     result = RequestResult(start=time.perf_counter(), end=0.0, first_token=None)
@@ -97,7 +98,8 @@ async def _one(client: httpx.AsyncClient, url: str, task: str | None, prompt: st
 
 
 async def run_load(url: str, spec: LoadSpec, headers: dict[str, str] | None = None) -> dict:
-    """Send ``spec``'s requests to the server at ``url`` (``headers`` on each, e.g. an API key); their summary."""
+    """Send ``spec``'s requests to the server at ``url`` (``headers`` on each, e.g. an API key); their
+    summary."""
     requests = _choose_tasks(spec)
     rng = random.Random(spec.seed + 1)
     limits = httpx.Limits(max_connections=(spec.concurrency or 256) + 8)

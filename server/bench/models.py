@@ -45,7 +45,8 @@ def random_config(spec: str) -> LlamaConfig:
 
 
 def random_model(spec: str, dtype: torch.dtype, device: str, seed: int = 0) -> BaseModel:
-    """``random:NAME`` built directly on ``device`` in ``dtype`` (an 8B model never passes through host memory)."""
+    """``random:NAME`` built directly on ``device`` in ``dtype`` (an 8B model never passes through host
+    memory)."""
     tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
     config = random_config(spec)
     config.eos_token_id, config.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id

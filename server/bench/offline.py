@@ -35,7 +35,8 @@ def random_tasks(base: BaseModel, count: int, num_virtual_tokens: int) -> list[R
     tasks = []
     for i in range(count):
         kv = random_prefix(base.shape, num_virtual_tokens, i).to(base.device, base.dtype)
-        tasks.append(ResidentPrefix.unstored(f"bench-{i}", PrefixArtifact(PrefixKind.PREFIX_TUNING, kv, "bench")))
+        tasks.append(ResidentPrefix.unstored(f"bench-{i}",
+                                             PrefixArtifact(PrefixKind.PREFIX_TUNING, kv, "bench")))
     return tasks
 
 
@@ -65,9 +66,10 @@ def engine_decode_tokens_per_s(engine: Engine, seqs: list[Sequence]) -> float:
     return tokens / (time.perf_counter() - start)
 
 
-def engine_closed_loop_tokens_per_s(engine: Engine, tasks: list[ResidentPrefix], concurrency: int, requests: int,
-                                    prompt_tokens: int, new_tokens: int) -> float:
-    """Like the HTTP load at a fixed concurrency, without HTTP: a request joins as soon as another finishes."""
+def engine_closed_loop_tokens_per_s(engine: Engine, tasks: list[ResidentPrefix], concurrency: int,
+                                    requests: int, prompt_tokens: int, new_tokens: int) -> float:
+    """Like the HTTP load at a fixed concurrency, without HTTP: a request joins as soon as another
+    finishes."""
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
     submitted = 0
 
@@ -170,8 +172,9 @@ def generate_tokens_per_s(base: BaseModel, groups: list[int], context: int, new_
     tokens, start = 0, time.perf_counter()
     for g, size in enumerate(groups):
         ids = torch.tensor([prompt_ids(g * 31 + i, context) for i in range(size)], device=base.device)
-        out = base.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                                  min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        out = base.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                  max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                                  pad_token_id=0)
         tokens += (out.shape[1] - context) * size
     synchronize(base.device)
     return tokens / (time.perf_counter() - start)
@@ -191,8 +194,8 @@ def cold_and_hot_load_ms(base: BaseModel, num_virtual_tokens: int, tasks: int = 
         prepare = lambda t: t.to(device=base.device, dtype=base.dtype)
         writer = PrefixStore(Path(root), 1 << 30, prepare)
         for i in range(tasks):
-            writer.put(f"t{i}", PrefixArtifact(PrefixKind.PREFIX_TUNING, random_prefix(base.shape, num_virtual_tokens, i),
-                                               "bench"))
+            kv = random_prefix(base.shape, num_virtual_tokens, i)
+            writer.put(f"t{i}", PrefixArtifact(PrefixKind.PREFIX_TUNING, kv, "bench"))
         reader = PrefixStore(Path(root), 1 << 30, prepare)
         cold, hot = [], []
         for i in range(tasks):
