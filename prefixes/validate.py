@@ -25,6 +25,7 @@ def validate_artifact(artifact: PrefixArtifact, shape: ModelShape, limits: Artif
     t = artifact.tensor
     if not t.is_floating_point():
         raise InvalidArtifact(f"{artifact.tensor_name}: dtype {t.dtype} is not a float type.")
+    expected: tuple[int, ...]
     if artifact.kind.is_deep:
         expected = (shape.num_layers, 2, shape.num_kv_heads, artifact.num_virtual_tokens, shape.head_dim)
         what = "[num_layers, 2, num_kv_heads, num_virtual_tokens, head_dim]"

@@ -91,6 +91,7 @@ class Metrics(EngineObserver):
             self.itl.labels(seq.tenant).observe(now - seq.last_token_time)
 
     def finished(self, seq: Sequence, now: float) -> None:
+        assert seq.finish_reason is not None, "called once it has finished"
         self.requests.labels(seq.tenant, seq.finish_reason.value).inc()
         self.generation_tokens.labels(seq.tenant).inc(len(seq.output_ids))
         self.e2e.labels(seq.tenant).observe(now - seq.arrival_time)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -12,7 +14,9 @@ from server.state import State
 router = APIRouter(tags=["operations"])
 
 
-_UNAVAILABLE = {503: {"description": "the engine process is gone, or the server is draining"}}
+_UNAVAILABLE: dict[int | str, dict[str, Any]] = {
+    503: {"description": "the engine process is gone, or the server is draining"}
+}
 
 
 @router.get("/healthz", responses=_UNAVAILABLE)

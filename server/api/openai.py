@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
+from typing import Any, cast
 
 from fastapi import APIRouter, FastAPI, HTTPException, Request
 from fastapi.encoders import jsonable_encoder
@@ -216,7 +217,7 @@ class _Logprobs:
     def completion(self, ids: list[int], entries: list, offset: int) -> dict:
         """/v1/completions: ``tokens``, ``token_logprobs``, ``top_logprobs`` (the chosen token included, as
         OpenAI does) and ``text_offset`` (characters from the start of the choice's text)."""
-        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
         for token_id, entry in zip(ids, entries):
             token = self.token(token_id)
             out["tokens"].append(token)
@@ -272,8 +273,10 @@ async def _respond(state: ServerState, principal: Principal, request: Request, b
     seqs = await run_to_end(state, principal, request, seqs)
     choices = []
     for i, seq in enumerate(seqs):
+        assert seq.finish_reason is not None, "run_to_end returns finished sequences"
         text = seq.text or ""
         finish_reason = seq.finish_reason.value
+        choice: dict[str, object]
         if chat:
             message = {"role": "assistant", "content": text}
             if tools.active:
@@ -381,7 +384,9 @@ async def _completion_prompts(state: ServerState, prompt) -> list[_Prompt]:
             out.append(_Prompt(await encode_prompt(state, p), p))
         else:
             ids = _token_ids(list(p), state.base.vocab_size, "prompt")
-            out.append(_Prompt(ids, await on_tokenizer_thread(tokenizer.decode, ids)))
+            # one sequence of ids decodes to one string (transformers types decode's result for batches too)
+            text = cast(str, await on_tokenizer_thread(tokenizer.decode, ids))
+            out.append(_Prompt(ids, text))
     return out
 
 
@@ -510,7 +515,7 @@ async def _validation_error(request: Request, exc: RequestValidationError):
     if not _is_openai_route(request):
         return JSONResponse({"detail": _encodable(jsonable_encoder(exc.errors()))}, status_code=422)
     errors = exc.errors()
-    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+    first: dict[str, Any] = errors[0] if errors else {"loc": (), "msg": "invalid request"}
     if first.get("type") == "json_invalid":
         param, message = None, f"The request body is not valid JSON: {first.get('ctx', {}).get('error', '')}"
     else:
@@ -523,5 +528,6 @@ async def _validation_error(request: Request, exc: RequestValidationError):
 
 
 def add_exception_handlers(app: FastAPI) -> None:
-    app.add_exception_handler(StarletteHTTPException, _http_error)
-    app.add_exception_handler(RequestValidationError, _validation_error)
+    # Starlette types a handler as taking any Exception, though it calls each with its own class only
+    app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
+    app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]

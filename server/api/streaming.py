@@ -12,9 +12,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
+from typing import cast
 
 from fastapi import HTTPException, Request
 from starlette.responses import StreamingResponse
@@ -222,6 +223,7 @@ class Generation:
                 seen[i] += len(ids)
                 text = detokenizers[i].add(ids)
                 if finished:
+                    assert seq.finish_reason is not None, "finished means it has its reason"
                     self.check_errors()
                     pending.remove(i)
                     text += detokenizers[i].finish(seq.text or "")
@@ -280,7 +282,8 @@ class EventStream(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             try:
-                await self.body_iterator.aclose()
+                # the body is the async generator _encode made (Starlette types it as any async iterable)
+                await cast(AsyncGenerator[bytes, None], self.body_iterator).aclose()
                 await self._generation.cancel()
             finally:
                 await self._release()

@@ -253,6 +253,7 @@ def _arguments(call: dict, param: str) -> tuple[str, dict, str | None]:
     if not isinstance(name, str):
         raise ToolError(f"{param} must be {{'type': 'function', 'id': ..., 'function': {{'name': ..., "
                         "'arguments': '<JSON>'}}.", param)
+    assert isinstance(function, dict), "the name came from it"
     arguments = function.get("arguments") or "{}"
     if isinstance(arguments, str):
         try:
@@ -271,7 +272,8 @@ def chat_messages(messages: list[dict], choice: ToolChoice,
     template's messages and ``tools=`` argument. ``native``: the template renders tools, calls and results
     itself (Hugging Face's shapes: arguments as objects); otherwise they become text in the call format."""
     out: list[dict] = []
-    names: dict[str, str] = {}  # call id -> function name, to label results
+    # call id -> function name, to label results (looked up with a message's tool_call_id, maybe None)
+    names: dict[str | None, str] = {}
     for i, message in enumerate(messages):
         role, content = message["role"], message.get("content") or ""
         calls = [_arguments(c, f"messages.{i}.tool_calls.{j}")
@@ -409,7 +411,8 @@ class CallParser:
         complete calls, and any other text (a call ``max_tokens`` cut short) as content."""
         deltas = self.feed(text) + self.finish()
         content = "".join(d["content"] for d in deltas if "content" in d)
-        message = {"role": "assistant", "content": content if self._content or not self.calls else None}
+        message: dict[str, object] = {"role": "assistant",
+                                      "content": content if self._content or not self.calls else None}
         if self.calls:
             message["tool_calls"] = self.calls
         return message, self.finish_reason(engine_reason)

@@ -7,6 +7,7 @@ model's shape: the serving cost depends only on shapes.
 
 from __future__ import annotations
 
+import collections.abc
 import os
 import random
 import statistics
@@ -16,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, GenerationMixin
 
 from prefixes.artifact import ModelShape, PrefixArtifact, PrefixKind
 from prefixes.store import PrefixStore, ResidentPrefix
@@ -44,8 +45,8 @@ def prompt_ids(i: int, length: int) -> list[int]:
     return [(7 * i + j) % 1000 + 10 for j in range(length)]
 
 
-def make_requests(tasks: list[ResidentPrefix | None], n: int, prompt_tokens: int, new_tokens: int,
-                  pick: Callable[[int], int] = lambda i: i) -> list[Sequence]:
+def make_requests(tasks: collections.abc.Sequence[ResidentPrefix | None], n: int, prompt_tokens: int,
+                  new_tokens: int, pick: Callable[[int], int] = lambda i: i) -> list[Sequence]:
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
     return [Sequence(prompt_ids(i, prompt_tokens), params, tasks[pick(i) % len(tasks)]) for i in range(n)]
 
@@ -169,12 +170,13 @@ def generate_tokens_per_s(base: BaseModel, groups: list[int], context: int, new_
     is what a prefix costs attention (PEFT's own `generate` ignores prefixes on this transformers version,
     so the cost is modelled with plain tokens).
     """
+    model = base.model
+    assert isinstance(model, GenerationMixin), "a causal LM generates"
     tokens, start = 0, time.perf_counter()
     for g, size in enumerate(groups):
         ids = torch.tensor([prompt_ids(g * 31 + i, context) for i in range(size)], device=base.device)
-        out = base.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                  max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                                  pad_token_id=0)
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
         tokens += (out.shape[1] - context) * size
     synchronize(base.device)
     return tokens / (time.perf_counter() - start)

@@ -144,7 +144,7 @@ async def burst(url: str, count: int, new_tokens: int, client_timeout: float) ->
 
 def run(url: str, waiting: list[int], running: int, window_s: float, hog_too: bool = True) -> dict:
     """Decode at each queue depth, idle and (``hog_too``) with a CPU hog beside the server."""
-    out = {"decode": []}
+    out: dict[str, list] = {"decode": []}
     for hog in [False, True] if hog_too else [False]:
         with cpu_hog(hog):
             for n in waiting:

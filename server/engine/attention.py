@@ -49,10 +49,12 @@ class PackedBatch:
 
     @property
     def decode_width(self) -> int:
+        assert self.decode_mask is not None, "only a batch with decoding rows has a decode width"
         return self.decode_mask.shape[-1]
 
     @property
     def prefill_width(self) -> int:
+        assert self.prefill_mask is not None, "only a batch with prefilling rows has a prefill width"
         return self.prefill_mask.shape[-1]
 
 
@@ -112,10 +114,12 @@ def _windowed_masks(batch: PackedBatch, window: int) -> tuple[torch.Tensor | Non
     if batch.num_decode:
         q = batch.cols[: batch.num_decode]  # [d]
         c = torch.arange(batch.decode_width, device=q.device)  # [Wd]
+        assert batch.decode_mask is not None, "set whenever num_decode is"
         decode_mask = batch.decode_mask & (c[None] > q[:, None] - window)[:, None, None]  # [d, 1, 1, Wd]
     if batch.prefill_gather is not None:
         q = batch.cols[batch.prefill_gather]  # [m, S]
         c = torch.arange(batch.prefill_width, device=q.device)  # [Wp]
+        assert batch.prefill_mask is not None, "set together with prefill_gather"
         prefill_mask = batch.prefill_mask & (c > q[..., None] - window)[:, None]  # [m, 1, S, Wp]
     _local.windowed[window] = decode_mask, prefill_mask
     return decode_mask, prefill_mask
@@ -183,6 +187,7 @@ def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
         if softcap is None:
             od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=decode_mask, scale=scale)
         else:  # [d, Hkv, G, 1, D] queries against [d, Hkv, Wd, D] keys; mask [d, 1, 1, 1, Wd]
+            assert decode_mask is not None, "a batch with decoding rows has their mask"
             od = _softcapped_attention(qd[:, :, :, None], kd, vd, decode_mask[:, :, None], scale, softcap)
         out[:d] = od.reshape(d, heads, dim)
     if batch.prefill_gather is not None:
@@ -194,10 +199,12 @@ def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
             op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=prefill_mask, scale=scale,
                                                 enable_gqa=groups > 1)  # [m, H, S, D]
         else:  # [m, Hkv, G, S, D] queries; mask [m, 1, 1, S, Wp]
+            assert prefill_mask is not None, "set together with prefill_gather"
             qg = qp.reshape(m, kv_heads, groups, s, dim)
             op = _softcapped_attention(qg, kp, vp, prefill_mask[:, :, None], scale, softcap)
             op = op.reshape(m, heads, s, dim)
         # Real queries, in packed order, are tokens d..T-1 (index_select: no data-dependent shapes, no sync).
+        assert batch.prefill_take is not None, "set together with prefill_gather"
         out[d:] = op.transpose(1, 2).reshape(m * s, heads, dim).index_select(0, batch.prefill_take)
     return out[None], None
 
@@ -229,6 +236,7 @@ def _falcon_attention(self, hidden_states: torch.Tensor, alibi: torch.Tensor | N
     query = query.transpose(1, 2).reshape(b, self.num_heads, t, self.head_dim)  # [B, H, T, D]
     key = key.transpose(1, 2).reshape(b, kv_heads, t, self.head_dim)  # [B, Hkv, T, D]
     value = value.transpose(1, 2).reshape(b, kv_heads, t, self.head_dim)
+    assert position_embeddings is not None, "rotary Falcon passes its position embeddings to every layer"
     cos, sin = position_embeddings
     query, key = apply_rotary_pos_emb(query, key, cos, sin)
     if layer_past is not None:
@@ -247,8 +255,12 @@ def _route_falcon(model: PreTrainedModel) -> None:
                 raise UnsupportedAttention(f"{type(module).__name__}: only Falcon's SDPA/eager attention is "
                                            "routed")
             kv_heads = module.num_heads if module.new_decoder_architecture else module.num_kv_heads
-            module.num_key_value_groups = module.num_heads // kv_heads  # what the SDPA fallback reads
-            module.forward = types.MethodType(_falcon_attention, module)
+            assert kv_heads is not None, "FalconConfig fills num_kv_heads in"
+            # what the SDPA fallback reads; nn.Module's __getattr__ types every unknown attribute as a
+            # Tensor or Module, so mypy refuses a plain int here
+            module.num_key_value_groups = module.num_heads // kv_heads  # type: ignore[assignment]
+            # rerouting this instance's forward is the point
+            module.forward = types.MethodType(_falcon_attention, module)  # type: ignore[method-assign]
 
 
 # model_type -> how to route the attention of a family that bypasses transformers' AttentionInterface.

@@ -27,6 +27,7 @@ import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import cast
 
 import safetensors.torch
 import torch
@@ -395,6 +396,7 @@ class EngineClient:
                 log.exception("applying an engine step failed")
 
     def _apply(self, out: protocol.StepOutput) -> None:
+        seq: Sequence | None
         now = out.time
         self.num_running = out.running
         admitted = [self._seqs[i] for i in out.admitted if i in self._seqs]
@@ -440,7 +442,8 @@ class EngineClient:
 
     def _stop_string_hit(self, seq: Sequence) -> bool:
         """Whether the output now holds one of ``seq``'s stop strings; if so its text is cut before it."""
-        text = self.model.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+        # one sequence of ids decodes to one string (transformers types decode's result for batches too)
+        text = cast(str, self.model.tokenizer.decode(seq.output_ids, skip_special_tokens=True))
         hits = [i for i in (text.find(s) for s in seq.params.stop) if i >= 0]
         if hits:
             seq.text = text[: min(hits)]  # the stop string itself is not returned

@@ -83,6 +83,7 @@ class _StepEvents(EngineObserver):
         self.out.time = now
 
     def finished(self, seq: Sequence, now: float) -> None:
+        assert seq.finish_reason is not None, "called once it has finished"
         self.out.finished.append([seq.id, seq.finish_reason.value, seq.error])
 
 

@@ -17,6 +17,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 from server.engine.grammar import Grammars, InvalidGrammar
 from server.engine.model import BaseModel
@@ -248,7 +249,9 @@ class Engine:
     def _append_prompt_logprobs(scored: PromptLogits) -> None:
         seq = scored.seq
         targets = seq.prompt_ids[scored.first: scored.first + scored.logits.shape[0]]
-        seq.prompt_logprobs += token_logprobs(scored.logits, targets, seq.params.prompt_logprobs)
+        top = seq.params.prompt_logprobs
+        assert top is not None, "the runner scores the prompts of the requests that asked"
+        seq.prompt_logprobs += token_logprobs(scored.logits, targets, top)
 
     def _append_tokens(self, sampled: SampleResult, now: float) -> int:
         """Give rows ``0..len(tokens)-1`` their new tokens, then let finished rows leave the batch.
@@ -302,7 +305,8 @@ class Engine:
         if token in params.stop_token_ids:
             return FinishReason.STOP
         if params.stop:
-            text = self.base.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+            # one sequence of ids decodes to one string (transformers types decode's result for batches too)
+            text = cast(str, self.base.tokenizer.decode(seq.output_ids, skip_special_tokens=True))
             hits = [i for i in (text.find(s) for s in params.stop) if i >= 0]
             if hits:
                 seq.text = text[: min(hits)]  # the stop string itself is not returned

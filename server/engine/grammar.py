@@ -16,11 +16,15 @@ from __future__ import annotations
 
 import functools
 import json
+from typing import TYPE_CHECKING
 
 import llguidance
 import llguidance.hf
 import llguidance.torch
 import torch
+
+if TYPE_CHECKING:  # only in llguidance's type stubs
+    from llguidance._lib import JsonCompileOptions
 
 
 class InvalidGrammar(ValueError):
@@ -31,7 +35,7 @@ class InvalidGrammar(ValueError):
 def grammar_source(kind: str, spec: str) -> str:
     """llguidance's grammar (a JSON string) for one structured-output request; cached by (kind, spec)."""
     # Compact JSON (no free whitespace): otherwise a small model can pad with newlines until max_tokens.
-    defaults = {"whitespace_flexible": False}
+    defaults: JsonCompileOptions = {"whitespace_flexible": False}
     try:
         if kind == "json_object":
             return llguidance.LLMatcher.grammar_from_json_schema('{"type": "object"}', defaults=defaults)
@@ -64,7 +68,7 @@ class Grammars:
         self._hf_tokenizer = tokenizer
         self.vocab_size = vocab_size  # the width of the model's logits, which may exceed the tokenizer's
         self._eos = sorted(eos_token_ids)
-        self._ll_tokenizer = None
+        self._ll_tokenizer: llguidance.LLTokenizer | None = None
 
     @property
     def tokenizer(self) -> llguidance.LLTokenizer:

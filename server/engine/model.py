@@ -17,6 +17,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 from transformers import (
@@ -195,7 +196,8 @@ def model_shape(model: PreTrainedModel) -> ModelShape:
         num_layers=config.num_hidden_layers,
         num_kv_heads=kv_heads,
         head_dim=head_dim,
-        hidden_size=model.get_input_embeddings().embedding_dim,
+        # an nn.Embedding's width (typed as nn.Module by transformers)
+        hidden_size=cast(int, model.get_input_embeddings().embedding_dim),
         max_positions=max_positions,
         model_type=config.model_type,
     )
@@ -233,7 +235,9 @@ def load_base_model(spec: str, dtype: torch.dtype, device: str) -> BaseModel:
     path, model_id = resolve_model(spec)
     check_supported(AutoConfig.from_pretrained(path))
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(device)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+    # PreTrainedModel.to is declared @wraps(nn.Module.to), which mypy reads as the unbound function
+    model = model.to(device)  # type: ignore[arg-type]
     return wrap_model(model, tokenizer, model_id)
 
 

@@ -96,6 +96,7 @@ class ModelRunner:
                 row = cache.add_row()
                 seq.num_computed = 0
                 if seq.num_prefix_kv:
+                    assert seq.prefix is not None, "prefix key/values come from a prefix"
                     cache.write_prefix(row, seq.prefix.tensor)
                 self.rows.append(seq)
 
@@ -118,6 +119,7 @@ class ModelRunner:
             first = len(ids)
             n_soft = seq.num_soft_tokens
             if start < n_soft:
+                assert seq.prefix is not None, "soft tokens come from a prefix"
                 soft.append((first, seq.prefix.tensor[start : min(n_soft, start + count)]))
             ids += [seq.prompt_ids[i - n_soft] if i >= n_soft else 0 for i in range(start, start + count)]
             rows += [row] * count

@@ -18,11 +18,15 @@ import logging
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from server.engine.grammar import Grammars
 from server.engine.sequence import SamplingParams, Sequence
+
+if TYPE_CHECKING:
+    import llguidance
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +67,7 @@ class RowState:
 
     generator: torch.Generator | None = None
     prompt: frozenset[int] = frozenset()  # the prompt's ids, when the repetition penalty counts them
-    matcher: object | None = None  # the grammar matcher (structured outputs)
+    matcher: llguidance.LLMatcher | None = None  # the grammar matcher (structured outputs)
 
 
 @dataclass(slots=True)
@@ -127,13 +131,14 @@ class Sampler:
             try:
                 state = self._rows[seq.id]
                 if state.matcher is not None:
+                    assert self.grammars is not None, "a matcher was made by the grammars"
                     self.grammars.accept(state.matcher, result.tokens[i])
             except Exception as exc:  # noqa: BLE001 - any failure fails this row's request alone
                 result.errors[i] = f"sampling failed: {type(exc).__name__}: {exc}"
         wanted = [i for i, seq in enumerate(seqs)
                   if seq.params.logprobs is not None and i not in result.errors]
         if wanted:
-            top = max(seqs[i].params.logprobs for i in wanted)
+            top = max(seqs[i].params.logprobs or 0 for i in wanted)  # all set: ``wanted`` checked it
             entries = token_logprobs(logits[wanted], [result.tokens[i] for i in wanted], top)
             for i, (logprob, tops) in zip(wanted, entries):
                 result.logprobs[i] = (logprob, tops[: seqs[i].params.logprobs])
@@ -180,10 +185,11 @@ class Sampler:
             rows, ids = zip(*banned)
             out[self._long(rows), self._long(ids)] = float("-inf")
         if guided:
+            assert self.grammars is not None, "admission refuses structured outputs without grammars"
             mask = self._masks([seqs[i] for i in guided], [i for i in guided], errors)  # [g, ceil(V / 32)]
-            rows = out[guided]
-            self.grammars.apply_mask(rows, mask)
-            out[guided] = rows
+            guided_logits = out[guided]
+            self.grammars.apply_mask(guided_logits, mask)
+            out[guided] = guided_logits
         return out
 
     # -- grammar masks, overlapped with the forward -------------------------------------------------------
@@ -198,14 +204,17 @@ class Sampler:
         self._prefetched = None
         if not guided:
             return
+        grammars = self.grammars
+        assert grammars is not None, "admission refuses structured outputs without grammars"
         matchers = [self._rows[seq.id].matcher for seq in guided]
-        mask = self.grammars.allocate_mask(len(guided))  # [g, ceil(V / 32)]
+        mask = grammars.allocate_mask(len(guided))  # [g, ceil(V / 32)]
 
         def fill() -> dict[int, str]:
             failed = {}
             for j, matcher in enumerate(matchers):
                 try:
-                    self.grammars.fill_mask(matcher, mask, j)
+                    assert matcher is not None, "admission made every guided row's matcher"
+                    grammars.fill_mask(matcher, mask, j)
                 except Exception as exc:  # noqa: BLE001 - this row's grammar failed: that request fails, not the step
                     failed[j] = str(exc)
             return failed
@@ -225,10 +234,13 @@ class Sampler:
                 if j in failed:
                     errors[row] = failed[j]
             return mask[picks]
+        assert self.grammars is not None, "admission refuses structured outputs without grammars"
         mask = self.grammars.allocate_mask(len(seqs))
         for j, (seq, row) in enumerate(zip(seqs, rows)):
             try:
-                self.grammars.fill_mask(self._rows[seq.id].matcher, mask, j)
+                matcher = self._rows[seq.id].matcher
+                assert matcher is not None, "admission made every guided row's matcher"
+                self.grammars.fill_mask(matcher, mask, j)
             except Exception as exc:  # noqa: BLE001 - this row's grammar failed: that request fails, not the step
                 errors[row] = str(exc)
         return mask
@@ -240,8 +252,12 @@ class Sampler:
         pair of the batch rather than dense [n, V] count tensors. Repetition (CTRL / Hugging Face, over
         prompt and output ids) comes first, then OpenAI's frequency and presence penalties (output ids).
         """
-        seen_rows, seen_ids, seen_penalty = [], [], []
-        hit_rows, hit_ids, hit_deltas = [], [], []
+        seen_rows: list[int] = []
+        seen_ids: list[int] = []
+        seen_penalty: list[float] = []
+        hit_rows: list[int] = []
+        hit_ids: list[int] = []
+        hit_deltas: list[float] = []
         for i in rows:
             params, counts = seqs[i].params, Counter(seqs[i].output_ids)
             if params.repetition_penalty != 1.0:
