@@ -10,7 +10,7 @@ STORE ?= store
 TORCH_PIP_ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: install system-packages redis-server run test bench gpu-check clean
+.PHONY: install system-packages redis-server run test lint bench gpu-check clean
 
 install: $(STAMP) system-packages
 
@@ -70,6 +70,11 @@ run: install
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# ruff (default rules plus long lines) and mypy, as CI runs them; settings in pyproject.toml.
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 bench: install
 	$(VENV)/bin/prefix-serve bench --out bench/results

@@ -48,7 +48,8 @@ class ModelShape:
 
     @property
     def kv_width(self) -> int:
-        """Width of one virtual token in PEFT's flattened prefix layout: layers * (k, v) * heads * head_dim."""
+        """Width of one virtual token in PEFT's flattened prefix layout:
+        layers * (k, v) * heads * head_dim."""
         return self.num_layers * 2 * self.num_kv_heads * self.head_dim
 
 

@@ -67,8 +67,9 @@ def read_torch_weights(data: bytes, name: str) -> dict[str, torch.Tensor]:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:
         raise InvalidArtifact(
-            f"{name}: refused: it is not a plain tensor checkpoint that torch.load(weights_only=True) accepts "
-            f"(arbitrary pickles are never loaded here). Save it with safetensors instead. Detail: {exc}"
+            f"{name}: refused: it is not a plain tensor checkpoint that torch.load(weights_only=True) "
+            "accepts (arbitrary pickles are never loaded here). Save it with safetensors instead. "
+            f"Detail: {exc}"
         ) from exc
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise InvalidArtifact(f"{name}: expected a dict of tensor name -> tensor, got {type(obj).__name__}.")
@@ -91,7 +92,9 @@ def parse_artifact(files: Mapping[str, bytes], shape: ModelShape) -> PrefixArtif
     Only shapes are checked here; :func:`prefixes.validate.validate_artifact` checks the rest.
     """
     if not files:
-        raise InvalidArtifact("No files were uploaded: send the artifact's files in the multipart field `files`.")
+        raise InvalidArtifact(
+            "No files were uploaded: send the artifact's files in the multipart field `files`."
+        )
     if PEFT_CONFIG in files:
         return _parse_peft(files, shape)
     tensor_files = [n for n in files if n.endswith(TENSOR_SUFFIXES)]
@@ -107,7 +110,7 @@ def parse_artifact(files: Mapping[str, bytes], shape: ModelShape) -> PrefixArtif
     tensors, metadata = read_tensors(files[name], name)
     if metadata.get("format") == OWN_FORMAT:
         return _parse_own(tensors, metadata, name)
-    if any(k.startswith(CHATGLM_PREFIX) or k.startswith("prefix_encoder.") for k in tensors):
+    if any(k.startswith((CHATGLM_PREFIX, "prefix_encoder.")) for k in tensors):
         return _parse_chatglm(tensors, shape, name)
     raise InvalidArtifact(
         f"{name}: unrecognised tensors {sorted(tensors)[:5]}. A PEFT adapter also needs its {PEFT_CONFIG}; a "
@@ -137,18 +140,24 @@ def _parse_peft(files: Mapping[str, bytes], shape: ModelShape) -> PrefixArtifact
         ) from None
     task_type = config.get("task_type")
     if task_type not in (None, "CAUSAL_LM"):
-        raise InvalidArtifact(f"{PEFT_CONFIG}: task_type {task_type!r}; only CAUSAL_LM adapters fit a causal LM.")
+        raise InvalidArtifact(
+            f"{PEFT_CONFIG}: task_type {task_type!r}; only CAUSAL_LM adapters fit a causal LM."
+        )
     if _config_int(config, "num_transformer_submodules", 1) != 1:
-        raise InvalidArtifact(f"{PEFT_CONFIG}: num_transformer_submodules must be 1 for a decoder-only model.")
+        raise InvalidArtifact(
+            f"{PEFT_CONFIG}: num_transformer_submodules must be 1 for a decoder-only model."
+        )
 
     weights = [n for n in PEFT_WEIGHTS if n in files]
     if not weights:
-        raise InvalidArtifact(f"PEFT adapter without weights: upload {PEFT_WEIGHTS[0]} next to {PEFT_CONFIG}.")
+        raise InvalidArtifact(
+            f"PEFT adapter without weights: upload {PEFT_WEIGHTS[0]} next to {PEFT_CONFIG}."
+        )
     tensors, _ = read_tensors(files[weights[0]], weights[0])
     if EMBEDDING_TENSOR not in tensors:
         raise InvalidArtifact(
-            f"{weights[0]}: no '{EMBEDDING_TENSOR}' tensor (found {sorted(tensors)[:5]}); save the adapter with "
-            "PeftModel.save_pretrained."
+            f"{weights[0]}: no '{EMBEDDING_TENSOR}' tensor (found {sorted(tensors)[:5]}); save the adapter "
+            "with PeftModel.save_pretrained."
         )
     flat = _as_matrix(tensors[EMBEDDING_TENSOR], f"{weights[0]}:{EMBEDDING_TENSOR}")
     num_virtual_tokens = _config_int(config, "num_virtual_tokens", None)
@@ -207,9 +216,9 @@ def _parse_chatglm(tensors: dict[str, torch.Tensor], shape: ModelShape, name: st
     if flat.shape[1] == shape.num_layers * 2 * shape.hidden_size != shape.kv_width:
         raise InvalidArtifact(
             f"{name}: prefix width {flat.shape[1]} = num_layers({shape.num_layers}) x 2 x hidden_size"
-            f"({shape.hidden_size}), the ChatGLM-6B layout with a key/value per attention head, but this base "
-            f"model has {shape.num_kv_heads} key/value heads (multi-query groups) of {shape.head_dim}: a "
-            f"ChatGLM2/3 or GLM-4 prefix is num_layers x 2 x multi_query_group_num x kv_channels = "
+            f"({shape.hidden_size}), the ChatGLM-6B layout with a key/value per attention head, but this "
+            f"base model has {shape.num_kv_heads} key/value heads (multi-query groups) of {shape.head_dim}: "
+            f"a ChatGLM2/3 or GLM-4 prefix is num_layers x 2 x multi_query_group_num x kv_channels = "
             f"{shape.kv_width}. Was it trained for ChatGLM-6B rather than this model?"
         )
     kv = _unflatten_checked(flat, shape, name)
@@ -252,9 +261,9 @@ def _unflatten_checked(flat: torch.Tensor, shape: ModelShape, name: str) -> torc
             else "its key/value width per layer does not match this model's heads and head size"
         )
         raise InvalidArtifact(
-            f"{name}: prefix width {width} != num_layers({shape.num_layers}) x 2 x kv_heads({shape.num_kv_heads}) "
-            f"x head_dim({shape.head_dim}) = {shape.kv_width} for the loaded base model; {hint}. Was it trained "
-            "for another base model?"
+            f"{name}: prefix width {width} != num_layers({shape.num_layers}) x 2 "
+            f"x kv_heads({shape.num_kv_heads}) x head_dim({shape.head_dim}) = {shape.kv_width} for the "
+            f"loaded base model; {hint}. Was it trained for another base model?"
         )
     return unflatten_prefix(flat, shape)
 

@@ -25,6 +25,7 @@ def validate_artifact(artifact: PrefixArtifact, shape: ModelShape, limits: Artif
     t = artifact.tensor
     if not t.is_floating_point():
         raise InvalidArtifact(f"{artifact.tensor_name}: dtype {t.dtype} is not a float type.")
+    expected: tuple[int, ...]
     if artifact.kind.is_deep:
         expected = (shape.num_layers, 2, shape.num_kv_heads, artifact.num_virtual_tokens, shape.head_dim)
         what = "[num_layers, 2, num_kv_heads, num_virtual_tokens, head_dim]"
@@ -33,16 +34,20 @@ def validate_artifact(artifact: PrefixArtifact, shape: ModelShape, limits: Artif
         what = "[num_virtual_tokens, hidden_size]"
     if tuple(t.shape) != expected:
         raise InvalidArtifact(
-            f"{artifact.tensor_name}: shape {tuple(t.shape)} does not fit the base model; expected {what} = {expected}."
+            f"{artifact.tensor_name}: shape {tuple(t.shape)} does not fit the base model; "
+            f"expected {what} = {expected}."
         )
     n = artifact.num_virtual_tokens
     if not 1 <= n <= min(limits.max_virtual_tokens, shape.max_positions - 1):
         raise InvalidArtifact(
-            f"num_virtual_tokens={n}: must be between 1 and {min(limits.max_virtual_tokens, shape.max_positions - 1)}."
+            f"num_virtual_tokens={n}: must be between 1 and "
+            f"{min(limits.max_virtual_tokens, shape.max_positions - 1)}."
         )
     if not bool(torch.isfinite(t).all()):
         bad = int((~torch.isfinite(t)).sum())
-        raise InvalidArtifact(f"{artifact.tensor_name}: {bad} values are NaN or infinite; retrain or re-export it.")
+        raise InvalidArtifact(
+            f"{artifact.tensor_name}: {bad} values are NaN or infinite; retrain or re-export it."
+        )
     largest = float(t.abs().max())
     if largest > limits.max_abs_value:
         bad = int((t.abs() > limits.max_abs_value).sum())

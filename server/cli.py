@@ -27,7 +27,8 @@ class DrainingServer(uvicorn.Server):
         self.shutdown_timeout = shutdown_timeout
         self.draining = False
 
-    def handle_exit(self, sig, frame) -> None:  # a signal handler: runs on the loop's thread, between callbacks
+    # a signal handler: runs on the loop's thread, between callbacks
+    def handle_exit(self, sig, frame) -> None:
         if self.draining or self.should_exit:
             self.force_exit = True
             return
@@ -50,8 +51,8 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         settings = Settings(
             model=args.model, store_dir=args.store_dir, dtype=args.dtype, device=args.device,
-            max_batch_size=args.max_batch_size, kv_cache_bytes=args.kv_cache_bytes, cache_bytes=args.cache_bytes,
-            max_step_tokens=args.max_step_tokens,
+            max_batch_size=args.max_batch_size, kv_cache_bytes=args.kv_cache_bytes,
+            cache_bytes=args.cache_bytes, max_step_tokens=args.max_step_tokens,
             max_upload_bytes=args.max_upload_bytes, threads=args.threads,
             auth_file=Path(args.auth_file) if args.auth_file else None,
             redis_url=args.redis_url, host_cache_bytes=args.host_cache_bytes,
@@ -124,25 +125,28 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-batch-size", type=int, default=defaults.max_batch_size)
     serve.add_argument("--kv-cache-bytes", type=int, default=defaults.kv_cache_bytes)
     serve.add_argument("--max-step-tokens", type=int, default=defaults.max_step_tokens,
-                       help="tokens one forward computes: the running requests' next tokens plus chunks of joining "
-                       "prompts (bounds how long a long prompt delays everyone else's next token)")
+                       help="tokens one forward computes: the running requests' next tokens plus chunks of "
+                       "joining prompts (bounds how long a long prompt delays everyone else's next token)")
     serve.add_argument("--cache-bytes", type=int, default=defaults.cache_bytes,
                        help="memory budget for resident prefixes")
     serve.add_argument("--host-cache-bytes", type=int, default=defaults.host_cache_bytes,
-                       help="host-memory budget for prefixes evicted from the device (ignored with --device cpu)")
+                       help="host-memory budget for prefixes evicted from the device "
+                       "(ignored with --device cpu)")
     serve.add_argument("--redis-url", default=None,
-                       help="Redis shared by all replicas (e.g. redis://127.0.0.1:6379/0): a task uploaded to one "
-                       "is served by all; without it each server has its --store-dir alone")
+                       help="Redis shared by all replicas (e.g. redis://127.0.0.1:6379/0): a task uploaded "
+                       "to one is served by all; without it each server has its --store-dir alone")
     serve.add_argument("--max-upload-bytes", type=int, default=defaults.max_upload_bytes)
     serve.add_argument("--threads", type=int, default=defaults.threads,
-                       help="the engine process's torch threads (0: one per core but one, left to the HTTP process)")
+                       help="the engine process's torch threads "
+                       "(0: one per core but one, left to the HTTP process)")
     serve.add_argument("--auth-file", help="JSON with tenants, API keys, quotas and admin keys; "
                        "without it the server is open (single-user mode)")
     serve.add_argument("--max-waiting-requests", type=int, default=None,
                        help="requests waiting for the batch beyond which new ones get 503 + Retry-After "
                        "(default: 2 x --max-batch-size)")
     serve.add_argument("--request-timeout", type=float, default=None,
-                       help="default deadline in seconds for a request to join the batch (per request: timeout)")
+                       help="default deadline in seconds for a request to join the batch "
+                       "(per request: timeout)")
     serve.add_argument("--shutdown-timeout", type=float, default=defaults.shutdown_timeout,
                        help="on SIGTERM, seconds in-flight requests may take before they are cancelled")
     serve.add_argument("--omp-wait-policy", default=defaults.omp_wait_policy, choices=list(OMP_WAIT_POLICIES),
@@ -152,9 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="largest JSON request body; larger ones are refused with 413 as they stream in "
                        "(uploads have --max-upload-bytes)")
     serve.add_argument("--public-metrics", action="store_true",
-                       help="with --auth-file: serve /metrics without a key (per-tenant request counts and latencies)")
+                       help="with --auth-file: serve /metrics without a key "
+                       "(per-tenant request counts and latencies)")
     serve.add_argument("--public-docs", action="store_true",
-                       help="with --auth-file: serve /docs, /redoc and /openapi.json without a key (the API schema)")
+                       help="with --auth-file: serve /docs, /redoc and /openapi.json without a key "
+                       "(the API schema)")
     serve.set_defaults(func=_serve)
 
     train = sub.add_parser("train", help="learn a prefix for a task (saves a PEFT adapter folder)")
@@ -164,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--method", default="prefix", choices=["prefix", "p-tuning", "prompt"])
     train.add_argument("--num-virtual-tokens", type=int, default=16)
     train.add_argument("--prefix-projection", action="store_true",
-                       help="train prefix-tuning through an MLP (ChatGLM PrefixEncoder style), folded on save")
+                       help="train prefix-tuning through an MLP (ChatGLM PrefixEncoder style), "
+                       "folded on save")
     train.add_argument("--encoder", default="mlp", choices=["mlp", "lstm"], help="p-tuning prompt encoder")
     train.add_argument("--encoder-hidden-size", type=int, default=128)
     length = train.add_mutually_exclusive_group()
@@ -174,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-size", type=int, default=8)
     train.add_argument("--eval", help="held-out JSONL: eval loss and exact-match accuracy per epoch")
     train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--init-from", help="start from an existing prefix: a folder/file, or a task on --upload")
+    train.add_argument("--init-from",
+                       help="start from an existing prefix: a folder/file, or a task on --upload")
     train.add_argument("--upload", help="prefix-serve URL to upload the result to (with --task)")
     train.add_argument("--task", help="task name for --upload")
     train.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
@@ -183,17 +191,18 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=_train)
 
     bench = sub.add_parser("bench", help="throughput and latency against the bare model and the alternatives")
-    ints = lambda v: [int(x) for x in v.split(",")]  # noqa: E731
+    ints = lambda v: [int(x) for x in v.split(",")]
     bench.add_argument("--model", default="default",
-                       help="'default', a local model folder, or a random-weight model of a real shape built from its "
-                       "config (no download): random:tiny, random:llama-1b, random:llama-8b")
+                       help="'default', a local model folder, or a random-weight model of a real shape "
+                       "built from its config (no download): random:tiny, random:llama-1b, random:llama-8b")
     bench.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     bench.add_argument("--device", default="cpu")
     bench.add_argument("--threads", type=int, default=0)
     bench.add_argument("--concurrency", type=int, default=32, help="batch size of the in-process comparisons")
     bench.add_argument("--batch-sizes", type=ints, default=None,
-                       help="instead of the full benchmark: at each of these batch sizes the bare forward, the engine "
-                       "on N tasks and on one, its per-step host overhead, and the server over HTTP (the GPU check)")
+                       help="instead of the full benchmark: at each of these batch sizes the bare forward, "
+                       "the engine on N tasks and on one, its per-step host overhead, and the server over "
+                       "HTTP (the GPU check)")
     bench.add_argument("--prompt-tokens", type=int, default=32)
     bench.add_argument("--new-tokens", type=int, default=32)
     bench.add_argument("--virtual-tokens", type=int, default=16)
@@ -204,17 +213,20 @@ def build_parser() -> argparse.ArgumentParser:
                        help="requests timed for the one-at-a-time `generate` baseline")
     bench.add_argument("--scale-tasks", type=ints, default=[1, 10, 100, 1000])
     bench.add_argument("--sweep", type=ints, default=[1, 4, 16, 32], help="HTTP concurrency levels")
-    bench.add_argument("--rate", type=float, default=2.0, help="Poisson arrival rate (requests/s) for the HTTP run")
+    bench.add_argument("--rate", type=float, default=2.0,
+                       help="Poisson arrival rate (requests/s) for the HTTP run")
     bench.add_argument("--no-http", action="store_true", help="skip the real-server load test")
     bench.add_argument("--no-overload", action="store_true",
-                       help="skip the overload section (decode while requests wait, beside a CPU hog; a burst)")
+                       help="skip the overload section "
+                       "(decode while requests wait, beside a CPU hog; a burst)")
     bench.add_argument("--overload-waiting", type=ints, default=[0, 64, 128, 256],
                        help="queue depths behind a full batch for the overload section")
     bench.add_argument("--overload-window", type=float, default=8.0, help="seconds each decode figure spans")
     bench.add_argument("--out", default=None,
-                       help="results folder (default bench/results; bench/results/gpu with --batch-sizes; with --url, "
-                       "remote.{json,md} are written only when given)")
-    remote = bench.add_argument_group("a running server (--url): only the load generator, at each --sweep concurrency")
+                       help="results folder (default bench/results; bench/results/gpu with --batch-sizes; "
+                       "with --url, remote.{json,md} are written only when given)")
+    remote = bench.add_argument_group(
+        "a running server (--url): only the load generator, at each --sweep concurrency")
     remote.add_argument("--url", help="base URL of a running prefix-serve server, e.g. http://127.0.0.1:8000")
     remote.add_argument("--duration", type=float, default=None,
                         help="seconds of load per concurrency (default: 4 requests per client)")
@@ -222,7 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="comma-separated tasks the server already serves (default: the base model)")
     remote.add_argument("--mix", default="uniform", choices=["uniform", "zipf", "distinct"],
                         help="how requests pick among --tasks")
-    remote.add_argument("--api-key", default=None, help="sent as a bearer token, for a server with --auth-file")
+    remote.add_argument("--api-key", default=None,
+                        help="sent as a bearer token, for a server with --auth-file")
     bench.set_defaults(func=_bench)
     return parser
 

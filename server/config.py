@@ -28,12 +28,15 @@ class Settings:
     threads: int = 0  # the engine process's torch threads; 0: one per core but one (see engine_threads)
     auth_file: Path | None = None  # tenants and keys; None serves everyone (single-user mode)
     redis_url: str | None = None  # shared Redis tier of the store (all replicas); None: local disk alone
-    host_cache_bytes: int = 2 << 30  # host-memory tier of the store (0: none); unused when the device is the CPU
+    # host-memory tier of the store (0: none); unused when the device is the CPU
+    host_cache_bytes: int = 2 << 30
     # Admission control: sequences waiting for the batch beyond which new requests get 503 + Retry-After.
     # None: two batches' worth (2 x max_batch_size), so an accepted request waits for at most two batches.
     max_waiting_requests: int | None = None
-    request_timeout: float | None = None  # default per-request deadline (seconds from arrival to joining the batch)
-    shutdown_timeout: float = 30.0  # on SIGTERM, how long in-flight requests may take before they are cancelled
+    # default per-request deadline (seconds from arrival to joining the batch)
+    request_timeout: float | None = None
+    # on SIGTERM, how long in-flight requests may take before they are cancelled
+    shutdown_timeout: float = 30.0
     # The engine process's OpenMP wait policy (OMP_WAIT_POLICY); "default" leaves libgomp's own (spin a
     # while, then sleep), which measured best (README, "Under load").
     omp_wait_policy: str = "default"
@@ -50,8 +53,8 @@ class Settings:
             raise ValueError(f"--device {self.device!r}: choose cpu or cuda")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError("--device cuda: no CUDA device is visible to torch")
-        for name in ("max_batch_size", "kv_cache_bytes", "cache_bytes", "max_upload_bytes", "max_virtual_tokens",
-                     "max_request_bytes"):
+        for name in ("max_batch_size", "kv_cache_bytes", "cache_bytes", "max_upload_bytes",
+                     "max_virtual_tokens", "max_request_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive")
         if self.max_step_tokens < self.max_batch_size:
@@ -69,7 +72,9 @@ class Settings:
         if not self.shutdown_timeout >= 0:
             raise ValueError("--shutdown-timeout must be 0 or more seconds")
         if self.omp_wait_policy not in OMP_WAIT_POLICIES:
-            raise ValueError(f"--omp-wait-policy {self.omp_wait_policy!r}: choose one of {', '.join(OMP_WAIT_POLICIES)}")
+            raise ValueError(
+                f"--omp-wait-policy {self.omp_wait_policy!r}: choose one of {', '.join(OMP_WAIT_POLICIES)}"
+            )
         object.__setattr__(self, "store_dir", Path(self.store_dir))
 
     @property

@@ -31,12 +31,14 @@ class _StoreCollector:
         tiers = self.store.tier_stats()
         series = (
             (CounterMetricFamily, "prefix_cache_hits", "hits", "Prefix lookups answered by this tier."),
-            (CounterMetricFamily, "prefix_cache_misses", "misses", "Prefix lookups this tier could not answer."),
+            (CounterMetricFamily, "prefix_cache_misses", "misses",
+             "Prefix lookups this tier could not answer."),
             (CounterMetricFamily, "prefix_cache_evictions", "evictions",
              "Prefixes evicted from this tier by its byte budget."),
             (CounterMetricFamily, "prefix_cache_load_seconds", "load_seconds_total",
              "Time spent loading prefixes from this tier."),
-            (GaugeMetricFamily, "prefix_cache_resident_bytes", "resident_bytes", "Bytes of prefixes held by this tier."),
+            (GaugeMetricFamily, "prefix_cache_resident_bytes", "resident_bytes",
+             "Bytes of prefixes held by this tier."),
             (GaugeMetricFamily, "prefix_cache_resident_tasks", "resident_tasks", "Tasks held by this tier."),
         )
         for kind, name, field, help_ in series:
@@ -49,19 +51,21 @@ class Metrics(EngineObserver):
     def __init__(self, store: PrefixStore, num_running: Callable[[], int], num_waiting: Callable[[], int]):
         self.registry = r = CollectorRegistry()
         self.requests = Counter(f"{NAMESPACE}_requests", "Requests by tenant and outcome (stop, length, "
-                                "cancelled, error, timeout, rejected, rate_limited, overloaded).", ["tenant", "outcome"], registry=r)
+                                "cancelled, error, timeout, rejected, rate_limited, overloaded).",
+                                ["tenant", "outcome"], registry=r)
         self.prompt_tokens = Counter(f"{NAMESPACE}_prompt_tokens", "Prompt tokens prefilled.", ["tenant"],
                                      registry=r)
         self.generation_tokens = Counter(f"{NAMESPACE}_generation_tokens", "Tokens generated.", ["tenant"],
                                          registry=r)
-        self.ttft = Histogram(f"{NAMESPACE}_time_to_first_token_seconds", "Arrival to first token.", ["tenant"],
-                              buckets=LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram(f"{NAMESPACE}_time_to_first_token_seconds", "Arrival to first token.",
+                              ["tenant"], buckets=LATENCY_BUCKETS, registry=r)
         self.itl = Histogram(f"{NAMESPACE}_inter_token_latency_seconds", "Time between consecutive tokens.",
                              ["tenant"], buckets=TOKEN_LATENCY_BUCKETS, registry=r)
         self.e2e = Histogram(f"{NAMESPACE}_e2e_request_latency_seconds", "Arrival to last token.", ["tenant"],
                              buckets=LATENCY_BUCKETS, registry=r)
-        self.queue_time = Histogram(f"{NAMESPACE}_request_queue_time_seconds", "Arrival to joining the batch.",
-                                    ["tenant"], buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_time = Histogram(f"{NAMESPACE}_request_queue_time_seconds",
+                                    "Arrival to joining the batch.", ["tenant"], buckets=LATENCY_BUCKETS,
+                                    registry=r)
         self.batch_size = Histogram(f"{NAMESPACE}_batch_size", "Rows in each decode step.",
                                     buckets=(1, 2, 4, 8, 16, 24, 32, 48, 64, 128), registry=r)
         Gauge(f"{NAMESPACE}_num_requests_running", "Requests in the running batch.",
@@ -87,6 +91,7 @@ class Metrics(EngineObserver):
             self.itl.labels(seq.tenant).observe(now - seq.last_token_time)
 
     def finished(self, seq: Sequence, now: float) -> None:
+        assert seq.finish_reason is not None, "called once it has finished"
         self.requests.labels(seq.tenant, seq.finish_reason.value).inc()
         self.generation_tokens.labels(seq.tenant).inc(len(seq.output_ids))
         self.e2e.labels(seq.tenant).observe(now - seq.arrival_time)

@@ -22,7 +22,7 @@ async def _chunks(pieces: AsyncIterator[Piece], prompt_tokens: int) -> AsyncIter
     completion_tokens = 0
     async for piece in pieces:
         completion_tokens += len(piece.token_ids)
-        chunk = {"text": piece.text, "token_ids": piece.token_ids}
+        chunk: dict[str, object] = {"text": piece.text, "token_ids": piece.token_ids}
         if piece.finish_reason is not None:
             chunk["finish_reason"] = piece.finish_reason
             chunk["usage"] = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}
@@ -48,6 +48,7 @@ async def generate(body: GenerateRequest, state: State, request: Request, princi
     if body.stream:
         return await open_stream(state, principal, [seq], lambda pieces: _chunks(pieces, len(prompt_ids)))
     [seq] = await run_to_end(state, principal, request, [seq])
+    assert seq.finish_reason is not None, "run_to_end returns finished sequences"
     return GenerateResponse(
         task=task, text=seq.text or "", token_ids=seq.output_ids, finish_reason=seq.finish_reason.value,
         usage=Usage(prompt_tokens=len(prompt_ids), completion_tokens=len(seq.output_ids)),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -12,8 +14,13 @@ from server.state import State
 router = APIRouter(tags=["operations"])
 
 
-@router.get("/healthz", responses={503: {"description": "the engine process is gone, or the server is draining"}})
-@router.get("/health", responses={503: {"description": "the engine process is gone, or the server is draining"}},
+_UNAVAILABLE: dict[int | str, dict[str, Any]] = {
+    503: {"description": "the engine process is gone, or the server is draining"}
+}
+
+
+@router.get("/healthz", responses=_UNAVAILABLE)
+@router.get("/health", responses=_UNAVAILABLE,
             include_in_schema=False)  # vLLM's name, which load generators and routers probe
 async def healthz(state: State):
     """200 while the server takes requests; 503 once it cannot (engine process gone) or will not (draining on

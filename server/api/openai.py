@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
+from typing import Any, cast
 
 from fastapi import APIRouter, FastAPI, HTTPException, Request
 from fastapi.encoders import jsonable_encoder
@@ -125,7 +126,8 @@ def _refuse(checks: list[tuple[str, bool]]) -> None:
 def _token_ids(values: list[int], vocab_size: int, param: str) -> list[int]:
     bad = next((v for v in values if not 0 <= v < vocab_size), None)
     if bad is not None:
-        raise OpenAIError(400, f"token id {bad} is outside the vocabulary (0..{vocab_size - 1}).", param=param)
+        raise OpenAIError(400, f"token id {bad} is outside the vocabulary (0..{vocab_size - 1}).",
+                          param=param)
     return values
 
 
@@ -139,8 +141,8 @@ def _structured(body: OpenAISampling) -> tuple[str, str] | None:
     elif kind == "json_schema":
         schema = (fmt.get("json_schema") or {}).get("schema")
         if not isinstance(schema, dict):
-            raise OpenAIError(400, "response_format json_schema needs {'json_schema': {'name': ..., 'schema': "
-                              "{...}}}.", param="response_format")
+            raise OpenAIError(400, "response_format json_schema needs {'json_schema': {'name': ..., "
+                              "'schema': {...}}}.", param="response_format")
         asked.append(("response_format", ("json_schema", json.dumps(schema))))
     elif kind != "text":
         raise OpenAIError(400, f"response_format type {kind!r} is not supported (text, json_object, "
@@ -170,14 +172,16 @@ def _sampling(body: OpenAISampling, max_tokens: int, vocab_size: int, *, logprob
         try:
             token = int(key)
         except ValueError:
-            raise OpenAIError(400, f"logit_bias keys are token ids, not {key!r}.", param="logit_bias") from None
+            raise OpenAIError(400, f"logit_bias keys are token ids, not {key!r}.",
+                              param="logit_bias") from None
         bias.append((_token_ids([token], vocab_size, "logit_bias")[0], value))
     stop_ids = tuple(_token_ids(body.stop_token_ids or [], vocab_size, "stop_token_ids"))
     try:
         return [SamplingParams(max_new_tokens=max_tokens,
                                temperature=1.0 if body.temperature is None else body.temperature,
                                top_p=1.0 if body.top_p is None else body.top_p,
-                               top_k=max(body.top_k or 0, 0), seed=None if body.seed is None else body.seed + i,
+                               top_k=max(body.top_k or 0, 0),
+                               seed=None if body.seed is None else body.seed + i,
                                stop=tuple(body.stop), ignore_eos=bool(body.ignore_eos),
                                min_tokens=body.min_tokens or 0, stop_token_ids=stop_ids,
                                presence_penalty=body.presence_penalty or 0.0,
@@ -213,7 +217,7 @@ class _Logprobs:
     def completion(self, ids: list[int], entries: list, offset: int) -> dict:
         """/v1/completions: ``tokens``, ``token_logprobs``, ``top_logprobs`` (the chosen token included, as
         OpenAI does) and ``text_offset`` (characters from the start of the choice's text)."""
-        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
         for token_id, entry in zip(ids, entries):
             token = self.token(token_id)
             out["tokens"].append(token)
@@ -269,8 +273,10 @@ async def _respond(state: ServerState, principal: Principal, request: Request, b
     seqs = await run_to_end(state, principal, request, seqs)
     choices = []
     for i, seq in enumerate(seqs):
+        assert seq.finish_reason is not None, "run_to_end returns finished sequences"
         text = seq.text or ""
         finish_reason = seq.finish_reason.value
+        choice: dict[str, object]
         if chat:
             message = {"role": "assistant", "content": text}
             if tools.active:
@@ -333,7 +339,8 @@ async def _chat_chunks(pieces: AsyncIterator[Piece], head: dict, n: int, usage, 
     head = {**head, "object": "chat.completion.chunk"}
     parsers = [CallParser(tools) for _ in range(n)]
 
-    def chunk(index: int, delta: dict, finish_reason: str | None = None, logprobs: dict | None = None) -> dict:
+    def chunk(index: int, delta: dict, finish_reason: str | None = None,
+              logprobs: dict | None = None) -> dict:
         return {**head, "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
                                      "finish_reason": finish_reason}]}
 
@@ -377,7 +384,9 @@ async def _completion_prompts(state: ServerState, prompt) -> list[_Prompt]:
             out.append(_Prompt(await encode_prompt(state, p), p))
         else:
             ids = _token_ids(list(p), state.base.vocab_size, "prompt")
-            out.append(_Prompt(ids, await on_tokenizer_thread(tokenizer.decode, ids)))
+            # one sequence of ids decodes to one string (transformers types decode's result for batches too)
+            text = cast(str, await on_tokenizer_thread(tokenizer.decode, ids))
+            out.append(_Prompt(ids, text))
     return out
 
 
@@ -440,7 +449,8 @@ async def chat_completions(body: ChatCompletionRequest, state: State, request: R
         check_text(state, json.dumps(body.tools, ensure_ascii=False), "tools")
     tools = await run_in_threadpool(_tool_choice, body)
     prefix = await _resolve_model(state, principal, body.model)
-    calls = [message.tool_calls for message in body.messages if message.tool_calls]  # rendered into the prompt
+    # rendered into the prompt
+    calls = [message.tool_calls for message in body.messages if message.tool_calls]
     check_text(state, "".join(text for message in body.messages for text in _texts(message.content))
                + (json.dumps(calls, ensure_ascii=False) if calls else ""), "messages")
     prompt_ids = await on_tokenizer_thread(_chat_prompt_ids, state.base.tokenizer, body, tools)
@@ -450,8 +460,9 @@ async def chat_completions(body: ChatCompletionRequest, state: State, request: R
     if max_tokens is None:  # as much as fits, up to the default (too little room is the engine's 400)
         used = len(prompt_ids) + (prefix.num_virtual_tokens if prefix else 0)
         max_tokens = max(1, min(CHAT_MAX_TOKENS, state.base.shape.max_positions - used))
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
     return await _respond(state, principal, request, body, [_Prompt(prompt_ids, "")], prefix, max_tokens,
-                          chat=True, logprobs=(body.top_logprobs or 0) if body.logprobs else None, tools=tools)
+                          chat=True, logprobs=logprobs, tools=tools)
 
 
 def _tool_choice(body: ChatCompletionRequest) -> ToolChoice:
@@ -504,7 +515,7 @@ async def _validation_error(request: Request, exc: RequestValidationError):
     if not _is_openai_route(request):
         return JSONResponse({"detail": _encodable(jsonable_encoder(exc.errors()))}, status_code=422)
     errors = exc.errors()
-    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+    first: dict[str, Any] = errors[0] if errors else {"loc": (), "msg": "invalid request"}
     if first.get("type") == "json_invalid":
         param, message = None, f"The request body is not valid JSON: {first.get('ctx', {}).get('error', '')}"
     else:
@@ -517,5 +528,6 @@ async def _validation_error(request: Request, exc: RequestValidationError):
 
 
 def add_exception_handlers(app: FastAPI) -> None:
-    app.add_exception_handler(StarletteHTTPException, _http_error)
-    app.add_exception_handler(RequestValidationError, _validation_error)
+    # Starlette types a handler as taking any Exception, though it calls each with its own class only
+    app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
+    app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]

@@ -6,7 +6,6 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-
 # A deadline shorter than this could pass before an idle server's next step admits the request: a client
 # error (422), not a 503 for a server that was never busy.
 MIN_TIMEOUT_S = 0.1
@@ -22,7 +21,8 @@ class GenerateRequest(BaseModel):
     temperature: float = Field(0.0, ge=0.0, le=100.0, description="0 is greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0, description="0 disables top-k")
-    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1, description="negative (clients send -1): unseeded")
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1,
+                             description="negative (clients send -1): unseeded")
     stop: list[str] = Field(default_factory=list, max_length=16)
     ignore_eos: bool = False
     stream: bool = Field(False, description="Server-Sent Events: text deltas and new token ids as generated")
@@ -115,7 +115,8 @@ class OpenAISampling(BaseModel):
     timeout: float | None = Field(None, ge=MIN_TIMEOUT_S, le=86400, description=TIMEOUT_HELP)  # an extension
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None  # token id (a string) -> bias
+    # token id (a string) -> bias
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
     response_format: dict | None = None  # {"type": "text" | "json_object" | "json_schema", ...}
     # vLLM's extensions, honoured because clients written for vLLM (lm-eval, guidellm) send them
     top_k: int | None = Field(None, ge=-1)  # -1 or 0: no top-k cut

@@ -12,9 +12,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
+from typing import cast
 
 from fastapi import HTTPException, Request
 from starlette.responses import StreamingResponse
@@ -217,10 +218,12 @@ class Generation:
                 finished = seq.finished  # read first: once finished, every id is already in output_ids
                 ids = seq.output_ids[seen[i]:]
                 # the engine appends a token's logprob before its id, so these are all there
-                logprobs = None if seq.params.logprobs is None else seq.output_logprobs[seen[i]: seen[i] + len(ids)]
+                logprobs = (None if seq.params.logprobs is None
+                            else seq.output_logprobs[seen[i]: seen[i] + len(ids)])
                 seen[i] += len(ids)
                 text = detokenizers[i].add(ids)
                 if finished:
+                    assert seq.finish_reason is not None, "finished means it has its reason"
                     self.check_errors()
                     pending.remove(i)
                     text += detokenizers[i].finish(seq.text or "")
@@ -279,7 +282,8 @@ class EventStream(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             try:
-                await self.body_iterator.aclose()
+                # the body is the async generator _encode made (Starlette types it as any async iterable)
+                await cast(AsyncGenerator[bytes, None], self.body_iterator).aclose()
                 await self._generation.cancel()
             finally:
                 await self._release()

@@ -1,5 +1,5 @@
-"""``/tokenize``, ``/detokenize`` and ``/tokenizer_info`` in vLLM's shapes: clients such as lm-eval use them to
-count and split tokens exactly as the server does (its ``remote`` tokenizer backend needs all three)."""
+"""``/tokenize``, ``/detokenize`` and ``/tokenizer_info`` in vLLM's shapes: clients such as lm-eval use them
+to count and split tokens exactly as the server does (its ``remote`` tokenizer backend needs all three)."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ class DetokenizeRequest(BaseModel):
 def _chat_ids(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[int]:
     try:
         out = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
-    except Exception as exc:  # the template's own errors: the client's messages do not fit it
+    except Exception as exc:  # noqa: BLE001 - the template's own errors: the client's messages do not fit it
         raise HTTPException(400, f"the chat template rejected these messages: {exc}") from None
     return list(out["input_ids"] if isinstance(out, Mapping) else out)
 

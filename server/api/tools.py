@@ -119,7 +119,8 @@ def parse_tools(raw: list | None) -> tuple[Tool, ...]:
             raise ToolError(f"two tools are named {name!r}; names must be unique.", f"{param}.function.name")
         description = function.get("description") or ""
         if not isinstance(description, str):
-            raise ToolError(f"{param}.function.description must be a string.", f"{param}.function.description")
+            raise ToolError(f"{param}.function.description must be a string.",
+                            f"{param}.function.description")
         parameters = function.get("parameters", NO_PARAMETERS)
         if not isinstance(parameters, dict) or parameters.get("type", "object") != "object":
             raise ToolError(f"{param}.function.parameters must be a JSON schema of an object "
@@ -145,7 +146,8 @@ def parse_choice(raw: str | dict | None, tools: tuple[Tool, ...], parallel: bool
     function = raw.get("function") if raw.get("type", "function") == "function" else None
     name = function.get("name") if isinstance(function, dict) else None
     if not isinstance(name, str):
-        raise ToolError("a named tool_choice is {'type': 'function', 'function': {'name': ...}}.", "tool_choice")
+        raise ToolError("a named tool_choice is {'type': 'function', 'function': {'name': ...}}.",
+                        "tool_choice")
     named = [tool for tool in tools if tool.name == name]
     if not named:
         raise ToolError(f"tool_choice names {name!r}, which is not one of the tools "
@@ -251,26 +253,31 @@ def _arguments(call: dict, param: str) -> tuple[str, dict, str | None]:
     if not isinstance(name, str):
         raise ToolError(f"{param} must be {{'type': 'function', 'id': ..., 'function': {{'name': ..., "
                         "'arguments': '<JSON>'}}.", param)
+    assert isinstance(function, dict), "the name came from it"
     arguments = function.get("arguments") or "{}"
     if isinstance(arguments, str):
         try:
             arguments = json.loads(arguments)
         except ValueError:
-            raise ToolError(f"{param}.function.arguments is not valid JSON.", f"{param}.function.arguments") from None
+            raise ToolError(f"{param}.function.arguments is not valid JSON.",
+                            f"{param}.function.arguments") from None
     if not isinstance(arguments, dict):
         raise ToolError(f"{param}.function.arguments must be a JSON object.", f"{param}.function.arguments")
     return name, arguments, call.get("id")
 
 
-def chat_messages(messages: list[dict], choice: ToolChoice, native: bool) -> tuple[list[dict], list[dict] | None]:
+def chat_messages(messages: list[dict], choice: ToolChoice,
+                  native: bool) -> tuple[list[dict], list[dict] | None]:
     """The conversation (``role``, ``content`` as text, ``tool_calls``, ``tool_call_id``) as the chat
     template's messages and ``tools=`` argument. ``native``: the template renders tools, calls and results
     itself (Hugging Face's shapes: arguments as objects); otherwise they become text in the call format."""
     out: list[dict] = []
-    names: dict[str, str] = {}  # call id -> function name, to label results
+    # call id -> function name, to label results (looked up with a message's tool_call_id, maybe None)
+    names: dict[str | None, str] = {}
     for i, message in enumerate(messages):
         role, content = message["role"], message.get("content") or ""
-        calls = [_arguments(c, f"messages.{i}.tool_calls.{j}") for j, c in enumerate(message.get("tool_calls") or ())]
+        calls = [_arguments(c, f"messages.{i}.tool_calls.{j}")
+                 for j, c in enumerate(message.get("tool_calls") or ())]
         names.update({call_id: name for name, _, call_id in calls if isinstance(call_id, str)})
         if native:
             entry = {"role": role, "content": content}
@@ -381,7 +388,8 @@ class CallParser:
                 and isinstance(obj["arguments"], dict)):
             return None
         arguments = json.dumps(obj["arguments"], ensure_ascii=False, separators=(",", ":"))
-        return {"id": new_call_id(), "type": "function", "function": {"name": obj["name"], "arguments": arguments}}
+        return {"id": new_call_id(), "type": "function",
+                "function": {"name": obj["name"], "arguments": arguments}}
 
     def _say(self, text: str) -> list[dict]:
         self._content = self._content or bool(text)
@@ -403,7 +411,8 @@ class CallParser:
         complete calls, and any other text (a call ``max_tokens`` cut short) as content."""
         deltas = self.feed(text) + self.finish()
         content = "".join(d["content"] for d in deltas if "content" in d)
-        message = {"role": "assistant", "content": content if self._content or not self.calls else None}
+        message: dict[str, object] = {"role": "assistant",
+                                      "content": content if self._content or not self.calls else None}
         if self.calls:
             message["tool_calls"] = self.calls
         return message, self.finish_reason(engine_reason)

@@ -30,7 +30,8 @@ from server.engine.engine import Engine, EngineConfig
 
 
 def run_offline(base, args) -> dict:
-    n, p, new, vt, rounds = args.concurrency, args.prompt_tokens, args.new_tokens, args.virtual_tokens, args.rounds
+    n, p, new = args.concurrency, args.prompt_tokens, args.new_tokens
+    vt, rounds = args.virtual_tokens, args.rounds
     engine = Engine(base, EngineConfig(max_batch_size=n, max_step_tokens=args.max_step_tokens))
     tasks = offline.random_tasks(base, n, vt)
     offline.engine_decode_tokens_per_s(engine, offline.make_requests(tasks, n, p, 4))  # warm-up
@@ -76,7 +77,7 @@ def http_decode_rounds(base, url: str, names: list[str], args) -> dict:
     takes the token rate over the window in which all of them are decoding. The ceiling is decode only,
     so this is the server's like-for-like figure; prefill is measured with the closed-loop sweep."""
     n, p, vt, new = args.concurrency, args.prompt_tokens, args.virtual_tokens, args.new_tokens
-    burst = lambda tasks, mix: asyncio.run(run_load(url, LoadSpec(  # noqa: E731
+    burst = lambda tasks, mix: asyncio.run(run_load(url, LoadSpec(
         requests=n, concurrency=n, tasks=tuple(tasks), mix=mix, prompt_tokens=p, new_tokens=new)))
     ceiling, mixed, single = [], [], []
     for _ in range(args.rounds):
@@ -87,12 +88,12 @@ def http_decode_rounds(base, url: str, names: list[str], args) -> dict:
 
 
 def run_http(base, model: str, args) -> dict:
-    """Start a real server process for ``model``, register tasks, time its decode against the ceiling, and sweep
-    concurrency with mixed and single-task load."""
+    """Start a real server process for ``model``, register tasks, time its decode against the ceiling, and
+    sweep concurrency with mixed and single-task load."""
     with serving(model, args, max(*args.sweep, args.concurrency)) as url:
         health = httpx.get(f"{url}/healthz").json()
         names = register_tasks(url, base.shape, max(*args.sweep, args.concurrency), args.virtual_tokens)
-        common = dict(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens)
+        common = {"prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens}
         asyncio.run(run_load(url, LoadSpec(requests=4, concurrency=4, tasks=tuple(names), **common)))  # warm
         decode = http_decode_rounds(base, url, names, args)
         rows = []
@@ -128,7 +129,8 @@ def served_model(base, args) -> Iterator:
 
 def result_name(args) -> str:
     """``llama-1b-cuda-bfloat16``: one figures file per model, device and dtype in a sweep's folder."""
-    model = args.model.removeprefix("random:") if is_random(args.model) else Path(args.model).name or args.model
+    model = (args.model.removeprefix("random:") if is_random(args.model)
+             else Path(args.model).name or args.model)
     return re.sub(r"[^A-Za-z0-9._-]", "-", f"{model}-{args.device}-{args.dtype}")
 
 
@@ -149,8 +151,9 @@ def main(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     base = load_model(args.model, DTYPES[args.dtype], args.device)
     result = {
-        "model": base.model_id, "device": args.device, "dtype": args.dtype, "threads": torch.get_num_threads(),
-        "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
+        "model": base.model_id, "device": args.device, "dtype": args.dtype,
+        "threads": torch.get_num_threads(), "prompt_tokens": args.prompt_tokens,
+        "new_tokens": args.new_tokens,
         "virtual_tokens": args.virtual_tokens, "rounds": args.rounds, "max_step_tokens": args.max_step_tokens,
     }
     out = Path(args.out or ("bench/results/gpu" if args.batch_sizes else "bench/results"))
@@ -161,7 +164,7 @@ def main(args: argparse.Namespace) -> int:
             result["sweep"] = sweep.run_sweep(base, args)
             write_sweep(result, out / name)  # kept if the HTTP part does not finish
             if not args.no_http:
-                start_server = lambda batch, kv_bytes: serving(model(), args, batch, kv_bytes)  # noqa: E731
+                start_server = lambda batch, kv_bytes: serving(model(), args, batch, kv_bytes)
                 result["sweep"]["http"] = sweep.run_sweep_http(base, args, start_server)
                 write_sweep(result, out / name)
             print(sweep.render_sweep(result))

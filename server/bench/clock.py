@@ -29,7 +29,9 @@ class DeviceClock:
     def seconds(self, start: torch.cuda.Event | float, end: torch.cuda.Event | float) -> float:
         """Device time from ``start`` to ``end`` (both reached: call :meth:`synchronize` first)."""
         if not self.is_cuda:
+            assert isinstance(start, float) and isinstance(end, float), "a host clock marks host times"
             return end - start
+        assert isinstance(start, torch.cuda.Event) and isinstance(end, torch.cuda.Event)
         return start.elapsed_time(end) / 1e3
 
     def synchronize(self) -> None:

@@ -68,7 +68,8 @@ def _choose_tasks(spec: LoadSpec) -> Iterator[tuple[int, str | None]]:
             yield i, spec.tasks[rng.choices(range(n), weights)[0]]
 
 
-async def _one(client: httpx.AsyncClient, url: str, task: str | None, prompt: str, new_tokens: int) -> RequestResult:
+async def _one(client: httpx.AsyncClient, url: str, task: str | None, prompt: str,
+               new_tokens: int) -> RequestResult:
     params = {"task": task} if task else {}
     body = {"prompt": prompt, "max_new_tokens": new_tokens, "ignore_eos": True, "stream": True}
     result = RequestResult(start=time.perf_counter(), end=0.0, first_token=None)
@@ -97,7 +98,8 @@ async def _one(client: httpx.AsyncClient, url: str, task: str | None, prompt: st
 
 
 async def run_load(url: str, spec: LoadSpec, headers: dict[str, str] | None = None) -> dict:
-    """Send ``spec``'s requests to the server at ``url`` (``headers`` on each, e.g. an API key); their summary."""
+    """Send ``spec``'s requests to the server at ``url`` (``headers`` on each, e.g. an API key); their
+    summary."""
     requests = _choose_tasks(spec)
     rng = random.Random(spec.seed + 1)
     limits = httpx.Limits(max_connections=(spec.concurrency or 256) + 8)
@@ -120,6 +122,7 @@ async def run_load(url: str, spec: LoadSpec, headers: dict[str, str] | None = No
             results = [r for group in await asyncio.gather(*(worker() for _ in range(spec.concurrency)))
                        for r in group]
         else:
+            assert spec.rate is not None, "LoadSpec has a rate when it has no concurrency"
             pending = []
             while (request := next_request()) is not None:
                 i, task = request
@@ -145,8 +148,8 @@ def steady_token_throughput(results: list[RequestResult], concurrency: int | Non
     if concurrency is None or len(results) <= concurrency or not all(r.ok for r in results):
         return None
     by_start = sorted(results, key=lambda r: r.start)
-    first_wave = [r.first_token for r in by_start[:concurrency]]
-    if None in first_wave:
+    first_wave = [r.first_token for r in by_start[:concurrency] if r.first_token is not None]
+    if len(first_wave) < concurrency:  # one of the first wave got no token
         return None
     begin, end = max(first_wave), by_start[-1].start
     if end <= begin:
@@ -161,7 +164,9 @@ def decode_token_throughput(results: list[RequestResult]) -> float | None:
     window is empty or a request did not stream."""
     if not results or not all(r.ok and len(r.token_times) > 1 for r in results):
         return None
-    begin, end = max(r.first_token for r in results), min(r.token_times[-1] for r in results)
+    # every request streamed tokens, so each has its first token's time
+    begin = max(r.first_token for r in results if r.first_token is not None)
+    end = min(r.token_times[-1] for r in results)
     if end <= begin:
         return None
     # Half-open on the left: the tokens of the step that completed the last prefill arrive at `begin` or

@@ -17,19 +17,19 @@ from server.engine.model import BaseModel, default_model_dir, load_base_model, w
 
 PREFIX = "random:"
 
-# The shapes of the published configs (vocabulary, widths, layers, heads, RoPE base); context kept short,
-# since the benchmark's requests are.
+# The shapes of the published configs (vocabulary, widths, layers, heads, RoPE base: transformers 5 takes it
+# in rope_parameters); context kept short, since the benchmark's requests are.
 CONFIGS: dict[str, Callable[[], LlamaConfig]] = {
     "tiny": lambda: LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096),
     "llama-1b": lambda: LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192,
                                     num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
-                                    head_dim=64, rope_theta=500000.0, tie_word_embeddings=True,
-                                    max_position_embeddings=8192),
+                                    head_dim=64, tie_word_embeddings=True, max_position_embeddings=8192,
+                                    rope_parameters={"rope_theta": 500000.0, "rope_type": "default"}),
     "llama-8b": lambda: LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
                                     num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-                                    head_dim=128, rope_theta=500000.0, tie_word_embeddings=False,
-                                    max_position_embeddings=8192),
+                                    head_dim=128, tie_word_embeddings=False, max_position_embeddings=8192,
+                                    rope_parameters={"rope_theta": 500000.0, "rope_type": "default"}),
 }
 
 
@@ -45,7 +45,8 @@ def random_config(spec: str) -> LlamaConfig:
 
 
 def random_model(spec: str, dtype: torch.dtype, device: str, seed: int = 0) -> BaseModel:
-    """``random:NAME`` built directly on ``device`` in ``dtype`` (an 8B model never passes through host memory)."""
+    """``random:NAME`` built directly on ``device`` in ``dtype`` (an 8B model never passes through host
+    memory)."""
     tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
     config = random_config(spec)
     config.eos_token_id, config.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id

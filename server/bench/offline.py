@@ -7,6 +7,7 @@ model's shape: the serving cost depends only on shapes.
 
 from __future__ import annotations
 
+import collections.abc
 import os
 import random
 import statistics
@@ -16,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, GenerationMixin
 
 from prefixes.artifact import ModelShape, PrefixArtifact, PrefixKind
 from prefixes.records import ResidentPrefix
@@ -36,7 +37,8 @@ def random_tasks(base: BaseModel, count: int, num_virtual_tokens: int) -> list[R
     tasks = []
     for i in range(count):
         kv = random_prefix(base.shape, num_virtual_tokens, i).to(base.device, base.dtype)
-        tasks.append(ResidentPrefix.unstored(f"bench-{i}", PrefixArtifact(PrefixKind.PREFIX_TUNING, kv, "bench")))
+        tasks.append(ResidentPrefix.unstored(f"bench-{i}",
+                                             PrefixArtifact(PrefixKind.PREFIX_TUNING, kv, "bench")))
     return tasks
 
 
@@ -44,8 +46,8 @@ def prompt_ids(i: int, length: int) -> list[int]:
     return [(7 * i + j) % 1000 + 10 for j in range(length)]
 
 
-def make_requests(tasks: list[ResidentPrefix | None], n: int, prompt_tokens: int, new_tokens: int,
-                  pick: Callable[[int], int] = lambda i: i) -> list[Sequence]:
+def make_requests(tasks: collections.abc.Sequence[ResidentPrefix | None], n: int, prompt_tokens: int,
+                  new_tokens: int, pick: Callable[[int], int] = lambda i: i) -> list[Sequence]:
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
     return [Sequence(prompt_ids(i, prompt_tokens), params, tasks[pick(i) % len(tasks)]) for i in range(n)]
 
@@ -66,9 +68,10 @@ def engine_decode_tokens_per_s(engine: Engine, seqs: list[Sequence]) -> float:
     return tokens / (time.perf_counter() - start)
 
 
-def engine_closed_loop_tokens_per_s(engine: Engine, tasks: list[ResidentPrefix], concurrency: int, requests: int,
-                                    prompt_tokens: int, new_tokens: int) -> float:
-    """Like the HTTP load at a fixed concurrency, without HTTP: a request joins as soon as another finishes."""
+def engine_closed_loop_tokens_per_s(engine: Engine, tasks: list[ResidentPrefix], concurrency: int,
+                                    requests: int, prompt_tokens: int, new_tokens: int) -> float:
+    """Like the HTTP load at a fixed concurrency, without HTTP: a request joins as soon as another
+    finishes."""
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
     submitted = 0
 
@@ -168,11 +171,13 @@ def generate_tokens_per_s(base: BaseModel, groups: list[int], context: int, new_
     is what a prefix costs attention (PEFT's own `generate` ignores prefixes on this transformers version,
     so the cost is modelled with plain tokens).
     """
+    model = base.model
+    assert isinstance(model, GenerationMixin), "a causal LM generates"
     tokens, start = 0, time.perf_counter()
     for g, size in enumerate(groups):
         ids = torch.tensor([prompt_ids(g * 31 + i, context) for i in range(size)], device=base.device)
-        out = base.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                                  min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
         tokens += (out.shape[1] - context) * size
     synchronize(base.device)
     return tokens / (time.perf_counter() - start)
@@ -189,11 +194,11 @@ def rss_bytes() -> int:
 def cold_and_hot_load_ms(base: BaseModel, num_virtual_tokens: int, tasks: int = 20) -> dict[str, float]:
     """Time to make a task servable: from disk (a fresh store, nothing resident) vs already resident."""
     with tempfile.TemporaryDirectory() as root:
-        prepare = lambda t: t.to(device=base.device, dtype=base.dtype)  # noqa: E731
+        prepare = lambda t: t.to(device=base.device, dtype=base.dtype)
         writer = PrefixStore(Path(root), 1 << 30, prepare)
         for i in range(tasks):
-            writer.put(f"t{i}", PrefixArtifact(PrefixKind.PREFIX_TUNING, random_prefix(base.shape, num_virtual_tokens, i),
-                                               "bench"))
+            kv = random_prefix(base.shape, num_virtual_tokens, i)
+            writer.put(f"t{i}", PrefixArtifact(PrefixKind.PREFIX_TUNING, kv, "bench"))
         reader = PrefixStore(Path(root), 1 << 30, prepare)
         cold, hot = [], []
         for i in range(tasks):
@@ -211,7 +216,7 @@ def scale(base: BaseModel, task_counts: list[int], batch: int, prompt_tokens: in
     """Register N tasks, serve a Zipf mix of them, and watch throughput and memory as N grows."""
     rows = []
     with tempfile.TemporaryDirectory() as root:
-        prepare = lambda t: t.to(device=base.device, dtype=base.dtype)  # noqa: E731
+        prepare = lambda t: t.to(device=base.device, dtype=base.dtype)
         store = PrefixStore(Path(root), 1 << 40, prepare)
         registered = 0
         for n in task_counts:

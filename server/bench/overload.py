@@ -27,7 +27,7 @@ from collections.abc import Iterator
 import httpx
 
 PROMPT = "Write a long story about a lighthouse keeper and the sea."
-_SERIES = re.compile(r"^prefix_serve_batch_size_(sum|count) ([0-9.e+]+)$", re.M)
+_SERIES = re.compile(r"^prefix_serve_batch_size_(sum|count) ([0-9.e+]+)$", re.MULTILINE)
 
 
 def _decode_counters(url: str) -> tuple[float, float]:
@@ -125,7 +125,7 @@ async def burst(url: str, count: int, new_tokens: int, client_timeout: float) ->
     rejected = [r for r in results if r[0] in (429, 503)]
     latencies = sorted(r[1] for r in accepted)
     in_time = [r for r in accepted if r[1] <= client_timeout]
-    pct = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))] if latencies else None  # noqa: E731
+    pct = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))] if latencies else None
     return {
         "requests": count,
         "accepted": len(accepted),
@@ -144,7 +144,7 @@ async def burst(url: str, count: int, new_tokens: int, client_timeout: float) ->
 
 def run(url: str, waiting: list[int], running: int, window_s: float, hog_too: bool = True) -> dict:
     """Decode at each queue depth, idle and (``hog_too``) with a CPU hog beside the server."""
-    out = {"decode": []}
+    out: dict[str, list] = {"decode": []}
     for hog in [False, True] if hog_too else [False]:
         with cpu_hog(hog):
             for n in waiting:
@@ -172,10 +172,12 @@ def run_served(model: str, args) -> dict:
     out: dict = {"running": running, "waiting": args.overload_waiting, "window_s": args.overload_window,
                  "configs": []}
     for name, extra in engine_configs(len(os.sched_getaffinity(0))):
-        with serving(model, args, running, extra_args=("--max-waiting-requests", str(deepest), *extra)) as url:
+        extra_args = ("--max-waiting-requests", str(deepest), *extra)
+        with serving(model, args, running, extra_args=extra_args) as url:
             threads = httpx.get(f"{url}/healthz", timeout=10).json().get("engine_threads")
             points = run(url, args.overload_waiting, running, args.overload_window)["decode"]
-        out["configs"].append({"name": name, "args": list(extra), "engine_threads": threads, "decode": points})
+        out["configs"].append({"name": name, "args": list(extra), "engine_threads": threads,
+                               "decode": points})
     with serving(model, args, running) as url:  # the default queue limit: 2 x the batch
         admitted = running + 2 * running
         out["burst"] = asyncio.run(burst(url, 2 * admitted, args.new_tokens, client_timeout=30.0))
@@ -200,8 +202,9 @@ def render(overload: dict) -> str:
     """The overload section of the benchmark report (markdown)."""
     configs = overload["configs"]
     head = " | ".join(f"{c['name']}, {kind}" for c in configs for kind in ("idle", "hog"))
-    lines = [f"\nDecode tokens/s with {overload['running']} requests running and N more waiting (plain /generate "
-             "clients), idle and with a CPU hog on one core, per engine-process setting:", "",
+    lines = [(f"\nDecode tokens/s with {overload['running']} requests running and N more waiting "
+              "(plain /generate clients), idle and with a CPU hog on one core, per engine-process "
+              "setting:"), "",
              f"| waiting | {head} |", "|---|" + "---|" * (2 * len(configs))]
     for n in overload["waiting"]:
         cells = []
@@ -210,15 +213,16 @@ def render(overload: dict) -> str:
             cells += [by.get((hog, n)) for hog in (False, True)]
         lines.append(f"| {n} | " + " | ".join("-" if v is None else f"{v:.1f}" for v in cells) + " |")
     shares = [(c["name"], hog_share(c["decode"])) for c in configs]
-    lines.append("\nBeside the hog / idle: " + ", ".join(f"{name} {v:.2f}" for name, v in shares if v is not None)
-                 + ".")
+    lines.append("\nBeside the hog / idle: "
+                 + ", ".join(f"{name} {v:.2f}" for name, v in shares if v is not None) + ".")
     b = overload.get("burst")
     if b:
         lines.append(
-            f"\nBurst of {b['requests']} requests at once (twice what the default queue admits): {b['accepted']} "
-            f"accepted, {b['rejected_share']:.0%} refused at once with 503 + Retry-After "
-            f"({b['rejections_with_retry_after']} with the header); accepted latency p50 {b['latency_p50_s']:.1f} s, "
-            f"p99 {b['latency_p99_s']:.1f} s; goodput within a {b['client_timeout_s']:.0f} s client timeout "
+            f"\nBurst of {b['requests']} requests at once (twice what the default queue admits): "
+            f"{b['accepted']} accepted, {b['rejected_share']:.0%} refused at once with 503 + Retry-After "
+            f"({b['rejections_with_retry_after']} with the header); accepted latency p50 "
+            f"{b['latency_p50_s']:.1f} s, p99 {b['latency_p99_s']:.1f} s; goodput within a "
+            f"{b['client_timeout_s']:.0f} s client timeout "
             f"{b['goodput_tokens_per_s']:.1f} tok/s.")
     return "\n".join(lines)
 

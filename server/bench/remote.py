@@ -34,8 +34,9 @@ def check_server(url: str, tasks: list[str], headers: dict[str, str]) -> dict:
     for task in tasks:
         found = httpx.get(f"{url}/prefixes/{task}", headers=headers, timeout=10)
         if found.status_code != 200:
-            raise RemoteError(f"task {task!r}: {url} answered {found.status_code} ({found.text[:200]}); upload it "
-                              "first, or pass the names of tasks it serves with --tasks (none: the base model)")
+            raise RemoteError(f"task {task!r}: {url} answered {found.status_code} ({found.text[:200]}); "
+                              "upload it first, or pass the names of tasks it serves with --tasks "
+                              "(none: the base model)")
     return health.json()
 
 
@@ -46,26 +47,27 @@ def run_remote(args: argparse.Namespace) -> dict:
     health = check_server(url, names, headers)
     rows = []
     for c in args.sweep:
-        spec = LoadSpec(requests=None if args.duration else max(4 * c, 8), duration=args.duration, concurrency=c,
-                        tasks=tuple(names) or (None,), mix=args.mix, prompt_tokens=args.prompt_tokens,
-                        new_tokens=args.new_tokens)
+        spec = LoadSpec(requests=None if args.duration else max(4 * c, 8), duration=args.duration,
+                        concurrency=c, tasks=tuple(names) or (None,), mix=args.mix,
+                        prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens)
         rows.append({"concurrency": c, "load": asyncio.run(run_load(url, spec, headers))})
-    return {"url": url, "model": health.get("model"), "tasks": names, "mix": args.mix, "duration": args.duration,
-            "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "sweep": rows}
+    return {"url": url, "model": health.get("model"), "tasks": names, "mix": args.mix,
+            "duration": args.duration, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
+            "sweep": rows}
 
 
 def render_remote(result: dict) -> str:
     tasks = f"{len(result['tasks'])} tasks ({result['mix']} mix)" if result["tasks"] else "the base model"
     length = f"{result['duration']:g} s per concurrency" if result["duration"] else "4 requests per client"
-    lines = [f"**{result['url']}** ({result.get('model') or 'model not reported'}): {tasks}; prompt "
-             f"{result['prompt_tokens']} tokens, {result['new_tokens']} new tokens; {length}", "",
-             "| concurrency | requests (failed) | req/s | tok/s (all busy) | TTFT p50 / p99 (s) | ITL p50 / p99 (ms) "
-             "| e2e p50 / p90 / p99 (s) |", "|---|---|---|---|---|---|---|"]
+    lines = [(f"**{result['url']}** ({result.get('model') or 'model not reported'}): {tasks}; prompt "
+              f"{result['prompt_tokens']} tokens, {result['new_tokens']} new tokens; {length}"), "",
+             ("| concurrency | requests (failed) | req/s | tok/s (all busy) | TTFT p50 / p99 (s) "
+              "| ITL p50 / p99 (ms) | e2e p50 / p90 / p99 (s) |"), "|---|---|---|---|---|---|---|"]
     for row in result["sweep"]:
         m = row["load"]
         busy = f" ({m['steady_token_throughput']:.1f})" if m.get("steady_token_throughput") else ""
-        cells = [str(row["concurrency"]), f"{m['requests']} ({m['failed']})", f"{m['request_throughput']:.2f}",
-                 f"{m['token_throughput']:.1f}{busy}", *latency_cells(m)]
+        cells = [str(row["concurrency"]), f"{m['requests']} ({m['failed']})",
+                 f"{m['request_throughput']:.2f}", f"{m['token_throughput']:.1f}{busy}", *latency_cells(m)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -32,7 +32,8 @@ def _free_port() -> int:
 @contextlib.contextmanager
 def serving(model: str, args, max_batch_size: int, kv_cache_bytes: int | None = None,
             extra_args: tuple[str, ...] = ()) -> Iterator[str]:
-    """A real `prefix-serve serve --model MODEL` process on a free port with an empty store; yields its URL."""
+    """A real `prefix-serve serve --model MODEL` process on a free port with an empty store; yields its
+    URL."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory() as workdir:
@@ -80,6 +81,7 @@ def register_tasks(url: str, shape: ModelShape, count: int, virtual_tokens: int)
             kv = offline.random_prefix(shape, virtual_tokens, i)
             data = to_own_format(PrefixArtifact(PrefixKind.PREFIX_TUNING, kv, "bench"))
             name = f"task-{i}"
-            client.post(f"{url}/prefixes/{name}", files=[("files", ("p.safetensors", data))]).raise_for_status()
+            response = client.post(f"{url}/prefixes/{name}", files=[("files", ("p.safetensors", data))])
+            response.raise_for_status()
             names.append(name)
     return names

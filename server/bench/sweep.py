@@ -56,7 +56,8 @@ def engine_step_timing(engine: Engine, seqs: list[Sequence]) -> dict[str, float]
         engine.step()
     model = engine.runner.model
     original = model.forward
-    forwards: list[tuple[object, object, float]] = []  # (device mark before, device mark after, host seconds)
+    # (device mark before, device mark after, host seconds)
+    forwards: list[tuple[torch.cuda.Event | float, torch.cuda.Event | float, float]] = []
 
     def timed_forward(**kwargs):
         queued, begin = time.perf_counter(), clock.mark()
@@ -92,8 +93,10 @@ def run_batch(base: BaseModel, tasks: list, batch: int, args) -> dict:
     ceiling, mixed, single = [], [], []
     for _ in range(args.rounds):
         ceiling.append(offline.bare_decode_timing(base, batch, p + vt, new))
-        mixed.append(offline.engine_decode_tokens_per_s(engine, offline.make_requests(tasks[:batch], batch, p, new)))
-        single.append(offline.engine_decode_tokens_per_s(engine, offline.make_requests(tasks[:1], batch, p, new)))
+        mixed.append(offline.engine_decode_tokens_per_s(
+            engine, offline.make_requests(tasks[:batch], batch, p, new)))
+        single.append(offline.engine_decode_tokens_per_s(
+            engine, offline.make_requests(tasks[:1], batch, p, new)))
     steps = engine_step_timing(engine, offline.make_requests(tasks[:batch], batch, p, new))
     del engine
     if base.device.type == "cuda":
@@ -103,16 +106,19 @@ def run_batch(base: BaseModel, tasks: list, batch: int, args) -> dict:
 
 def http_batches(url: str, names: list[str], batch_sizes: list[int], args) -> list[dict]:
     """At each batch size, bursts of ``b`` streaming requests on ``b`` tasks and on one, alternating."""
-    common = dict(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens)
+    common = {"prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens}
     asyncio.run(run_load(url, LoadSpec(requests=4, concurrency=4, tasks=tuple(names), **common)))  # warm-up
+
+    def burst(b: int, tasks: list[str]) -> dict:
+        return asyncio.run(run_load(url, LoadSpec(
+            requests=b, concurrency=b, tasks=tuple(tasks), mix="distinct", **common)))
+
     rows = []
     for b in batch_sizes:
-        burst = lambda tasks: asyncio.run(run_load(url, LoadSpec(  # noqa: E731
-            requests=b, concurrency=b, tasks=tuple(tasks), mix="distinct", **common)))
         mixed, single = [], []
         for _ in range(args.rounds):
-            mixed.append(burst(names[:b]))
-            single.append(burst(names[:1]))
+            mixed.append(burst(b, names[:b]))
+            single.append(burst(b, names[:1]))
         rows.append({"batch": b, "mixed": mixed, "single": single})
     return rows
 
@@ -125,8 +131,8 @@ def run_sweep(base: BaseModel, args) -> dict:
 
 
 def run_sweep_http(base: BaseModel, args, serving) -> dict:
-    """Every batch size over HTTP, against a real server process that ``serving(max_batch_size, kv_cache_bytes)``
-    starts, yielding its URL."""
+    """Every batch size over HTTP, against a real server process that
+    ``serving(max_batch_size, kv_cache_bytes)`` starts, yielding its URL."""
     sizes = sorted(args.batch_sizes)
     tokens = args.prompt_tokens + args.virtual_tokens + args.new_tokens
     with serving(max(sizes), kv_cache_bytes(base, max(sizes), tokens)) as url:
@@ -158,49 +164,53 @@ def render_sweep(result: dict) -> str:
     sweep = result["sweep"]
     http = sweep.get("http")
     lines = [
-        f"**{result['model']}** on {result['device']} ({result['dtype']}); prompt {result['prompt_tokens']} tokens, "
-        f"prefix {result['virtual_tokens']} virtual tokens, {result['new_tokens']} new tokens; at most "
-        f"{result['max_step_tokens']} tokens per engine step (at least the batch); medians of {result['rounds']} "
-        "alternating rounds; decode tokens/s",
+        (f"**{result['model']}** on {result['device']} ({result['dtype']}); prompt "
+         f"{result['prompt_tokens']} tokens, prefix {result['virtual_tokens']} virtual tokens, "
+         f"{result['new_tokens']} new tokens; at most {result['max_step_tokens']} tokens per engine step "
+         f"(at least the batch); medians of {result['rounds']} alternating rounds; decode tokens/s"),
         "",
-        "| batch | bare forward | engine, N tasks | engine, one task | N tasks / one | engine / bare "
-        "| server over HTTP, N tasks / one task | HTTP / bare | TTFT p50 / p99 (s) | ITL p50 / p99 (ms) |",
+        ("| batch | bare forward | engine, N tasks | engine, one task | N tasks / one | engine / bare "
+         "| server over HTTP, N tasks / one task | HTTP / bare | TTFT p50 / p99 (s) | ITL p50 / p99 (ms) |"),
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in sweep["batches"]:
         ceiling = median([c["tokens_per_s"] for c in row["ceiling"]])
         mixed, single = median(row["mixed"]), median(row["single"])
-        cells = [str(row["batch"]), f"{ceiling:.1f}", f"{mixed:.1f}", f"{single:.1f}", f"{mixed / single:.2f}",
-                 f"{mixed / ceiling:.2f}"]
+        cells = [str(row["batch"]), f"{ceiling:.1f}", f"{mixed:.1f}", f"{single:.1f}",
+                 f"{mixed / single:.2f}", f"{mixed / ceiling:.2f}"]
         loads = _http_row(http, row["batch"])
         if loads is None:
             cells += ["not run"] * 4
         else:
             over_http, one = _decode(loads["mixed"]), _decode(loads["single"])
-            rate = lambda v: "no window" if v is None else f"{v:.1f}"  # noqa: E731
-            fmt = lambda v, scale, digits: "-" if v is None else f"{scale * v:.{digits}f}"  # noqa: E731
+            rate = lambda v: "no window" if v is None else f"{v:.1f}"
+            fmt = lambda v, scale, digits: "-" if v is None else f"{scale * v:.{digits}f}"
             ttft = [fmt(_pct(loads["mixed"], "ttft_s", q), 1, 2) for q in ("p50", "p99")]
             itl = [fmt(_pct(loads["mixed"], "itl_s", q), 1e3, 1) for q in ("p50", "p99")]
-            cells += [f"{rate(over_http)} / {rate(one)}", "-" if over_http is None else f"{over_http / ceiling:.2f}",
+            cells += [f"{rate(over_http)} / {rate(one)}",
+                      "-" if over_http is None else f"{over_http / ceiling:.2f}",
                       " / ".join(ttft), " / ".join(itl)]
         lines.append("| " + " | ".join(cells) + " |")
+    clock = ("CUDA events" if result["device"].startswith("cuda")
+             else "the host clock: on a CPU the device is the host")
     lines += [
         "",
-        "Host overhead per decode step (engine, N tasks; device times from "
-        f"{'CUDA events' if result['device'].startswith('cuda') else 'the host clock: on a CPU the device is the host'}):",
+        f"Host overhead per decode step (engine, N tasks; device times from {clock}):",
         "",
-        "| batch | engine step (ms) | device in forward (ms) | host queuing the forward (ms) "
-        "| device idle, share of step | bare loop: step (ms) / device share |",
+        ("| batch | engine step (ms) | device in forward (ms) | host queuing the forward (ms) "
+         "| device idle, share of step | bare loop: step (ms) / device share |"),
         "|---|---|---|---|---|---|",
     ]
     for row in sweep["batches"]:
         s = row["steps"]
         bare = row["ceiling"][len(row["ceiling"]) // 2]
-        lines.append(f"| {row['batch']} | {s['step_ms']:.2f} | {s['device_forward_ms']:.2f} | {s['host_forward_ms']:.2f} "
-                     f"| {100 * s['device_idle_share']:.1f}% | {bare['step_ms']:.2f} / {100 * bare['device_share']:.1f}% |")
-    shares = ", ".join(f"{100 * row['steps']['device_idle_share']:.0f}% at batch {row['batch']}" for row in sweep["batches"])
-    lines.append(f"\nDevice idle between the engine's forwards: {shares} (scheduling, the step's layout, sampling, "
-                 "the tokens' copy to the host). A share that stays large at the batch sizes served is the case for "
-                 "a CUDA graph of the decode step; a host queuing time close to the device time means the forward "
-                 "itself is paced by kernel launches.")
+        lines.append(f"| {row['batch']} | {s['step_ms']:.2f} | {s['device_forward_ms']:.2f} "
+                     f"| {s['host_forward_ms']:.2f} | {100 * s['device_idle_share']:.1f}% "
+                     f"| {bare['step_ms']:.2f} / {100 * bare['device_share']:.1f}% |")
+    shares = ", ".join(f"{100 * row['steps']['device_idle_share']:.0f}% at batch {row['batch']}"
+                       for row in sweep["batches"])
+    lines.append(f"\nDevice idle between the engine's forwards: {shares} (scheduling, the step's layout, "
+                 "sampling, the tokens' copy to the host). A share that stays large at the batch sizes "
+                 "served is the case for a CUDA graph of the decode step; a host queuing time close to the "
+                 "device time means the forward itself is paced by kernel launches.")
     return "\n".join(lines)

@@ -7,10 +7,10 @@ knowledge is a :class:`PackedBatch`, set for the duration of a forward on the ca
 thread), and read by :func:`packed_attention`, which transformers calls in every layer once the model's
 attention implementation is :data:`PACKED_ATTENTION` (see :func:`use_packed_attention`).
 
-Per layer it honours what transformers passes that changes the result: ``scaling``, ``sliding_window`` (the
-row masks are narrowed to the window) and ``softcap`` (Gemma 2's tanh logit cap, which SDPA lacks); any other
-such option is refused (:class:`UnsupportedAttention`), never ignored. Falcon, which computes attention inline,
-is the one family whose attention core is rerouted here (:func:`use_packed_attention`).
+Per layer it honours what transformers passes that changes the result: ``scaling``, ``sliding_window``
+(the row masks are narrowed to the window) and ``softcap`` (Gemma 2's tanh logit cap, which SDPA lacks); any
+other such option is refused (:class:`UnsupportedAttention`), never ignored. Falcon, which computes attention
+inline, is the one family whose attention core is rerouted here (:func:`use_packed_attention`).
 
 Outside such a forward (the benchmark's bare-model baseline, tests calling the model directly on another
 thread) the same model falls back to transformers' own SDPA attention (a soft-capped one where SDPA cannot),
@@ -42,16 +42,19 @@ class PackedBatch:
     num_decode: int  # d: tokens 0..d-1 are one decode token each for rows 0..d-1
     decode_mask: torch.Tensor | None  # [d, 1, 1, Wd] bool: row r attends to its columns [0, length_r]
     prefill_rows: slice  # rows d..d+m-1, one prefill chunk each, in packed order
-    prefill_gather: torch.Tensor | None  # [m, S] long: packed index of chunk j's i-th query (padding repeats the last)
+    # [m, S] long: packed index of chunk j's i-th query (padding repeats the last)
+    prefill_gather: torch.Tensor | None
     prefill_take: torch.Tensor | None  # [T - d] long: flat (j * S + i) of each real query, in packed order
     prefill_mask: torch.Tensor | None  # [m, 1, S, Wp] bool: causal within the row, over columns [0, Wp)
 
     @property
     def decode_width(self) -> int:
+        assert self.decode_mask is not None, "only a batch with decoding rows has a decode width"
         return self.decode_mask.shape[-1]
 
     @property
     def prefill_width(self) -> int:
+        assert self.prefill_mask is not None, "only a batch with prefilling rows has a prefill width"
         return self.prefill_mask.shape[-1]
 
 
@@ -94,8 +97,9 @@ def _check_kwargs(module: torch.nn.Module, kwargs: dict) -> tuple[int | None, fl
         if name == "is_causal" and value:
             continue
         raise UnsupportedAttention(
-            f"{type(module).__name__} passes {name}={value!r} to its attention function, which prefix-serve's "
-            "packed attention does not implement; refusing rather than computing a different result."
+            f"{type(module).__name__} passes {name}={value!r} to its attention function, which "
+            "prefix-serve's packed attention does not implement; refusing rather than computing a different "
+            "result."
         )
     return kwargs.get("sliding_window"), kwargs.get("softcap")
 
@@ -110,10 +114,12 @@ def _windowed_masks(batch: PackedBatch, window: int) -> tuple[torch.Tensor | Non
     if batch.num_decode:
         q = batch.cols[: batch.num_decode]  # [d]
         c = torch.arange(batch.decode_width, device=q.device)  # [Wd]
+        assert batch.decode_mask is not None, "set whenever num_decode is"
         decode_mask = batch.decode_mask & (c[None] > q[:, None] - window)[:, None, None]  # [d, 1, 1, Wd]
     if batch.prefill_gather is not None:
         q = batch.cols[batch.prefill_gather]  # [m, S]
         c = torch.arange(batch.prefill_width, device=q.device)  # [Wp]
+        assert batch.prefill_mask is not None, "set together with prefill_gather"
         prefill_mask = batch.prefill_mask & (c > q[..., None] - window)[:, None]  # [m, 1, S, Wp]
     _local.windowed[window] = decode_mask, prefill_mask
     return decode_mask, prefill_mask
@@ -151,15 +157,16 @@ def _unpacked_softcapped(module, query, key, value, attention_mask, scaling, sof
 def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                      **kwargs) -> tuple[torch.Tensor, None]:
-    """query: [1, H, T, D]; key/value: the layer's whole cache buffers [R, Hkv, C, D] (the runner's cache view
-    returns them after writing the new tokens). Returns [1, T, H, D], as transformers' attention functions do."""
+    """query: [1, H, T, D]; key/value: the layer's whole cache buffers [R, Hkv, C, D] (the runner's cache
+    view returns them after writing the new tokens). Returns [1, T, H, D], as transformers' attention
+    functions do."""
     window, softcap = _check_kwargs(module, kwargs)
     batch: PackedBatch | None = getattr(_local, "batch", None)
     if batch is None:
         if softcap is not None:
             return _unpacked_softcapped(module, query, key, value, attention_mask, scaling, softcap)
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
     if window:
         decode_mask, prefill_mask = _windowed_masks(batch, window)
     else:
@@ -180,6 +187,7 @@ def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
         if softcap is None:
             od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=decode_mask, scale=scale)
         else:  # [d, Hkv, G, 1, D] queries against [d, Hkv, Wd, D] keys; mask [d, 1, 1, 1, Wd]
+            assert decode_mask is not None, "a batch with decoding rows has their mask"
             od = _softcapped_attention(qd[:, :, :, None], kd, vd, decode_mask[:, :, None], scale, softcap)
         out[:d] = od.reshape(d, heads, dim)
     if batch.prefill_gather is not None:
@@ -191,10 +199,12 @@ def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
             op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=prefill_mask, scale=scale,
                                                 enable_gqa=groups > 1)  # [m, H, S, D]
         else:  # [m, Hkv, G, S, D] queries; mask [m, 1, 1, S, Wp]
+            assert prefill_mask is not None, "set together with prefill_gather"
             qg = qp.reshape(m, kv_heads, groups, s, dim)
             op = _softcapped_attention(qg, kp, vp, prefill_mask[:, :, None], scale, softcap)
             op = op.reshape(m, heads, s, dim)
         # Real queries, in packed order, are tokens d..T-1 (index_select: no data-dependent shapes, no sync).
+        assert batch.prefill_take is not None, "set together with prefill_gather"
         out[d:] = op.transpose(1, 2).reshape(m * s, heads, dim).index_select(0, batch.prefill_take)
     return out[None], None
 
@@ -211,10 +221,10 @@ def _falcon_attention(self, hidden_states: torch.Tensor, alibi: torch.Tensor | N
     """``FalconAttention.forward`` (rotary, no ALiBi) with its attention core as :func:`packed_attention`.
 
     Falcon computes attention inline instead of through transformers' AttentionInterface, so this is the one
-    attention adapter in the engine. hidden_states: [B, T, hidden]; returns ([B, T, hidden], None). The cache
-    holds what Falcon's own cache holds, hence what PEFT prefixes: ``num_attention_heads`` key/value heads with
-    the new decoder architecture (its grouped keys are broadcast to every query head before caching), one with
-    ``multi_query``, all of them otherwise.
+    attention adapter in the engine. hidden_states: [B, T, hidden]; returns ([B, T, hidden], None). The
+    cache holds what Falcon's own cache holds, hence what PEFT prefixes: ``num_attention_heads`` key/value
+    heads with the new decoder architecture (its grouped keys are broadcast to every query head before
+    caching), one with ``multi_query``, all of them otherwise.
     """
     from transformers.models.falcon.modeling_falcon import apply_rotary_pos_emb
 
@@ -226,11 +236,13 @@ def _falcon_attention(self, hidden_states: torch.Tensor, alibi: torch.Tensor | N
     query = query.transpose(1, 2).reshape(b, self.num_heads, t, self.head_dim)  # [B, H, T, D]
     key = key.transpose(1, 2).reshape(b, kv_heads, t, self.head_dim)  # [B, Hkv, T, D]
     value = value.transpose(1, 2).reshape(b, kv_heads, t, self.head_dim)
+    assert position_embeddings is not None, "rotary Falcon passes its position embeddings to every layer"
     cos, sin = position_embeddings
     query, key = apply_rotary_pos_emb(query, key, cos, sin)
     if layer_past is not None:
         key, value = layer_past.update(key, value, self.layer_idx)
-    out, _ = packed_attention(self, query, key, value, attention_mask, scaling=self.inv_norm_factor)  # [B,T,H,D]
+    out, _ = packed_attention(self, query, key, value, attention_mask,
+                              scaling=self.inv_norm_factor)  # [B, T, H, D]
     return self.dense(out.reshape(b, t, self.num_heads * self.head_dim)), None
 
 
@@ -243,8 +255,12 @@ def _route_falcon(model: PreTrainedModel) -> None:
                 raise UnsupportedAttention(f"{type(module).__name__}: only Falcon's SDPA/eager attention is "
                                            "routed")
             kv_heads = module.num_heads if module.new_decoder_architecture else module.num_kv_heads
-            module.num_key_value_groups = module.num_heads // kv_heads  # what the SDPA fallback reads
-            module.forward = types.MethodType(_falcon_attention, module)
+            assert kv_heads is not None, "FalconConfig fills num_kv_heads in"
+            # what the SDPA fallback reads; nn.Module's __getattr__ types every unknown attribute as a
+            # Tensor or Module, so mypy refuses a plain int here
+            module.num_key_value_groups = module.num_heads // kv_heads  # type: ignore[assignment]
+            # rerouting this instance's forward is the point
+            module.forward = types.MethodType(_falcon_attention, module)  # type: ignore[method-assign]
 
 
 # model_type -> how to route the attention of a family that bypasses transformers' AttentionInterface.

@@ -27,6 +27,7 @@ import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import cast
 
 import safetensors.torch
 import torch
@@ -149,7 +150,9 @@ class EngineClient:
         self._inputs = self._zmq.socket(zmq.PUSH)
         self._inputs.setsockopt(zmq.SNDHWM, 0)  # never drop or block: the engine reads everything each step
         self._inputs.bind(self.spec.input_address)
-        self._proc = subprocess.Popen(
+        # A plain Popen on purpose (it returns once the child is spawned): the process is polled from sync
+        # code (`_abort`) and waited for in a thread (`_reap`), which an asyncio subprocess would not allow.
+        self._proc = subprocess.Popen(  # noqa: ASYNC220
             [sys.executable, "-m", "server.engine.core", json.dumps(asdict(self.spec))],
             env=self.env,
             stdin=subprocess.DEVNULL,
@@ -393,6 +396,7 @@ class EngineClient:
                 log.exception("applying an engine step failed")
 
     def _apply(self, out: protocol.StepOutput) -> None:
+        seq: Sequence | None
         now = out.time
         self.num_running = out.running
         admitted = [self._seqs[i] for i in out.admitted if i in self._seqs]
@@ -413,8 +417,8 @@ class EngineClient:
         touched = []
         for seq_id, token, logprobs in out.tokens:
             seq = self._seqs.get(seq_id)
-            if seq is None:  # finished here already (stop string, deadline): the engine's extra token is dropped
-                continue
+            if seq is None:
+                continue  # finished here already (stop string, deadline): the engine's extra token is dropped
             if seq.first_token_time is None:
                 seq.first_token_time = now
             self.observer.token(seq, now)
@@ -422,7 +426,8 @@ class EngineClient:
             if logprobs is not None:  # before the id, as in the engine: whoever sees the id sees its logprob
                 seq.output_logprobs.append(logprobs)
             seq.output_ids.append(token)
-            if seq.params.stop and len(seq.output_ids) >= seq.params.min_tokens and self._stop_string_hit(seq):
+            if (seq.params.stop and len(seq.output_ids) >= seq.params.min_tokens
+                    and self._stop_string_hit(seq)):
                 self._abort([seq.id])
                 self._finish(seq, FinishReason.STOP)
             else:
@@ -437,7 +442,8 @@ class EngineClient:
 
     def _stop_string_hit(self, seq: Sequence) -> bool:
         """Whether the output now holds one of ``seq``'s stop strings; if so its text is cut before it."""
-        text = self.model.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+        # one sequence of ids decodes to one string (transformers types decode's result for batches too)
+        text = cast(str, self.model.tokenizer.decode(seq.output_ids, skip_special_tokens=True))
         hits = [i for i in (text.find(s) for s in seq.params.stop) if i >= 0]
         if hits:
             seq.text = text[: min(hits)]  # the stop string itself is not returned

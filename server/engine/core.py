@@ -83,6 +83,7 @@ class _StepEvents(EngineObserver):
         self.out.time = now
 
     def finished(self, seq: Sequence, now: float) -> None:
+        assert seq.finish_reason is not None, "called once it has finished"
         self.out.finished.append([seq.id, seq.finish_reason.value, seq.error])
 
 
@@ -221,15 +222,16 @@ class EngineCore:
         self.outbox.send(protocol.pack(out.encode()))
 
     def _token(self, seq: Sequence) -> None:
-        """``seq`` got its next token in this step (the engine calls this once per row and step; a prompt-scoring
-        row, which generates nothing, is called once at its end with no token)."""
+        """``seq`` got its next token in this step (the engine calls this once per row and step; a
+        prompt-scoring row, which generates nothing, is called once at its end with no token)."""
         if not seq.output_ids:
             return
         logprobs = seq.output_logprobs[-1] if seq.params.logprobs is not None else None
         self.events.out.tokens.append([seq.id, seq.output_ids[-1], logprobs])
 
     def _prompt_logprobs(self, seq: Sequence) -> None:
-        """Send the prompt log-probabilities ``seq`` gained since the last step (prefill goes chunk by chunk)."""
+        """Send the prompt log-probabilities ``seq`` gained since the last step (prefill goes chunk by
+        chunk)."""
         sent = self._prompt_sent.get(seq.id, 0)
         if len(seq.prompt_logprobs) > sent:
             self.events.out.prompt_logprobs.append([seq.id, seq.prompt_logprobs[sent:]])

@@ -17,6 +17,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 from server.engine.grammar import Grammars, InvalidGrammar
 from server.engine.model import BaseModel
@@ -40,7 +41,9 @@ class EngineConfig:
         if self.max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
         if self.max_step_tokens < self.max_batch_size:
-            raise ValueError("max_step_tokens must be at least max_batch_size (a full batch decodes in one step)")
+            raise ValueError(
+                "max_step_tokens must be at least max_batch_size (a full batch decodes in one step)"
+            )
         if self.kv_cache_bytes <= 0:
             raise ValueError("kv_cache_bytes must be positive")
 
@@ -141,7 +144,8 @@ class Scheduler:
         return waiting
 
     def pick(self, running: list[Sequence], token_budget: int) -> list[Sequence]:
-        """Waiting requests that fit beside ``running`` to their last token, least recently served tenant first.
+        """Waiting requests that fit beside ``running`` to their last token, least recently served tenant
+        first.
 
         Each joiner's prefill takes its input length out of ``token_budget`` (the last may take only part of
         it and continue in later steps); no one joins once the budget is spent.
@@ -231,11 +235,12 @@ class Engine:
         return produced
 
     def _admit(self, seq: Sequence) -> bool:
-        """Make the sampler's state for a joining request; a request whose state cannot be made fails alone."""
+        """Make the sampler's state for a joining request; a request whose state cannot be made fails
+        alone."""
         try:
             self.sampler.admit(seq)
             return True
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever goes wrong, only this request fails, not the step
             log.warning("request %s failed at admission: %s", seq.id, exc)
             self._finish(seq, FinishReason.ERROR, f"request failed: {exc}")
             return False
@@ -244,7 +249,9 @@ class Engine:
     def _append_prompt_logprobs(scored: PromptLogits) -> None:
         seq = scored.seq
         targets = seq.prompt_ids[scored.first: scored.first + scored.logits.shape[0]]
-        seq.prompt_logprobs += token_logprobs(scored.logits, targets, seq.params.prompt_logprobs)
+        top = seq.params.prompt_logprobs
+        assert top is not None, "the runner scores the prompts of the requests that asked"
+        seq.prompt_logprobs += token_logprobs(scored.logits, targets, top)
 
     def _append_tokens(self, sampled: SampleResult, now: float) -> int:
         """Give rows ``0..len(tokens)-1`` their new tokens, then let finished rows leave the batch.
@@ -298,7 +305,8 @@ class Engine:
         if token in params.stop_token_ids:
             return FinishReason.STOP
         if params.stop:
-            text = self.base.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+            # one sequence of ids decodes to one string (transformers types decode's result for batches too)
+            text = cast(str, self.base.tokenizer.decode(seq.output_ids, skip_special_tokens=True))
             hits = [i for i in (text.find(s) for s in params.stop) if i >= 0]
             if hits:
                 seq.text = text[: min(hits)]  # the stop string itself is not returned

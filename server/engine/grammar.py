@@ -16,11 +16,15 @@ from __future__ import annotations
 
 import functools
 import json
+from typing import TYPE_CHECKING
 
 import llguidance
 import llguidance.hf
 import llguidance.torch
 import torch
+
+if TYPE_CHECKING:  # only in llguidance's type stubs
+    from llguidance._lib import JsonCompileOptions
 
 
 class InvalidGrammar(ValueError):
@@ -31,7 +35,7 @@ class InvalidGrammar(ValueError):
 def grammar_source(kind: str, spec: str) -> str:
     """llguidance's grammar (a JSON string) for one structured-output request; cached by (kind, spec)."""
     # Compact JSON (no free whitespace): otherwise a small model can pad with newlines until max_tokens.
-    defaults = {"whitespace_flexible": False}
+    defaults: JsonCompileOptions = {"whitespace_flexible": False}
     try:
         if kind == "json_object":
             return llguidance.LLMatcher.grammar_from_json_schema('{"type": "object"}', defaults=defaults)
@@ -44,24 +48,27 @@ def grammar_source(kind: str, spec: str) -> str:
             if not choices or not all(isinstance(c, str) and c for c in choices):
                 raise InvalidGrammar("guided_choice must be a non-empty list of non-empty strings")
             # JSON string literals are valid Lark literals, so any text is matched exactly
-            return llguidance.LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in choices))
+            return llguidance.LLMatcher.grammar_from_lark(
+                "start: " + " | ".join(json.dumps(c) for c in choices)
+            )
         if kind == "grammar":
             return llguidance.LLMatcher.grammar_from_lark(spec)
     except InvalidGrammar:
         raise
-    except Exception as exc:  # llguidance raises ValueError/RuntimeError with a readable message
+    except Exception as exc:  # noqa: BLE001 - llguidance raises ValueError/RuntimeError/...; any is the client's
         raise InvalidGrammar(f"invalid {kind} for structured output: {exc}") from None
     raise InvalidGrammar(f"unknown structured output kind {kind!r}")
 
 
 class Grammars:
-    """Makes matchers for one tokenizer; the tokenizer's token table (~0.5 s to build) is made on first use."""
+    """Makes matchers for one tokenizer; the tokenizer's token table (~0.5 s to build) is made on first
+    use."""
 
     def __init__(self, tokenizer, vocab_size: int, eos_token_ids: frozenset[int]):
         self._hf_tokenizer = tokenizer
         self.vocab_size = vocab_size  # the width of the model's logits, which may exceed the tokenizer's
         self._eos = sorted(eos_token_ids)
-        self._ll_tokenizer = None
+        self._ll_tokenizer: llguidance.LLTokenizer | None = None
 
     @property
     def tokenizer(self) -> llguidance.LLTokenizer:

@@ -32,8 +32,10 @@ class SlotKVCache:
 
     def _allocate(self, rows: int, cols: int) -> None:
         shape = (rows, self.num_kv_heads, cols, self.head_dim)
-        self.keys = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
-        self.values = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
+        self.keys = [torch.zeros(shape, dtype=self.dtype, device=self.device)
+                     for _ in range(self.num_layers)]
+        self.values = [torch.zeros(shape, dtype=self.dtype, device=self.device)
+                       for _ in range(self.num_layers)]
 
     @property
     def num_rows(self) -> int:

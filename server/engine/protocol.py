@@ -64,7 +64,7 @@ def params_to_dict(params: SamplingParams) -> dict[str, Any]:
 def params_from_dict(values: dict[str, Any]) -> SamplingParams:
     # msgpack turns tuples into lists; give tuple-typed fields their tuples back (params are frozen/hashable)
     fields = {f.name: f for f in dataclasses.fields(SamplingParams)}
-    kwargs = {}
+    kwargs: dict[str, Any] = {}
     for name, value in values.items():
         default = fields[name].default if name in fields else None
         kwargs[name] = tuple(value) if isinstance(default, tuple) and isinstance(value, list) else value

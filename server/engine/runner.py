@@ -70,8 +70,8 @@ class ModelRunner:
         self.model = base.model
         use_packed_attention(self.model)
         shape = base.shape
-        self.cache = SlotKVCache(shape.num_layers, shape.num_kv_heads, shape.head_dim, base.dtype, base.device,
-                                  max_slots)
+        self.cache = SlotKVCache(shape.num_layers, shape.num_kv_heads, shape.head_dim, base.dtype,
+                                 base.device, max_slots)
         self.embed = self.model.get_input_embeddings()
         self.rows: list[Sequence] = []
         # transformers builds no mask of its own when handed a 4-D one; packed_attention masks per row itself.
@@ -105,6 +105,7 @@ class ModelRunner:
                 row = cache.add_row()
                 seq.num_computed = 0
                 if seq.num_prefix_kv:
+                    assert seq.prefix is not None, "prefix key/values come from a prefix"
                     cache.write_prefix(row, seq.prefix.tensor)
                 self.rows.append(seq)
 
@@ -127,6 +128,7 @@ class ModelRunner:
             first = len(ids)
             n_soft = seq.num_soft_tokens
             if start < n_soft:
+                assert seq.prefix is not None, "soft tokens come from a prefix"
                 soft.append((first, seq.prefix.tensor[start : min(n_soft, start + count)]))
             ids += [seq.prompt_ids[i - n_soft] if i >= n_soft else 0 for i in range(start, start + count)]
             rows += [row] * count
@@ -185,12 +187,13 @@ class ModelRunner:
             i = torch.arange(s, device=device)  # [S]
             offset = torch.minimum(i[None], count[:, None] - 1)  # [m, S]: padding repeats the last query
             gather = first[:, None] + offset
-            take = torch.tensor([j * s + k for j, (_, c) in enumerate(chunks) for k in range(c)], dtype=torch.long,
-                                device=device)
+            take = torch.tensor([j * s + k for j, (_, c) in enumerate(chunks) for k in range(c)],
+                                dtype=torch.long, device=device)
             query_cols = cols_t[gather]  # [m, S]
             width = max(cols[d:]) + 1
             prefill_mask = (torch.arange(width, device=device)[None, None] <= query_cols[..., None])[:, None]
-        return PackedBatch(rows_t, cols_t, d, decode_mask, slice(d, d + len(chunks)), gather, take, prefill_mask)
+        return PackedBatch(rows_t, cols_t, d, decode_mask, slice(d, d + len(chunks)), gather, take,
+                           prefill_mask)
 
     # -- leaving ------------------------------------------------------------------------------------------
 

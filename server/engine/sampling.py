@@ -18,11 +18,15 @@ import logging
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from server.engine.grammar import Grammars
 from server.engine.sequence import SamplingParams, Sequence
+
+if TYPE_CHECKING:
+    import llguidance
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +67,7 @@ class RowState:
 
     generator: torch.Generator | None = None
     prompt: frozenset[int] = frozenset()  # the prompt's ids, when the repetition penalty counts them
-    matcher: object | None = None  # the grammar matcher (structured outputs)
+    matcher: llguidance.LLMatcher | None = None  # the grammar matcher (structured outputs)
 
 
 @dataclass(slots=True)
@@ -118,7 +122,7 @@ class Sampler:
                     result.tokens[i] = self._choose(logits[i: i + 1], [seq], errors)[0]
                     if errors:
                         result.errors[i] = errors[0]
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001 - any failure fails this row's request alone
                     result.errors[i] = f"sampling failed: {type(exc).__name__}: {exc}"
         self._prefetched = None  # used up: the matchers move on below
         for i, seq in enumerate(seqs):  # the per-request state moves on only for rows that got a token
@@ -127,12 +131,14 @@ class Sampler:
             try:
                 state = self._rows[seq.id]
                 if state.matcher is not None:
+                    assert self.grammars is not None, "a matcher was made by the grammars"
                     self.grammars.accept(state.matcher, result.tokens[i])
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - any failure fails this row's request alone
                 result.errors[i] = f"sampling failed: {type(exc).__name__}: {exc}"
-        wanted = [i for i, seq in enumerate(seqs) if seq.params.logprobs is not None and i not in result.errors]
+        wanted = [i for i, seq in enumerate(seqs)
+                  if seq.params.logprobs is not None and i not in result.errors]
         if wanted:
-            top = max(seqs[i].params.logprobs for i in wanted)
+            top = max(seqs[i].params.logprobs or 0 for i in wanted)  # all set: ``wanted`` checked it
             entries = token_logprobs(logits[wanted], [result.tokens[i] for i in wanted], top)
             for i, (logprob, tops) in zip(wanted, entries):
                 result.logprobs[i] = (logprob, tops[: seqs[i].params.logprobs])
@@ -148,9 +154,10 @@ class Sampler:
         best, tokens = processed.max(dim=-1)  # [n] each: greedy rows are done
         for i in (~torch.isfinite(best)).nonzero()[:, 0].tolist():
             if i not in errors:
-                errors[i] = ("the model produced non-finite logits for this request (check the task's prefix "
-                             "values)" if not torch.isfinite(logits[i]).all() else
-                             "no token is allowed here (min_tokens, logit_bias or the grammar exclude them all)")
+                errors[i] = ("the model produced non-finite logits for this request (check the task's "
+                             "prefix values)" if not torch.isfinite(logits[i]).all() else
+                             "no token is allowed here (min_tokens, logit_bias or the grammar exclude them "
+                             "all)")
         drawn = [i for i, seq in enumerate(seqs) if not seq.params.greedy and i not in errors]
         if drawn:
             tokens[drawn] = self._draw(processed[drawn], [seqs[i].params for i in drawn],
@@ -178,10 +185,11 @@ class Sampler:
             rows, ids = zip(*banned)
             out[self._long(rows), self._long(ids)] = float("-inf")
         if guided:
+            assert self.grammars is not None, "admission refuses structured outputs without grammars"
             mask = self._masks([seqs[i] for i in guided], [i for i in guided], errors)  # [g, ceil(V / 32)]
-            rows = out[guided]
-            self.grammars.apply_mask(rows, mask)
-            out[guided] = rows
+            guided_logits = out[guided]
+            self.grammars.apply_mask(guided_logits, mask)
+            out[guided] = guided_logits
         return out
 
     # -- grammar masks, overlapped with the forward -------------------------------------------------------
@@ -196,15 +204,18 @@ class Sampler:
         self._prefetched = None
         if not guided:
             return
+        grammars = self.grammars
+        assert grammars is not None, "admission refuses structured outputs without grammars"
         matchers = [self._rows[seq.id].matcher for seq in guided]
-        mask = self.grammars.allocate_mask(len(guided))  # [g, ceil(V / 32)]
+        mask = grammars.allocate_mask(len(guided))  # [g, ceil(V / 32)]
 
         def fill() -> dict[int, str]:
             failed = {}
             for j, matcher in enumerate(matchers):
                 try:
-                    self.grammars.fill_mask(matcher, mask, j)
-                except Exception as exc:  # this row's grammar failed: that request fails, not the step
+                    assert matcher is not None, "admission made every guided row's matcher"
+                    grammars.fill_mask(matcher, mask, j)
+                except Exception as exc:  # noqa: BLE001 - this row's grammar failed: that request fails, not the step
                     failed[j] = str(exc)
             return failed
 
@@ -223,11 +234,14 @@ class Sampler:
                 if j in failed:
                     errors[row] = failed[j]
             return mask[picks]
+        assert self.grammars is not None, "admission refuses structured outputs without grammars"
         mask = self.grammars.allocate_mask(len(seqs))
         for j, (seq, row) in enumerate(zip(seqs, rows)):
             try:
-                self.grammars.fill_mask(self._rows[seq.id].matcher, mask, j)
-            except Exception as exc:  # this row's grammar failed: that request fails, not the step
+                matcher = self._rows[seq.id].matcher
+                assert matcher is not None, "admission made every guided row's matcher"
+                self.grammars.fill_mask(matcher, mask, j)
+            except Exception as exc:  # noqa: BLE001 - this row's grammar failed: that request fails, not the step
                 errors[row] = str(exc)
         return mask
 
@@ -238,8 +252,12 @@ class Sampler:
         pair of the batch rather than dense [n, V] count tensors. Repetition (CTRL / Hugging Face, over
         prompt and output ids) comes first, then OpenAI's frequency and presence penalties (output ids).
         """
-        seen_rows, seen_ids, seen_penalty = [], [], []
-        hit_rows, hit_ids, hit_deltas = [], [], []
+        seen_rows: list[int] = []
+        seen_ids: list[int] = []
+        seen_penalty: list[float] = []
+        hit_rows: list[int] = []
+        hit_ids: list[int] = []
+        hit_deltas: list[float] = []
         for i in rows:
             params, counts = seqs[i].params, Counter(seqs[i].output_ids)
             if params.repetition_penalty != 1.0:
@@ -250,7 +268,8 @@ class Sampler:
             if params.frequency_penalty or params.presence_penalty:
                 hit_rows += [i] * len(counts)
                 hit_ids += counts.keys()
-                hit_deltas += [-(params.frequency_penalty * c + params.presence_penalty) for c in counts.values()]
+                hit_deltas += [-(params.frequency_penalty * c + params.presence_penalty)
+                               for c in counts.values()]
         if seen_rows:
             index = (self._long(seen_rows), self._long(seen_ids))
             values, penalty = out[index], torch.tensor(seen_penalty, device=out.device)  # [s] each
