@@ -128,12 +128,14 @@ def load_examples(path: Path, tokenizer) -> list[Example]:
 
 
 def _prompt_and_completion(row, tokenizer, where: str) -> tuple[str, str]:
-    if isinstance(row, dict) and isinstance(row.get("prompt"), str) and isinstance(row.get("completion"), str):
+    if isinstance(row, dict) and isinstance(row.get("prompt"), str) \
+            and isinstance(row.get("completion"), str):
         return row["prompt"], row["completion"]
     if isinstance(row, dict) and isinstance(row.get("messages"), list) and row["messages"]:
         messages = row["messages"]
         last = messages[-1]
-        if not isinstance(last, dict) or last.get("role") != "assistant" or not isinstance(last.get("content"), str):
+        if not isinstance(last, dict) or last.get("role") != "assistant" \
+                or not isinstance(last.get("content"), str):
             raise TrainingError(f"{where}: the last message must be the assistant's answer")
         if tokenizer.chat_template is None:
             raise TrainingError(f"{where}: chat examples need a model with a chat template")
@@ -172,7 +174,8 @@ def peft_config(cfg: TrainConfig):
 
 
 def initial_artifact(cfg: TrainConfig, shape) -> PrefixArtifact | None:
-    """The artifact named by ``--init-from``: a local folder/file in any accepted format, or a task on the server."""
+    """The artifact named by ``--init-from``: a local folder/file in any accepted format, or a task on the
+    server."""
     if cfg.init_from is None:
         return None
     source = Path(cfg.init_from)
@@ -193,8 +196,9 @@ def initial_artifact(cfg: TrainConfig, shape) -> PrefixArtifact | None:
 def initialise_from(peft_model, cfg: TrainConfig, artifact: PrefixArtifact) -> None:
     """Multi-task initialisation: copy an existing prefix into the trainable embedding."""
     if cfg.method == "p-tuning" or cfg.prefix_projection:
-        raise TrainingError("--init-from works with --method prefix (without --prefix-projection) or prompt: a "
-                            "saved prefix is already folded, so an encoder network cannot be recovered from it")
+        raise TrainingError("--init-from works with --method prefix (without --prefix-projection) or "
+                            "prompt: a saved prefix is already folded, so an encoder network cannot be "
+                            "recovered from it")
     if artifact.kind.is_deep != (cfg.method == "prefix"):
         raise TrainingError(f"--init-from holds a {artifact.kind.value} prefix, which cannot start --method "
                             f"{cfg.method}")
@@ -306,6 +310,7 @@ def train(cfg: TrainConfig, base, evaluate: Evaluator | None = None) -> TrainRes
         # Hand the base model back unwrapped and frozen, for serving or another run.
         base.model = peft_model.get_base_model().eval().requires_grad_(False)
     if cfg.task is not None:
+        assert cfg.server is not None, "TrainConfig checks that --task comes with --server"
         result.upload = upload(cfg.server, cfg.task, result.out)
     return result
 

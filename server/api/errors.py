@@ -20,7 +20,14 @@ from starlette.responses import Response
 
 from prefixes.keys import InvalidTaskName
 from prefixes.store import QuotaExceeded, StoreUnavailable
-from server.errors import RETRY_AFTER_S, Forbidden, TooManyInFlight, Unauthenticated, UnknownTask, UnknownTenant
+from server.errors import (
+    RETRY_AFTER_S,
+    Forbidden,
+    TooManyInFlight,
+    Unauthenticated,
+    UnknownTask,
+    UnknownTenant,
+)
 
 
 class ErrorDetail(BaseModel):
@@ -49,9 +56,9 @@ _DESCRIPTIONS = {
     409: ("Conflicts with the current state.", None),
     413: ("The request body is over --max-request-bytes (JSON) or --max-upload-bytes (uploads).", None),
     429: ("Over the tenant's task, byte or concurrent-request quota.", _RETRY_AFTER),
-    503: ("Temporarily unable: the waiting queue is full, the request's deadline passed in the queue, the "
-          "server is draining or its engine is down, or the task is not on this replica and Redis is "
-          "unreachable.", _RETRY_AFTER),
+    503: (("Temporarily unable: the waiting queue is full, the request's deadline passed in the queue, the "
+           "server is draining or its engine is down, or the task is not on this replica and Redis is "
+           "unreachable."), _RETRY_AFTER),
 }
 
 

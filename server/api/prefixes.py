@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Annotated
 
 from fastapi import APIRouter, File, HTTPException, Query, Response, UploadFile
 from starlette.concurrency import run_in_threadpool
@@ -31,7 +32,8 @@ async def read_upload(files: list[UploadFile], limit: int) -> dict[str, bytes]:
         if not name:
             raise HTTPException(400, "Every uploaded file needs a file name (e.g. adapter_config.json).")
         if name in out:
-            raise HTTPException(400, f"File {name!r} was uploaded twice; send each file of the artifact once.")
+            raise HTTPException(400, f"File {name!r} was uploaded twice; send each file of the artifact "
+                                "once.")
         parts = []
         while chunk := await upload.read(_CHUNK):
             total += len(chunk)
@@ -47,7 +49,8 @@ def info(record: TaskRecord) -> dict:
     return {**record.as_json(), "task": record.name, "owner": record.namespace}
 
 
-def _store_artifact(state: ServerState, principal: Principal, key: str, files: dict[str, bytes]) -> TaskRecord:
+def _store_artifact(state: ServerState, principal: Principal, key: str,
+                    files: dict[str, bytes]) -> TaskRecord:
     artifact = parse_artifact(files, state.base.shape)
     validate_artifact(artifact, state.base.shape, state.limits)
     return state.store.put(key, artifact, quota=storage_quota(principal))  # QuotaExceeded: see api.errors
@@ -56,7 +59,7 @@ def _store_artifact(state: ServerState, principal: Principal, key: str, files: d
 @router.post("/{task}", status_code=201, response_model=PrefixInfo,
              responses=errors.responses(400, 401, 403, 413, 429))
 async def upload_prefix(task: str, state: State, principal: CurrentPrincipal,
-                        files: list[UploadFile] = File(...), tenant: str | None = TenantParam):
+                        files: Annotated[list[UploadFile], File()], tenant: str | None = TenantParam):
     key = write_key(state.auth, principal, task, tenant)
     contents = await read_upload(files, state.settings.max_upload_bytes)
     try:
@@ -78,7 +81,8 @@ async def get_prefix(task: str, state: State, principal: CurrentPrincipal):
 
 
 @router.get("/{task}/artifact", response_class=Response,
-            responses={200: {"content": {"application/octet-stream": {}}}, **errors.responses(400, 401, 404, 503)})
+            responses={200: {"content": {"application/octet-stream": {}}},
+                       **errors.responses(400, 401, 404, 503)})
 async def download_prefix(task: str, state: State, principal: CurrentPrincipal):
     """The task's served tensors in prefix-serve's format (re-uploadable; a start for `train --init-from`)."""
     record = await resolve_record(state.store, principal, task)
@@ -91,7 +95,8 @@ async def download_prefix(task: str, state: State, principal: CurrentPrincipal):
 
 
 @router.delete("/{task}", status_code=204, responses=errors.responses(400, 401, 403, 404, 503))
-async def delete_prefix(task: str, state: State, principal: CurrentPrincipal, tenant: str | None = TenantParam):
+async def delete_prefix(task: str, state: State, principal: CurrentPrincipal,
+                        tenant: str | None = TenantParam):
     key = write_key(state.auth, principal, task, tenant)
     try:
         await run_in_threadpool(state.store.delete, key)

@@ -43,7 +43,8 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
     logprobs: int | None = None  # per generated token: its log-probability and this many top alternatives
     prompt_logprobs: int | None = None  # the same for every prompt token but the first
-    structured: tuple[str, str] | None = None  # (kind in STRUCTURED_KINDS, spec): the output follows a grammar
+    # (kind in STRUCTURED_KINDS, spec): the output follows a grammar
+    structured: tuple[str, str] | None = None
 
     def __post_init__(self):
         if self.max_new_tokens < 0:
@@ -125,7 +126,8 @@ class Sequence:
     error: str | None = None
     cancelled: bool = False
     unavailable: bool = False  # failed because the engine is gone or shutting down: retry later (503)
-    deadline: float | None = None  # time.monotonic() by which it must have joined the batch, or leave unserved
+    # time.monotonic() by which it must have joined the batch, or leave unserved
+    deadline: float | None = None
     arrival_time: float = field(default_factory=time.monotonic)
     admit_time: float | None = None  # when it joined the batch
     first_token_time: float | None = None
