@@ -85,6 +85,11 @@ async def decode_with_waiting(
                 t0 = time.monotonic()
                 await asyncio.sleep(window_s)
                 tokens1, steps1 = _decode_counters(url)
+                # A starved engine may take longer than the window for one step: wait for it (up to a
+                # minute), so the rate is of at least one step rather than a zero from a window too short.
+                while steps1 == steps0 and time.monotonic() - t0 < max(window_s, 60.0):
+                    await asyncio.sleep(0.1)
+                    tokens1, steps1 = _decode_counters(url)
                 elapsed = time.monotonic() - t0
                 health = await _health(probe, url)
         finally:
