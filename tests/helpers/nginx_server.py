@@ -22,12 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
-try:  # tests/ is a rootdir-relative folder, not a package (pytest puts it on sys.path)
-    from server_process import REPO_ROOT, free_port
-    from system_programs import require_file, require_program, stop_process
-except ImportError:  # pragma: no cover - if tests/ becomes a package
-    from tests.server_process import REPO_ROOT, free_port
-    from tests.system_programs import require_file, require_program, stop_process
+from tests.helpers.server_process import REPO_ROOT, free_port
+from tests.helpers.system_programs import require_file, require_program, stop_process
 
 SHIPPED = REPO_ROOT / "docker" / "nginx"
 LISTEN = re.compile(r"^(\s*)listen\s+8080;", re.MULTILINE)

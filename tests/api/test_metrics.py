@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from prefixes.artifact import PrefixArtifact, PrefixKind
 from prefixes.formats import to_own_format
-from server_process import ServerProcess
+from tests.helpers.server_process import ServerProcess
 
 pytestmark = pytest.mark.slow
 

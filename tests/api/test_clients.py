@@ -6,7 +6,7 @@ HF_DATASETS_OFFLINE are set). Its expected accuracy, and every loglikelihood lm-
 PEFT's own forward pass over the same tokens. lm-eval finds the server's tokenizer through /tokenizer_info,
 /tokenize and /detokenize (its "remote" tokenizer backend), so the server decides every token boundary.
 
-Run: PREFIX_SERVE_CACHE=/tmp/pscache .venv/bin/python -m pytest -q tests/test_clients.py
+Run: PREFIX_SERVE_CACHE=/tmp/pscache .venv/bin/python -m pytest -q tests/api/test_clients.py
 """
 
 from __future__ import annotations
@@ -17,12 +17,9 @@ import os
 import httpx
 import pytest
 import torch
-from support import make_adapter
+from tests.helpers.support import make_adapter
 
-try:
-    from server_process import ServerProcess
-except ImportError:  # pragma: no cover
-    from tests.server_process import ServerProcess
+from tests.helpers.server_process import ServerProcess
 
 pytestmark = pytest.mark.slow
 

@@ -20,10 +20,10 @@ import httpx
 from prefixes.artifact import ModelShape
 from server.bench.load import RequestResult, decode_token_throughput, steady_token_throughput
 from server.bench.serving import register_tasks
-from server_process import ServerProcess
-from support import save_tiny_llama
+from tests.helpers.server_process import ServerProcess
+from tests.helpers.support import save_tiny_llama
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def stream(start: float, first: float, last: float, step: float) -> RequestResult:

@@ -4,7 +4,7 @@ The incremental detokenizer is tested directly first (fast); the rest runs again
 (marked slow) with an auth file, so that tenants, task ownership and the concurrency limit are exercised
 too: tenant ``acme`` owns the uploaded task, tenant ``solo`` may have one request in flight.
 
-Run: PREFIX_SERVE_CACHE=/tmp/pscache .venv/bin/python -m pytest -q tests/test_openai_api.py
+Run: PREFIX_SERVE_CACHE=/tmp/pscache .venv/bin/python -m pytest -q tests/api/test_openai_api.py
 """
 
 from __future__ import annotations
@@ -19,10 +19,7 @@ import torch
 
 from server.api.streaming import REPLACEMENT_CHAR, IncrementalDetokenizer
 
-try:  # tests/ is a rootdir-relative folder, not a package (pytest puts it on sys.path)
-    from server_process import ServerProcess
-except ImportError:  # pragma: no cover - if tests/ becomes a package
-    from tests.server_process import ServerProcess
+from tests.helpers.server_process import ServerProcess
 
 slow = pytest.mark.slow
 

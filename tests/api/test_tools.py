@@ -1,6 +1,6 @@
 """Tool calling's parts without a server (server/api/tools.py): the grammar against the real tokenizer, the
 call parser whole and streamed, the checks on tool definitions, the conversation's rendering. The same
-features through the real server and clients are in tests/test_openai_api.py."""
+features through the real server and clients are in tests/api/test_openai_api.py."""
 
 from __future__ import annotations
 

@@ -23,8 +23,8 @@ from transformers import AutoModelForCausalLM
 from prefixes.formats import parse_artifact
 from prefixes.training import TrainConfig, TrainingError, collate, load_examples, train
 from server.engine.model import default_model_dir, load_base_model
-from server_process import ServerProcess
-from support import assert_oracle_tokens, save_tiny_llama
+from tests.helpers.server_process import ServerProcess
+from tests.helpers.support import assert_oracle_tokens, save_tiny_llama
 
 CATEGORIES = {
     "zorp": ["dog", "cat", "horse", "cow", "sheep", "goat", "lion", "tiger", "bear", "wolf", "fox", "rabbit",

@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 
-from server_process import ServerProcess
+from tests.helpers.server_process import ServerProcess
 
 pytestmark = pytest.mark.slow
 

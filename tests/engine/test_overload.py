@@ -11,7 +11,7 @@ import signal
 
 import httpx
 import pytest
-from server_process import ServerProcess
+from tests.helpers.server_process import ServerProcess
 
 from server.engine.model import default_model_dir
 

@@ -21,7 +21,7 @@ from prefixes.store import (
     check_task_name,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ROW_BYTES = 64 * 4  # one float32 virtual token of a hidden-size-64 soft prompt
 
 

@@ -17,7 +17,7 @@ import torch
 from server.engine.engine import ContextTooLong, Engine, EngineConfig
 from server.engine.model import SUPPORTED_MODEL_TYPES, UnsupportedModel, wrap_model
 from server.engine.sequence import SamplingParams, Sequence
-from support import (KINDS, NEAR_TIE, NO_ADAPTATION, TINY_CONFIGS, VOCAB, assert_oracle_tokens, make_adapter, oracle_logits,
+from tests.helpers.support import (KINDS, NEAR_TIE, NO_ADAPTATION, TINY_CONFIGS, VOCAB, assert_oracle_tokens, make_adapter, oracle_logits,
                      tiny_model)
 
 

@@ -10,9 +10,9 @@ import torch
 from prefixes.artifact import PrefixArtifact, PrefixKind
 from prefixes.formats import to_own_format
 from prefixes.store import PrefixStore
-from redis_server import RedisServer
-from server_process import ServerProcess
-from support import save_tiny_llama
+from tests.helpers.redis_server import RedisServer
+from tests.helpers.server_process import ServerProcess
+from tests.helpers.support import save_tiny_llama
 
 
 def tiny_prefix(seed: int) -> PrefixArtifact:

@@ -18,8 +18,8 @@ from server.engine.attention import UnsupportedAttention, packed_attention
 from server.engine.engine import Engine, EngineConfig
 from server.engine.model import SUPPORTED_MODEL_TYPES, UnsupportedModel, check_supported, wrap_model
 from server.engine.sequence import SamplingParams, Sequence
-from support import TINY_CONFIGS, VOCAB, WINDOW, assert_oracle_tokens, make_adapter, oracle_logits, tiny_model
-from test_engine_oracle import check_against_oracle, run_staggered
+from tests.helpers.support import TINY_CONFIGS, VOCAB, WINDOW, assert_oracle_tokens, make_adapter, oracle_logits, tiny_model
+from tests.engine.test_engine_oracle import check_against_oracle, run_staggered
 
 P = 6  # virtual tokens
 
@@ -170,7 +170,7 @@ def test_multi_query_falcon_against_peft_sized_for_one_head(tokenizer, tmp_path)
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, FalconConfig
 
-    from support import read_dir
+    from tests.helpers.support import read_dir
 
     torch.manual_seed(1)
     config = FalconConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,

@@ -1,5 +1,5 @@
 """The request gate's decisions as pure functions: which id a request gets, which routes are public, which
-body limit applies. (tests/test_limits.py drives the same gate over real HTTP.)"""
+body limit applies. (tests/api/test_limits.py drives the same gate over real HTTP.)"""
 
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ import random
 
 import pytest
 import torch
-from support import VOCAB, make_adapter, tiny_model
+from tests.helpers.support import VOCAB, make_adapter, tiny_model
 
 from server.engine.engine import Engine, EngineConfig
 from server.engine.model import wrap_model
@@ -108,6 +108,6 @@ def test_a_prefix_that_breaks_the_logits_fails_only_its_request(tokenizer, tmp_p
     for seq in (seqs[1], seqs[3]):
         assert seq.finish_reason.value == "error" and "non-finite" in seq.error, seq.error
     assert seqs[0].finish_reason.value == seqs[2].finish_reason.value == "length"
-    from support import assert_oracle_tokens
+    from tests.helpers.support import assert_oracle_tokens
     assert_oracle_tokens(good.oracle, seqs[0].prompt_ids, seqs[0].output_ids, "good neighbour")
     assert engine.num_running == 0

@@ -21,10 +21,7 @@ import subprocess
 import time
 from pathlib import Path
 
-try:  # tests/ is a rootdir-relative folder, not a package (pytest puts it on sys.path)
-    from server_process import free_port
-except ImportError:  # pragma: no cover - if tests/ becomes a package
-    from tests.server_process import free_port
+from tests.helpers.server_process import free_port
 
 _live: set[RedisServer] = set()
 

@@ -13,7 +13,7 @@ image is never built, compose never started, Kubernetes never applied, Grafana n
 - compose.yaml, compose.gpu.yaml and the Kubernetes manifests agree with each other, with the image and with
   the real command-line parser.
 
-Run: PREFIX_SERVE_CACHE=/tmp/pscache .venv/bin/python -m pytest -q tests/test_deploy.py
+Run: PREFIX_SERVE_CACHE=/tmp/pscache .venv/bin/python -m pytest -q tests/deploy/test_deploy.py
 """
 
 from __future__ import annotations
@@ -46,20 +46,12 @@ from prefixes.formats import to_own_format
 from server.cli import build_parser
 from server.config import Settings
 
-try:  # tests/ is a rootdir-relative folder, not a package (pytest puts it on sys.path)
-    from nginx_server import NginxRouter
-    from prometheus_server import PrometheusServer, render_config
-    from redis_server import RedisServer, redis_server_binary
-    from server_process import REPO_ROOT, ServerProcess, free_port
-    from support import save_tiny_llama
-    from system_programs import require_program
-except ImportError:  # pragma: no cover - if tests/ becomes a package
-    from tests.nginx_server import NginxRouter
-    from tests.prometheus_server import PrometheusServer, render_config
-    from tests.redis_server import RedisServer, redis_server_binary
-    from tests.server_process import REPO_ROOT, ServerProcess, free_port
-    from tests.support import save_tiny_llama
-    from tests.system_programs import require_program
+from tests.helpers.nginx_server import NginxRouter
+from tests.helpers.prometheus_server import PrometheusServer, render_config
+from tests.helpers.redis_server import RedisServer, redis_server_binary
+from tests.helpers.server_process import REPO_ROOT, ServerProcess, free_port
+from tests.helpers.support import save_tiny_llama
+from tests.helpers.system_programs import require_program
 
 DOCKERFILE = REPO_ROOT / "Dockerfile"
 DOCKER = REPO_ROOT / "docker"
@@ -317,7 +309,7 @@ def test_build_context_holds_exactly_what_the_dockerfile_copies_and_builds(tmp_p
     stray = [p for p in context if not any(p == s or p.startswith(s.rstrip("/") + "/") for s in sources)]
     assert not stray, f"sent to Docker but never copied: {stray}"
     for kept_out in (".venv/bin/python", ".git/HEAD", "store/tasks/t/CURRENT", "server/__pycache__/cli.pyc",
-                     "tests/test_deploy.py", "docker/compose.yaml", "bench/results/latest.json"):
+                     "tests/deploy/test_deploy.py", "docker/compose.yaml", "bench/results/latest.json"):
         assert not _in_context(kept_out, rules), kept_out
 
     # what `pip install .` does in the build stage, from nothing but that context

@@ -10,8 +10,8 @@ import sys
 import httpx
 import pytest
 
-from server_process import ServerProcess
-from support import save_tiny_llama
+from tests.helpers.server_process import ServerProcess
+from tests.helpers.support import save_tiny_llama
 
 KEYS = {"admin": "schema-admin", "acme": "schema-acme"}
 EXAMPLES = 25  # per route and phase; the whole run takes about a minute on the 2-core CPU

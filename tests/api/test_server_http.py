@@ -5,7 +5,7 @@ every request goes over HTTP with httpx. Adapters are made with PEFT 0.21.2 on a
 converted default model's config.json (only adapter tensors are saved, so the base weights don't matter),
 their values scaled up so that a task visibly changes greedy output.
 
-Run: PREFIX_SERVE_CACHE=/tmp/pscache .venv/bin/python -m pytest -q tests/test_server_http.py
+Run: PREFIX_SERVE_CACHE=/tmp/pscache .venv/bin/python -m pytest -q tests/api/test_server_http.py
 (PREFIX_SERVE_CACHE is optional: without it the default cache is used, converted once on first use.)
 """
 
@@ -28,10 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from server.engine.model import DEFAULT_MODEL_ID, default_model_dir
 
-try:  # tests/ is a rootdir-relative folder, not a package (pytest puts it on sys.path)
-    from server_process import ServerProcess
-except ImportError:  # pragma: no cover - if tests/ becomes a package
-    from tests.server_process import ServerProcess
+from tests.helpers.server_process import ServerProcess
 
 pytestmark = pytest.mark.slow
 

@@ -16,7 +16,7 @@ from prefixes.artifact import PrefixArtifact, PrefixKind
 from prefixes.formats import to_own_format
 from server.engine.engine import EngineConfig, Scheduler
 from server.engine.sequence import SamplingParams, Sequence
-from server_process import ServerProcess
+from tests.helpers.server_process import ServerProcess
 
 pytestmark = pytest.mark.slow
 

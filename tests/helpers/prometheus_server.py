@@ -23,12 +23,8 @@ from pathlib import Path
 import httpx
 import yaml
 
-try:  # tests/ is a rootdir-relative folder, not a package (pytest puts it on sys.path)
-    from server_process import REPO_ROOT, free_port
-    from system_programs import require_program, stop_process
-except ImportError:  # pragma: no cover - if tests/ becomes a package
-    from tests.server_process import REPO_ROOT, free_port
-    from tests.system_programs import require_program, stop_process
+from tests.helpers.server_process import REPO_ROOT, free_port
+from tests.helpers.system_programs import require_program, stop_process
 
 SHIPPED = REPO_ROOT / "docker" / "prometheus" / "prometheus.yml"
 JOB = "prefix-serve"

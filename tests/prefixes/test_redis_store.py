@@ -1,10 +1,10 @@
-"""The shared Redis tier of PrefixStore, against real redis-server processes (tests/redis_server.py).
+"""The shared Redis tier of PrefixStore, against real redis-server processes (tests/helpers/redis_server.py).
 
 Store-level tests run several PrefixStore "replicas" in this process, each on its own --store-dir, sharing
 one real Redis; outages are real (the server killed and restarted empty, or frozen with SIGSTOP, or one
 replica cut off by a TCP proxy). The last test runs two real server processes against one Redis.
 
-Run: PREFIX_SERVE_CACHE=/tmp/pscache .venv/bin/python -m pytest -q tests/test_redis_store.py
+Run: PREFIX_SERVE_CACHE=/tmp/pscache .venv/bin/python -m pytest -q tests/prefixes/test_redis_store.py
 """
 
 from __future__ import annotations
@@ -25,14 +25,9 @@ from prefixes.formats import from_own_format, to_own_format
 from prefixes.store import PrefixStore, StoreUnavailable, TaskNotFound
 from server.config import Settings
 
-try:  # tests/ is a rootdir-relative folder, not a package (pytest puts it on sys.path)
-    from redis_server import RedisServer, TcpProxy
-    from server_process import ServerProcess
-    from test_store import ROW_BYTES, deep, soft
-except ImportError:  # pragma: no cover - if tests/ becomes a package
-    from tests.redis_server import RedisServer, TcpProxy
-    from tests.server_process import ServerProcess
-    from tests.test_store import ROW_BYTES, deep, soft
+from tests.helpers.redis_server import RedisServer, TcpProxy
+from tests.helpers.server_process import ServerProcess
+from tests.prefixes.test_store import ROW_BYTES, deep, soft
 
 TASK_BYTES = 4 * ROW_BYTES  # soft(4): one task
 

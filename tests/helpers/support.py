@@ -38,7 +38,7 @@ from transformers import (
 from prefixes.formats import parse_artifact
 from prefixes.store import ResidentPrefix
 from server.engine.model import BaseModel
-from placement import NEAR_TIE, place
+from tests.helpers.placement import NEAR_TIE, place
 
 VOCAB = 256
 # Sliding windows far below the test's sequence lengths (prefix + prompt + output reach ~30 positions), so that
