@@ -19,7 +19,7 @@ import pytest
 import torch
 from tests.helpers.support import make_adapter
 
-from tests.helpers.server_process import ServerProcess
+from tests.helpers.server_process import ServerSpec
 
 pytestmark = pytest.mark.slow
 
@@ -45,13 +45,8 @@ def adapter(default_model, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, adapter):
-    root = tmp_path_factory.mktemp("clients-server")
-    with ServerProcess(root / "store", root / "server.log", startup_timeout=300, stop_timeout=10) as proc:
-        r = httpx.post(f"{proc.url}/prefixes/{TASK}", files=[("files", (n, b)) for n, b in adapter.files.items()])
-        assert r.status_code == 201, r.text
-        yield proc
-        assert "Traceback" not in proc.log_text(), proc.log_tail()
+def server_spec(adapter) -> ServerSpec:
+    return ServerSpec(uploads={TASK: adapter.files}, startup_timeout=300, stop_timeout=10, clean_log=True)
 
 
 @pytest.fixture(scope="module")

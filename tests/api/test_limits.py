@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 
-from tests.helpers.server_process import ServerProcess
+from tests.helpers.server_process import ServerSpec
 
 pytestmark = pytest.mark.slow
 
@@ -24,13 +24,9 @@ RSS_SLACK = 48 << 20  # allocator noise; buffering the body would cost BIG
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("limits")
-    auth_file = root / "auth.json"
-    auth_file.write_text(json.dumps({"admin_keys": [ADMIN], "tenants": {"acme": {"api_keys": [KEY]}}}))
-    with ServerProcess(root / "store", root / "server.log",
-                       extra_args=("--auth-file", str(auth_file), "--public-metrics")) as srv:
-        yield srv
+def server_spec() -> ServerSpec:
+    return ServerSpec(auth={"admin_keys": [ADMIN], "tenants": {"acme": {"api_keys": [KEY]}}},
+                      extra_args=("--public-metrics",))
 
 
 def rss(server) -> int:

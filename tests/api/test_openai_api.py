@@ -19,7 +19,8 @@ import torch
 
 from server.api.streaming import REPLACEMENT_CHAR, IncrementalDetokenizer
 
-from tests.helpers.server_process import ServerProcess
+from tests.helpers.adapters import peft_adapter
+from tests.helpers.server_process import ServerSpec
 
 slow = pytest.mark.slow
 
@@ -81,7 +82,6 @@ def test_detokenizer_never_shows_text_past_a_stop_string(tokenizer, text, stop):
 @pytest.fixture(scope="module")
 def prefix_adapter(tmp_path_factory) -> dict[str, bytes]:
     """A real PEFT prefix-tuning adapter for the default model, scaled so that it changes greedy output."""
-    from peft import PrefixTuningConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from server.engine.model import default_model_dir
@@ -89,29 +89,18 @@ def prefix_adapter(tmp_path_factory) -> dict[str, bytes]:
     out = tmp_path_factory.mktemp("adapter")
     torch.manual_seed(1234)
     base = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(default_model_dir()))
-    model = get_peft_model(base, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=8))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "prompt_encoder" in name:
-                p.mul_(5.0)
-    model.save_pretrained(out)
-    return {name: (out / name).read_bytes() for name in ("adapter_config.json", "adapter_model.safetensors")}
+    _, files = peft_adapter(base, "prefix", out, seed=None, scale=5.0, num_virtual_tokens=8)
+    return {name: files[name] for name in ("adapter_config.json", "adapter_model.safetensors")}
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, prefix_adapter):
-    root = tmp_path_factory.mktemp("openai-server")
-    auth = root / "auth.json"
-    auth.write_text(json.dumps({"tenants": {
+def server_spec(prefix_adapter) -> ServerSpec:
+    auth = {"tenants": {
         "acme": {"api_keys": [KEYS["acme"]]},
         "solo": {"api_keys": [KEYS["solo"]], "max_concurrent_requests": 1},
-    }}))
-    with ServerProcess(root / "store", root / "server.log", startup_timeout=300, stop_timeout=10,
-                       extra_args=("--auth-file", str(auth), "--public-metrics")) as proc:
-        r = httpx.post(f"{proc.url}/prefixes/{TASK}", headers=_auth("acme"),
-                       files=[("files", (n, b)) for n, b in prefix_adapter.items()])
-        assert r.status_code == 201, r.text
-        yield proc
+    }}
+    return ServerSpec(auth=auth, extra_args=("--public-metrics",), uploads={TASK: prefix_adapter},
+                      upload_headers=_auth("acme"), startup_timeout=300, stop_timeout=10)
 
 
 def _auth(tenant: str) -> dict[str, str]:

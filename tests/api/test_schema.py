@@ -3,14 +3,13 @@ fuzzes the real server process and must find no 5xx and no status code the schem
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 
 import httpx
 import pytest
 
-from tests.helpers.server_process import ServerProcess
+from tests.helpers.server_process import ServerSpec
 from tests.helpers.support import save_tiny_llama
 
 KEYS = {"admin": "schema-admin", "acme": "schema-acme"}
@@ -19,18 +18,14 @@ SEED = 1
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, tokenizer):
-    root = tmp_path_factory.mktemp("schema")
+def server_spec(tmp_path_factory, tokenizer) -> ServerSpec:
     # a tiny model with a short context: generated max_new_tokens are bounded by it, so each request is quick
-    model = save_tiny_llama(root / "model", tokenizer, max_positions=256)
-    auth_file = root / "auth.json"
-    auth_file.write_text(json.dumps({
+    model = save_tiny_llama(tmp_path_factory.mktemp("schema-model"), tokenizer, max_positions=256)
+    auth = {
         "admin_keys": [KEYS["admin"]],
         "tenants": {"acme": {"api_keys": [KEYS["acme"]], "max_tasks": 2, "max_concurrent_requests": 2}},
-    }))
-    with ServerProcess(root / "store", root / "server.log", model=str(model),
-                       extra_args=("--auth-file", str(auth_file), "--public-docs", "--threads", "1")) as srv:
-        yield srv
+    }
+    return ServerSpec(model=str(model), auth=auth, extra_args=("--public-docs", "--threads", "1"))
 
 
 def schemathesis(server, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:

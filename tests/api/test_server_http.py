@@ -28,7 +28,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from server.engine.model import DEFAULT_MODEL_ID, default_model_dir
 
-from tests.helpers.server_process import ServerProcess
+from tests.helpers.adapters import peft_adapter
+from tests.helpers.server_process import ServerProcess, ServerSpec
 
 pytestmark = pytest.mark.slow
 
@@ -62,17 +63,8 @@ RECORD_KEYS = {"task", "kind", "num_virtual_tokens", "sha256", "version", "bytes
 
 
 def _peft_files(model, peft_config, out_dir: Path) -> dict[str, bytes]:
-    from peft import get_peft_model
-
-    torch.manual_seed(1234)
-    peft_model = get_peft_model(model, peft_config)
-    with torch.no_grad():
-        params = [p for n, p in peft_model.named_parameters() if "prompt_encoder" in n]
-        assert params, "PEFT model without prompt encoder parameters"
-        for p in params:
-            p.mul_(SCALE)
-    peft_model.save_pretrained(out_dir)
-    return {name: (out_dir / name).read_bytes() for name in (CONFIG, WEIGHTS)}
+    _, files = peft_adapter(model, peft_config, out_dir, seed=1234, scale=SCALE)
+    return {name: files[name] for name in (CONFIG, WEIGHTS)}
 
 
 def _embedding(files: dict[str, bytes]) -> torch.Tensor:
@@ -182,14 +174,8 @@ class Api:
 
 
 @pytest.fixture(scope="module")
-def server(model_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("server")
-    proc = ServerProcess(root / "store", root / "server.log", startup_timeout=300)
-    proc.start()
-    try:
-        yield proc
-    finally:
-        proc.stop()
+def server_spec(model_dir) -> ServerSpec:
+    return ServerSpec(startup_timeout=300)
 
 
 @pytest.fixture(scope="module")

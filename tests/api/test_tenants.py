@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -16,7 +15,7 @@ from prefixes.artifact import PrefixArtifact, PrefixKind
 from prefixes.formats import to_own_format
 from server.engine.engine import EngineConfig, Scheduler
 from server.engine.sequence import SamplingParams, Sequence
-from tests.helpers.server_process import ServerProcess
+from tests.helpers.server_process import ServerSpec
 
 pytestmark = pytest.mark.slow
 
@@ -36,10 +35,8 @@ def auth(tenant: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tenants")
-    auth_file = root / "auth.json"
-    auth_file.write_text(json.dumps({
+def server_spec() -> ServerSpec:
+    return ServerSpec(auth={
         "admin_keys": [KEYS["admin"]],
         "tenants": {
             "acme": {"api_keys": [KEYS["acme"]]},
@@ -48,11 +45,7 @@ def server(tmp_path_factory):
                        "max_concurrent_requests": 1},
             "tiny": {"api_keys": [KEYS["tiny"]], "max_tasks": 1, "max_bytes": 300_000},
         },
-    }))
-    with ServerProcess(root / "store", root / "server.log",
-                       extra_args=("--auth-file", str(auth_file), "--max-batch-size", "2",
-                                   "--max-waiting-requests", "16")) as srv:
-        yield srv
+    }, extra_args=("--max-batch-size", "2", "--max-waiting-requests", "16"))
 
 
 def upload(server, caller, task, data, **params):

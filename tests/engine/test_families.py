@@ -18,8 +18,10 @@ from server.engine.attention import UnsupportedAttention, packed_attention
 from server.engine.engine import Engine, EngineConfig
 from server.engine.model import SUPPORTED_MODEL_TYPES, UnsupportedModel, check_supported, wrap_model
 from server.engine.sequence import SamplingParams, Sequence
-from tests.helpers.support import TINY_CONFIGS, VOCAB, WINDOW, assert_oracle_tokens, make_adapter, oracle_logits, tiny_model
 from tests.engine.test_engine_oracle import check_against_oracle, run_staggered
+from tests.helpers.adapters import peft_adapter, read_dir
+from tests.helpers.support import (TINY_CONFIGS, VOCAB, WINDOW, assert_oracle_tokens, make_adapter, oracle_logits,
+                                   tiny_model)
 
 P = 6  # virtual tokens
 
@@ -170,8 +172,6 @@ def test_multi_query_falcon_against_peft_sized_for_one_head(tokenizer, tmp_path)
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, FalconConfig
 
-    from tests.helpers.support import read_dir
-
     torch.manual_seed(1)
     config = FalconConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                           multi_query=True, alibi=False, bias=False, max_position_embeddings=512,
@@ -180,11 +180,9 @@ def test_multi_query_falcon_against_peft_sized_for_one_head(tokenizer, tmp_path)
     base = wrap_model(AutoModelForCausalLM.from_config(config).eval(), tokenizer, "falcon-7b-like")
     assert (base.shape.num_kv_heads, base.shape.head_dim) == (1, 16)
     reference = copy.deepcopy(base.model)
-    peft_model = get_peft_model(copy.deepcopy(base.model), PrefixTuningConfig(
-        task_type="CAUSAL_LM", num_virtual_tokens=P, num_attention_heads=1, token_dim=16))
-    with torch.no_grad():
-        peft_model.prompt_encoder["default"].embedding.weight.mul_(2.0)
-    peft_model.save_pretrained(tmp_path / "mq")
+    peft_adapter(copy.deepcopy(base.model), PrefixTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=P, num_attention_heads=1, token_dim=16), tmp_path / "mq",
+        seed=None, scale=2.0)
     oracle = PeftModel.from_pretrained(copy.deepcopy(base.model), tmp_path / "mq").eval()
     prefix = ResidentPrefix.unstored("mq", parse_artifact(read_dir(tmp_path / "mq"), base.shape))
     rng = random.Random(5)

@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -161,3 +162,22 @@ class ServerProcess:
 
     def __exit__(self, *exc_info) -> None:
         self.stop()
+
+
+@dataclass
+class ServerSpec:
+    """How a test module's ``server`` fixture (tests/conftest.py) starts its server: a module that needs more
+    than the default overrides the ``server_spec`` fixture and returns one of these.
+
+    ``auth`` is written to an auth file passed as ``--auth-file``; ``extra_args`` follow it. Each of
+    ``uploads`` (task -> {file name: bytes}) is uploaded with ``upload_headers`` once the server is up.
+    With ``clean_log``, teardown fails if the server logged a traceback."""
+
+    model: str = "default"
+    auth: dict | None = None
+    extra_args: tuple[str, ...] = ()
+    uploads: dict[str, dict[str, bytes]] = field(default_factory=dict)
+    upload_headers: dict[str, str] = field(default_factory=dict)
+    startup_timeout: float = 240.0
+    stop_timeout: float = 30.0
+    clean_log: bool = False

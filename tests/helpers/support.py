@@ -7,13 +7,12 @@ engine produced is the argmax of PEFT's logits given the same prompt and the eng
 from __future__ import annotations
 
 import copy
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import safetensors.torch
 import torch
-from peft import PeftModel, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, get_peft_model
+from peft import PeftModel
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -38,6 +37,7 @@ from transformers import (
 from prefixes.formats import parse_artifact
 from prefixes.store import ResidentPrefix
 from server.engine.model import BaseModel
+from tests.helpers.adapters import peft_adapter, read_dir
 from tests.helpers.placement import NEAR_TIE, place
 
 VOCAB = 256
@@ -155,35 +155,15 @@ def save_tiny_llama(folder: Path, tokenizer, max_positions: int) -> Path:
     return folder
 
 
-def read_dir(path: Path) -> dict[str, bytes]:
-    return {name: (path / name).read_bytes() for name in os.listdir(path) if (path / name).is_file()}
-
-
-def _peft_config(kind: str, num_virtual_tokens: int):
-    if kind in ("prefix", "chatglm"):
-        return PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=num_virtual_tokens)
-    if kind in ("prefix_projection", "chatglm_projection"):
-        return PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=num_virtual_tokens,
-                                  prefix_projection=True, encoder_hidden_size=48)
-    if kind == "p_tuning":
-        return PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=num_virtual_tokens,
-                                   encoder_hidden_size=48)
-    if kind == "prompt_tuning":
-        return PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=num_virtual_tokens)
-    raise ValueError(kind)
-
-
 def make_adapter(base: BaseModel, kind: str, num_virtual_tokens: int, workdir: Path, seed: int,
                  scale: float = 2.0) -> Adapter:
     """A trained-looking adapter (random, scaled so it visibly changes outputs) in a real on-disk format."""
-    torch.manual_seed(seed)
-    peft_model = get_peft_model(copy.deepcopy(base.model), _peft_config(kind, num_virtual_tokens))
-    with torch.no_grad():
-        for param in peft_model.prompt_encoder.parameters():
-            param.mul_(scale)
     out = workdir / f"{kind}-{seed}"
     out.mkdir(parents=True)
-    if kind.startswith("chatglm"):
+    chatglm = kind.startswith("chatglm")
+    peft_model, files = peft_adapter(copy.deepcopy(base.model), kind, out, seed=seed, scale=scale,
+                                     num_virtual_tokens=num_virtual_tokens, save=not chatglm)
+    if chatglm:
         # The ChatGLM-6B PrefixEncoder state dict: embedding (+ trans.0/trans.2 when projected). The oracle
         # is the same PEFT model in training mode, which runs the MLP on every forward.
         encoder = peft_model.prompt_encoder["default"]
@@ -193,11 +173,10 @@ def make_adapter(base: BaseModel, kind: str, num_virtual_tokens: int, workdir: P
         state = {f"transformer.prefix_encoder.{names[k]}": v.detach().clone()
                  for k, v in encoder.state_dict().items()}
         safetensors.torch.save_file(state, out / "model.safetensors")
+        files = read_dir(out)
         oracle = peft_model.eval()
     else:
-        peft_model.save_pretrained(out)
         oracle = PeftModel.from_pretrained(copy.deepcopy(base.model), out).eval()
-    files = read_dir(out)
     artifact = parse_artifact(files, base.shape)
     artifact.tensor = artifact.tensor.to(base.device, base.dtype)
     name = f"{kind}-{seed}"

@@ -10,19 +10,12 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from pathlib import Path
 
 import pytest
 import safetensors.torch
 import torch
-from peft import (
-    LoraConfig,
-    PrefixTuningConfig,
-    PromptEncoderConfig,
-    PromptTuningConfig,
-    get_peft_model,
-)
+from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
 from prefixes.artifact import (
@@ -39,6 +32,7 @@ from prefixes.formats import (
     to_own_format,
 )
 from prefixes.validate import ArtifactLimits, validate_artifact
+from tests.helpers.adapters import peft_adapter, peft_config, read_dir
 
 # Tiny Llama with grouped-query attention: 4 query heads, 2 KV heads, head_dim 16.
 LLAMA_SHAPE = ModelShape(num_layers=2, num_kv_heads=2, head_dim=16, hidden_size=64, max_positions=256,
@@ -63,37 +57,10 @@ def tiny_gpt2(seed: int = 0) -> torch.nn.Module:
                                                        n_positions=256)).eval()
 
 
-def peft_config(kind: str, num_virtual_tokens: int = P):
-    if kind == "prefix":
-        return PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=num_virtual_tokens)
-    if kind == "prefix_projection":
-        return PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=num_virtual_tokens,
-                                  prefix_projection=True, encoder_hidden_size=24)
-    if kind == "p_tuning_mlp":
-        return PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=num_virtual_tokens,
-                                   encoder_hidden_size=24)
-    if kind == "p_tuning_lstm":
-        return PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=num_virtual_tokens,
-                                   encoder_hidden_size=24, encoder_reparameterization_type="LSTM")
-    if kind == "prompt_tuning":
-        return PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=num_virtual_tokens)
-    raise ValueError(kind)
-
-
-def read_dir(path: Path) -> dict[str, bytes]:
-    return {name: (path / name).read_bytes() for name in os.listdir(path) if (path / name).is_file()}
-
-
-def save_peft(base: torch.nn.Module, kind: str, out: Path, *, safe: bool = True, seed: int = 1,
-              num_virtual_tokens: int = P):
-    """A real PEFT adapter folder on disk; returns (peft_model, files)."""
-    torch.manual_seed(seed)
-    peft_model = get_peft_model(base, peft_config(kind, num_virtual_tokens))
-    with torch.no_grad():  # make the trained-looking values clearly non-default
-        for param in peft_model.prompt_encoder.parameters():
-            param.add_(torch.randn_like(param))
-    peft_model.save_pretrained(out, safe_serialization=safe)
-    return peft_model, read_dir(out)
+def save_peft(base: torch.nn.Module, kind: str, out: Path, *, safe: bool = True):
+    """This module's PEFT folders: P virtual tokens, 24-wide encoders, N(0, 1) noise on PEFT's init; returns
+    (peft_model, files)."""
+    return peft_adapter(base, peft_config(kind, P, encoder_hidden_size=24), out, seed=1, safe=safe)
 
 
 def peft_kv_layers(peft_model) -> list[tuple[torch.Tensor, torch.Tensor]]:
