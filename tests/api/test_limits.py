@@ -31,9 +31,10 @@ def server_spec() -> ServerSpec:
 
 def rss(server) -> int:
     """Resident memory of the server process, in bytes (VmRSS)."""
-    for line in open(f"/proc/{server.proc.pid}/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
+    with open(f"/proc/{server.proc.pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
     raise AssertionError("no VmRSS line")
 
 
@@ -81,7 +82,8 @@ def stream_body(server, path: str, headers: dict[str, str], total: int, chunked:
     return int(response.split(b" ", 2)[1]), sent, peak
 
 
-@pytest.mark.parametrize("case", ["no key", "wrong key", "over the limit, chunked", "over the limit, declared"])
+@pytest.mark.parametrize("case",
+                         ["no key", "wrong key", "over the limit, chunked", "over the limit, declared"])
 def test_refused_bodies_do_not_grow_memory(server, case):
     httpx.post(f"{server.url}/generate", headers={"Authorization": f"Bearer {KEY}"},
                json={"prompt": "warm up", "max_new_tokens": 2}, timeout=120)
@@ -92,17 +94,21 @@ def test_refused_bodies_do_not_grow_memory(server, case):
     elif case == "wrong key":
         headers = {"Authorization": "Bearer nope"}
     start = time.perf_counter()
-    status, sent, peak = stream_body(server, "/generate", headers, BIG, chunked=case != "over the limit, declared")
+    status, sent, peak = stream_body(server, "/generate", headers, BIG,
+                                     chunked=case != "over the limit, declared")
     elapsed = time.perf_counter() - start
     assert status == (413 if case.startswith("over") else 401)
-    assert sent >= BIG // 2, f"only {sent} bytes sent: the server cut the upload before it could show anything"
+    assert sent >= BIG // 2, \
+        f"only {sent} bytes sent: the server cut the upload before it could show anything"
     assert peak - before < RSS_SLACK, \
-        f"{case}: RSS grew by {(peak - before) >> 20} MiB while {sent >> 20} MiB were streamed ({elapsed:.1f}s)"
+        f"{case}: RSS grew by {(peak - before) >> 20} MiB while {sent >> 20} MiB were streamed " \
+        f"({elapsed:.1f}s)"
 
 
 def test_invalid_json_without_a_key_is_401(server):
     for path in ("/generate", "/v1/completions", "/prefixes/x"):
-        r = httpx.post(f"{server.url}{path}", content=b"{not json", headers={"content-type": "application/json"})
+        r = httpx.post(f"{server.url}{path}", content=b"{not json",
+                       headers={"content-type": "application/json"})
         assert r.status_code == 401, (path, r.text)
         assert r.headers["www-authenticate"] == "Bearer"
     # with a key the same body is the usual validation error (OpenAI's 400 on /v1)
@@ -117,7 +123,8 @@ def test_every_route_but_health_needs_a_key(server):
     for path in ("/docs", "/redoc", "/openapi.json", "/prefixes", "/v1/models", "/no-such-route"):
         r = httpx.get(f"{server.url}{path}")
         assert r.status_code == 401, (path, r.status_code)
-    assert httpx.get(f"{server.url}/openapi.json", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+    assert httpx.get(f"{server.url}/openapi.json",
+                     headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
 
 
 def test_oversized_json_is_413_in_the_routes_error_shape(server):
@@ -128,7 +135,8 @@ def test_oversized_json_is_413_in_the_routes_error_shape(server):
     r = httpx.post(f"{server.url}/v1/completions", content=body, headers=headers)
     assert r.status_code == 413 and "4194304 bytes" in r.json()["error"]["message"]
     # a long prompt under the cap reaches the route (and its own context-length check)
-    r = httpx.post(f"{server.url}/generate", json={"prompt": "hello " * 20000, "max_new_tokens": 1}, headers=headers)
+    r = httpx.post(f"{server.url}/generate", json={"prompt": "hello " * 20000, "max_new_tokens": 1},
+                   headers=headers)
     assert r.status_code == 400 and "context" in r.json()["detail"]
 
 

@@ -32,7 +32,8 @@ def test_metrics_follow_traffic(tmp_path):
         bodies = [{"prompt": f"Count to {i}:", "max_new_tokens": 5 + i, "ignore_eos": True} for i in range(4)]
         with ThreadPoolExecutor(4) as pool:
             results = list(pool.map(
-                lambda b: httpx.post(f"{url}/generate", params={"task": "t"}, json=b, timeout=120).json(), bodies))
+                lambda b: httpx.post(f"{url}/generate", params={"task": "t"}, json=b, timeout=120).json(),
+                bodies))
         bad = httpx.post(f"{url}/generate", json={"prompt": "x", "max_new_tokens": 9000})
         assert bad.status_code == 400
         after = scrape(url)
@@ -49,7 +50,8 @@ def test_metrics_follow_traffic(tmp_path):
     assert delta("prefix_serve_requests_total", outcome="rejected", **tenant) == 1
     assert delta("prefix_serve_generation_tokens_total", **tenant) == completion
     assert delta("prefix_serve_prompt_tokens_total", **tenant) == prompt
-    for histogram in ("time_to_first_token_seconds", "e2e_request_latency_seconds", "request_queue_time_seconds"):
+    for histogram in ("time_to_first_token_seconds", "e2e_request_latency_seconds",
+                      "request_queue_time_seconds"):
         assert delta(f"prefix_serve_{histogram}_count", **tenant) == 4, histogram
         assert delta(f"prefix_serve_{histogram}_sum", **tenant) > 0, histogram
     # one inter-token interval per token after each request's first

@@ -18,7 +18,6 @@ import pytest
 import torch
 
 from server.api.streaming import REPLACEMENT_CHAR, IncrementalDetokenizer
-
 from tests.helpers.adapters import peft_adapter
 from tests.helpers.server_process import ServerSpec
 
@@ -49,7 +48,8 @@ def _stream_like_engine(tokenizer, ids: list[int], stop: tuple[str, ...]) -> tup
     raise AssertionError("unreachable")
 
 
-@pytest.mark.parametrize("text", ["héllo 日本語 😀 wörld", "！！？ 🇫🇷 naïve — ok", "plain ascii, no surprises"])
+@pytest.mark.parametrize("text", ["héllo 日本語 😀 wörld", "！！？ 🇫🇷 naïve — ok",
+                                  "plain ascii, no surprises"])
 def test_detokenizer_never_splits_a_character(tokenizer, text):
     ids = tokenizer(text)["input_ids"]
     deltas, final = _stream_like_engine(tokenizer, ids, ())
@@ -169,7 +169,8 @@ def test_completion_with_a_task_equals_generate(client, server):
     assert choice.text == reference["text"]
     assert (choice.index, choice.finish_reason, choice.logprobs) == (0, reference["finish_reason"], None)
     assert completion.object == "text_completion" and completion.model == TASK
-    prompt_tokens, completion_tokens = reference["usage"]["prompt_tokens"], reference["usage"]["completion_tokens"]
+    prompt_tokens = reference["usage"]["prompt_tokens"]
+    completion_tokens = reference["usage"]["completion_tokens"]
     got = completion.usage
     assert (got.prompt_tokens, got.completion_tokens, got.total_tokens) == \
         (prompt_tokens, completion_tokens, prompt_tokens + completion_tokens)
@@ -212,8 +213,8 @@ def test_streamed_completion_equals_whole(client, base_id, model, prompt):
 
 @slow
 def test_streamed_chat_equals_whole(client, base_id):
-    request = dict(model=base_id, messages=[{"role": "user", "content": "What is the capital of France?"}],
-                   max_tokens=30, temperature=0)
+    request = {"model": base_id, "messages": [{"role": "user", "content": "What is the capital of France?"}],
+               "max_tokens": 30, "temperature": 0}
     whole = client.chat.completions.create(**request)
     chunks = list(client.chat.completions.create(**request, stream=True))
     assert all(c.object == "chat.completion.chunk" for c in chunks)
@@ -253,7 +254,7 @@ def test_n_choices_are_seeded_seed_plus_i(client, base_id):
     assert greedy.choices[0].text == greedy.choices[1].text
     assert greedy.usage.completion_tokens == 2 * 8
 
-    sampling = dict(model=base_id, prompt=PROMPT, max_tokens=8, temperature=1.0)
+    sampling = {"model": base_id, "prompt": PROMPT, "max_tokens": 8, "temperature": 1.0}
     sampled = client.completions.create(**sampling, n=2, seed=7)
     assert [c.index for c in sampled.choices] == [0, 1]
     for i, choice in enumerate(sampled.choices):  # choice i is exactly the n=1 request seeded seed + i
@@ -269,7 +270,7 @@ def test_n_choices_are_seeded_seed_plus_i(client, base_id):
 @slow
 @pytest.mark.parametrize("stop", ["\n", [".", "answer"], "Paris"])
 def test_stop_strings_whole_and_streamed(client, base_id, stop):
-    greedy = dict(model=base_id, prompt=PROMPT, max_tokens=16, temperature=0)
+    greedy = {"model": base_id, "prompt": PROMPT, "max_tokens": 16, "temperature": 0}
     plain = client.completions.create(**greedy).choices[0].text
     assert "Paris." in plain and "\n" in plain  # else this test tests nothing
     stops = [stop] if isinstance(stop, str) else stop
@@ -282,8 +283,8 @@ def test_stop_strings_whole_and_streamed(client, base_id, stop):
 
 @slow
 def test_stop_string_in_chat(client, base_id):
-    chat = dict(model=base_id, messages=[{"role": "user", "content": "What is the capital of France?"}],
-                max_tokens=30, temperature=0)
+    chat = {"model": base_id, "messages": [{"role": "user", "content": "What is the capital of France?"}],
+            "max_tokens": 30, "temperature": 0}
     answer = client.chat.completions.create(**chat).choices[0].message.content
     assert " is" in answer, answer
     cut = answer[:answer.find(" is")]
@@ -391,17 +392,17 @@ def test_disconnect_frees_the_slot(server, prefix_adapter, path, body):
     assert r.status_code == 201, r.text
     solo = openai.OpenAI(base_url=server.url + "/v1", api_key=KEYS["solo"], max_retries=0)
     cancelled = _metric(server, "cancelled", "solo")
-    with httpx.Client(timeout=60) as http:
-        with http.stream("POST", server.url + path, params={"task": TASK}, headers=_auth("solo"),
-                         json=body) as r:
-            assert r.status_code == 200
-            lines = r.iter_lines()
-            for _ in range(6):
-                next(lines)
-            assert httpx.get(server.url + "/healthz").json()["running"] == body.get("n", 1)
-            with pytest.raises(openai.RateLimitError) as err:  # the stream holds solo's only slot
-                solo.completions.create(model=TASK, prompt=PROMPT, max_tokens=1)
-            assert err.value.code == "rate_limit_exceeded"
+    with (httpx.Client(timeout=60) as http,
+          http.stream("POST", server.url + path, params={"task": TASK}, headers=_auth("solo"),
+                      json=body) as r):
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        for _ in range(6):
+            next(lines)
+        assert httpx.get(server.url + "/healthz").json()["running"] == body.get("n", 1)
+        with pytest.raises(openai.RateLimitError) as err:  # the stream holds solo's only slot
+            solo.completions.create(model=TASK, prompt=PROMPT, max_tokens=1)
+        assert err.value.code == "rate_limit_exceeded"
     assert _wait_idle(server) == 0, "the abandoned stream is still generating"
     assert _metric(server, "cancelled", "solo") == cancelled + body.get("n", 1)
     assert solo.completions.create(model=TASK, prompt=PROMPT, max_tokens=1).choices  # the slot is back
@@ -419,7 +420,8 @@ def test_echo_and_logprobs_with_text_and_token_prompts(client, server):
                                       logprobs=3)
     [choice] = whole.choices
     lp = choice.logprobs
-    prompt_ids = httpx.post(server.url + "/tokenize", headers=_auth("acme"), json={"prompt": PROMPT}).json()["tokens"]
+    prompt_ids = httpx.post(server.url + "/tokenize", headers=_auth("acme"),
+                            json={"prompt": PROMPT}).json()["tokens"]
     n = len(prompt_ids)
     assert choice.text.startswith(PROMPT) and "".join(lp.tokens) == choice.text
     assert len(lp.tokens) == n + 4 and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
@@ -441,7 +443,8 @@ def test_echo_and_logprobs_with_text_and_token_prompts(client, server):
     # without echo, logprobs cover the generated tokens only, offsets continue after the prompt
     plain = client.completions.create(model=TASK, prompt=PROMPT, max_tokens=4, temperature=0, logprobs=0)
     assert plain.choices[0].logprobs.token_logprobs == pytest.approx(lp.token_logprobs[n:], abs=1e-4)
-    assert plain.choices[0].logprobs.text_offset[0] == 0  # offsets index the choice's text (vLLM's convention)
+    # offsets index the choice's text (vLLM's convention)
+    assert plain.choices[0].logprobs.text_offset[0] == 0
 
 
 @slow
@@ -450,13 +453,14 @@ def test_several_prompts_and_n_follow_openai_indexing(client, base_id):
     out = client.completions.create(model=base_id, prompt=prompts, max_tokens=3, temperature=0, n=2)
     assert [c.index for c in out.choices] == [0, 1, 2, 3]
     for p, prompt in enumerate(prompts):
-        alone = client.completions.create(model=base_id, prompt=prompt, max_tokens=3, temperature=0).choices[0]
+        alone = client.completions.create(model=base_id, prompt=prompt, max_tokens=3,
+                                          temperature=0).choices[0]
         assert out.choices[2 * p].text == out.choices[2 * p + 1].text == alone.text
 
 
 @slow
 def test_streamed_logprobs_equal_whole(client):
-    request = dict(model=TASK, prompt=PROMPT, max_tokens=6, temperature=0, logprobs=2)
+    request = {"model": TASK, "prompt": PROMPT, "max_tokens": 6, "temperature": 0, "logprobs": 2}
     whole = client.completions.create(**request).choices[0].logprobs
     tokens, logprobs, offsets = [], [], []
     for chunk in client.completions.create(**request, stream=True):
@@ -490,7 +494,7 @@ def test_logit_bias_penalties_min_tokens_and_stop_token_ids(client, base_id, ser
     paris = httpx.post(server.url + "/tokenize", headers=_auth("acme"),
                        json={"prompt": " Paris", "add_special_tokens": False}).json()["tokens"]
     assert len(paris) == 1
-    greedy = dict(model=base_id, prompt=PROMPT, max_tokens=8, temperature=0)
+    greedy = {"model": base_id, "prompt": PROMPT, "max_tokens": 8, "temperature": 0}
     forced = client.completions.create(**greedy, logit_bias={str(paris[0]): 100})
     assert forced.choices[0].text == " Paris" * 8
     biased = client.completions.create(**greedy, logit_bias={str(paris[0]): 9}).choices[0].text
@@ -498,7 +502,8 @@ def test_logit_bias_penalties_min_tokens_and_stop_token_ids(client, base_id, ser
                                           presence_penalty=2.0).choices[0].text
     repeated = client.completions.create(**greedy, logit_bias={str(paris[0]): 9},
                                          extra_body={"repetition_penalty": 3.0}).choices[0].text
-    assert biased.count("Paris") > penalised.count("Paris") and biased.count("Paris") > repeated.count("Paris")
+    assert biased.count("Paris") > penalised.count("Paris")
+    assert biased.count("Paris") > repeated.count("Paris")
     # a stop id ends the request like EOS (not in the text); min_tokens holds it back
     stopped = client.completions.create(**greedy, extra_body={"stop_token_ids": paris})
     assert (stopped.choices[0].text, stopped.choices[0].finish_reason) == ("", "stop")
@@ -508,10 +513,12 @@ def test_logit_bias_penalties_min_tokens_and_stop_token_ids(client, base_id, ser
     assert "Paris" not in held.choices[0].text and held.choices[0].finish_reason == "stop"
     assert held.usage.completion_tokens == 4
     # -1 is "unseeded"; tiny temperatures are greedy
-    assert client.completions.create(**{**greedy, "temperature": 1.0, "max_tokens": 2}, seed=-1).choices[0].text
+    assert client.completions.create(**{**greedy, "temperature": 1.0, "max_tokens": 2},
+                                     seed=-1).choices[0].text
     reference = client.completions.create(**{**greedy, "max_tokens": 4}).choices[0].text
     for tiny in (1e-38, 1e-40, 7e-188):
-        assert client.completions.create(**{**greedy, "max_tokens": 4, "temperature": tiny}).choices[0].text == \
+        assert client.completions.create(**{**greedy, "max_tokens": 4,
+                                            "temperature": tiny}).choices[0].text == \
             reference
 
 
@@ -592,7 +599,8 @@ WEATHER_ARGS = {"type": "object", "properties": {"city": {"type": "string", "max
 ADD_ARGS = {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 999},
                                              "b": {"type": "integer", "minimum": 0, "maximum": 999}},
             "required": ["a", "b"], "additionalProperties": False}
-TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "The current weather in a city",
+TOOLS = [{"type": "function",
+          "function": {"name": "get_weather", "description": "The current weather in a city",
                                            "parameters": WEATHER_ARGS}},
          {"type": "function", "function": {"name": "add", "description": "Add two numbers",
                                            "parameters": ADD_ARGS}}]
@@ -609,7 +617,8 @@ def _check_calls(calls, names: set[str]) -> None:
 
 
 def _streamed_calls(chunks) -> tuple[list, str, list]:
-    """Accumulate a stream's tool-call deltas as OpenAI clients do (by index); the finish reason; the chunks."""
+    """Accumulate a stream's tool-call deltas as OpenAI clients do (by index); the finish reason; the
+    chunks."""
     calls: dict[int, dict] = {}
     finish = None
     for chunk in chunks:
@@ -652,7 +661,8 @@ def test_forced_tool_calls_parse_and_validate(client, base_id, tool_choice, name
 @slow
 def test_parallel_calls_and_none_and_auto(client, base_id):
     # parallel_tool_calls (OpenAI's default): one or more calls, each valid, streamed as whole
-    request = {"model": base_id, "messages": [{"role": "user", "content": "What is the weather in Paris and Rome?"}],
+    request = {"model": base_id,
+               "messages": [{"role": "user", "content": "What is the weather in Paris and Rome?"}],
                "tools": TOOLS, "tool_choice": "required", "max_tokens": 60, "temperature": 0}
     [choice] = client.chat.completions.create(**request).choices
     calls = choice.message.tool_calls
@@ -687,7 +697,8 @@ def test_parallel_calls_and_none_and_auto(client, base_id):
 @slow
 def test_a_second_turn_with_the_tool_result(client, base_id):
     first = client.chat.completions.create(model=base_id, messages=WEATHER_QUESTION, tools=TOOLS,
-                                           tool_choice={"type": "function", "function": {"name": "get_weather"}},
+                                           tool_choice={"type": "function",
+                                                        "function": {"name": "get_weather"}},
                                            max_tokens=50, temperature=0)
     [call] = first.choices[0].message.tool_calls
     result = "It is 31 degrees and sunny in Paris, with a light wind from the south."
@@ -701,7 +712,8 @@ def test_a_second_turn_with_the_tool_result(client, base_id):
                                                tool_choice="none", max_tokens=1)
     assert second.usage.prompt_tokens >= reference.usage.prompt_tokens + len(result.split()) + 10
     streamed = list(client.chat.completions.create(model=base_id, messages=conversation, tools=TOOLS,
-                                                   tool_choice="none", max_tokens=20, temperature=0, stream=True))
+                                                   tool_choice="none", max_tokens=20, temperature=0,
+                                                   stream=True))
     assert "".join(c.choices[0].delta.content or "" for c in streamed) == second.choices[0].message.content
 
 
@@ -744,14 +756,16 @@ def test_langchain_binds_tools(server, base_id):
 
     llm = langchain_openai.ChatOpenAI(base_url=server.url + "/v1", api_key=KEYS["acme"], model=base_id,
                                       max_tokens=50, temperature=0, max_retries=0, timeout=120)
-    message = llm.bind_tools([GetWeather, add], tool_choice="GetWeather").invoke("What is the weather in Paris?")
+    message = llm.bind_tools([GetWeather, add],
+                             tool_choice="GetWeather").invoke("What is the weather in Paris?")
     assert len(message.tool_calls) == 1, message
     [call] = message.tool_calls
     assert call["name"] == "GetWeather" and call["id"].startswith("call_")
     GetWeather(**call["args"])  # validates
     message = llm.bind_tools([GetWeather, add], tool_choice="any", parallel_tool_calls=False).invoke(
         "What is 2 plus 3?")
-    assert len(message.tool_calls) == 1 and all(c["name"] in ("GetWeather", "add") for c in message.tool_calls)
+    assert len(message.tool_calls) == 1 and all(c["name"] in ("GetWeather",
+                                                              "add") for c in message.tool_calls)
     for c in message.tool_calls:
         if c["name"] == "add":
             assert set(c["args"]) == {"a", "b"} and all(type(v) is int for v in c["args"].values())

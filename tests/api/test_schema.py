@@ -33,7 +33,8 @@ def schemathesis(server, *args: str, timeout: float = 240) -> subprocess.Complet
     cmd = [sys.executable, "-m", "schemathesis.cli", "run", f"{server.url}/openapi.json", "--seed", str(SEED),
            "--workers", "1", "--generation-database", "none", "--no-color", "--request-timeout", "60",
            "--checks", "not_a_server_error,status_code_conformance,response_schema_conformance", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=server.store_dir.parent)
+    return subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout,
+                          cwd=server.store_dir.parent)
 
 
 def test_the_schema_documents_each_routes_errors(server):
@@ -48,13 +49,15 @@ def test_the_schema_documents_each_routes_errors(server):
     assert {"400", "401", "403", "413", "429"} <= codes("/prefixes/{task}", "post")
     assert {"400", "401", "403", "404", "503"} <= codes("/prefixes/{task}", "delete")
     assert {"401", "403"} <= codes("/metrics", "get")
-    error = schema["paths"]["/v1/completions"]["post"]["responses"]["401"]["content"]["application/json"]["schema"]
+    unauthorized = schema["paths"]["/v1/completions"]["post"]["responses"]["401"]
+    error = unauthorized["content"]["application/json"]["schema"]
     assert error["$ref"].endswith("/OpenAIError")
 
 
 @pytest.mark.parametrize("caller", ["acme", "admin"])
 def test_fuzzing_finds_no_server_errors_or_undocumented_statuses(server, caller):
-    done = schemathesis(server, "--header", f"Authorization: Bearer {KEYS[caller]}", "--max-examples", str(EXAMPLES))
+    done = schemathesis(server, "--header", f"Authorization: Bearer {KEYS[caller]}", "--max-examples",
+                        str(EXAMPLES))
     assert done.returncode == 0, done.stdout[-12000:] + done.stderr[-3000:]
 
 

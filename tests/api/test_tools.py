@@ -25,8 +25,9 @@ WEATHER = {"type": "function", "function": {
                                                     "unit": {"enum": ["celsius", "fahrenheit"]}},
                    "required": ["city", "unit"], "additionalProperties": False}}}
 ADD = {"type": "function", "function": {
-    "name": "add", "parameters": {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
-                                  "required": ["a", "b"], "additionalProperties": False}}}
+    "name": "add",
+    "parameters": {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+                   "required": ["a", "b"], "additionalProperties": False}}}
 TOOLS = parse_tools([WEATHER, ADD])
 PARIS = '<tool_call>{"name":"get_weather","arguments":{"city":"Paris","unit":"celsius"}}</tool_call>'
 SUM = '<tool_call>{"name":"add","arguments":{"a":1,"b":2}}</tool_call>'
@@ -50,9 +51,11 @@ def _accepts(grammars: Grammars, tokenizer, choice, text: str) -> bool:
     ("required", False, PARIS + "\n" + SUM, False),  # one call only
     ("required", None, PARIS + "\n" + SUM, True),
     ("required", None, "Paris is sunny.", False),
-    ("required", None, '<tool_call>{"name":"add","arguments":{"a":"1","b":2}}</tool_call>', False),  # a string
+    # a string
+    ("required", None, '<tool_call>{"name":"add","arguments":{"a":"1","b":2}}</tool_call>', False),
     ("required", None, '<tool_call>{"name":"nope","arguments":{}}</tool_call>', False),
-    ("required", None, '<tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}</tool_call>', False),  # spaces
+    # spaces
+    ("required", None, '<tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}</tool_call>', False),
     ({"type": "function", "function": {"name": "add"}}, None, SUM, True),
     ({"type": "function", "function": {"name": "add"}}, None, PARIS, False),
     ("auto", None, "Paris is sunny.", True),
@@ -60,7 +63,8 @@ def _accepts(grammars: Grammars, tokenizer, choice, text: str) -> bool:
     ("auto", None, "<b>sunny</b>", False),  # text may not start like a call
     ("auto", None, '<tool_call>{"name":"add","arguments":{"a":1}}</tool_call>', False),
 ])
-def test_the_grammar_allows_exactly_the_valid_outputs(grammars, tokenizer, tool_choice, parallel, text, accepted):
+def test_the_grammar_allows_exactly_the_valid_outputs(grammars, tokenizer, tool_choice, parallel, text,
+                                                      accepted):
     choice = parse_choice(tool_choice, TOOLS, parallel)
     assert _accepts(grammars, tokenizer, choice, text) == accepted
 
@@ -75,7 +79,8 @@ def _streamed(choice, text: str, step: int) -> tuple[list[dict], str]:
 @pytest.mark.parametrize("step", [1, 3, 1000])
 def test_the_parser_reads_calls_whole_and_streamed_alike(step):
     choice = parse_choice("required", TOOLS, None)
-    tricky = '<tool_call>{"name":"get_weather","arguments":{"city":"P}</tool_call>\\"{","unit":"celsius"}}</tool_call>'
+    tricky = ('<tool_call>{"name":"get_weather","arguments":{"city":"P}</tool_call>\\"{","unit":"celsius"}}'
+              '</tool_call>')
     text = tricky + "\n" + SUM
     message, reason = CallParser(choice).message(text, "stop")
     assert reason == "tool_calls" and message["content"] is None
@@ -111,7 +116,8 @@ def test_text_and_calls_cut_short_are_content():
     ([{"type": "code_interpreter"}], "tools.0.type"),
     ([{"type": "function", "function": {"name": "has space"}}], "tools.0.function.name"),
     ([{"type": "function", "function": {"name": "x" * 65}}], "tools.0.function.name"),
-    ([ADD, {"type": "function", "function": {"name": "ok", "parameters": []}}], "tools.1.function.parameters"),
+    ([ADD, {"type": "function", "function": {"name": "ok", "parameters": []}}],
+     "tools.1.function.parameters"),
     ([{"type": "function", "function": {"name": "ok", "parameters": {"type": "string"}}}],
      "tools.0.function.parameters"),
     ([{"type": "function", "function": {"name": "ok", "parameters": {
@@ -140,10 +146,10 @@ def test_tool_choice_is_checked_against_the_tools():
 CONVERSATION = [
     {"role": "user", "content": "Weather in Paris and Rome?"},
     {"role": "assistant", "content": "", "tool_calls": [
-        {"id": "call_1", "type": "function", "function": {"name": "get_weather",
-                                                          "arguments": '{"city": "Paris", "unit": "celsius"}'}},
-        {"id": "call_2", "type": "function", "function": {"name": "get_weather",
-                                                          "arguments": '{"city": "Rome", "unit": "celsius"}'}}]},
+        {"id": "call_1", "type": "function",
+         "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'}},
+        {"id": "call_2", "type": "function",
+         "function": {"name": "get_weather", "arguments": '{"city": "Rome", "unit": "celsius"}'}}]},
     {"role": "tool", "tool_call_id": "call_1", "content": "21 C"},
     {"role": "tool", "tool_call_id": "call_2", "content": "25 C"},
 ]
@@ -158,7 +164,8 @@ def test_a_template_without_tools_gets_them_in_a_system_message(tokenizer):
     assert messages[2]["content"] == (
         '<tool_call>{"name":"get_weather","arguments":{"city":"Paris","unit":"celsius"}}</tool_call>\n'
         '<tool_call>{"name":"get_weather","arguments":{"city":"Rome","unit":"celsius"}}</tool_call>')
-    assert messages[3]["content"] == "<tool_response>\n21 C\n</tool_response>\n<tool_response>\n25 C\n</tool_response>"
+    assert messages[3]["content"] == ("<tool_response>\n21 C\n</tool_response>\n"
+                                      "<tool_response>\n25 C\n</tool_response>")
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert "You are a helpful AI assistant" not in text  # the tools' system message replaces the default one
     # tool_choice none: no tools shown, the history still rendered
@@ -175,7 +182,8 @@ def test_a_template_that_renders_tools_gets_them_natively(tokenizer):
     native.chat_template = (
         "{% for t in tools or [] %}TOOL {{ t.function.name }}\n{% endfor %}"
         "{% for m in messages %}{{ m.role }}: {{ m.content }}"
-        "{% for c in m.tool_calls or [] %}CALL {{ c.function.name }} {{ c.function.arguments.city }}{% endfor %}"
+        "{% for c in m.tool_calls or [] %}CALL {{ c.function.name }} {{ c.function.arguments.city }}"
+        "{% endfor %}"
         "{% if m.role == 'tool' %} ({{ m.name }}){% endif %}\n{% endfor %}")
     assert template_renders_tools(native)
     messages, tool_defs = chat_messages(CONVERSATION, parse_choice("auto", TOOLS, None), native=True)
@@ -188,7 +196,8 @@ def test_arguments_hold_only_the_declared_properties(grammars, tokenizer):
     """A schema that says nothing of other properties is closed (as OpenAI's strict mode), nested ones too;
     a property that happens to be named "properties" is a property, not a schema keyword."""
     open_schema = {"type": "function", "function": {"name": "f", "parameters": {
-        "type": "object", "properties": {"properties": {"type": "object", "properties": {"x": {"type": "integer"}}}},
+        "type": "object",
+        "properties": {"properties": {"type": "object", "properties": {"x": {"type": "integer"}}}},
     }}}
     choice = parse_choice("required", parse_tools([open_schema]), None)
     call = '<tool_call>{"name":"f","arguments":%s}</tool_call>'
@@ -196,7 +205,8 @@ def test_arguments_hold_only_the_declared_properties(grammars, tokenizer):
     assert not _accepts(grammars, tokenizer, choice, call % '{"properties":{"x":1},"maxLength":"20"}')
     assert not _accepts(grammars, tokenizer, choice, call % '{"properties":{"x":1,"y":2}}')
     explicit = {"type": "function", "function": {"name": "f", "parameters": {
-        "type": "object", "properties": {"x": {"type": "integer"}}, "additionalProperties": {"type": "integer"}}}}
+        "type": "object", "properties": {"x": {"type": "integer"}},
+        "additionalProperties": {"type": "integer"}}}}
     choice = parse_choice("required", parse_tools([explicit]), None)
     assert _accepts(grammars, tokenizer, choice, call % '{"x":1,"y":2}')  # what a schema says is kept
 

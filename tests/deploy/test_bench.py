@@ -13,9 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 import httpx
+import pytest
 
 from prefixes.artifact import ModelShape
 from server.bench.load import RequestResult, decode_token_throughput, steady_token_throughput
@@ -62,7 +61,8 @@ def test_steady_window_is_while_every_client_is_busy():
     b = stream(0.1, 1.2, 4.0, 0.1)
     third = stream(3.0, 3.2, 5.0, 0.1)
     window = 3.0 - 1.2
-    expected = (sum(1.2 <= t <= 3.0 for t in a.token_times) + sum(1.2 <= t <= 3.0 for t in b.token_times)) / window
+    expected = (sum(1.2 <= t <= 3.0 for t in a.token_times)
+                + sum(1.2 <= t <= 3.0 for t in b.token_times)) / window
     assert steady_token_throughput([a, b, third], concurrency=2) == pytest.approx(expected)
     assert expected == pytest.approx(38 / window, rel=1e-6)
     assert steady_token_throughput([a, b], concurrency=2) is None  # no request after the first wave
@@ -80,9 +80,11 @@ def test_bench_runs_end_to_end_and_reports_every_target(tiny_model, tmp_path):
     new_tokens = 32
     cmd = [sys.executable, "-m", "server.cli", "bench", "--model", str(tiny_model), "--concurrency", "4",
            "--prompt-tokens", "8", "--new-tokens", str(new_tokens), "--virtual-tokens", "4", "--rounds", "2",
-           "--serial-requests", "1", "--scale-tasks", "1,3", "--sweep", "1,4", "--rate", "8", "--threads", "1",
-           "--no-overload", "--out", str(out)]  # the overload section has its own test below
-    run = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+           "--serial-requests", "1", "--scale-tasks", "1,3", "--sweep", "1,4", "--rate", "8",
+           "--threads", "1",
+           "--no-overload",  # the overload section has its own test below
+           "--out", str(out)]
+    run = subprocess.run(cmd, cwd=REPO_ROOT, check=False, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads((out / "latest.json").read_text())
     decode = result["http"]["decode"]
@@ -91,7 +93,8 @@ def test_bench_runs_end_to_end_and_reports_every_target(tiny_model, tmp_path):
     for row in result["http"]["sweep"]:
         for load in (row["mixed"], row["single"]):
             assert load["failed"] == 0
-            # every request streamed exactly the tokens it asked for (ignore_eos), so the rates count real tokens
+            # every request streamed exactly the tokens it asked for (ignore_eos), so the rates count
+            # real tokens
             assert load["token_throughput"] * load["wall_s"] == pytest.approx(load["requests"] * new_tokens)
     assert [row["tasks"] for row in result["offline"]["scale"]] == [1, 3]
     markdown = (out / "latest.md").read_text()
@@ -105,8 +108,8 @@ def test_bench_runs_end_to_end_and_reports_every_target(tiny_model, tmp_path):
 def requests_served(url: str) -> int:
     """Requests the server counts as finished at their length (``ignore_eos``), from its /metrics."""
     text = httpx.get(f"{url}/metrics").text
-    return sum(int(float(v)) for v in re.findall(r'^prefix_serve_requests_total\{[^}]*outcome="length"[^}]*\} (\S+)$',
-                                                   text, re.M))
+    finished = r'^prefix_serve_requests_total\{[^}]*outcome="length"[^}]*\} (\S+)$'
+    return sum(int(float(v)) for v in re.findall(finished, text, re.MULTILINE))
 
 
 def test_bench_url_measures_a_server_it_did_not_start(tiny_model, tmp_path):
@@ -116,9 +119,9 @@ def test_bench_url_measures_a_server_it_did_not_start(tiny_model, tmp_path):
         names = register_tasks(server.url, shape, 2, virtual_tokens=4)
         new_tokens, duration = 8, 2.0
         cmd = [sys.executable, "-m", "server.cli", "bench", "--url", server.url, "--duration", str(duration),
-               "--tasks", ",".join(names), "--sweep", "1,3", "--prompt-tokens", "8", "--new-tokens", str(new_tokens),
-               "--out", str(tmp_path / "remote")]
-        run = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+               "--tasks", ",".join(names), "--sweep", "1,3", "--prompt-tokens", "8", "--new-tokens",
+               str(new_tokens), "--out", str(tmp_path / "remote")]
+        run = subprocess.run(cmd, cwd=REPO_ROOT, check=False, capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, run.stderr[-3000:]
         result = json.loads((tmp_path / "remote" / "remote.json").read_text())
         assert [row["concurrency"] for row in result["sweep"]] == [1, 3]
@@ -136,7 +139,7 @@ def test_bench_url_measures_a_server_it_did_not_start(tiny_model, tmp_path):
 
         # a task the server does not have is refused before any load is sent, with what to do about it
         missing = subprocess.run([*cmd[:cmd.index("--tasks") + 1], "no-such-task"], cwd=REPO_ROOT,
-                                 capture_output=True, text=True, timeout=120)
+                                 check=False, capture_output=True, text=True, timeout=120)
         assert missing.returncode == 2 and "no-such-task" in missing.stderr and "upload it" in missing.stderr
         assert requests_served(server.url) == sent
 
@@ -151,10 +154,11 @@ def test_overload_section_measures_decode_behind_a_queue_and_a_burst():
     args = argparse.Namespace(concurrency=2, overload_waiting=[0, 4], overload_window=1.0, new_tokens=8,
                               dtype="float32", device="cpu", threads=1, max_step_tokens=512)
     result = overload.run_served("default", args)
-    assert [c["name"] for c in result["configs"]][0] == "default" and len(result["configs"]) == 3
+    assert next(c["name"] for c in result["configs"]) == "default" and len(result["configs"]) == 3
     for config in result["configs"]:
         points = config["decode"]
-        assert [(p["cpu_hog"], p["waiting"]) for p in points] == [(False, 0), (False, 4), (True, 0), (True, 4)]
+        assert [(p["cpu_hog"], p["waiting"]) for p in points] == [
+            (False, 0), (False, 4), (True, 0), (True, 4)]
         assert all(p["running"] == 2 and p["decode_tokens_per_s"] > 0 for p in points), points
         assert config["engine_threads"] >= 1
     burst = result["burst"]

@@ -6,8 +6,8 @@ image is never built, compose never started, Kubernetes never applied, Grafana n
   with only the image's paths mapped to this machine and the port to a free one;
 - the build context that .dockerignore leaves, built into a wheel;
 - Redis with the shipped redis.conf: every write survives a restart, nothing is evicted;
-- two replicas sharing one Redis behind nginx with the shipped router config: tasks spread over both, each task
-  always on the same replica (/generate, /v1, uploads), health and streaming through it, failover;
+- two replicas sharing one Redis behind nginx with the shipped router config: tasks spread over both,
+  each task always on the same replica (/generate, /v1, uploads), health and streaming through it, failover;
 - every metric the dashboard, the alerts and the HPA name exists in the replicas' /metrics after traffic;
 - Prometheus with the shipped scrape config and alerts scrapes the replicas and answers every dashboard query;
 - compose.yaml, compose.gpu.yaml and the Kubernetes manifests agree with each other, with the image and with
@@ -45,7 +45,6 @@ from prefixes.artifact import PrefixArtifact, PrefixKind
 from prefixes.formats import to_own_format
 from server.cli import build_parser
 from server.config import Settings
-
 from tests.helpers.nginx_server import NginxRouter
 from tests.helpers.prometheus_server import PrometheusServer, render_config
 from tests.helpers.redis_server import RedisServer, redis_server_binary
@@ -132,7 +131,8 @@ def entrypoint() -> list[str]:
 
 
 def parse_serve(args: list[str]):
-    """The real CLI's parse of the image's ENTRYPOINT followed by ``args`` (as compose/Kubernetes append them)."""
+    """The real CLI's parse of the image's ENTRYPOINT followed by ``args`` (as compose/Kubernetes append
+    them)."""
     line = entrypoint()
     assert line[0] == "prefix-serve", line
     parsed = build_parser().parse_args(line[1:] + list(args))
@@ -143,7 +143,8 @@ def parse_serve(args: list[str]):
 def settings_of(args) -> Settings:
     """The settings `prefix-serve serve` would validate before loading the model (every option that is a
     Settings field; a CPU device only, here)."""
-    return Settings(**{name: getattr(args, name) for name in Settings.__dataclass_fields__ if hasattr(args, name)})
+    return Settings(**{name: getattr(args, name) for name in Settings.__dataclass_fields__
+                       if hasattr(args, name)})
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -151,7 +152,7 @@ def settings_of(args) -> Settings:
 
 
 def test_dockerfile_is_multi_stage_non_root_and_pinned_like_the_project():
-    global_args, stages = dockerfile_stages()
+    _global_args, stages = dockerfile_stages()
     assert len(stages) >= 2 and stages[0].name == "build"
     build, final = stages[0], stages[-1]
     assert final.image == stages[0].image  # the venv's interpreter path is the same in both
@@ -191,7 +192,8 @@ def test_image_command_line_serves_and_its_healthcheck_follows_the_server(tmp_pa
     machine's converted model, made by the same function the build runs) and port 8000 a free one."""
     from server.engine.model import default_model_dir
 
-    cache = default_model_dir().parents[1]  # what the build's conversion step leaves in /opt/prefix-serve-cache
+    # what the build's conversion step leaves in /opt/prefix-serve-cache
+    cache = default_model_dir().parents[1]
     final = dockerfile_stages()[1][-1]
     data = tmp_path / "data"
     data.mkdir()
@@ -210,10 +212,11 @@ def test_image_command_line_serves_and_its_healthcheck_follows_the_server(tmp_pa
     workdir = _map_image_paths(final.last("WORKDIR"), mapping)
     options, check = healthcheck(final)
     check = [_map_image_paths(arg, mapping).replace("127.0.0.1:8000", f"127.0.0.1:{port}") for arg in check]
-    assert not [a for a in line + check + list(env.values()) if "/opt/" in a or re.search(r"(?<![\w/])/data\b", a)]
+    assert not [a for a in line + check + list(env.values())
+                if "/opt/" in a or re.search(r"(?<![\w/])/data\b", a)]
 
     def run_healthcheck() -> int:
-        return subprocess.run(check, env=env, cwd=workdir, capture_output=True,
+        return subprocess.run(check, env=env, cwd=workdir, check=False, capture_output=True,
                               timeout=seconds(options["timeout"]) + 10).returncode
 
     log_path = tmp_path / "server.log"
@@ -224,7 +227,8 @@ def test_image_command_line_serves_and_its_healthcheck_follows_the_server(tmp_pa
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 300
         while True:
-            assert proc.poll() is None, f"the image's command exited with {proc.returncode}:\n{log_path.read_text()}"
+            assert proc.poll() is None, \
+                f"the image's command exited with {proc.returncode}:\n{log_path.read_text()}"
             try:
                 if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
                     break
@@ -333,12 +337,14 @@ def test_build_context_holds_exactly_what_the_dockerfile_copies_and_builds(tmp_p
 
 def test_redis_with_the_shipped_config_keeps_every_write_across_a_restart(tmp_path):
     port = free_port()
-    cmd = [redis_server_binary(), str(DOCKER / "redis" / "redis.conf"), "--port", str(port), "--bind", "127.0.0.1",
-           "--daemonize", "no", "--logfile", str(tmp_path / "redis.log")]
+    cmd = [redis_server_binary(), str(DOCKER / "redis" / "redis.conf"), "--port", str(port), "--bind",
+           "127.0.0.1", "--daemonize", "no", "--logfile", str(tmp_path / "redis.log")]
 
     def start() -> tuple[subprocess.Popen, redis.Redis]:
-        with open(tmp_path / "redis.log", "ab") as log:  # config errors go to stderr, before the logfile opens
-            proc = subprocess.Popen(cmd, cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        # config errors go to stderr, before the logfile opens
+        with open(tmp_path / "redis.log", "ab") as log:
+            proc = subprocess.Popen(cmd, cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=log,
+                                    stderr=subprocess.STDOUT)
         client = redis.Redis(port=port, socket_timeout=5)
         deadline = time.monotonic() + 15
         while True:
@@ -418,7 +424,8 @@ def stack(tmp_path_factory, tiny_model_dir):
                 uploaded_on = {}
                 with httpx.Client(base_url=router.url, timeout=60) as client:
                     for i, task in enumerate(TASKS):
-                        r = client.post(f"/prefixes/{task}", files=[("files", (f"{task}.safetensors", _soft_prompt(i)))])
+                        r = client.post(f"/prefixes/{task}",
+                                        files=[("files", (f"{task}.safetensors", _soft_prompt(i)))])
                         assert r.status_code == 201, r.text
                         uploaded_on[task] = r.headers[UPSTREAM_HEADER]
                 yield Stack(redis_server, replicas, router, uploaded_on)
@@ -446,7 +453,8 @@ def send_traffic(stack: Stack, tasks: list[str]) -> None:
             r = client.post("/generate", params={"task": task},
                             json={"prompt": PROMPT, "max_new_tokens": 6, "ignore_eos": True})
             assert r.status_code == 200, r.text
-        r = client.post("/generate", json={"prompt": PROMPT, "max_new_tokens": 6, "ignore_eos": True, "stream": True})
+        r = client.post("/generate",
+                        json={"prompt": PROMPT, "max_new_tokens": 6, "ignore_eos": True, "stream": True})
         assert r.status_code == 200 and r.text.rstrip().endswith("data: [DONE]"), r.text
         assert client.post("/generate", json={"prompt": PROMPT, "max_new_tokens": 9000}).status_code == 400
 
@@ -479,7 +487,8 @@ def promql_metrics(expr: str) -> set[str]:
 def dashboard_queries() -> list[tuple[str, str]]:
     """(panel title, expr) for every query of the Grafana dashboard."""
     dashboard = json.loads(DASHBOARD.read_text())
-    return [(panel["title"], target["expr"]) for panel in dashboard["panels"] for target in panel.get("targets", [])]
+    return [(panel["title"],
+             target["expr"]) for panel in dashboard["panels"] for target in panel.get("targets", [])]
 
 
 def alert_rules() -> list[dict]:
@@ -523,7 +532,8 @@ def referenced_metrics() -> dict[str, set[str]]:
 
 
 def test_promql_metric_names_are_extracted_from_real_queries():
-    expr = ('histogram_quantile(0.99, sum by (instance, le) (rate(a_b_bucket{x=~"$v", y="c d"}[$__rate_interval])))'
+    expr = ('histogram_quantile(0.99, sum by (instance, le) '
+            '(rate(a_b_bucket{x=~"$v", y="c d"}[$__rate_interval])))'
             ' / on (instance) group_left c_total offset 5m > 0.5 and sum(<<.Series>>{<<.LabelMatchers>>})')
     assert promql_metrics(expr) == {"a_b_bucket", "c_total"}
 
@@ -543,7 +553,8 @@ def test_every_metric_the_dashboard_alerts_and_autoscaler_query_exists_after_tra
                    "num_requests_waiting", "batch_size_bucket", "prefix_cache_hits_total",
                    "prefix_cache_misses_total", "requests_total"):
         assert f"prefix_serve_{wanted}" in on_dashboard, wanted
-    assert "prefix_serve_num_requests_waiting" in referenced and "HPA" in referenced["prefix_serve_num_requests_waiting"]
+    assert "prefix_serve_num_requests_waiting" in referenced
+    assert "HPA" in referenced["prefix_serve_num_requests_waiting"]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -557,7 +568,8 @@ def _dashboard_promql(expr: str, window: str = "1m") -> str:
 
 def test_prometheus_with_the_shipped_config_answers_every_dashboard_query(stack, tmp_path):
     checked = subprocess.run([require_program("promtool", "prometheus"), "check", "config",
-                              str(DOCKER / "prometheus" / "prometheus.yml")], capture_output=True, text=True)
+                              str(DOCKER / "prometheus" / "prometheus.yml")], check=False,
+                              capture_output=True, text=True)
     assert checked.returncode == 0, checked.stdout + checked.stderr  # the config and the alert rules it loads
     addresses = [stack.address(r) for r in stack.replicas]
     with PrometheusServer(render_config(addresses, interval="1s"), tmp_path / "prometheus") as prometheus:
@@ -574,7 +586,7 @@ def test_prometheus_with_the_shipped_config_answers_every_dashboard_query(stack,
                                          if name == "prefix_serve_generation_tokens_total")
                    for r in stack.replicas}
             now = {address: tokens for address, tokens in now.items() if tokens}  # no series before any
-            prometheus.wait_until(lambda: scraped(now, generated), 60, f"Prometheus has {now}")
+            prometheus.wait_until(lambda now=now: scraped(now, generated), 60, f"Prometheus has {now}")
 
         answers = {}
         for title, expr in dashboard_queries():
@@ -626,7 +638,8 @@ def test_router_keeps_each_task_on_one_replica_and_spreads_tasks_over_both(stack
                 record(task, client.post("/generate", params={"task": task},
                                          json={"prompt": PROMPT, "max_new_tokens": 3}))
         for task in TASKS:  # the OpenAI API names the task in the body's "model": router.js reads it
-            record(task, client.post("/v1/completions", json={"model": task, "prompt": PROMPT, "max_tokens": 3}))
+            record(task,
+                   client.post("/v1/completions", json={"model": task, "prompt": PROMPT, "max_tokens": 3}))
             record(task, client.post("/v1/chat/completions", json={
                 "model": task, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}))
         base = Counter()
@@ -638,9 +651,9 @@ def test_router_keeps_each_task_on_one_replica_and_spreads_tasks_over_both(stack
 
         for task in TASKS:
             assert served[task] == {stack.uploaded_on[task]}, (task, served[task], stack.uploaded_on[task])
-        # Where each task lands depends on the ring, built from the (random) ports: with 160 points per replica
-        # a replica's share is roughly 40-60%, so 16 tasks (or 20 base requests) all on one replica would be
-        # a broken router, not bad luck (odds below 1 in 1,000).
+        # Where each task lands depends on the ring, built from the (random) ports: with 160 points per
+        # replica a replica's share is roughly 40-60%, so 16 tasks (or 20 base requests) all on one replica
+        # would be a broken router, not bad luck (odds below 1 in 1,000).
         owners = Counter(stack.uploaded_on[task] for task in TASKS)
         assert set(owners) == addresses, f"all tasks on one replica: {owners}"
         assert set(base) == addresses, base
@@ -660,18 +673,18 @@ def test_router_streams_tokens_as_they_are_generated(stack):
     task = TASKS[3]
     owner = stack.replica_at(stack.uploaded_on[task])
     body = {"prompt": PROMPT, "max_new_tokens": 1500, "ignore_eos": True, "stream": True}
-    with httpx.Client(base_url=stack.router.url, timeout=120) as client:
-        with client.stream("POST", "/generate", params={"task": task}, json=body) as r:
-            assert r.status_code == 200
-            assert r.headers["content-type"].startswith("text/event-stream")
-            assert r.headers[UPSTREAM_HEADER] == stack.address(owner)
-            events = (line[len("data: "):] for line in r.iter_lines() if line.startswith("data: "))
-            first = json.loads(next(events))
-            assert first["token_ids"]
-            # The first tokens are here while the replica is still generating the other ~1,500: the router
-            # passes the stream through instead of collecting the whole answer first.
-            assert scrape(owner.url)[("prefix_serve_num_requests_running", ())] == 1
-            rest = list(events)
+    with (httpx.Client(base_url=stack.router.url, timeout=120) as client,
+          client.stream("POST", "/generate", params={"task": task}, json=body) as r):
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        assert r.headers[UPSTREAM_HEADER] == stack.address(owner)
+        events = (line[len("data: "):] for line in r.iter_lines() if line.startswith("data: "))
+        first = json.loads(next(events))
+        assert first["token_ids"]
+        # The first tokens are here while the replica is still generating the other ~1,500: the router
+        # passes the stream through instead of collecting the whole answer first.
+        assert scrape(owner.url)[("prefix_serve_num_requests_running", ())] == 1
+        rest = list(events)
     assert rest[-1] == "[DONE]"
     final = json.loads(rest[-2])
     assert final["finish_reason"] == "length" and final["usage"]["completion_tokens"] == 1500
@@ -762,12 +775,14 @@ def test_compose_stack_agrees_with_the_image_the_cli_the_router_and_prometheus()
     redis_service = services["redis"]
     conf = redis_service["command"][1]
     assert _bind_mounts(redis_service)[conf] == DOCKER / "redis" / "redis.conf"
-    assert any(v.split(":")[1] == "/data" and v.split(":")[0] in compose["volumes"] for v in redis_service["volumes"])
+    assert any(v.split(":")[1] == "/data" and v.split(":")[0] in compose["volumes"]
+               for v in redis_service["volumes"])
 
     # Grafana: the provisioned datasource is the one the dashboard uses, and points at the Prometheus service
     grafana = _bind_mounts(services["grafana"])
     provisioning = grafana["/etc/grafana/provisioning"]
-    (datasource,) = yaml.safe_load((provisioning / "datasources" / "prometheus.yaml").read_text())["datasources"]
+    datasources = yaml.safe_load((provisioning / "datasources" / "prometheus.yaml").read_text())
+    (datasource,) = datasources["datasources"]
     assert urlparse(datasource["url"]).hostname == "prometheus" and urlparse(datasource["url"]).port == 9090
     (provider,) = yaml.safe_load((provisioning / "dashboards" / "prefix-serve.yaml").read_text())["providers"]
     assert grafana[provider["options"]["path"]] == DASHBOARD.parent
@@ -821,7 +836,8 @@ def test_kubernetes_manifests_are_consistent_and_run_what_the_image_runs():
             assert (DOCKER / file).is_file(), file
         generated[generator["name"]] = {entry.split("=")[0].split("/")[-1] for entry in generator["files"]}
 
-    # the replicas: the image's command with the manifest's args, a GPU each, probes on /healthz, a store volume
+    # the replicas: the image's command with the manifest's args, a GPU each, probes on /healthz, a
+    # store volume
     sts = k8s_object("StatefulSet", "prefix-serve")
     pod = sts["spec"]["template"]
     assert _selects(sts["spec"]["selector"]["matchLabels"], pod["metadata"]["labels"])
@@ -829,7 +845,8 @@ def test_kubernetes_manifests_are_consistent_and_run_what_the_image_runs():
     assert container["image"] in {image["name"] for image in kustomization["images"]}
     args = parse_serve(container["args"])
     assert args.device == "cuda"
-    settings_of(parse_serve([a if a != "cuda" else "cpu" for a in container["args"]]))  # everything else valid
+    # everything else valid
+    settings_of(parse_serve([a if a != "cuda" else "cpu" for a in container["args"]]))
     assert int(container["resources"]["limits"]["nvidia.com/gpu"]) >= 1
     (http,) = container["ports"]
     assert http["containerPort"] == args.port
@@ -861,19 +878,22 @@ def test_kubernetes_manifests_are_consistent_and_run_what_the_image_runs():
 
     # the router: nginx with the shipped config, listing every pod the HPA may create by its stable name
     hpa = k8s_object("HorizontalPodAutoscaler", "prefix-serve")
-    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "StatefulSet", "name": "prefix-serve"}
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "StatefulSet",
+                                             "name": "prefix-serve"}
     assert hpa["spec"]["minReplicas"] <= sts["spec"]["replicas"] <= hpa["spec"]["maxReplicas"]
     servers = _upstream_servers(K8S / "upstream-servers.conf")
-    assert servers == [f"prefix-serve-{i}.{headless['metadata']['name']}.{namespace}.svc.cluster.local:{args.port}"
-                       for i in range(hpa["spec"]["maxReplicas"])]
-    assert all(line.rstrip().endswith("resolve;") for line in (K8S / "upstream-servers.conf").read_text().splitlines()
+    service = f"{headless['metadata']['name']}.{namespace}.svc.cluster.local"
+    assert servers == [f"prefix-serve-{i}.{service}:{args.port}" for i in range(hpa["spec"]["maxReplicas"])]
+    assert all(line.rstrip().endswith("resolve;")
+               for line in (K8S / "upstream-servers.conf").read_text().splitlines()
                if line.lstrip().startswith("server "))
     router = k8s_object("Deployment", "prefix-serve-router")
     (nginx,) = router["spec"]["template"]["spec"]["containers"]
     assert nginx["args"] == _compose("compose.yaml")["services"]["router"]["command"]
     conf_dir = str(Path(nginx["args"][nginx["args"].index("-c") + 1]).parent)
     (router_volume,) = router["spec"]["template"]["spec"]["volumes"]
-    assert generated[router_volume["configMap"]["name"]] == {"nginx.conf", "router.js", "upstream-servers.conf"}
+    assert generated[router_volume["configMap"]["name"]] == {"nginx.conf", "router.js",
+                                                             "upstream-servers.conf"}
     assert nginx["volumeMounts"] == [{"name": router_volume["name"], "mountPath": conf_dir, "readOnly": True}]
     router_service = k8s_object("Service", "prefix-serve-router")
     assert _selects(router_service["spec"]["selector"], router["spec"]["template"]["metadata"]["labels"])
@@ -887,5 +907,6 @@ def test_kubernetes_manifests_are_consistent_and_run_what_the_image_runs():
                     and _selects(monitor["spec"]["selector"]["matchLabels"], d["metadata"].get("labels", {}))]
     assert _selects(monitored["spec"]["selector"], pod["metadata"]["labels"])
     (endpoint,) = monitor["spec"]["endpoints"]
-    assert endpoint["port"] in {p["name"] for p in monitored["spec"]["ports"]} and endpoint["path"] == "/metrics"
+    assert endpoint["port"] in {p["name"] for p in monitored["spec"]["ports"]}
+    assert endpoint["path"] == "/metrics"
     assert k8s_object("PrometheusRule", "prefix-serve")["spec"] == yaml.safe_load(ALERTS.read_text())

@@ -12,13 +12,21 @@ import dataclasses
 import random
 
 import pytest
-import torch
 
 from server.engine.engine import ContextTooLong, Engine, EngineConfig
 from server.engine.model import SUPPORTED_MODEL_TYPES, UnsupportedModel, wrap_model
 from server.engine.sequence import SamplingParams, Sequence
-from tests.helpers.support import (KINDS, NEAR_TIE, NO_ADAPTATION, TINY_CONFIGS, VOCAB, assert_oracle_tokens, make_adapter, oracle_logits,
-                     tiny_model)
+from tests.helpers.support import (
+    KINDS,
+    NEAR_TIE,
+    NO_ADAPTATION,
+    TINY_CONFIGS,
+    VOCAB,
+    assert_oracle_tokens,
+    make_adapter,
+    oracle_logits,
+    tiny_model,
+)
 
 
 def run_staggered(engine: Engine, seqs: list[Sequence], arrivals: list[int]) -> None:
@@ -34,7 +42,8 @@ def run_staggered(engine: Engine, seqs: list[Sequence], arrivals: list[int]) -> 
 
 
 def check_against_oracle(base, adapters, seqs, tasks, near_tie: float = NEAR_TIE, reference=None) -> None:
-    """``reference``: the base model as it was before an Engine routed its attention (default: ``base.model``)."""
+    """``reference``: the base model as it was before an Engine routed its attention (default:
+    ``base.model``)."""
     reference = base.model if reference is None else reference
     changed = {a.name: False for a in adapters}
     for seq, adapter in zip(seqs, tasks):
@@ -47,7 +56,8 @@ def check_against_oracle(base, adapters, seqs, tasks, near_tie: float = NEAR_TIE
             with_prefix = oracle_logits(adapter.oracle, seq.prompt_ids, seq.output_ids)
             without = oracle_logits(reference, seq.prompt_ids, seq.output_ids)
             changed[adapter.name] |= bool((with_prefix.argmax(-1) != without.argmax(-1)).any())
-    assert all(changed.values()), f"adapters that never changed a token: {[k for k, v in changed.items() if not v]}"
+    unchanged = [k for k, v in changed.items() if not v]
+    assert all(changed.values()), f"adapters that never changed a token: {unchanged}"
 
 
 # Whole prompts in one step for the first six families; every family with chunked prefill (the harder layout).
@@ -73,7 +83,8 @@ def test_mixed_batch_matches_peft(arch, step_tokens, tokenizer, tmp_path):
     # and a shorter scenario; the adapted ones and the first six get everything.
     kinds = KINDS[:4] if arch in NO_ADAPTATION else KINDS
     lengths = [5, 2, 7, 3, 4, 6]
-    adapters = [make_adapter(base, kind, n, tmp_path, seed) for seed, (kind, n) in enumerate(zip(kinds, lengths))]
+    adapters = [make_adapter(base, kind, n, tmp_path, seed) for seed, (kind,
+                                                                       n) in enumerate(zip(kinds, lengths))]
     rng = random.Random(arch)
     seqs, tasks, arrivals = [], [], []
     for i in range(10 if arch in NO_ADAPTATION else 14):
@@ -139,12 +150,14 @@ def test_long_prompt_does_not_stall_running_requests(tokenizer):
 def test_seeded_sampling_ignores_batch_neighbours(tokenizer, tmp_path):
     base = wrap_model(tiny_model("llama", seed=1), tokenizer, "llama")
     adapter = make_adapter(base, "prefix", 4, tmp_path, 0)
-    params = SamplingParams(max_new_tokens=12, temperature=1.0, top_p=0.9, top_k=50, seed=1234, ignore_eos=True)
+    params = SamplingParams(max_new_tokens=12, temperature=1.0, top_p=0.9, top_k=50, seed=1234,
+                            ignore_eos=True)
 
     def run(with_neighbours: bool) -> list[int]:
         engine = Engine(base)
         seq = Sequence([5, 6, 7], params, adapter.prefix)
-        others = [Sequence([i + 1] * (i + 2), SamplingParams(max_new_tokens=9, temperature=0.7, ignore_eos=True))
+        others = [Sequence([i + 1] * (i + 2),
+                           SamplingParams(max_new_tokens=9, temperature=0.7, ignore_eos=True))
                   for i in range(5)] if with_neighbours else []
         for s in [*others[:2], seq, *others[2:]]:
             engine.submit(s)
@@ -196,7 +209,8 @@ def test_default_model_mixed_batch_matches_peft(default_model, tokenizer, tmp_pa
     base = default_model
     specs = [("prefix", 10), ("prefix", 3), ("prompt_tuning", 6), ("p_tuning", 4), ("chatglm_projection", 5)]
     # Real embeddings have norm ~3: soft prompts keep PEFT's scale, KV prefixes are enlarged to matter.
-    adapters = [make_adapter(base, kind, n, tmp_path, seed, scale={"prompt_tuning": 1.0, "p_tuning": 2.0}.get(kind, 4.0))
+    adapters = [make_adapter(base, kind, n, tmp_path, seed,
+                             scale={"prompt_tuning": 1.0, "p_tuning": 2.0}.get(kind, 4.0))
                 for seed, (kind, n) in enumerate(specs)]
     prompts = ["The capital of France is", "Write a haiku about the sea.", "1, 2, 3, 4,",
                "Translate to French: good morning", "def fibonacci(n):", "Once upon a time",
@@ -205,9 +219,11 @@ def test_default_model_mixed_batch_matches_peft(default_model, tokenizer, tmp_pa
     seqs, tasks = [], []
     for prompt, which in zip(prompts, assignment):
         adapter = None if which is None else adapters[which]
-        seqs.append(Sequence(tokenizer(prompt)["input_ids"], SamplingParams(max_new_tokens=8 + len(seqs), ignore_eos=True),
+        seqs.append(Sequence(tokenizer(prompt)["input_ids"],
+                             SamplingParams(max_new_tokens=8 + len(seqs), ignore_eos=True),
                              adapter.prefix if adapter else None))
         tasks.append(adapter)
     # 12 tokens a step: prompts and soft prompts are chunked while others decode.
-    run_staggered(Engine(base, EngineConfig(max_batch_size=8, max_step_tokens=12)), seqs, [0, 0, 0, 2, 3, 5, 5, 9])
+    run_staggered(Engine(base, EngineConfig(max_batch_size=8, max_step_tokens=12)), seqs,
+                  [0, 0, 0, 2, 3, 5, 5, 9])
     check_against_oracle(base, adapters, seqs, tasks)

@@ -1,5 +1,5 @@
-"""What the per-family oracle matrix (test_engine_oracle.py) does not cover: ChatGLM P-Tuning v2 checkpoints on
-transformers' GLM-4, half-precision dtypes, and the refusals (unsupported families, attention options)."""
+"""What the per-family oracle matrix (test_engine_oracle.py) does not cover: ChatGLM P-Tuning v2 checkpoints
+on transformers' GLM-4, half-precision dtypes, and the refusals (unsupported families, attention options)."""
 
 from __future__ import annotations
 
@@ -20,8 +20,15 @@ from server.engine.model import SUPPORTED_MODEL_TYPES, UnsupportedModel, check_s
 from server.engine.sequence import SamplingParams, Sequence
 from tests.engine.test_engine_oracle import check_against_oracle, run_staggered
 from tests.helpers.adapters import peft_adapter, read_dir
-from tests.helpers.support import (TINY_CONFIGS, VOCAB, WINDOW, assert_oracle_tokens, make_adapter, oracle_logits,
-                                   tiny_model)
+from tests.helpers.support import (
+    TINY_CONFIGS,
+    VOCAB,
+    WINDOW,
+    assert_oracle_tokens,
+    make_adapter,
+    oracle_logits,
+    tiny_model,
+)
 
 P = 6  # virtual tokens
 
@@ -78,8 +85,8 @@ def test_chatglm_checkpoint_on_glm4(projection, tokenizer):
     oracle.eval()
     prefix = ResidentPrefix.unstored("glm4-ptv2", artifact)
     rng = random.Random(4)
-    seqs = [Sequence([rng.randrange(VOCAB) for _ in range(n)], SamplingParams(max_new_tokens=6, ignore_eos=True),
-                     prefix) for n in (3, 9, 1)]
+    seqs = [Sequence([rng.randrange(VOCAB) for _ in range(n)],
+                     SamplingParams(max_new_tokens=6, ignore_eos=True), prefix) for n in (3, 9, 1)]
     run_staggered(Engine(base, EngineConfig(max_batch_size=3, max_step_tokens=5)), seqs, [0, 1, 2])
     changed = False
     for seq in seqs:
@@ -147,10 +154,12 @@ def test_unsupported_family_is_refused_naming_the_nearest(model_type, nearest):
 
 def test_unknown_layer_kind_is_refused():
     with pytest.raises(UnsupportedModel, match="chunked_attention"):
-        check_supported(SimpleNamespace(model_type="qwen3", layer_types=["full_attention", "chunked_attention"]))
+        check_supported(SimpleNamespace(model_type="qwen3",
+                                        layer_types=["full_attention", "chunked_attention"]))
 
 
-@pytest.mark.parametrize("kwargs", [{"s_aux": torch.zeros(4)}, {"sinks": torch.zeros(4)}, {"is_causal": False}])
+@pytest.mark.parametrize("kwargs",
+                         [{"s_aux": torch.zeros(4)}, {"sinks": torch.zeros(4)}, {"is_causal": False}])
 def test_attention_options_it_cannot_honour_are_refused(kwargs):
     q = k = v = torch.zeros(1, 4, 3, 16)
     with pytest.raises(UnsupportedAttention, match=next(iter(kwargs))):
@@ -186,8 +195,9 @@ def test_multi_query_falcon_against_peft_sized_for_one_head(tokenizer, tmp_path)
     oracle = PeftModel.from_pretrained(copy.deepcopy(base.model), tmp_path / "mq").eval()
     prefix = ResidentPrefix.unstored("mq", parse_artifact(read_dir(tmp_path / "mq"), base.shape))
     rng = random.Random(5)
-    seqs = [Sequence([rng.randrange(VOCAB) for _ in range(n)], SamplingParams(max_new_tokens=6, ignore_eos=True),
-                     prefix if n != 4 else None) for n in (3, 9, 4, 1)]
+    seqs = [Sequence([rng.randrange(VOCAB) for _ in range(n)],
+                     SamplingParams(max_new_tokens=6, ignore_eos=True), prefix if n != 4 else None)
+            for n in (3, 9, 4, 1)]
     run_staggered(Engine(base, EngineConfig(max_batch_size=4, max_step_tokens=5)), seqs, [0, 0, 1, 2])
     changed = False
     for seq in seqs:

@@ -11,11 +11,11 @@ import random
 
 import pytest
 import torch
-from tests.helpers.support import VOCAB, make_adapter, tiny_model
 
 from server.engine.engine import Engine, EngineConfig
 from server.engine.model import wrap_model
 from server.engine.sequence import SamplingParams, Sequence
+from tests.helpers.support import VOCAB, make_adapter, tiny_model
 
 TOLERANCE = 1e-4
 

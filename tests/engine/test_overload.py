@@ -11,9 +11,9 @@ import signal
 
 import httpx
 import pytest
-from tests.helpers.server_process import ServerProcess
 
 from server.engine.model import default_model_dir
+from tests.helpers.server_process import ServerProcess
 
 PROMPT = "Write a long story about a lighthouse keeper."
 

@@ -40,7 +40,8 @@ def reference_penalised(logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
 def test_penalties_and_bias_match_the_per_row_formulas():
     torch.manual_seed(0)
     logits = torch.randn(4, V) * 3
-    params = [SamplingParams(repetition_penalty=1.7), SamplingParams(frequency_penalty=0.9, presence_penalty=1.3),
+    params = [SamplingParams(repetition_penalty=1.7),
+              SamplingParams(frequency_penalty=0.9, presence_penalty=1.3),
               SamplingParams(repetition_penalty=0.6, frequency_penalty=-0.5, presence_penalty=0.4),
               SamplingParams(logit_bias=((5, 30.0), (7, -100.0)))]
     seqs = [Sequence([1, 5, 9, 9], p) for p in params]
@@ -75,8 +76,8 @@ def test_seeded_draws_do_not_depend_on_the_batch():
     torch.manual_seed(1)
     logits = torch.randn(5, V)
     kinds = [SamplingParams(temperature=0.9, seed=11), SamplingParams(temperature=1.3, top_k=7, seed=12),
-             SamplingParams(temperature=0.7, top_p=0.8, seed=13), SamplingParams(), SamplingParams(top_p=0.5, top_k=3,
-                                                                                                temperature=1.0, seed=14)]
+             SamplingParams(temperature=0.7, top_p=0.8, seed=13), SamplingParams(),
+             SamplingParams(top_p=0.5, top_k=3, temperature=1.0, seed=14)]
 
     def run(order: list[int], steps: int = 12) -> dict[int, list[int]]:
         sampler, seqs = make_sampler(), {i: Sequence([1], kinds[i]) for i in order}
@@ -174,9 +175,11 @@ def test_grammar_masks_force_a_schema_even_from_random_logits(grammars, tokenize
     vocab = len(tokenizer)
     sampler = Sampler(vocab, torch.device("cpu"), frozenset({tokenizer.eos_token_id}), grammars)
     torch.manual_seed(0)
-    seqs = [Sequence([1], SamplingParams(temperature=1.0, seed=s, structured=("json_schema", json.dumps(schema))))
+    seqs = [Sequence([1],
+                     SamplingParams(temperature=1.0, seed=s, structured=("json_schema", json.dumps(schema))))
             for s in range(3)]
-    seqs.append(Sequence([1], SamplingParams(temperature=1.0, seed=9, structured=("choice", '["yes", "no"]'))))
+    seqs.append(Sequence([1],
+                         SamplingParams(temperature=1.0, seed=9, structured=("choice", '["yes", "no"]'))))
     admitted(sampler, *seqs)
     live = list(seqs)
     for step in range(60):

@@ -11,7 +11,14 @@ import os
 from pathlib import Path
 
 import torch
-from peft import PeftConfig, PeftModel, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, get_peft_model
+from peft import (
+    PeftConfig,
+    PeftModel,
+    PrefixTuningConfig,
+    PromptEncoderConfig,
+    PromptTuningConfig,
+    get_peft_model,
+)
 
 # kind -> what PEFT builds. "chatglm*" are PEFT prefixes that tests re-save as THUDM ChatGLM checkpoints.
 PEFT_KINDS = ("prefix", "prefix_projection", "p_tuning", "p_tuning_mlp", "p_tuning_lstm", "prompt_tuning",
@@ -31,7 +38,8 @@ def peft_config(kind: str, num_virtual_tokens: int, encoder_hidden_size: int = 4
                                    encoder_hidden_size=encoder_hidden_size)
     if kind == "p_tuning_lstm":
         return PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=num_virtual_tokens,
-                                   encoder_hidden_size=encoder_hidden_size, encoder_reparameterization_type="LSTM")
+                                   encoder_hidden_size=encoder_hidden_size,
+                                   encoder_reparameterization_type="LSTM")
     if kind == "prompt_tuning":
         return PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=num_virtual_tokens)
     raise ValueError(kind)

@@ -21,9 +21,13 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tests.helpers.server_process import REPO_ROOT, free_port
 from tests.helpers.system_programs import require_file, require_program, stop_process
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 SHIPPED = REPO_ROOT / "docker" / "nginx"
 LISTEN = re.compile(r"^(\s*)listen\s+8080;", re.MULTILINE)
@@ -85,8 +89,10 @@ class NginxRouter:
             conf = render_config(self.folder / "conf", self.port, self.upstreams)
             cmd = [self.binary, "-p", f"{self.folder}/", "-c", str(conf), "-e", str(self.error_log),
                    "-g", f"daemon off; pid {self.folder}/nginx.pid;"]
-            self._log = open(self.access_log, "ab")  # the config logs requests to /dev/stdout
-            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT)
+            # the config logs requests to /dev/stdout; open while nginx runs, closed by stop()
+            self._log = open(self.access_log, "ab")  # noqa: SIM115
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self._log,
+                                         stderr=subprocess.STDOUT)
             _live.add(self)
             if self._wait_listening():
                 return self
@@ -118,7 +124,7 @@ class NginxRouter:
         if self.folder is not None:
             shutil.rmtree(self.folder, ignore_errors=True)
 
-    def __enter__(self) -> NginxRouter:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc_info) -> None:

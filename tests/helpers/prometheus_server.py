@@ -19,12 +19,16 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import yaml
 
 from tests.helpers.server_process import REPO_ROOT, free_port
 from tests.helpers.system_programs import require_program, stop_process
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 SHIPPED = REPO_ROOT / "docker" / "prometheus" / "prometheus.yml"
 JOB = "prefix-serve"
@@ -77,8 +81,9 @@ class PrometheusServer:
         self.port = free_port()
         cmd = [self.binary, f"--config.file={config_path}", f"--storage.tsdb.path={self.workdir / 'data'}",
                f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"]
-        self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT)
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - open while Prometheus runs, closed by stop()
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self._log,
+                                     stderr=subprocess.STDOUT)
         _live.add(self)
         try:
             self.wait_until(self._ready, self.startup_timeout, "Prometheus ready")
@@ -109,7 +114,8 @@ class PrometheusServer:
         deadline = time.monotonic() + timeout
         while not condition():
             if time.monotonic() > deadline:
-                raise AssertionError(f"timed out after {timeout:.0f}s waiting for: {what}; log:\n{self.log_tail()}")
+                raise AssertionError(
+                    f"timed out after {timeout:.0f}s waiting for: {what}; log:\n{self.log_tail()}")
             time.sleep(0.2)
 
     def stop(self) -> None:
@@ -120,7 +126,7 @@ class PrometheusServer:
             self._log.close()
             self._log = None
 
-    def __enter__(self) -> PrometheusServer:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc_info) -> None:

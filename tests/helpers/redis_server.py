@@ -20,8 +20,12 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tests.helpers.server_process import free_port
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 _live: set[RedisServer] = set()
 
@@ -118,7 +122,7 @@ class RedisServer:
         self.proc.send_signal(signal.SIGCONT)
         self._paused = False
 
-    def __enter__(self) -> RedisServer:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc_info) -> None:

@@ -20,8 +20,12 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -107,7 +111,7 @@ class ServerProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as marker:
             marker.write(f"\n===== {' '.join(cmd)}\n".encode())
-        self._log_file = open(self.log_path, "ab")
+        self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - open while the server runs, closed by stop()
         self.proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL,
                                      stdout=self._log_file, stderr=subprocess.STDOUT)
         _live.add(self)
@@ -123,7 +127,8 @@ class ServerProcess:
             while True:
                 code = self.proc.poll()
                 if code is not None:
-                    raise ServerStartError(f"server exited with code {code} during start-up; log:\n{self.log_tail()}")
+                    raise ServerStartError(
+                        f"server exited with code {code} during start-up; log:\n{self.log_tail()}")
                 try:
                     if client.get(self.url + "/healthz").status_code == 200:
                         return
@@ -157,7 +162,7 @@ class ServerProcess:
         self.stop()
         return self.start()
 
-    def __enter__(self) -> ServerProcess:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc_info) -> None:

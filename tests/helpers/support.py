@@ -19,8 +19,8 @@ from transformers import (
     FalconConfig,
     Gemma2Config,
     Gemma3TextConfig,
-    GlmConfig,
     Glm4Config,
+    GlmConfig,
     GPT2Config,
     GPTNeoXConfig,
     LlamaConfig,
@@ -41,33 +41,36 @@ from tests.helpers.adapters import peft_adapter, read_dir
 from tests.helpers.placement import NEAR_TIE, place
 
 VOCAB = 256
-# Sliding windows far below the test's sequence lengths (prefix + prompt + output reach ~30 positions), so that
-# every windowed family is checked with its window binding.
+# Sliding windows far below the test's sequence lengths (prefix + prompt + output reach ~30 positions), so
+# that every windowed family is checked with its window binding.
 WINDOW = 10
-_LLAMA_LIKE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-_IDS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)  # within the tiny vocabulary
-# Families served with no adaptation beyond what the generic path already does; their tiny configs differ only in
-# model_type (True: give it a binding sliding window, for the families whose layers can be windowed).
+_LLAMA_LIKE = {"vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+               "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512}
+_IDS = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}  # within the tiny vocabulary
+# Families served with no adaptation beyond what the generic path already does; their tiny configs differ only
+# in model_type (True: give it a binding sliding window, for the families whose layers can be windowed).
 NO_ADAPTATION = {
     "apertus": False, "arcee": False, "bitnet": False, "cohere": False, "cohere2": True, "ernie4_5": False,
-    "exaone4": True, "gemma": False, "glm4_moe": False, "granite": False, "granitemoe": False, "helium": False,
-    "hunyuan_v1_dense": False, "jetmoe": False, "ministral": True, "nemotron": False, "olmo": False,
-    "olmo2": False,
+    "exaone4": True, "gemma": False, "glm4_moe": False, "granite": False, "granitemoe": False,
+    "helium": False, "hunyuan_v1_dense": False, "jetmoe": False, "ministral": True, "nemotron": False,
+    "olmo": False, "olmo2": False,
     "olmo3": True, "olmoe": False, "phi": False, "phimoe": False, "qwen2_moe": False, "seed_oss": False,
     "smollm3": False, "stablelm": False, "ernie4_5_moe": False, "hunyuan_v1_moe": False,
-    "granitemoeshared": False, "flex_olmo": False, "jais2": False, "hyperclovax": False, "mellum": True, "cwm": True,
+    "granitemoeshared": False, "flex_olmo": False, "jais2": False, "hyperclovax": False,
+    "mellum": True, "cwm": True,
 }
-_GPT_LIKE = dict(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=512, bos_token_id=1, eos_token_id=2)
+_GPT_LIKE = {"vocab_size": VOCAB, "n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 512,
+             "bos_token_id": 1, "eos_token_id": 2}
 TINY_CONFIGS = {
     "llama": lambda: LlamaConfig(**_LLAMA_LIKE),
     "qwen2": lambda: Qwen2Config(**{**_LLAMA_LIKE, "num_key_value_heads": 1}),
     "mistral": lambda: MistralConfig(**_LLAMA_LIKE, sliding_window=WINDOW),
     "gpt2": lambda: GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=512),
-    "gpt_neox": lambda: GPTNeoXConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, max_position_embeddings=512),
-    "opt": lambda: OPTConfig(vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
-                             max_position_embeddings=512, word_embed_proj_dim=64),
+    "gpt_neox": lambda: GPTNeoXConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                                      num_hidden_layers=2, num_attention_heads=4,
+                                      max_position_embeddings=512),
+    "opt": lambda: OPTConfig(vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
+                             num_attention_heads=4, max_position_embeddings=512, word_embed_proj_dim=64),
     # GLM / GLM-4: half-width interleaved rotary; 2 multi-query groups (key/value heads) of head_dim 16.
     "glm": lambda: GlmConfig(**_LLAMA_LIKE, head_dim=16, **_IDS),
     "glm4": lambda: Glm4Config(**_LLAMA_LIKE, head_dim=16, **_IDS),
@@ -76,12 +79,13 @@ TINY_CONFIGS = {
                                  max_window_layers=1),
     "qwen3_moe": lambda: Qwen3MoeConfig(**_LLAMA_LIKE, head_dim=16, num_experts=4, num_experts_per_tok=2,
                                         moe_intermediate_size=32),
-    # Gemma 2: local/global alternation, a soft-cap low enough to bind on these logits, and a scale that is not
-    # head_dim**-0.5 (query_pre_attn_scalar 24 vs head_dim 16).
+    # Gemma 2: local/global alternation, a soft-cap low enough to bind on these logits, and a scale that is
+    # not head_dim**-0.5 (query_pre_attn_scalar 24 vs head_dim 16).
     # Untied output embeddings: with Gemma's sqrt(hidden)-scaled, tied embeddings a tiny random model only
     # ever predicts its input token, which no prefix can change.
-    "gemma2": lambda: Gemma2Config(**_LLAMA_LIKE, head_dim=16, query_pre_attn_scalar=24, sliding_window=WINDOW,
-                                   attn_logit_softcapping=2.0, tie_word_embeddings=False, **_IDS),
+    "gemma2": lambda: Gemma2Config(**_LLAMA_LIKE, head_dim=16, query_pre_attn_scalar=24,
+                                   sliding_window=WINDOW, attn_logit_softcapping=2.0,
+                                   tie_word_embeddings=False, **_IDS),
     "gemma3_text": lambda: Gemma3TextConfig(**_LLAMA_LIKE, head_dim=16, query_pre_attn_scalar=24,
                                             sliding_window=WINDOW, tie_word_embeddings=False,
                                             layer_types=["sliding_attention", "full_attention"], **_IDS),
@@ -90,16 +94,18 @@ TINY_CONFIGS = {
                                      sliding_window=WINDOW),
     "starcoder2": lambda: Starcoder2Config(**_LLAMA_LIKE, sliding_window=WINDOW),
     # Falcon-40B/180B layout: 2 key/value groups, broadcast to the 4 query heads before caching.
-    "falcon": lambda: FalconConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                   new_decoder_architecture=True, num_kv_heads=2, alibi=False, bias=False,
-                                   max_position_embeddings=512, **_IDS),
+    "falcon": lambda: FalconConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, new_decoder_architecture=True, num_kv_heads=2,
+                                   alibi=False, bias=False, max_position_embeddings=512, **_IDS),
     **{model_type: (lambda t=model_type, w=window: AutoConfig.for_model(
         t, **_LLAMA_LIKE, head_dim=16, tie_word_embeddings=False, **_IDS,
         **({"sliding_window": WINDOW} if w else {}))) for model_type, window in NO_ADAPTATION.items()},
-    # Four small experts, two per token, where the defaults (up to 128 experts) would dominate the test's time.
-    "qwen2_moe": lambda: AutoConfig.for_model("qwen2_moe", **_LLAMA_LIKE, num_experts=4, num_experts_per_tok=2,
-                                              moe_intermediate_size=32, shared_expert_intermediate_size=32,
-                                              tie_word_embeddings=False, **_IDS),
+    # Four small experts, two per token, where the defaults (up to 128 experts) would dominate the
+    # test's time.
+    "qwen2_moe": lambda: AutoConfig.for_model("qwen2_moe", **_LLAMA_LIKE, num_experts=4,
+                                              num_experts_per_tok=2, moe_intermediate_size=32,
+                                              shared_expert_intermediate_size=32, tie_word_embeddings=False,
+                                              **_IDS),
     "olmoe": lambda: AutoConfig.for_model("olmoe", **_LLAMA_LIKE, num_experts=4, num_experts_per_tok=2,
                                           tie_word_embeddings=False, **_IDS),
     # Multi-query attention: one key/value head (StarCoder / SantaCoder).
@@ -145,11 +151,13 @@ class Adapter:
 
 
 def save_tiny_llama(folder: Path, tokenizer, max_positions: int) -> Path:
-    """A tiny random Llama with the real tokenizer (its chat template too) as a model folder: `--model PATH`."""
+    """A tiny random Llama with the real tokenizer (its chat template too) as a model folder:
+    `--model PATH`."""
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=max_positions, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder

@@ -19,8 +19,8 @@ _EXTRA_PATH = "/usr/sbin:/usr/local/sbin:/sbin"
 
 
 def _missing(what: str, package: str) -> None:
-    message = (f"{what} is missing: the deployment tests start the real one. `make install` installs it as root "
-               f"on Debian; or: apt-get install {package}")
+    message = (f"{what} is missing: the deployment tests start the real one. `make install` installs it as "
+               f"root on Debian; or: apt-get install {package}")
     if os.environ.get("CI") or os.geteuid() == 0:
         pytest.fail(message, pytrace=False)
     pytest.skip(message + " (skipped: not root, so `make install` could not install it)")

@@ -45,8 +45,8 @@ P = 5  # virtual tokens
 
 def tiny_llama(seed: int = 0, **overrides) -> torch.nn.Module:
     torch.manual_seed(seed)
-    kwargs = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    kwargs = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256}
     kwargs.update(overrides)
     return AutoModelForCausalLM.from_config(LlamaConfig(**kwargs)).eval()
 
@@ -244,7 +244,8 @@ def test_chatglm_prefix_projection_is_folded(container, key_prefix):
     with torch.no_grad():
         expected_flat = encoder.trans(encoder.embedding.weight)  # nn.Sequential(Linear, Tanh, Linear)
     torch.testing.assert_close(flatten_prefix(artifact.tensor), expected_flat, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(artifact.tensor, unflatten_prefix(expected_flat, LLAMA_SHAPE), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(artifact.tensor, unflatten_prefix(expected_flat, LLAMA_SHAPE), rtol=1e-6,
+                               atol=1e-6)
     for i, layer in enumerate(chatglm_get_prompt(encoder, LLAMA_SHAPE)):
         torch.testing.assert_close(artifact.tensor[i], layer, rtol=1e-6, atol=1e-6)
 
@@ -261,7 +262,8 @@ def test_chatglm_incomplete_mlp_refused():
     encoder = ChatGLMPrefixEncoder(P, LLAMA_SHAPE.kv_width, projection=(40, 24))
     state = chatglm_state(encoder)
     del state["transformer.prefix_encoder.trans.2.bias"]
-    with pytest.raises(InvalidArtifact, match=r"prefix_projection MLP is incomplete, missing \['trans.2.bias'\]"):
+    with pytest.raises(InvalidArtifact,
+                       match=r"prefix_projection MLP is incomplete, missing \['trans.2.bias'\]"):
         parse_artifact({"m.safetensors": safetensors.torch.save(state)}, LLAMA_SHAPE)
 
 
@@ -286,7 +288,8 @@ def test_chatglm_without_embedding_refused():
 def _artifacts() -> list[PrefixArtifact]:
     torch.manual_seed(6)
     return [
-        PrefixArtifact(PrefixKind.PREFIX_TUNING, torch.randn(2, 2, 2, P, 16), "peft", {"peft_type": "PREFIX_TUNING"}),
+        PrefixArtifact(PrefixKind.PREFIX_TUNING, torch.randn(2, 2, 2, P, 16), "peft",
+                       {"peft_type": "PREFIX_TUNING"}),
         PrefixArtifact(PrefixKind.PREFIX_TUNING, torch.randn(2, 2, 2, P, 16).to(torch.bfloat16), "chatglm",
                        {"prefix_projection": "True"}),
         PrefixArtifact(PrefixKind.P_TUNING, torch.randn(P, 64).half(), "peft", {"peft_type": "P_TUNING"}),
@@ -423,19 +426,23 @@ def test_broken_adapter_config_refused(tmp_path, broken, message):
 def test_adapter_config_without_weights_refused(tmp_path):
     files = _prompt_tuning_files(tmp_path)
     del files["adapter_model.safetensors"]
-    with pytest.raises(InvalidArtifact, match="PEFT adapter without weights: upload adapter_model.safetensors"):
+    with pytest.raises(InvalidArtifact,
+                       match="PEFT adapter without weights: upload adapter_model.safetensors"):
         parse_artifact(files, LLAMA_SHAPE)
 
 
 def test_weights_without_prompt_embeddings_refused(tmp_path):
     files = _prompt_tuning_files(tmp_path)
-    files["adapter_model.safetensors"] = safetensors.torch.save({"base_model.embed.weight": torch.zeros(P, 64)})
-    with pytest.raises(InvalidArtifact, match=r"no 'prompt_embeddings' tensor \(found \['base_model.embed.weight'\]\)"):
+    files["adapter_model.safetensors"] = safetensors.torch.save({"base_model.embed.weight": torch.zeros(P,
+                                                                                                        64)})
+    with pytest.raises(InvalidArtifact,
+                       match=r"no 'prompt_embeddings' tensor \(found \['base_model.embed.weight'\]\)"):
         parse_artifact(files, LLAMA_SHAPE)
 
 
 def test_lora_adapter_refused(tmp_path):
-    model = get_peft_model(tiny_llama(), LoraConfig(task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj"]))
+    model = get_peft_model(tiny_llama(),
+                           LoraConfig(task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj"]))
     model.save_pretrained(tmp_path / "lora")
     files = read_dir(tmp_path / "lora")
     with pytest.raises(InvalidArtifact, match="peft_type 'LORA' is not served here"):
@@ -447,7 +454,8 @@ def test_num_virtual_tokens_mismatch_refused(tmp_path):
     config = json.loads(files["adapter_config.json"])
     config["num_virtual_tokens"] = P + 4
     files["adapter_config.json"] = json.dumps(config).encode()
-    with pytest.raises(InvalidArtifact, match=f"num_virtual_tokens={P + 4} but prompt_embeddings has {P} rows"):
+    with pytest.raises(InvalidArtifact,
+                       match=f"num_virtual_tokens={P + 4} but prompt_embeddings has {P} rows"):
         parse_artifact(files, LLAMA_SHAPE)
 
 
@@ -464,7 +472,8 @@ def test_peft_config_for_another_model_type_refused(tmp_path, field, value, mess
         parse_artifact(files, LLAMA_SHAPE)
 
 
-@pytest.mark.parametrize("field, value", [("num_virtual_tokens", "five"), ("num_transformer_submodules", [1])])
+@pytest.mark.parametrize("field, value",
+                         [("num_virtual_tokens", "five"), ("num_transformer_submodules", [1])])
 def test_non_integer_config_values_refused_as_invalid_artifact(tmp_path, field, value):
     files = _prompt_tuning_files(tmp_path)
     config = json.loads(files["adapter_config.json"])
@@ -566,9 +575,10 @@ def test_validate_refuses_too_many_virtual_tokens():
 
 def test_validate_refuses_wrong_shape_and_dtype():
     gpt2_prefix = _deep(shape=GPT2_SHAPE)
-    with pytest.raises(InvalidArtifact, match=r"shape \(2, 2, 4, 5, 16\) does not fit the base model; expected "
-                                              r"\[num_layers, 2, num_kv_heads, num_virtual_tokens, head_dim\] = "
-                                              r"\(2, 2, 2, 5, 16\)"):
+    with pytest.raises(InvalidArtifact,
+                       match=r"shape \(2, 2, 4, 5, 16\) does not fit the base model; expected "
+                             r"\[num_layers, 2, num_kv_heads, num_virtual_tokens, head_dim\] = "
+                             r"\(2, 2, 2, 5, 16\)"):
         validate_artifact(gpt2_prefix, LLAMA_SHAPE, ArtifactLimits())
     wide = PrefixArtifact(PrefixKind.PROMPT_TUNING, torch.zeros(P, 65), "peft")
     with pytest.raises(InvalidArtifact, match=r"expected \[num_virtual_tokens, hidden_size\] = \(5, 64\)"):
