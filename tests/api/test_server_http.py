@@ -27,7 +27,6 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.engine.model import DEFAULT_MODEL_ID, default_model_dir
-
 from tests.helpers.adapters import peft_adapter
 from tests.helpers.server_process import ServerProcess, ServerSpec
 

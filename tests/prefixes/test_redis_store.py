@@ -24,7 +24,6 @@ from prefixes.artifact import PrefixArtifact, PrefixKind
 from prefixes.formats import from_own_format, to_own_format
 from prefixes.store import PrefixStore, StoreUnavailable, TaskNotFound
 from server.config import Settings
-
 from tests.helpers.redis_server import RedisServer, TcpProxy
 from tests.helpers.server_process import ServerProcess
 from tests.prefixes.test_store import ROW_BYTES, deep, soft
