@@ -3,7 +3,7 @@
 #   CUDA:           docker build --build-arg TORCH_VARIANT=cu128 -t prefix-serve:cuda .
 #                   docker run --gpus all -p 8000:8000 prefix-serve:cuda --model default --device cuda --dtype bfloat16
 # Everything about running it (compose stack, Kubernetes, what has been tested): docker/README.md.
-# tests/test_deploy.py runs this file's ENTRYPOINT + CMD and HEALTHCHECK as written; keep them in JSON form.
+# tests/deploy/test_deploy.py runs this file's ENTRYPOINT + CMD and HEALTHCHECK as written; keep them in JSON form.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 

@@ -15,8 +15,8 @@ STAMP := $(VENV)/.installed
 install: $(STAMP) system-packages
 
 # Programs the test suite starts itself, each a real process on a free loopback port in a temp folder:
-# redis-server (tests/test_redis_store.py, tests/test_deploy.py; `serve --redis-url` needs a Redis
-# somewhere), and for the deployment tests (tests/test_deploy.py) nginx with its njs module, prometheus
+# redis-server (tests/prefixes/test_redis_store.py, tests/deploy/test_deploy.py; `serve --redis-url` needs a Redis
+# somewhere), and for the deployment tests (tests/deploy/test_deploy.py) nginx with its njs module, prometheus
 # and promtool. Entries are CHECK=DEBIAN_PACKAGE: a command looked up on PATH (plus the sbin folders), or
 # an absolute path that must exist. Checked on every install (cheap); whatever is missing is installed
 # with apt when we are root (CI: Debian, as root). A policy-rc.d stops the packages from starting their
@@ -47,8 +47,8 @@ system-packages:
 	else \
 	  echo "NOTE: missing system packages:$$missing; they cannot be installed automatically (needs root and apt-get)."; \
 	  echo "      Serving works without them, but the tests that start them will not run:"; \
-	  echo "      redis-server: tests/test_redis_store.py and tests/test_deploy.py fail;"; \
-	  echo "      nginx, libnginx-mod-http-js, prometheus: tests/test_deploy.py skips those tests (fails under CI=true)."; \
+	  echo "      redis-server: tests/prefixes/test_redis_store.py and tests/deploy/test_deploy.py fail;"; \
+	  echo "      nginx, libnginx-mod-http-js, prometheus: tests/deploy/test_deploy.py skips those tests (fails under CI=true)."; \
 	  echo "      Install them, e.g.: sudo apt-get install$$missing"; \
 	fi
 

@@ -14,7 +14,7 @@
 # Environment: PYTHON (an interpreter that has everything already: nothing is installed), GPU_CHECK_VENV
 # (default ~/.cache/prefix-serve/gpu-check-venv), TORCH_PIP_ARGS (extra pip arguments for torch), GPU_CHECK_MODELS (default
 # "llama-1b llama-8b"), GPU_CHECK_BATCH_SIZES (default 1,32,128,256), GPU_CHECK_TESTS (default
-# tests/test_engine_oracle.py), GPU_CHECK_BENCH_DTYPE (default bfloat16).
+# tests/engine/test_engine_oracle.py), GPU_CHECK_BENCH_DTYPE (default bfloat16).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -49,7 +49,7 @@ else
   # than all phases need, split the run (e.g. GPU_CHECK_MODELS=llama-8b ... --skip-tests).
   TEST_LIMIT=120 BENCH_LIMIT=300
 fi
-TESTS=${GPU_CHECK_TESTS:-tests/test_engine_oracle.py}
+TESTS=${GPU_CHECK_TESTS:-tests/engine/test_engine_oracle.py}
 mkdir -p "$OUT_DIR"
 LOG="$OUT_DIR/gpu-check.log"
 : >"$LOG"

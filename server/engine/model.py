@@ -43,8 +43,8 @@ class Family:
 _WINDOW = "sliding-window layers: each layer's window is applied in the packed attention's per-row masks"
 _MOE = "MoE MLP: routing is per token, so packing rows together changes nothing"
 
-# model_type -> family. Each is covered by tests/test_engine_oracle.py against PEFT's forward pass; the
-# README's "Supported base models" section is this table in prose.
+# model_type -> family. Each is covered by tests/engine/test_engine_oracle.py against PEFT's forward
+# pass; the README's "Supported base models" section is this table in prose.
 SUPPORTED_MODEL_TYPES = {
     "llama": Family("Llama"),
     "mistral": Family("Llama family (Mistral)", _WINDOW),

@@ -1,21 +1,15 @@
 """Storage quotas hold under concurrent uploads: the check and the write are one step, in one process and
-across replicas sharing one Redis."""
+across replicas sharing one Redis (over HTTP: tests/api/test_tenants.py)."""
 
 from __future__ import annotations
 
-import json
-import threading
-from concurrent.futures import ThreadPoolExecutor
-
-import httpx
 import pytest
 import torch
 
 from prefixes.artifact import PrefixArtifact, PrefixKind
-from prefixes.formats import to_own_format
 from prefixes.store import PrefixStore, Quota, QuotaExceeded
-from tests.redis_server import RedisServer
-from tests.server_process import ServerProcess
+from tests.helpers.redis_server import RedisServer
+from tests.helpers.support import race
 
 RACERS = 10
 SOFT_BYTES = 4 * 64 * 4  # soft(): 4 float32 virtual tokens of width 64
@@ -24,21 +18,6 @@ SOFT_BYTES = 4 * 64 * 4  # soft(): 4 float32 virtual tokens of width 64
 def soft(seed: int) -> PrefixArtifact:
     g = torch.Generator().manual_seed(seed)
     return PrefixArtifact(PrefixKind.P_TUNING, torch.randn(4, 64, generator=g), "peft")
-
-
-def race(calls) -> list[object]:
-    """Run ``calls`` at once (released together by a barrier); each one's result or exception."""
-    barrier = threading.Barrier(len(calls))
-
-    def run(call):
-        barrier.wait()
-        try:
-            return call()
-        except Exception as exc:  # noqa: BLE001 - the refusals are what the test counts
-            return exc
-
-    with ThreadPoolExecutor(len(calls)) as pool:
-        return list(pool.map(run, calls))
 
 
 @pytest.fixture
@@ -82,42 +61,3 @@ def test_one_store_racing_uploads_stays_within_the_quota(tmp_path):
                     for i in range(RACERS)])
     assert sum(isinstance(r, QuotaExceeded) for r in results) == RACERS - 3, results
     assert len(store.list("acme")) == 3
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Over HTTP, against the real server
-
-
-def kv_file(seed: int) -> bytes:
-    """A one-token prefix for SmolLM2-135M (30 layers, 3 KV heads, head size 64): 46080 bytes."""
-    g = torch.Generator().manual_seed(seed)
-    return to_own_format(PrefixArtifact(PrefixKind.PREFIX_TUNING, torch.randn(30, 2, 3, 1, 64, generator=g),
-                                        "prefix-serve"))
-
-
-KV_BYTES = 30 * 2 * 3 * 64 * 4
-
-
-@pytest.mark.slow
-def test_concurrent_uploads_over_http_stay_within_the_quotas(tmp_path):
-    auth_file = tmp_path / "auth.json"
-    auth_file.write_text(json.dumps({"tenants": {
-        "few": {"api_keys": ["few-key"], "max_tasks": 3},
-        "small": {"api_keys": ["small-key"], "max_bytes": 3 * KV_BYTES + KV_BYTES // 2},
-    }}))
-    with ServerProcess(tmp_path / "store", tmp_path / "server.log",
-                       extra_args=("--auth-file", str(auth_file))) as server:
-        for tenant, limit in (("few", "quota is 3"), ("small", f"quota of {3 * KV_BYTES + KV_BYTES // 2}")):
-            headers = {"Authorization": f"Bearer {tenant}-key"}
-
-            def upload(i: int, headers=headers) -> httpx.Response:
-                return httpx.post(f"{server.url}/prefixes/t{i}", headers=headers, timeout=120,
-                                  files=[("files", ("prefix.safetensors", kv_file(i)))])
-
-            responses = race([lambda i=i: upload(i) for i in range(RACERS)])
-            codes = sorted(r.status_code for r in responses)  # type: ignore[attr-defined]
-            assert codes == [201] * 3 + [429] * (RACERS - 3), (tenant, codes)
-            refused = next(r for r in responses if r.status_code == 429)  # type: ignore[attr-defined]
-            assert refused.headers["retry-after"] == "1" and limit in refused.json()["detail"]
-            listed = httpx.get(f"{server.url}/prefixes", headers=headers).json()["prefixes"]
-            assert len(listed) == 3
