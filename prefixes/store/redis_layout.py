@@ -18,8 +18,8 @@ version number is never reused (the sequence is bumped past every version writte
 back by a replica after Redis lost its data). A delete leaves a tombstone with a version above every
 earlier one, so a replica's old local copy can never look newer than the delete. A put under a quota
 checks the namespace's ``owned`` hash in the same script, so replicas racing uploads cannot together
-exceed it. (``owned`` is kept since quotas moved here: tasks written by an earlier version are not in it
-until they are written again.)
+exceed it. (``owned`` is kept since quotas moved here: tasks written by an earlier release are added to it
+by ``BACKFILL_OWNED`` when a replica (re)connects.)
 
 Nothing here is unpickled: values are JSON, integers and safetensors bytes.
 """
@@ -148,6 +148,23 @@ redis.call('DECRBY', KEYS[4], old)
 redis.call('HDEL', KEYS[5], ARGV[1])
 redis.call('PUBLISH', ARGV[5], cjson.encode({op='delete', task=ARGV[1], version=n, origin=ARGV[6]}))
 return n
+"""
+
+
+# KEYS: the live-task set.  ARGV: the key prefix.
+# Adds every live task missing from its namespace's ``owned`` hash (written by a release before quotas moved
+# into Redis); returns how many. It reads and writes keys it derives from the set's members, which a
+# standalone Redis allows (a cluster would not: the store's keys are not hash-tagged anyway).
+BACKFILL_OWNED = """
+local added = 0
+for _, key in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local ns = string.match(key, '^(.*)~[^~]*$') or ''
+  local bytes = redis.call('HGET', ARGV[1] .. ':task:' .. key, 'bytes')
+  if bytes then
+    added = added + redis.call('HSETNX', ARGV[1] .. ':owned:' .. ns, key, bytes)
+  end
+end
+return added
 """
 
 

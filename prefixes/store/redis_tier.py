@@ -29,6 +29,7 @@ from redis.retry import Retry
 from prefixes.store.errors import Quota
 from prefixes.store.redis_layout import (
     ALLOCATE,
+    BACKFILL_OWNED,
     DEFAULT_KEY_PREFIX,
     DELETE,
     FIELDS,
@@ -82,6 +83,7 @@ class RedisTier:
         self._allocate = self.client.register_script(ALLOCATE)
         self._publish = self.client.register_script(PUBLISH)
         self._delete = self.client.register_script(DELETE)
+        self._backfill_owned = self.client.register_script(BACKFILL_OWNED)
         self._down_until = 0.0
         self._down_pause = retry_after
         self._down_logged = False
@@ -172,6 +174,11 @@ class RedisTier:
         return int(nbytes or 0), int(count)
 
     # -- writes ---------------------------------------------------------------------------------------------
+
+    def backfill_owned(self) -> int:
+        """Put live tasks that predate the per-namespace quota index into it; how many were missing."""
+        return int(self._call("backfill", lambda: self._backfill_owned(keys=[self.layout.tasks],
+                                                                        args=[self.layout.prefix])))
 
     def allocate(self, key: str, floor: int = 0) -> int:
         """A new version number for ``key``, unique across replicas and above ``floor``."""

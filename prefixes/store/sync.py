@@ -61,6 +61,9 @@ class Sync:
 
     def resync(self) -> None:
         """Reconcile the local disk with Redis (listener thread, after each (re)subscription)."""
+        added = self.redis.backfill_owned()
+        if added:
+            log.info("added %d tasks stored by an earlier release to the quota index", added)
         keys = sorted(set(self.disk.keys()) | set(self.shared.markers))
         states = self.redis.probe_many(keys)
         for key in keys:

@@ -4,6 +4,7 @@ across replicas sharing one Redis (over HTTP: tests/api/test_tenants.py)."""
 from __future__ import annotations
 
 import pytest
+import redis
 import torch
 
 from prefixes.artifact import PrefixArtifact, PrefixKind
@@ -61,3 +62,26 @@ def test_one_store_racing_uploads_stays_within_the_quota(tmp_path):
                     for i in range(RACERS)])
     assert sum(isinstance(r, QuotaExceeded) for r in results) == RACERS - 3, results
     assert len(store.list("acme")) == 3
+
+
+def test_tasks_stored_before_the_quota_index_are_counted_once_a_replica_connects(tmp_path):
+    """A release before quotas moved into Redis kept no per-namespace index. A replica that (re)connects adds
+    the live tasks missing from it, so racing replicas count them too."""
+    with RedisServer(tmp_path / "redis") as server:
+        old = PrefixStore(tmp_path / "old", 1 << 20, prepare=lambda t: t, redis_url=server.url)
+        assert old.redis is not None and old.redis.wait_subscribed(5)
+        for i in range(3):
+            old.put(f"acme~t{i}", soft(i))
+        old.close()
+        r = redis.Redis.from_url(server.url)
+        r.delete("prefix-serve:owned:acme")  # what an earlier release left: tasks, but no index
+        new = PrefixStore(tmp_path / "new", 1 << 20, prepare=lambda t: t, redis_url=server.url)
+        try:
+            assert new.redis is not None and new.redis.wait_subscribed(5)
+            owned = {k.decode(): int(v) for k, v in r.hgetall("prefix-serve:owned:acme").items()}
+            assert owned == {f"acme~t{i}": SOFT_BYTES for i in range(3)}
+            with pytest.raises(QuotaExceeded, match="already has 3 tasks"):
+                new.put("acme~t3", soft(3), quota=Quota(max_tasks=3))
+        finally:
+            new.close()
+            r.close()
