@@ -60,7 +60,7 @@ def engine_decode_tokens_per_s(engine: Engine, seqs: list[Sequence]) -> float:
     the decode steps that follow."""
     for seq in seqs:
         engine.submit(seq)
-    while engine.num_waiting or engine.runner.num_decoding < engine.num_running:
+    while engine.num_waiting or engine.num_decoding < engine.num_running:
         engine.step()
     tokens, start = 0, time.perf_counter()
     while engine.num_running:

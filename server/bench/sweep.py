@@ -52,7 +52,7 @@ def engine_step_timing(engine: Engine, seqs: list[Sequence]) -> dict[str, float]
     clock = DeviceClock(engine.base.device)
     for seq in seqs:
         engine.submit(seq)
-    while engine.num_waiting or engine.runner.num_decoding < engine.num_running:
+    while engine.num_waiting or engine.num_decoding < engine.num_running:
         engine.step()
     model = engine.runner.model
     original = model.forward

@@ -34,28 +34,39 @@ PACKED_ATTENTION = "prefix_serve_packed"
 
 
 @dataclass(frozen=True, slots=True)
+class DecodeGroup:
+    """Decoding rows of similar length whose single queries attend in one SDPA call.
+
+    Their tokens are packed tokens ``[start, stop)``, one per row. ``gather[r]`` lists row ``r``'s slots in
+    the cache pool (its task's prefix, then its own tokens, so index == position), padded to the group's
+    widest row by repeating a valid slot; ``mask`` hides the padding (None: no row is padded).
+    """
+
+    start: int
+    stop: int
+    gather: torch.Tensor  # [g, W] long
+    mask: torch.Tensor | None  # [g, 1, 1, W] bool
+    positions: torch.Tensor  # [g] long: each query's position (== its own key's index in gather)
+
+
+@dataclass(frozen=True, slots=True)
+class PrefillChunk:
+    """One row's prefill chunk: packed tokens ``[start, stop)`` attend causally to the row's slots."""
+
+    start: int
+    stop: int
+    gather: torch.Tensor  # [W] long: the row's slots up to its last query (index == position)
+    mask: torch.Tensor | None  # [c, W] bool; None: the chunk is the whole row, plain causal (W == c)
+    positions: torch.Tensor  # [c] long
+
+
+@dataclass(frozen=True, slots=True)
 class PackedBatch:
-    """Where each packed token belongs. Column == position id for every row kind (see the runner)."""
+    """Where each packed token belongs: the decode groups first, then one prefill chunk per row."""
 
-    rows: torch.Tensor  # [T] long: the cache row each token's key/value is written to
-    cols: torch.Tensor  # [T] long: the column (= position) it is written at
-    num_decode: int  # d: tokens 0..d-1 are one decode token each for rows 0..d-1
-    decode_mask: torch.Tensor | None  # [d, 1, 1, Wd] bool: row r attends to its columns [0, length_r]
-    prefill_rows: slice  # rows d..d+m-1, one prefill chunk each, in packed order
-    # [m, S] long: packed index of chunk j's i-th query (padding repeats the last)
-    prefill_gather: torch.Tensor | None
-    prefill_take: torch.Tensor | None  # [T - d] long: flat (j * S + i) of each real query, in packed order
-    prefill_mask: torch.Tensor | None  # [m, 1, S, Wp] bool: causal within the row, over columns [0, Wp)
-
-    @property
-    def decode_width(self) -> int:
-        assert self.decode_mask is not None, "only a batch with decoding rows has a decode width"
-        return self.decode_mask.shape[-1]
-
-    @property
-    def prefill_width(self) -> int:
-        assert self.prefill_mask is not None, "only a batch with prefilling rows has a prefill width"
-        return self.prefill_mask.shape[-1]
+    slots: torch.Tensor  # [T] long: the pool slot each token's key/value is written to
+    decode: tuple[DecodeGroup, ...]
+    prefill: tuple[PrefillChunk, ...]
 
 
 _local = threading.local()
@@ -104,25 +115,26 @@ def _check_kwargs(module: torch.nn.Module, kwargs: dict) -> tuple[int | None, fl
     return kwargs.get("sliding_window"), kwargs.get("softcap")
 
 
-def _windowed_masks(batch: PackedBatch, window: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """The batch's masks restricted to a sliding window: a query at column q sees key columns c with
-    ``q - window < c <= q`` (transformers' ``sliding_window_overlay``; column == position, see the runner)."""
+def _windowed_masks(batch: PackedBatch, window: int) -> tuple[list, list]:
+    """The batch's masks restricted to a sliding window: a query at position q sees key positions c with
+    ``q - window < c <= q`` (transformers' ``sliding_window_overlay``; a gathered key's index is its
+    position).
+    """
     cached = _local.windowed.get(window)
     if cached is not None:
         return cached
-    decode_mask = prefill_mask = None
-    if batch.num_decode:
-        q = batch.cols[: batch.num_decode]  # [d]
-        c = torch.arange(batch.decode_width, device=q.device)  # [Wd]
-        assert batch.decode_mask is not None, "set whenever num_decode is"
-        decode_mask = batch.decode_mask & (c[None] > q[:, None] - window)[:, None, None]  # [d, 1, 1, Wd]
-    if batch.prefill_gather is not None:
-        q = batch.cols[batch.prefill_gather]  # [m, S]
-        c = torch.arange(batch.prefill_width, device=q.device)  # [Wp]
-        assert batch.prefill_mask is not None, "set together with prefill_gather"
-        prefill_mask = batch.prefill_mask & (c > q[..., None] - window)[:, None]  # [m, 1, S, Wp]
-    _local.windowed[window] = decode_mask, prefill_mask
-    return decode_mask, prefill_mask
+    decode, prefill = [], []
+    for group in batch.decode:
+        c = torch.arange(group.gather.shape[1], device=group.gather.device)  # [W]
+        visible = (c[None] > group.positions[:, None] - window)[:, None, None]  # [g, 1, 1, W]
+        decode.append(visible if group.mask is None else group.mask & visible)
+    for chunk in batch.prefill:
+        c = torch.arange(chunk.gather.shape[0], device=chunk.gather.device)  # [W]
+        q = chunk.positions[:, None]  # [c, 1]
+        visible = (c[None] > q - window) & (c[None] <= q)  # [c, W]: causal within the window
+        prefill.append(visible)
+    _local.windowed[window] = decode, prefill
+    return decode, prefill
 
 
 def _softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
@@ -157,9 +169,9 @@ def _unpacked_softcapped(module, query, key, value, attention_mask, scaling, sof
 def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                      **kwargs) -> tuple[torch.Tensor, None]:
-    """query: [1, H, T, D]; key/value: the layer's whole cache buffers [R, Hkv, C, D] (the runner's cache
-    view returns them after writing the new tokens). Returns [1, T, H, D], as transformers' attention
-    functions do."""
+    """query: [1, H, T, D]; key/value: the layer's whole pools [1, Hkv, N, D] (the runner's cache view
+    returns them after writing the new tokens). Returns [1, T, H, D], as transformers' attention functions
+    do."""
     window, softcap = _check_kwargs(module, kwargs)
     batch: PackedBatch | None = getattr(_local, "batch", None)
     if batch is None:
@@ -168,44 +180,44 @@ def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
     if window:
-        decode_mask, prefill_mask = _windowed_masks(batch, window)
+        decode_masks, prefill_masks = _windowed_masks(batch, window)
     else:
-        decode_mask, prefill_mask = batch.decode_mask, batch.prefill_mask
-    q = query[0]  # [H, T, D]
+        decode_masks = [g.mask for g in batch.decode]
+        prefill_masks = [c.mask for c in batch.prefill]
+    q, key, value = query[0], key[0], value[0]  # [H, T, D], [Hkv, N, D], [Hkv, N, D]
     heads, tokens, dim = q.shape
-    kv_heads = key.shape[1]
+    kv_heads = key.shape[0]
     groups = heads // kv_heads
     scale = scaling if scaling is not None else dim**-0.5
     out = q.new_empty(tokens, heads, dim)
-    d = batch.num_decode
-    if d:
+    for group, mask in zip(batch.decode, decode_masks):
         # One query per row: fold the query heads that share a key/value head into the query axis
-        # ([d, Hkv, G, D]; head h = kv * G + g, transformers' repeat_kv order), so no key is ever repeated.
-        qd = q[:, :d].transpose(0, 1).reshape(d, kv_heads, groups, dim)
-        w = batch.decode_width
-        kd, vd = key[:d, :, :w], value[:d, :, :w]
+        # ([g, Hkv, G, D]; head h = kv * G + g, transformers' repeat_kv order), so no key is ever repeated.
+        g, w = group.gather.shape
+        qd = q[:, group.start:group.stop].transpose(0, 1).reshape(g, kv_heads, groups, dim)
+        flat = group.gather.flatten()
+        kd = key[:, flat].view(kv_heads, g, w, dim).transpose(0, 1)  # [g, Hkv, W, D]
+        vd = value[:, flat].view(kv_heads, g, w, dim).transpose(0, 1)
         if softcap is None:
-            od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=decode_mask, scale=scale)
-        else:  # [d, Hkv, G, 1, D] queries against [d, Hkv, Wd, D] keys; mask [d, 1, 1, 1, Wd]
-            assert decode_mask is not None, "a batch with decoding rows has their mask"
-            od = _softcapped_attention(qd[:, :, :, None], kd, vd, decode_mask[:, :, None], scale, softcap)
-        out[:d] = od.reshape(d, heads, dim)
-    if batch.prefill_gather is not None:
-        m, s = batch.prefill_gather.shape
-        qp = q[:, batch.prefill_gather.flatten()].reshape(heads, m, s, dim).transpose(0, 1)  # [m, H, S, D]
-        rows, w = batch.prefill_rows, batch.prefill_width
-        kp, vp = key[rows, :, :w], value[rows, :, :w]
+            od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, scale=scale)
+        else:  # [g, Hkv, G, 1, D] queries against [g, Hkv, W, D] keys; mask [g, 1, 1, 1, W]
+            m = None if mask is None else mask[:, :, None]
+            od = _softcapped_attention(qd[:, :, :, None], kd, vd, m, scale, softcap)
+        out[group.start:group.stop] = od.reshape(g, heads, dim)
+    for chunk, mask in zip(batch.prefill, prefill_masks):
+        c = chunk.stop - chunk.start
+        qp = q[None, :, chunk.start:chunk.stop]  # [1, H, c, D]
+        kp, vp = key[None, :, chunk.gather], value[None, :, chunk.gather]  # [1, Hkv, W, D]
         if softcap is None:
-            op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=prefill_mask, scale=scale,
-                                                enable_gqa=groups > 1)  # [m, H, S, D]
-        else:  # [m, Hkv, G, S, D] queries; mask [m, 1, 1, S, Wp]
-            assert prefill_mask is not None, "set together with prefill_gather"
-            qg = qp.reshape(m, kv_heads, groups, s, dim)
-            op = _softcapped_attention(qg, kp, vp, prefill_mask[:, :, None], scale, softcap)
-            op = op.reshape(m, heads, s, dim)
-        # Real queries, in packed order, are tokens d..T-1 (index_select: no data-dependent shapes, no sync).
-        assert batch.prefill_take is not None, "set together with prefill_gather"
-        out[d:] = op.transpose(1, 2).reshape(m * s, heads, dim).index_select(0, batch.prefill_take)
+            op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, is_causal=mask is None,
+                                                scale=scale, enable_gqa=groups > 1)  # [1, H, c, D]
+        else:  # [1, Hkv, G, c, D] queries; mask [1, 1, 1, c, W]
+            if mask is None:
+                mask = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
+            qg = qp.reshape(1, kv_heads, groups, c, dim)
+            op = _softcapped_attention(qg, kp, vp, mask[None, None, None], scale, softcap)
+            op = op.reshape(1, heads, c, dim)
+        out[chunk.start:chunk.stop] = op[0].transpose(0, 1)
     return out[None], None
 
 

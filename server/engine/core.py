@@ -128,7 +128,7 @@ class EngineCore:
                 "model_type": shape.model_type,
             },
             "eos_token_ids": sorted(self.base.eos_token_ids),
-            "max_slots": self.engine.scheduler.max_slots,
+            "max_slots": self.engine.max_slots,
             "vocab_size": self.engine.sampler.vocab_size,
             "dtype": str(self.base.dtype).removeprefix("torch."),
             "device": str(self.base.device),

@@ -14,15 +14,16 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 
 from server.engine.grammar import Grammars, InvalidGrammar
+from server.engine.kv_cache import DEFAULT_BLOCK_SIZE, BlockManager, PagedKVCache
 from server.engine.model import BaseModel
 from server.engine.runner import ModelRunner, PromptLogits
 from server.engine.sampling import Sampler, SampleResult, token_logprobs
+from server.engine.scheduler import Scheduler
 from server.engine.sequence import FinishReason, Sequence
 
 log = logging.getLogger(__name__)
@@ -31,11 +32,18 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
     max_batch_size: int = 32
-    # Key/value memory the batch may use (rows x columns x bytes per slot); bounds admission.
+    # Key/value memory of the block pool (blocks x block_size x bytes per token); bounds admission.
     kv_cache_bytes: int = 2 << 30
     # Tokens one forward may compute: one per running request, the rest for joining prompts. Larger steps
     # admit faster; smaller ones bound how long a joining prompt delays everyone's next token.
     max_step_tokens: int = 512
+    block_size: int = DEFAULT_BLOCK_SIZE
+    prefix_caching: bool = True  # reuse computed full blocks of identical prompt beginnings (per task)
+    share_prefix_cache: bool = False  # across tenants too (cache timing then tells one tenant another's)
+    # A prompt with more tokens than this to prefill gets at most this many of a step while others need the
+    # budget; 0: half of max_step_tokens.
+    long_prefill_threshold: int = 0
+    max_long_prefills: int = 1  # long prompts prefilling at once
 
     def __post_init__(self):
         if self.max_batch_size < 1:
@@ -46,6 +54,14 @@ class EngineConfig:
             )
         if self.kv_cache_bytes <= 0:
             raise ValueError("kv_cache_bytes must be positive")
+        if self.block_size < 1:
+            raise ValueError("block_size must be at least 1")
+        if self.long_prefill_threshold < 0 or self.max_long_prefills < 1:
+            raise ValueError("long_prefill_threshold must be >= 0 and max_long_prefills >= 1")
+
+    @property
+    def long_prefill_tokens(self) -> int:
+        return self.long_prefill_threshold or max(1, self.max_step_tokens // 2)
 
 
 class RequestInvalid(ValueError):
@@ -58,14 +74,15 @@ class ContextTooLong(RequestInvalid):
 
 def check_fits(seq: Sequence, max_positions: int, max_slots: int) -> None:
     """Raise :class:`ContextTooLong` for a request that can never be served: longer than the model's context
-    (``max_positions``) or than the whole key/value budget (``max_slots`` rows x columns)."""
+    (``max_positions``) or than the whole key/value budget (``max_slots`` token slots of the block pool,
+    less the blocks its task's prefix takes)."""
     if seq.total_len > max_positions:
         raise ContextTooLong(
             f"prompt ({len(seq.prompt_ids)} tokens) + task prefix ({seq.num_prefix_kv + seq.num_soft_tokens} "
             f"virtual tokens) + max_new_tokens ({seq.params.max_new_tokens}) = {seq.total_len} exceeds the "
             f"model's context of {max_positions} positions; shorten the prompt or lower max_new_tokens."
         )
-    if seq.total_len > max_slots:
+    if seq.total_len + 2 * DEFAULT_BLOCK_SIZE > max_slots:  # partial blocks: its own last and its task's
         raise ContextTooLong(
             f"request needs {seq.total_len} cache positions but the key/value budget holds "
             f"{max_slots}; lower max_new_tokens or raise --kv-cache-bytes."
@@ -107,67 +124,12 @@ class EngineObserver:
     def finished(self, seq: Sequence, now: float) -> None:
         """``seq`` left (``seq.finish_reason`` says why)."""
 
+    def prefilled(self, seq: Sequence, tokens: int) -> None:
+        """``tokens`` of ``seq``'s prompt were computed in this step (recomputation after a preemption
+        counts again: it is computed again)."""
 
-class Scheduler:
-    """Decides which waiting requests join the batch; knows counts and lengths, never tensors.
-
-    Each tenant has its own first-come-first-served queue, and each admission goes to the tenant served
-    least recently (a newcomer first), so a tenant flooding the server delays its own requests, not
-    everyone else's.
-    """
-
-    def __init__(self, config: EngineConfig, bytes_per_slot: int):
-        self.config = config
-        self.max_slots = config.kv_cache_bytes // bytes_per_slot  # rows x columns that fit
-        self._queues: dict[str, deque[Sequence]] = {}  # tenant -> its waiting requests, in arrival order
-        self._last_served: dict[str, int] = {}  # tenant -> admission counter when last served
-        self._admissions = 0
-
-    def __len__(self) -> int:
-        return sum(len(q) for q in self._queues.values())
-
-    def add(self, seq: Sequence) -> None:
-        self._queues.setdefault(seq.tenant, deque()).append(seq)
-
-    def remove(self, seq: Sequence) -> bool:
-        queue = self._queues.get(seq.tenant)
-        if queue is None or seq not in queue:
-            return False
-        queue.remove(seq)
-        if not queue:
-            del self._queues[seq.tenant]
-        return True
-
-    def drain(self) -> list[Sequence]:
-        waiting = [seq for q in self._queues.values() for seq in q]
-        self._queues.clear()
-        return waiting
-
-    def pick(self, running: list[Sequence], token_budget: int) -> list[Sequence]:
-        """Waiting requests that fit beside ``running`` to their last token, least recently served tenant
-        first.
-
-        Each joiner's prefill takes its input length out of ``token_budget`` (the last may take only part of
-        it and continue in later steps); no one joins once the budget is spent.
-        """
-        picked: list[Sequence] = []
-        while self._queues and token_budget > 0 and len(running) + len(picked) < self.config.max_batch_size:
-            tenant = min(self._queues, key=lambda t: self._last_served.get(t, -1))  # ties: earliest queue
-            queue = self._queues[tenant]
-            if not self._fits_with(running, picked + [queue[0]]):
-                break
-            picked.append(queue.popleft())
-            token_budget -= picked[-1].input_len
-            self._last_served[tenant] = self._admissions
-            self._admissions += 1
-            if not queue:
-                del self._queues[tenant]
-        return picked
-
-    def _fits_with(self, running: list[Sequence], joining: list[Sequence]) -> bool:
-        # Every row starts at column 0, so the cache is rows x the longest request's last position.
-        rows = running + joining
-        return len(rows) * max(seq.total_len for seq in rows) <= self.max_slots
+    def preempted(self, seq: Sequence) -> None:
+        """``seq`` gave its blocks back to let older requests go on; it will be recomputed."""
 
 
 class Engine:
@@ -175,19 +137,31 @@ class Engine:
                  observer: EngineObserver | None = None):
         self.base = base
         self.config = config
-        self.scheduler = Scheduler(config, base.shape.kv_width * base.dtype.itemsize)
-        self.runner = ModelRunner(base, self.scheduler.max_slots)
+        shape = base.shape
+        bytes_per_block = shape.kv_width * base.dtype.itemsize * config.block_size
+        self.blocks = BlockManager(config.kv_cache_bytes // bytes_per_block, config.block_size,
+                                   config.prefix_caching, config.share_prefix_cache, base.model_id)
+        self.scheduler = Scheduler(self.blocks, config.max_batch_size, config.max_step_tokens,
+                                   config.long_prefill_tokens, config.max_long_prefills)
+        cache = PagedKVCache(shape.num_layers, shape.num_kv_heads, shape.head_dim, base.dtype, base.device,
+                             self.blocks)
+        self.runner = ModelRunner(base, cache)
         vocab_size = base.model.get_output_embeddings().weight.shape[0]  # the logits' width
         self.grammars = Grammars(base.tokenizer, vocab_size, base.eos_token_ids)
         self.sampler = Sampler(vocab_size, base.device, base.eos_token_ids, self.grammars)
         self.num_steps = 0
         self.observer = observer or EngineObserver()
 
+    @property
+    def max_slots(self) -> int:
+        """Token slots of the whole block pool: no request can hold more."""
+        return self.blocks.capacity_tokens
+
     # -- requests -----------------------------------------------------------------------------------------
 
     def check_fits(self, seq: Sequence) -> None:
         """Raise :class:`ContextTooLong` (a client error) for a request that can never be served."""
-        check_fits(seq, self.base.shape.max_positions, self.scheduler.max_slots)
+        check_fits(seq, self.base.shape.max_positions, self.max_slots)
         check_grammar(self.grammars, seq)
 
     def submit(self, seq: Sequence) -> None:
@@ -198,39 +172,55 @@ class Engine:
 
     @property
     def num_running(self) -> int:
-        return self.runner.num_rows
+        return len(self.scheduler.running)
 
     @property
     def num_waiting(self) -> int:
         return len(self.scheduler)
 
+    @property
+    def num_decoding(self) -> int:
+        """Running requests past their prefill (they get one token a step)."""
+        return sum(1 for seq in self.scheduler.running if seq.output_ids and seq.num_pending == 1)
+
     # -- the loop -----------------------------------------------------------------------------------------
 
     def step(self) -> int:
         """One forward (next tokens for the running, prefill for the joining); returns tokens produced."""
-        runner, step_tokens = self.runner, self.config.max_step_tokens
-        for row in reversed(range(runner.num_rows)):  # a cancelled request stops costing compute at once
-            if runner.rows[row].cancelled:
-                self._finish(runner.rows[row], FinishReason.CANCELLED)
-                runner.release(row)
-        joining = self.scheduler.pick(runner.rows, runner.prefill_budget(step_tokens))
-        if joining:
+        scheduler = self.scheduler
+        for seq in list(scheduler.running):  # a cancelled request stops costing compute at once
+            if seq.cancelled:
+                self._finish(seq, FinishReason.CANCELLED)
+                scheduler.finish(seq)
+        plan = scheduler.schedule()
+        for seq in plan.preempted:
+            self.observer.preempted(seq)
+        if plan.joined:
             now = time.monotonic()
-            for seq in joining:
+            for seq in plan.joined:
                 seq.admit_time = now
-            self.observer.admitted(joining, now)
-            joining = [seq for seq in joining if self._admit(seq)]
-        if not runner.num_rows and not joining:
+            self.observer.admitted(plan.joined, now)
+            for seq in plan.joined:
+                if not self._admit(seq):
+                    scheduler.finish(seq)
+                    plan.prefill = [entry for entry in plan.prefill if entry[0] is not seq]
+        if plan.empty:
             return 0
-        decoding = runner.num_decoding
-        if decoding:
-            self.observer.decoded(decoding)
-        self.sampler.prefetch_masks(runner.rows + joining)  # grammar masks fill while the forward runs
-        out = runner.step(joining, step_tokens)
+        if plan.decode:
+            self.observer.decoded(len(plan.decode))
+        sampling = plan.decode + [seq for seq, count in plan.prefill
+                                  if seq.num_computed + count == seq.num_tokens]
+        self.sampler.prefetch_masks(sampling)  # grammar masks fill while the forward runs
+        prompt_before = {seq.id: min(seq.num_computed, seq.input_len) for seq, _ in plan.prefill}
+        out = self.runner.step(plan)
+        for seq, _ in plan.prefill:
+            done = min(seq.num_computed, seq.input_len) - max(prompt_before[seq.id], seq.num_soft_tokens)
+            if done > 0:
+                self.observer.prefilled(seq, done)
         for scored in out.prompt:
             self._append_prompt_logprobs(scored)
-        sampled = self.sampler.sample(out.next, runner.rows[: out.next.shape[0]])
-        produced = self._append_tokens(sampled, time.monotonic())
+        sampled = self.sampler.sample(out.next, out.seqs)
+        produced = self._append_tokens(sampled, out.seqs, time.monotonic())
         self.num_steps += 1
         return produced
 
@@ -253,16 +243,15 @@ class Engine:
         assert top is not None, "the runner scores the prompts of the requests that asked"
         seq.prompt_logprobs += token_logprobs(scored.logits, targets, top)
 
-    def _append_tokens(self, sampled: SampleResult, now: float) -> int:
-        """Give rows ``0..len(tokens)-1`` their new tokens, then let finished rows leave the batch.
+    def _append_tokens(self, sampled: SampleResult, seqs: list[Sequence], now: float) -> int:
+        """Give ``seqs[i]`` its new token ``sampled.tokens[i]``, then let finished sequences leave the batch.
 
         A row that could not be sampled fails alone; a row asking for no tokens (prompt scoring) finishes
         without one.
         """
-        rows = self.runner.rows
         done: dict[int, tuple[FinishReason, str | None]] = {}
         for row, token in enumerate(sampled.tokens):
-            seq = rows[row]
+            seq = seqs[row]
             if row in sampled.errors:
                 done[row] = (FinishReason.ERROR, sampled.errors[row])
                 continue
@@ -282,18 +271,16 @@ class Engine:
                 done[row] = (reason, None)
                 if seq.text is None:  # not already cut at a stop string
                     seq.text = output_text(self.base.tokenizer, seq)
-        for row, seq in enumerate(rows[: len(sampled.tokens)]):
+        for row, seq in enumerate(seqs[: len(sampled.tokens)]):
             if seq.on_token is not None and done.get(row, (None, None))[1] is None:
                 self._call(seq.on_token, seq)
-        # Descending: release(row) refills ``row`` from later rows, and every later finished row is gone.
         # Finished before released: whoever sees the row gone also sees the request counted.
-        for row in sorted(done, reverse=True):
-            reason, error = done[row]
+        for row, (reason, error) in done.items():
+            seq = seqs[row]
             if error is not None:
-                log.warning("request %s failed while sampling: %s", rows[row].id, error)
-                self.runner.scrub(row)
-            self._finish(rows[row], reason, error)
-            self.runner.release(row)
+                log.warning("request %s failed while sampling: %s", seq.id, error)
+            self._finish(seq, reason, error)
+            self.scheduler.finish(seq, trusted=error is None)
         return len(sampled.tokens) - len(sampled.errors)
 
     def _stop_reason(self, seq: Sequence, token: int) -> FinishReason | None:
@@ -338,8 +325,9 @@ class Engine:
 
     def fail_running(self, message: str) -> None:
         """Fail every running request (after a failed forward the cache contents are not trusted)."""
-        failed = list(self.runner.rows)
-        self.runner.reset()
+        failed = list(self.scheduler.running)
+        self.scheduler.running.clear()
+        self.blocks.reset()
         for seq in failed:
             self._finish(seq, FinishReason.ERROR, message)
 

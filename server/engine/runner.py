@@ -1,19 +1,20 @@
-"""Runs the base model over the batch: one packed forward per step, decode tokens and prefill chunks together.
+"""Runs the base model over a step's plan: one packed forward, decode tokens and prefill chunks together.
 
-The runner owns tensors and never queues: row ``i`` of the cache belongs to ``rows[i]``, a list the engine
-keeps in step through :meth:`step` (which admits) and :meth:`release`.
+The runner owns tensors and never queues: the scheduler (:mod:`server.engine.scheduler`) decides which
+sequences compute how many tokens and has already taken their blocks; the runner lays the step out
+(:class:`~server.engine.attention.PackedBatch`), runs the model once, and returns the logits to sample.
 
-Rows are ordered ``[decoding rows | prefilling rows]``: a step gives every decoding row one token and then
-spends what is left of the step's token budget on prefill chunks, in row order, so at most the last row is
-part-way through its prefill when the step ends. Every row before it has a next token to sample, which is
-why the sampled rows of a step are always rows ``0..k-1``.
+Packed order: decoding rows first, sorted by length and cut into groups of similar length (one attention call
+each, so a short row never pays for a long neighbour's width), then one prefill chunk per prefilling row.
 
-Position ids follow PEFT, so outputs match it token for token, and each equals the token's cache column:
+Position ids follow PEFT, so outputs match it token for token:
 - prefix-tuning rows: the prefix occupies positions ``0..P-1`` (its keys are stored un-rotated, as PEFT
-  stores them), so prompt token ``j`` gets position ``P + j``;
+  stores them, in blocks of the task shared by all its rows), so the row's token ``i`` gets position
+  ``P + i``;
 - soft-prompt rows: virtual tokens are ordinary inputs at positions ``0..P-1`` and prompt token ``j``
   gets ``P + j``;
-- base rows: ``j``.
+- base rows: ``i``.
+Attention gathers a row's keys as [its task's prefix | its own tokens], so a key's index is its position.
 
 Prompt log-probabilities come from the same forward: for a row that asks for them, the logits of its prompt
 positions are kept too (``logits_to_keep`` lists them after the next-token positions), chunk by chunk as its
@@ -26,9 +27,10 @@ from dataclasses import dataclass
 
 import torch
 
-from server.engine.attention import PackedBatch, packed, use_packed_attention
-from server.engine.kv_cache import SlotKVCache
+from server.engine.attention import DecodeGroup, PackedBatch, PrefillChunk, packed, use_packed_attention
+from server.engine.kv_cache import PagedKVCache
 from server.engine.model import BaseModel
+from server.engine.scheduler import StepPlan
 from server.engine.sequence import Sequence
 
 
@@ -43,190 +45,135 @@ class PromptLogits:
 
 @dataclass(frozen=True, slots=True)
 class StepLogits:
-    next: torch.Tensor  # [k, V]: next-token logits of rows 0..k-1
+    next: torch.Tensor  # [k, V]: next-token logits of seqs[0..k-1]
+    seqs: list[Sequence]  # the rows that sample in this step: decoding ones, then completed prefills
     prompt: list[PromptLogits]  # for rows that asked for prompt logprobs and prefilled in this step
 
 
-def num_decoding(rows: list[Sequence]) -> int:
-    """Rows whose prefill is complete; they are rows ``0..num_decoding-1``."""
-    n = len(rows)
-    while n and not rows[n - 1].prefilled:
-        n -= 1
-    return n
+# Decoding rows share one attention call while the widest is at most this much wider than the narrowest
+# (padding costs gathered bytes and attention work; another call costs per-layer overhead).
+GROUP_GROWTH, GROUP_SLACK = 1.5, 64
 
 
-def prefill_budget(rows: list[Sequence], step_tokens: int) -> int:
-    """Tokens of a ``step_tokens`` step left for rows that join now, after decoding and unfinished rows."""
-    decoding = num_decoding(rows)
-    budget = step_tokens - decoding
-    for seq in rows[decoding:]:
-        budget -= min(seq.input_len - seq.num_computed, max(budget, 0))
-    return max(budget, 0)
+def decode_groups(widths: list[int]) -> list[tuple[int, int]]:
+    """Cut rows sorted by ``widths`` (ascending) into ``[start, stop)`` runs of similar width."""
+    groups: list[tuple[int, int]] = []
+    start = 0
+    for i in range(1, len(widths) + 1):
+        if i == len(widths) or widths[i] > widths[start] * GROUP_GROWTH + GROUP_SLACK:
+            groups.append((start, i))
+            start = i
+    return groups
 
 
 class ModelRunner:
-    def __init__(self, base: BaseModel, max_slots: int):
+    def __init__(self, base: BaseModel, cache: PagedKVCache):
         self.base = base
         self.model = base.model
         use_packed_attention(self.model)
-        shape = base.shape
-        self.cache = SlotKVCache(shape.num_layers, shape.num_kv_heads, shape.head_dim, base.dtype,
-                                 base.device, max_slots)
+        self.cache = cache
+        self.blocks = cache.manager
         self.embed = self.model.get_input_embeddings()
-        self.rows: list[Sequence] = []
         # transformers builds no mask of its own when handed a 4-D one; packed_attention masks per row itself.
         self._no_mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=base.device)
 
-    @property
-    def num_rows(self) -> int:
-        return len(self.rows)
-
-    @property
-    def num_decoding(self) -> int:
-        """Rows whose prefill is complete; they are rows ``0..num_decoding-1``."""
-        return num_decoding(self.rows)
-
-    def prefill_budget(self, step_tokens: int) -> int:
-        return prefill_budget(self.rows, step_tokens)
-
-    # -- one step -----------------------------------------------------------------------------------------
-
     @torch.inference_mode()
-    def step(self, joining: list[Sequence], step_tokens: int) -> StepLogits:
-        """Admit ``joining`` as new rows, then run one forward of at most ``step_tokens`` tokens.
+    def step(self, plan: StepPlan) -> StepLogits:
+        """Run one forward over ``plan``; returns next-token logits for the decoding rows and the rows whose
+        prefill completes in this step (in :attr:`StepLogits.seqs` order), and the prompt positions' logits
+        of rows that want prompt logprobs."""
+        self.cache.write_pending_prefixes()
+        blocks, device = self.blocks, self.base.device
+        decode = sorted(plan.decode, key=lambda seq: seq.num_prefix_kv + seq.num_computed)
+        ids: list[int] = []
+        slots: list[int] = []
+        positions: list[int] = []
+        keep: list[int] = []  # packed indices whose logits are wanted
+        sampled: list[Sequence] = []
+        groups: list[DecodeGroup] = []
+        widths = [seq.num_prefix_kv + seq.num_computed + 1 for seq in decode]
+        for a, b in decode_groups(widths):
+            gather, lengths = [], []
+            for seq in decode[a:b]:
+                n = seq.num_computed
+                ids.append(seq.token_at(n))
+                own = blocks.slots(seq, 0, n + 1)
+                slots.append(own[-1])
+                positions.append(seq.num_prefix_kv + n)
+                keep.append(len(ids) - 1)
+                sampled.append(seq)
+                row = blocks.prefix_slots(seq) + own
+                lengths.append(len(row))
+                gather.append(row)
+            width = lengths[-1]
+            gather = [row + [row[-1]] * (width - len(row)) for row in gather]
+            gather_t = torch.tensor(gather, dtype=torch.long, device=device)
+            mask = None
+            if lengths[0] != width:
+                lengths_t = torch.tensor(lengths, dtype=torch.long, device=device)
+                mask = (torch.arange(width, device=device)[None] < lengths_t[:, None])[:, None, None]
+            groups.append(DecodeGroup(a, b, gather_t, mask,
+                                      torch.tensor(positions[a:b], dtype=torch.long, device=device)))
 
-        Returns next-token logits ``[k, V]`` for rows ``0..k-1`` (the decoding rows and the rows whose prefill
-        completed in this step), and the prompt positions' logits of rows that want prompt logprobs.
-        """
-        cache = self.cache
-        if joining:
-            cache.reserve(self.num_rows + len(joining), max(seq.total_len for seq in self.rows + joining))
-            for seq in joining:
-                row = cache.add_row()
-                seq.num_computed = 0
-                if seq.num_prefix_kv:
-                    assert seq.prefix is not None, "prefix key/values come from a prefix"
-                    cache.write_prefix(row, seq.prefix.tensor)
-                self.rows.append(seq)
-
-        d = self.num_decoding
-        ids: list[int] = [seq.output_ids[-1] for seq in self.rows[:d]]
-        rows: list[int] = list(range(d))
-        cols: list[int] = cache.lengths[:d]
-        keep: list[int] = list(range(d))  # packed indices whose logits are wanted
         soft: list[tuple[int, torch.Tensor]] = []  # (packed index, virtual-token embeddings) to splice in
-        chunks: list[tuple[int, int]] = []  # per prefilling row: (first packed index, chunk length)
+        chunks: list[PrefillChunk] = []
         scored: list[tuple[Sequence, int, int]] = []  # (row, first prompt token predicted, how many)
         score_keep: list[int] = []  # packed indices of those prompt positions, after ``keep``
-        budget = step_tokens - d
-        for row in range(d, self.num_rows):
-            seq = self.rows[row]
-            start = seq.num_computed
-            count = min(seq.input_len - start, budget)
-            assert count > 0, "every prefilling row gets a chunk (the scheduler admits within the budget)"
-            budget -= count
-            first = len(ids)
+        for seq, count in plan.prefill:
+            start, first = seq.num_computed, len(ids)
             n_soft = seq.num_soft_tokens
             if start < n_soft:
                 assert seq.prefix is not None, "soft tokens come from a prefix"
-                soft.append((first, seq.prefix.tensor[start : min(n_soft, start + count)]))
-            ids += [seq.prompt_ids[i - n_soft] if i >= n_soft else 0 for i in range(start, start + count)]
-            rows += [row] * count
-            cols += range(cache.lengths[row], cache.lengths[row] + count)
-            chunks.append((first, count))
-            if start + count == seq.input_len:
+                soft.append((first, seq.prefix.tensor[start: min(n_soft, start + count)]))
+            ids += [seq.token_at(i) for i in range(start, start + count)]
+            own = blocks.slots(seq, 0, start + count)
+            slots += own[start:]
+            p = seq.num_prefix_kv
+            chunk_positions = list(range(p + start, p + start + count))
+            positions += chunk_positions
+            row_slots = blocks.prefix_slots(seq) + own
+            width = len(row_slots)
+            pos_t = torch.tensor(chunk_positions, dtype=torch.long, device=device)
+            mask = None
+            if width != count:
+                mask = torch.arange(width, device=device)[None] <= pos_t[:, None]  # [c, W]
+            chunks.append(PrefillChunk(first, first + count,
+                                       torch.tensor(row_slots, dtype=torch.long, device=device), mask, pos_t))
+            if start + count == seq.num_tokens:
                 keep.append(first + count - 1)
+                sampled.append(seq)
             if seq.params.prompt_logprobs is not None:
-                # input position i predicts input i + 1: prompt tokens 1.. come from positions n_soft..
-                lo, hi = max(start, n_soft), min(start + count, seq.input_len - 1)
+                # position i predicts token i + 1: prompt tokens 1.. come from positions n_soft..; entries
+                # already sent (before a preemption) are not scored again
+                lo = max(start, n_soft + len(seq.prompt_logprobs) - 1)
+                hi = min(start + count, seq.input_len - 1)
                 if lo < hi:
                     scored.append((seq, lo + 1 - n_soft, hi - lo))
                     score_keep += range(first + lo - start, first + hi - start)
 
-        batch = self._layout(rows, cols, d, chunks)
-        device = self.base.device
+        slots_t = torch.tensor(slots, dtype=torch.long, device=device)
+        batch = PackedBatch(slots_t, tuple(groups), tuple(chunks))
         embeds = self.embed(torch.tensor(ids, dtype=torch.long, device=device))[None]  # [1, T, H]
         for first, vectors in soft:
-            embeds[0, first : first + vectors.shape[0]] = vectors
+            embeds[0, first: first + vectors.shape[0]] = vectors
         with packed(batch):
             out = self.model(
                 inputs_embeds=embeds,
                 attention_mask=self._no_mask,
-                position_ids=batch.cols[None],
-                cache=cache.view(batch),
+                position_ids=torch.tensor(positions, dtype=torch.long, device=device)[None],
+                cache=self.cache.view(batch),
                 use_cache=True,
                 logits_to_keep=torch.tensor(keep + score_keep, dtype=torch.long, device=device),
             )
-        for row in range(d):
-            cache.lengths[row] += 1
-        for (_, count), seq, row in zip(chunks, self.rows[d:], range(d, self.num_rows)):
-            cache.lengths[row] += count
+        for seq in decode:
+            seq.num_computed += 1
+            blocks.computed(seq)
+        for seq, count in plan.prefill:
             seq.num_computed += count
+            blocks.computed(seq)
         logits = out.logits[0]  # [len(keep) + len(score_keep), V]
         prompt, at = [], len(keep)
         for seq, first, n in scored:
             prompt.append(PromptLogits(seq, first, logits[at: at + n]))
             at += n
-        return StepLogits(logits[: len(keep)], prompt)
-
-    def _layout(self, rows: list[int], cols: list[int], d: int, chunks: list[tuple[int, int]]) -> PackedBatch:
-        # Widths come from the host-side lists, so building the layout never waits for the device.
-        device = self.base.device
-        rows_t = torch.tensor(rows, dtype=torch.long, device=device)
-        cols_t = torch.tensor(cols, dtype=torch.long, device=device)
-        decode_mask = None
-        if d:
-            lengths = cols_t[:d] + 1  # after this step's token
-            width = max(cols[:d]) + 1
-            decode_mask = (torch.arange(width, device=device)[None] < lengths[:, None])[:, None, None]
-        gather = take = prefill_mask = None
-        if chunks:
-            first = torch.tensor([c[0] for c in chunks], dtype=torch.long, device=device)  # [m]
-            count = torch.tensor([c[1] for c in chunks], dtype=torch.long, device=device)  # [m]
-            s = max(c[1] for c in chunks)
-            i = torch.arange(s, device=device)  # [S]
-            offset = torch.minimum(i[None], count[:, None] - 1)  # [m, S]: padding repeats the last query
-            gather = first[:, None] + offset
-            take = torch.tensor([j * s + k for j, (_, c) in enumerate(chunks) for k in range(c)],
-                                dtype=torch.long, device=device)
-            query_cols = cols_t[gather]  # [m, S]
-            width = max(cols[d:]) + 1
-            prefill_mask = (torch.arange(width, device=device)[None, None] <= query_cols[..., None])[:, None]
-        return PackedBatch(rows_t, cols_t, d, decode_mask, slice(d, d + len(chunks)), gather, take,
-                           prefill_mask)
-
-    # -- leaving ------------------------------------------------------------------------------------------
-
-    @torch.inference_mode()
-    def release(self, row: int) -> None:
-        """Free ``row``, keeping rows dense and ordered ``[decoding | prefilling]``.
-
-        A decoding row is overwritten by the last decoding row, whose place the (at most one) unfinished row
-        after it takes; a prefilling row can only be the last row.
-        """
-        cache, last = self.cache, self.num_rows - 1
-        d = self.num_decoding
-        if row < d:
-            for src, dst in ((d - 1, row), (last, d - 1)):
-                if src != dst:
-                    cache.move_row(src, dst)
-                    self.rows[dst] = self.rows[src]
-        else:
-            assert row == last, "only the last row can be part-way through its prefill"
-        cache.pop_row()
-        self.rows.pop()
-
-    @torch.inference_mode()
-    def scrub(self, row: int) -> None:
-        """Zero ``row``'s keys and values, for a row that failed with non-finite values. Rows reuse slots and
-        mask the columns past their length, but a masked column still enters attention as weight 0 x value,
-        and 0 x inf is NaN: a stale infinity would poison whichever request takes the slot next."""
-        for buf in (*self.cache.keys, *self.cache.values):
-            buf[row].zero_()
-
-    def reset(self) -> None:
-        """Drop every row (after a failed forward the cache contents are not trusted, so they are zeroed)."""
-        for row in range(self.num_rows):
-            self.scrub(row)
-        while self.rows:
-            self.release(self.num_rows - 1)
+        return StepLogits(logits[: len(keep)], sampled, prompt)

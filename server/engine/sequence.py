@@ -132,7 +132,11 @@ class Sequence:
     admit_time: float | None = None  # when it joined the batch
     first_token_time: float | None = None
     last_token_time: float | None = None
-    num_computed: int = 0  # inputs (soft prompt + prompt) already in the key/value cache (chunked prefill)
+    # tokens (soft prompt, prompt, then generated) whose keys/values are in the cache: prefill goes chunk by
+    # chunk, and a preempted sequence starts again from 0 and recomputes all it had
+    num_computed: int = 0
+    num_cached_tokens: int = 0  # prompt tokens it took from the prefix cache instead of computing them
+    num_preemptions: int = 0
 
     @property
     def num_soft_tokens(self) -> int:
@@ -155,8 +159,31 @@ class Sequence:
         return self.num_prefix_kv + self.input_len + self.params.max_new_tokens
 
     @property
+    def num_tokens(self) -> int:
+        """Tokens whose keys/values the cache must hold before the next one is sampled: the inputs and every
+        generated token (the last of which is the next decode step's input)."""
+        return self.input_len + len(self.output_ids)
+
+    @property
+    def num_pending(self) -> int:
+        """Tokens to compute before the next token can be sampled (1 for a decoding sequence)."""
+        return self.num_tokens - self.num_computed
+
+    @property
     def prefilled(self) -> bool:
-        return self.num_computed == self.input_len
+        return self.num_computed >= self.input_len
+
+    def all_tokens(self) -> list[int]:
+        """Token ``i`` of the cache's view of this sequence (soft-prompt positions read as 0: the task
+        identifies them)."""
+        return [0] * self.num_soft_tokens + self.prompt_ids + self.output_ids
+
+    def token_at(self, i: int) -> int:
+        n_soft = self.num_soft_tokens
+        if i < n_soft:
+            return 0
+        i -= n_soft
+        return self.prompt_ids[i] if i < len(self.prompt_ids) else self.output_ids[i - len(self.prompt_ids)]
 
     @property
     def remaining_tokens(self) -> int:

@@ -1,0 +1,208 @@
+"""The paged key/value cache against PEFT: prefix-cache hits, preemption and shared task prefixes change no
+token, for every row kind; and the block accounting the scheduler relies on, without a model."""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import random
+
+import pytest
+
+from server.engine.engine import Engine, EngineConfig
+from server.engine.kv_cache import BlockManager
+from server.engine.model import wrap_model
+from server.engine.runner import decode_groups
+from server.engine.scheduler import Scheduler
+from server.engine.sequence import SamplingParams, Sequence
+from tests.helpers.support import KINDS, VOCAB, assert_oracle_tokens, make_adapter, tiny_model
+
+BLOCK = 4
+
+
+def params(n: int = 6) -> SamplingParams:
+    return SamplingParams(max_new_tokens=n, ignore_eos=True)
+
+
+def run(engine: Engine, seqs: list[Sequence]) -> None:
+    for seq in seqs:
+        engine.submit(seq)
+    engine.run_until_idle()
+    assert all(seq.finished and seq.error is None for seq in seqs), [seq.error for seq in seqs]
+
+
+@pytest.fixture(scope="module")
+def llama(tokenizer):
+    return wrap_model(tiny_model("llama", seed=3), tokenizer, "llama")
+
+
+def test_prefix_cache_hits_change_no_token_for_any_row_kind(llama, tmp_path):
+    """A shared preamble is computed once per (tenant, task): later requests take its full blocks from the
+    cache, and their greedy outputs equal PEFT's and those of an engine without prefix caching."""
+    adapters = [make_adapter(llama, kind, n, tmp_path, seed)
+                for seed, (kind, n) in enumerate(zip(KINDS[:4], [5, 3, 4, 6]))]
+    rng = random.Random(0)
+    preamble = [rng.randrange(3, VOCAB) for _ in range(23)]
+    prefixes = [None, *(a.prefix for a in adapters)]
+
+    def wave(engine: Engine) -> list[Sequence]:
+        seqs = [Sequence(preamble + [rng.randrange(3, VOCAB) for _ in range(3)], params(), prefix)
+                for prefix in prefixes for _ in range(2)]
+        run(engine, seqs)
+        return seqs
+
+    cached = Engine(llama, EngineConfig(max_batch_size=4, block_size=BLOCK))
+    cold, warm = wave(cached), wave(cached)
+    plain = Engine(llama, EngineConfig(max_batch_size=4, block_size=BLOCK, prefix_caching=False))
+    for seqs in (cold, warm):
+        for seq in seqs:
+            again = Sequence(list(seq.prompt_ids), params(), seq.prefix)
+            run(plain, [again])
+            assert again.num_cached_tokens == 0
+            assert again.output_ids == seq.output_ids
+    # every warm request hit every full block of the preamble (the virtual tokens of soft prompts come first)
+    for seq in warm:
+        expected = (seq.num_soft_tokens + len(preamble)) // BLOCK * BLOCK
+        assert seq.num_cached_tokens == expected, (seq.num_soft_tokens, seq.num_cached_tokens)
+    for seq, adapter in zip(warm, [None, None, *[a for a in adapters for _ in range(2)]]):
+        model = adapter.oracle if adapter else llama.model
+        assert_oracle_tokens(model, seq.prompt_ids, seq.output_ids, "warm")
+    assert cached.blocks.cache_hits > 0 and cached.blocks.cache_queries > cached.blocks.cache_hits
+
+
+def test_cached_blocks_are_not_shared_across_tasks_or_tenants(llama, tmp_path):
+    task = make_adapter(llama, "prefix", 4, tmp_path, 0)
+    engine = Engine(llama, EngineConfig(block_size=BLOCK))
+    prompt = list(range(10, 30))
+    first = Sequence(prompt, params(2), task.prefix, tenant="a")
+    run(engine, [first])
+    others = [Sequence(prompt, params(2), None, tenant="a"),  # same tokens, base model
+              Sequence(prompt, params(2), task.prefix, tenant="b")]  # same task, another tenant
+    run(engine, others)
+    assert [seq.num_cached_tokens for seq in others] == [0, 0]
+    same = Sequence(prompt, params(2), task.prefix, tenant="a")
+    run(engine, [same])
+    assert same.num_cached_tokens == (len(prompt) - 1) // BLOCK * BLOCK
+    shared = Engine(llama, EngineConfig(block_size=BLOCK, share_prefix_cache=True))
+    run(shared, [Sequence(prompt, params(2), None, tenant="a")])
+    other_tenant = Sequence(prompt, params(2), None, tenant="b")
+    run(shared, [other_tenant])
+    assert other_tenant.num_cached_tokens > 0
+
+
+def test_preempted_requests_resume_and_match_peft(llama, tmp_path):
+    """A pool too small for every request's whole generation: the newest are preempted, recomputed from
+    their tokens when they rejoin, and every request still finishes with PEFT's tokens."""
+    adapters = [make_adapter(llama, kind, 3, tmp_path, seed) for seed, kind in enumerate(KINDS[:3])]
+    rng = random.Random(1)
+    per_token = llama.shape.kv_width * 4
+    engine = Engine(llama, EngineConfig(max_batch_size=6, block_size=BLOCK,
+                                        kv_cache_bytes=24 * BLOCK * per_token))
+    seqs, tasks = [], []
+    for i in range(6):
+        adapter = adapters[i % 3] if i % 4 else None
+        prompt = [rng.randrange(3, VOCAB) for _ in range(rng.randint(3, 9))]
+        seqs.append(Sequence(prompt, params(24), adapter.prefix if adapter else None))
+        tasks.append(adapter)
+    run(engine, seqs)
+    assert engine.blocks.preemptions > 0
+    assert sum(seq.num_preemptions for seq in seqs) == engine.blocks.preemptions
+    for seq, adapter in zip(seqs, tasks):
+        assert len(seq.output_ids) == 24
+        assert_oracle_tokens(adapter.oracle if adapter else llama.model, seq.prompt_ids, seq.output_ids,
+                             "preempted")
+    assert engine.blocks.num_free == engine.blocks.num_blocks  # every block came back
+
+
+def test_a_task_prefix_is_stored_once_for_all_its_requests(llama, tmp_path):
+    task = make_adapter(llama, "prefix", 10, tmp_path, 0)  # 10 virtual tokens: 3 blocks of 4
+    engine = Engine(llama, EngineConfig(block_size=BLOCK, prefix_caching=False))
+    seqs = [Sequence([5 + i, 6, 7], params(3), task.prefix) for i in range(5)]
+    for seq in seqs:
+        engine.submit(seq)
+    engine.step()
+    entry = engine.blocks.tasks[id(task.prefix.tensor)]
+    assert entry.users == 5 and len(entry.blocks) == 3
+    own = [engine.blocks.tables[seq.id].blocks for seq in seqs]
+    assert all(len(b) == 1 for b in own)  # 3 prompt tokens + the first output: one block each
+    assert engine.blocks.pool.num_free == engine.blocks.num_blocks - 3 - 5
+    engine.run_until_idle()
+    for seq in seqs:
+        assert_oracle_tokens(task.oracle, seq.prompt_ids, seq.output_ids, "shared prefix")
+    assert entry.users == 0 and len(entry.blocks) == 3  # kept, for the next request of the task
+
+
+# -- accounting, no model -----------------------------------------------------------------------------------
+
+def seq_of(n: int, new: int = 8, tenant: str = "t") -> Sequence:
+    return Sequence(list(range(3, 3 + n)), SamplingParams(max_new_tokens=new), tenant=tenant)
+
+
+def test_admission_counts_the_blocks_a_prompt_needs_now_not_its_worst_case():
+    blocks = BlockManager(num_blocks=10, block_size=4)
+    scheduler = Scheduler(blocks, max_batch_size=8, max_step_tokens=64, long_prefill_threshold=32,
+                          watermark=0)
+    seqs = [seq_of(6, new=1000) for _ in range(5)]  # each could reach 1006 tokens; each needs 2 blocks now
+    for seq in seqs:
+        scheduler.add(seq)
+    plan = scheduler.schedule()
+    assert [entry[0] for entry in plan.prefill] == seqs
+    assert blocks.pool.num_free == 0
+
+
+def test_the_newest_running_request_is_preempted_when_blocks_run_out():
+    blocks = BlockManager(num_blocks=4, block_size=4)
+    scheduler = Scheduler(blocks, max_batch_size=8, max_step_tokens=64, long_prefill_threshold=32,
+                          watermark=0)
+    old, new = seq_of(7), seq_of(7)
+    for seq in (old, new):
+        scheduler.add(seq)
+    scheduler.schedule()
+    for seq in (old, new):  # as the runner and engine would: both prefilled, one token sampled each
+        seq.num_computed = seq.num_tokens
+        seq.output_ids.append(9)
+    old.num_computed += 1  # old decoded once more: its next token is its 9th, which needs a third block
+    old.output_ids.append(9)
+    plan = scheduler.schedule()
+    assert plan.preempted == [new] and plan.decode == [old]
+    assert new.num_computed == 0 and len(scheduler) == 1 and scheduler.running == [old]
+
+
+def test_a_long_prompt_leaves_room_for_short_ones_in_each_step():
+    blocks = BlockManager(num_blocks=1000, block_size=4)
+    scheduler = Scheduler(blocks, max_batch_size=8, max_step_tokens=64, long_prefill_threshold=16)
+    long = seq_of(1000)
+    scheduler.add(long)
+    plan = scheduler.schedule()
+    assert plan.prefill == [[long, 64]]  # alone, it takes the whole step
+    long.num_computed += 64
+    shorts = [seq_of(10, tenant=f"s{i}") for i in range(3)]
+    for seq in shorts:
+        scheduler.add(seq)
+    plan = scheduler.schedule()
+    assert plan.prefill[0] == [long, 16 + 64 - 16 - 30]  # held to the threshold, then what was left
+    assert [entry for entry in plan.prefill[1:]] == [[seq, 10] for seq in shorts]
+    second_long = seq_of(500, tenant="z")
+    scheduler.add(second_long)
+    long.num_computed += plan.prefill[0][1]
+    plan = scheduler.schedule()
+    assert second_long not in [entry[0] for entry in plan.prefill]  # one long prefill at a time
+
+
+def test_decode_groups_keep_short_rows_apart_from_long_ones():
+    assert decode_groups([10, 12, 30, 6000]) == [(0, 3), (3, 4)]
+    assert decode_groups([5]) == [(0, 1)]
+    assert decode_groups([100, 200, 300, 400]) == [(0, 2), (2, 4)]
+
+
+def test_a_dropped_task_gives_its_blocks_back(llama, tmp_path):
+    """The engine process drops a deleted task's tensor: its prefix blocks return to the pool at once."""
+    task = make_adapter(llama, "prefix", 10, tmp_path, 0)
+    engine = Engine(llama, EngineConfig(block_size=BLOCK))
+    prefix = dataclasses.replace(task.prefix, tensor=task.prefix.tensor.clone())  # held by this test only
+    run(engine, [Sequence([5, 6, 7], params(2), prefix)])
+    assert engine.blocks.pool.num_free == engine.blocks.num_blocks - 3  # the idle task keeps its 3 blocks
+    del prefix
+    gc.collect()
+    assert not engine.blocks.tasks
+    assert engine.blocks.pool.num_free == engine.blocks.num_blocks
