@@ -151,3 +151,31 @@ def test_redis_out_of_memory_is_507_and_nothing_is_half_written(tmp_path, tiny_m
         assert Served(srv, "early") == before
         r.close()
     assert "Traceback" not in srv.log_text(), srv.log_tail()
+
+
+def test_a_read_only_redis_refuses_writes_and_keeps_reads(tmp_path):
+    """A Redis that became a read-only replica (e.g. the address now points at one after a failover):
+    uploads and deletes are StoreReadOnly (503), nothing is recorded as an outage write, reads go on."""
+    from prefixes.store import PrefixStore, StoreReadOnly
+    from tests.helpers.server_process import free_port
+    from tests.prefixes.test_store import soft
+
+    with RedisServer(tmp_path / "redis") as rs:
+        store = PrefixStore(tmp_path / "a", 1 << 20, prepare=lambda t: t, redis_url=rs.url)
+        try:
+            assert store.redis.wait_subscribed(5)
+            early = store.put("early", soft(value=1.0))
+            r = redis.Redis.from_url(rs.url)
+            r.replicaof("127.0.0.1", free_port())  # a replica of a master that is gone: read-only, stale
+            with pytest.raises(StoreReadOnly, match="read-only"):
+                store.put("late", soft(value=2.0))
+            with pytest.raises(StoreReadOnly, match="read-only"):
+                store.delete("early")
+            assert list((tmp_path / "a" / "pending").iterdir()) == []
+            assert not (tmp_path / "a" / "tasks" / "late").exists()
+            assert store.list() == [early] and store.get("early").record == early
+            r.replicaof("NO", "ONE")
+            assert store.put("late", soft(value=2.0)).version == 1
+            r.close()
+        finally:
+            store.close()
