@@ -48,7 +48,8 @@ async def build_state(settings: Settings) -> ServerState:
     # copies (--cache-bytes of them). On an accelerator the host-memory budget is this process's memory tier.
     on_cpu = settings.device == "cpu"
     store = PrefixStore(settings.store_dir, settings.cache_bytes if on_cpu else settings.host_cache_bytes,
-                        prepare=lambda t: t.to(dtype=settings.torch_dtype), redis_url=settings.redis_url)
+                        prepare=lambda t: t.to(dtype=settings.torch_dtype), redis_url=settings.redis_url,
+                        reconcile_interval=settings.redis_reconcile_interval)
     engine: EngineClient | None = None
     metrics = Metrics(store, lambda: engine.num_running if engine else 0,
                       lambda: engine.num_waiting if engine else 0)

@@ -56,6 +56,7 @@ def _serve(args: argparse.Namespace) -> int:
             max_upload_bytes=args.max_upload_bytes, threads=args.threads,
             auth_file=Path(args.auth_file) if args.auth_file else None,
             redis_url=args.redis_url, host_cache_bytes=args.host_cache_bytes,
+            redis_reconcile_interval=args.redis_reconcile_interval,
             max_waiting_requests=args.max_waiting_requests, request_timeout=args.request_timeout,
             shutdown_timeout=args.shutdown_timeout, omp_wait_policy=args.omp_wait_policy,
             max_request_bytes=args.max_request_bytes, public_metrics=args.public_metrics,
@@ -135,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--redis-url", default=None,
                        help="Redis shared by all replicas (e.g. redis://127.0.0.1:6379/0): a task uploaded "
                        "to one is served by all; without it each server has its --store-dir alone")
+    serve.add_argument("--redis-reconcile-interval", type=float, default=defaults.redis_reconcile_interval,
+                       help="seconds between each replica's checks that Redis still holds its tasks and "
+                       "deletes; what Redis lost (flush, failover, eviction) is pushed back")
     serve.add_argument("--max-upload-bytes", type=int, default=defaults.max_upload_bytes)
     serve.add_argument("--threads", type=int, default=defaults.threads,
                        help="the engine process's torch threads "

@@ -28,6 +28,8 @@ class Settings:
     threads: int = 0  # the engine process's torch threads; 0: one per core but one (see engine_threads)
     auth_file: Path | None = None  # tenants and keys; None serves everyone (single-user mode)
     redis_url: str | None = None  # shared Redis tier of the store (all replicas); None: local disk alone
+    # seconds between a replica's checks that Redis still holds its tasks (what Redis lost is pushed back)
+    redis_reconcile_interval: float = 5.0
     # host-memory tier of the store (0: none); unused when the device is the CPU
     host_cache_bytes: int = 2 << 30
     # Admission control: sequences waiting for the batch beyond which new requests get 503 + Retry-After.
@@ -65,6 +67,8 @@ class Settings:
         if self.redis_url is not None and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError(f"--redis-url {self.redis_url!r}: use redis://HOST:PORT/DB, rediss://... or "
                              "unix:///path/to/redis.sock")
+        if not 0.05 <= self.redis_reconcile_interval <= 3600:
+            raise ValueError("--redis-reconcile-interval must be between 0.05 and 3600 seconds")
         if self.max_waiting_requests is not None and self.max_waiting_requests < 1:
             raise ValueError("--max-waiting-requests must be at least 1")
         if self.request_timeout is not None and not self.request_timeout >= 0.1:

@@ -5,23 +5,29 @@ Layout under ``root``::
     tasks/<key>/v<version>/prefix.safetensors   canonical tensors (prefix-serve format)
     tasks/<key>/v<version>/meta.json            the TaskRecord
     tasks/<key>/CURRENT                         the served version number
+    deleted/<key>.json                          a deleted task's last version number (and when): the
+                                                high-water mark, so a name's versions never restart at 1
     tmp/  trash/                                staging for atomic writes and deletes
     pending/<key>.json                          (Redis only) a write made while Redis was unreachable
 
-A version directory is fully written and fsynced in ``tmp/`` before one ``rename`` puts it in place, and
-``CURRENT`` changes by ``os.replace``. A crash at any point leaves either the old version or the new one
-served, never a half-written file.
+A version directory is fully written and fsynced in ``tmp/`` (tensors, record and the next ``CURRENT``)
+before one ``rename`` puts it in place, and ``CURRENT`` changes by ``os.replace``: once staged, making a
+version current allocates no space, so a full disk refuses a write before anything changed. A crash at any
+point leaves either the old version or the new one served, never a half-written file.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import shutil
 import threading
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from prefixes.artifact import PrefixArtifact
@@ -34,6 +40,9 @@ from prefixes.store.memory import CacheStats, Residency
 TENSOR_FILE = "prefix.safetensors"
 META_FILE = "meta.json"
 CURRENT_FILE = "CURRENT"
+NEXT_CURRENT_FILE = "CURRENT.next"  # staged in a version folder, moved over CURRENT to make it current
+
+log = logging.getLogger(__name__)
 
 MakeRecord = Callable[[int], TaskRecord]  # the record of a version, given the number it is written as
 
@@ -51,6 +60,15 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@dataclass(frozen=True, slots=True)
+class Tombstone:
+    """A task deleted from this disk: the last version number its name had (a deleted version, or the
+    tombstone version Redis gave the delete) and when."""
+
+    version: int
+    at: float
 
 
 class DiskTier:
@@ -80,11 +98,63 @@ class DiskTier:
         return sorted(d.name for d in (self.root / "tasks").iterdir() if in_namespace(d.name, namespace))
 
     def floor(self, key: str) -> int:
-        """The highest version number this disk has used for ``key`` (0: none)."""
+        """The highest version number this disk has used or seen deleted for ``key`` (0: none)."""
+        tombstone = self.tombstone(key)
+        return max(self._version_dirs(key) + [tombstone.version if tombstone else 0])
+
+    def _version_dirs(self, key: str) -> list[int]:
         task_dir = self.path(key)
         if not task_dir.is_dir():
-            return 0
-        return max((int(p.name[1:]) for p in task_dir.glob("v*") if p.name[1:].isdigit()), default=0)
+            return []
+        return [int(p.name[1:]) for p in task_dir.glob("v*") if p.name[1:].isdigit()]
+
+    # -- tombstones: the high-water mark of deleted names ------------------------------------------------
+
+    def _tombstone_path(self, key: str) -> Path:
+        return self.root / "deleted" / f"{check_key(key)}.json"
+
+    def tombstone(self, key: str) -> Tombstone | None:
+        try:
+            fields = json.loads(self._tombstone_path(key).read_text())
+            return Tombstone(int(fields["version"]), float(fields["at"]))
+        except FileNotFoundError:
+            return None
+        except (ValueError, KeyError, TypeError) as exc:  # torn or not ours: the version dirs still count
+            log.warning("ignoring the unreadable tombstone of %s (%s)", key, exc)
+            return None
+
+    def tombstones(self) -> dict[str, Tombstone]:
+        """Every deleted name this disk remembers (for pushing deletes back to a Redis that lost them)."""
+        folder = self.root / "deleted"
+        out: dict[str, Tombstone] = {}
+        for path in folder.glob("*.json") if folder.is_dir() else ():
+            key = path.name.removesuffix(".json")
+            if STORE_KEY.fullmatch(key) and (tombstone := self.tombstone(key)) is not None:
+                out[key] = tombstone
+        return out
+
+    def remember_delete(self, key: str, version: int, at: float | None = None) -> None:
+        """Record that ``key`` was deleted at ``version`` (kept when a higher one is already recorded)."""
+        known = self.tombstone(key)
+        if known is not None and known.version >= version:
+            return
+        folder = self.root / "deleted"
+        folder.mkdir(exist_ok=True)  # made on first use: a store opened read-only needs no new folder
+        tmp = folder / f".{uuid.uuid4().hex}.tmp"
+        try:
+            when = time.time() if at is None else at
+            fsync_write(tmp, json.dumps({"version": version, "at": when}).encode())
+            os.replace(tmp, self._tombstone_path(key))
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        fsync_dir(folder)
+
+    def _drop_tombstone(self, key: str, below: int) -> None:
+        """A live version ``below`` and up now carries the high-water mark: the tombstone can go."""
+        tombstone = self.tombstone(key)
+        if tombstone is not None and tombstone.version < below:
+            self._tombstone_path(key).unlink(missing_ok=True)
 
     def _sweep_staging(self) -> None:
         """Remove what an interrupted write or delete left behind; never touches served versions."""
@@ -124,20 +194,37 @@ class DiskTier:
     def discard(stage: Path) -> None:
         shutil.rmtree(stage, ignore_errors=True)
 
+    @staticmethod
+    def prepare(stage: Path, record: TaskRecord) -> None:
+        """Write the version's record and its ``CURRENT`` into the stage, fsynced: what is left for
+        :meth:`commit` then needs no space (a full disk fails here, before Redis is told of the version)."""
+        fsync_write(stage / META_FILE, json.dumps(record.as_json()).encode())
+        fsync_write(stage / NEXT_CURRENT_FILE, str(record.version).encode())
+        fsync_dir(stage)
+
+    @staticmethod
+    def _prepared(stage: Path, record: TaskRecord) -> bool:
+        try:
+            return (json.loads((stage / META_FILE).read_text()) == record.as_json()
+                    and (stage / NEXT_CURRENT_FILE).read_text() == str(record.version))
+        except (FileNotFoundError, ValueError):
+            return False
+
     def commit(self, key: str, stage: Path, make_record: MakeRecord, version: int | None = None,
                invalidate: bool = True) -> TaskRecord | None:
         """Make a staged file a version of ``key`` and current, atomically; the stage is consumed.
 
-        ``version`` None: the next local number (the disk-only store, or Redis unreachable). Else that
-        number, unless the disk already serves it or a newer one (then nothing is written: None).
+        ``version`` None: the next local number, above every number the name had, deleted ones too (the
+        disk-only store, or Redis unreachable). Else that number, unless the disk already serves it or a
+        newer one (then nothing is written: None).
         ``invalidate`` False: a version written through from Redis, which drops only older resident copies."""
         task_dir = self.path(key)
         try:
             with self.lock:
                 task_dir.mkdir(exist_ok=True)
-                existing = [int(p.name[1:]) for p in task_dir.glob("v*") if p.name[1:].isdigit()]
+                existing = self._version_dirs(key)
                 if version is None:
-                    version = max(existing, default=0) + 1
+                    version = self.floor(key) + 1
                 else:
                     current = self.current_version(key)
                     if current is not None and current >= version:
@@ -145,12 +232,10 @@ class DiskTier:
                     if version in existing:  # a leftover that was never made current
                         shutil.rmtree(task_dir / f"v{version}", ignore_errors=True)
                 record = make_record(version)
-                fsync_write(stage / META_FILE, json.dumps(record.as_json()).encode())
-                fsync_dir(stage)
+                if not self._prepared(stage, record):
+                    self.prepare(stage, record)
                 os.rename(stage, task_dir / f"v{version}")
-                pointer = task_dir / f"{CURRENT_FILE}.{uuid.uuid4().hex}"
-                fsync_write(pointer, str(version).encode())
-                os.replace(pointer, task_dir / CURRENT_FILE)
+                os.replace(task_dir / f"v{version}" / NEXT_CURRENT_FILE, task_dir / CURRENT_FILE)
                 fsync_dir(task_dir)
                 self._bytes[key] = record.bytes
                 if invalidate:
@@ -160,6 +245,7 @@ class DiskTier:
             for old in existing:  # superseded versions: the new one is durable, so they can go
                 if old != version:
                     shutil.rmtree(task_dir / f"v{old}", ignore_errors=True)
+            self._drop_tombstone(key, below=version + 1)
         finally:
             self.discard(stage)
         return record
@@ -170,9 +256,21 @@ class DiskTier:
         self.path(key)
         return self.commit(key, self.stage(data), make_record, version, invalidate)
 
-    def delete(self, key: str) -> bool:
-        """Remove the task from disk and memory; False when the disk did not have it."""
+    def delete(self, key: str, version: int = 0, at: float | None = None, remember: bool = True) -> bool:
+        """Remove the task from disk and memory, remembering the name's last version (``version``, e.g. the
+        tombstone's from Redis, or the local one if higher) so it is never handed out again; False when the
+        disk did not have the task (the version is still remembered). ``remember`` False: not a delete
+        (a local copy replaced by Redis's version of it), nothing is remembered."""
         task_dir = self.path(key)
+        floor = max(version, self.floor(key)) if remember else 0
+        full = False
+        if floor:
+            try:
+                self.remember_delete(key, floor, at)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                full = True  # a delete must work on a full disk: remembered once the task's space is free
         with self.lock:
             self.residency.invalidate(key)
             if self.current_version(key) is None:
@@ -181,6 +279,12 @@ class DiskTier:
             os.rename(task_dir, trash)
             self._bytes.pop(key, None)
         shutil.rmtree(trash, ignore_errors=True)
+        if full:
+            try:
+                self.remember_delete(key, floor, at)
+            except OSError as exc:
+                log.warning("task %s deleted, but its last version number (%d) could not be kept (%s)",
+                            key, floor, exc)
         return True
 
     # -- reads ------------------------------------------------------------------------------------------

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from prefixes.keys import split_key
@@ -24,6 +27,36 @@ class StoreUnavailable(RuntimeError):
 
 class QuotaExceeded(RuntimeError):
     """A write refused because it would take its namespace over its task count or bytes."""
+
+
+class StorageFull(RuntimeError):
+    """A write refused because a storage tier ran out of room: the local disk (ENOSPC, EDQUOT) or Redis's
+    memory (``maxmemory`` with ``noeviction``). Nothing of the write was kept; earlier tasks are intact."""
+
+
+class StoreReadOnly(RuntimeError):
+    """A write refused because the store cannot be written at all: a read-only local disk (EROFS) or a
+    read-only Redis (a replica, e.g. after a failover). Reads keep being served."""
+
+
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+@contextmanager
+def disk_faults(action: str) -> Iterator[None]:
+    """Turn the local disk running out of space, or being read-only, during ``action`` (e.g. "storing task
+    'x'") into StorageFull or StoreReadOnly. Other OSErrors pass as they are (a bug or a broken disk)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in _FULL:
+            raise StorageFull(f"The server's task store (its --store-dir disk) is full ({exc.strerror}): "
+                              f"{action} failed and nothing of it was kept; earlier tasks are intact. Free "
+                              "space there, or delete tasks.") from exc
+        if exc.errno == errno.EROFS:
+            raise StoreReadOnly(f"The server's task store (its --store-dir disk) is read-only: {action} "
+                                "failed; earlier tasks are intact and still served.") from exc
+        raise
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,6 +12,10 @@ Layout (``P`` is the key prefix, ``prefix-serve`` by default; ``K`` a store key 
     P:owned:N  hash   K -> bytes of each live task of namespace N: what a quota is checked against
     P:events   pub/sub channel: {"op": "put"|"delete", "task": K, "version": N, "origin": replica id}
 
+Redis may lose any of it (a restart without persistence, a failover to an empty server, FLUSHALL, eviction):
+every replica reconciles its disk with Redis periodically and pushes back the versions and the deletes it
+holds (``TOMBSTONE``), each only over an older version, so the newest wins (:mod:`prefixes.store.sync`).
+
 Every write is one Lua script, so Redis applies it atomically: a version is only ever written over an
 older one (compare-and-set on ``version``), the set, the byte counts and the event change with it, and a
 version number is never reused (the sequence is bumped past every version written, including ones pushed
@@ -20,6 +24,11 @@ earlier one, so a replica's old local copy can never look newer than the delete.
 checks the namespace's ``owned`` hash in the same script, so replicas racing uploads cannot together
 exceed it. (``owned`` is kept since quotas moved here: tasks written by an earlier release are added to it
 by ``BACKFILL_OWNED`` when a replica (re)connects.)
+
+Redis out of memory (``maxmemory``, ``noeviction``): a script without flags is refused at its first write
+command that may grow memory, and never once it has written, so each script is refused whole or runs whole.
+ALLOCATE's first write is a SET: an upload is refused before anything changed. DELETE's first write is the
+DEL, so a delete, which frees memory, still works.
 
 Nothing here is unpickled: values are JSON, integers and safetensors bytes.
 """
@@ -131,7 +140,7 @@ return {1}
 
 # KEYS: Layout.writes.  ARGV: key, floor, force, at, channel, origin.
 # Replaces the task by a tombstone with a fresh version; returns it, or -1 when there was no live task and
-# not ``force`` (the caller's local copy is what is being deleted).
+# not ``force`` (the caller's local copy is what is being deleted). DEL is the first write (see above).
 DELETE = """
 local stored = tonumber(redis.call('HGET', KEYS[1], 'version') or '0')
 local live = stored > 0 and not redis.call('HGET', KEYS[1], 'deleted')
@@ -140,14 +149,35 @@ local old = 0
 if live then old = tonumber(redis.call('HGET', KEYS[1], 'bytes') or '0') end
 local seq = tonumber(redis.call('GET', KEYS[2]) or '0')
 local n = math.max(seq, stored, tonumber(ARGV[2])) + 1
-redis.call('SET', KEYS[2], n)
 redis.call('DEL', KEYS[1])
+redis.call('SET', KEYS[2], n)
 redis.call('HSET', KEYS[1], 'version', n, 'deleted', '1', 'at', ARGV[4])
 redis.call('SREM', KEYS[3], ARGV[1])
 redis.call('DECRBY', KEYS[4], old)
 redis.call('HDEL', KEYS[5], ARGV[1])
 redis.call('PUBLISH', ARGV[5], cjson.encode({op='delete', task=ARGV[1], version=n, origin=ARGV[6]}))
 return n
+"""
+
+# KEYS: Layout.writes.  ARGV: key, version, at, channel, origin.
+# A delete pushed back from a replica's disk after Redis lost it: a tombstone of exactly ``version``, only
+# over an older version (a live version written since, with a higher number, stays). 1 when written.
+TOMBSTONE = """
+local stored = tonumber(redis.call('HGET', KEYS[1], 'version') or '0')
+local v = tonumber(ARGV[2])
+if stored >= v then return 0 end
+local old = 0
+if stored > 0 and not redis.call('HGET', KEYS[1], 'deleted') then
+  old = tonumber(redis.call('HGET', KEYS[1], 'bytes') or '0')
+end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'version', v, 'deleted', '1', 'at', ARGV[3])
+if tonumber(redis.call('GET', KEYS[2]) or '0') < v then redis.call('SET', KEYS[2], v) end
+redis.call('SREM', KEYS[3], ARGV[1])
+redis.call('DECRBY', KEYS[4], old)
+redis.call('HDEL', KEYS[5], ARGV[1])
+redis.call('PUBLISH', ARGV[4], cjson.encode({op='delete', task=ARGV[1], version=v, origin=ARGV[5]}))
+return 1
 """
 
 

@@ -8,7 +8,11 @@ while Redis stays down) during which calls fail fast, so a dead Redis costs a re
 then serves from memory and local disk); the first call after it, or the listener's resubscription,
 closes it again. The listener thread (pub/sub) reconnects by itself with exponential backoff and tells the
 store each time it is subscribed again, which is when the store reconciles its local disk with Redis (see
-:mod:`prefixes.store.sync`).
+:mod:`prefixes.store.sync`); it also calls the store's periodic reconciliation every ``reconcile_interval``
+seconds, which notices what Redis lost while the connection stayed up (FLUSHALL, eviction, a failover).
+
+Redis answering "out of memory" (``maxmemory``) or "read-only" (a replica) is not an outage: Redis is
+there and serves reads, so the breaker stays closed and the write is refused (:class:`RedisRefused`).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from prefixes.store.redis_layout import (
     DELETE,
     FIELDS,
     PUBLISH,
+    TOMBSTONE,
     Layout,
     RemoteState,
     parse_state,
@@ -47,6 +52,18 @@ class RedisUnavailable(RuntimeError):
     """Redis could not be reached (or answered with an error); the caller falls back to local tiers."""
 
 
+class RedisRefused(RuntimeError):
+    """Redis answered but refused a write: out of memory or read-only (the subclasses)."""
+
+
+class RedisOutOfMemory(RedisRefused):
+    """``OOM command not allowed when used memory > 'maxmemory'``."""
+
+
+class RedisReadOnly(RedisRefused):
+    """``READONLY You can't write against a read only replica``."""
+
+
 class QuotaRefused(Exception):
     """Redis refused a write under a quota: the namespace's other live tasks and their bytes."""
 
@@ -58,7 +75,8 @@ class QuotaRefused(Exception):
 
 class RedisTier:
     def __init__(self, url: str, *, key_prefix: str = DEFAULT_KEY_PREFIX, socket_timeout: float = 0.25,
-                 retry_after: float = 0.5, max_retry_after: float = 5.0, max_backoff: float = 2.0):
+                 retry_after: float = 0.5, max_retry_after: float = 5.0, max_backoff: float = 2.0,
+                 reconcile_interval: float = 5.0):
         self.url = redact(url)  # for messages; the client gets the real one
         self.key_prefix = key_prefix
         self.layout = Layout(key_prefix)
@@ -67,6 +85,7 @@ class RedisTier:
         self.retry_after = retry_after  # the breaker's first pause; it doubles while Redis stays down
         self.max_retry_after = max_retry_after
         self.max_backoff = max_backoff  # the listener's longest wait between reconnection attempts
+        self.reconcile_interval = reconcile_interval  # seconds between the listener's periodic reconciles
         # Short timeouts: Redis is a cache in front of the local disk, never worth stalling a request for.
         # One immediate retry on a new connection absorbs a pooled connection made stale by a restart; a
         # timeout is not retried (a hung Redis would only stall the request twice as long).
@@ -84,6 +103,7 @@ class RedisTier:
         self._publish = self.client.register_script(PUBLISH)
         self._delete = self.client.register_script(DELETE)
         self._backfill_owned = self.client.register_script(BACKFILL_OWNED)
+        self._tombstone = self.client.register_script(TOMBSTONE)
         self._down_until = 0.0
         self._down_pause = retry_after
         self._down_logged = False
@@ -92,6 +112,7 @@ class RedisTier:
         self._subscribed = threading.Event()
         self._recovered = threading.Event()  # Redis answered again after failing: reconcile (listener)
         self.connects = 0  # successful (re)subscriptions of the listener
+        self.reconciles = 0  # periodic reconciliations run by the listener
         self.events = 0  # events from other replicas handled
 
     # -- availability ---------------------------------------------------------------------------------------
@@ -111,6 +132,11 @@ class RedisTier:
             raise RedisUnavailable(f"Redis at {self.url} is unreachable (retrying shortly)")
         try:
             result = fn()
+        except (redis.exceptions.OutOfMemoryError, redis.exceptions.ReadOnlyError) as exc:
+            self._mark_up()  # Redis answered: reads still work, only this write is refused
+            oom = isinstance(exc, redis.exceptions.OutOfMemoryError)
+            raise (RedisOutOfMemory if oom else RedisReadOnly)(f"Redis at {self.url} refused {what}: {exc}") \
+                from exc
         except redis.RedisError as exc:
             self._mark_down(what, exc)
             raise RedisUnavailable(f"Redis at {self.url}: {what} failed: {exc}") from exc
@@ -210,16 +236,23 @@ class RedisTier:
         version = int(self._call("delete", lambda: self._delete(keys=keys, args=args)))
         return None if version < 0 else version
 
+    def tombstone(self, key: str, version: int, at: float) -> bool:
+        """Put back a delete Redis lost: a tombstone of ``version``, unless Redis has it or a newer one."""
+        keys = self.layout.writes(key)
+        args: list[str | int] = [key, version, repr(float(at)), self.channel, self.origin]
+        return bool(self._call("tombstone", lambda: self._tombstone(keys=keys, args=args)))
+
     # -- pub/sub listener -----------------------------------------------------------------------------------
 
-    def start_listener(self, on_event: Callable[[str, str, int], None],
-                       on_connected: Callable[[], None]) -> None:
+    def start_listener(self, on_event: Callable[[str, str, int], None], on_connected: Callable[[], None],
+                       on_tick: Callable[[], None] | None = None) -> None:
         """Start the thread that applies other replicas' events: ``on_event(op, key, version)``;
-        ``on_connected()`` runs after each (re)subscription, before events are applied."""
+        ``on_connected()`` runs after each (re)subscription, before events are applied, and ``on_tick()``
+        every ``reconcile_interval`` seconds while subscribed."""
         if self._listener is not None and self._listener.is_alive():
             return
         self._stop.clear()
-        self._listener = threading.Thread(target=self._listen, args=(on_event, on_connected),
+        self._listener = threading.Thread(target=self._listen, args=(on_event, on_connected, on_tick),
                                           name="prefix-store-redis-events", daemon=True)
         self._listener.start()
 
@@ -234,7 +267,7 @@ class RedisTier:
         """True once the listener is subscribed (and has reconciled); for start-up checks and tests."""
         return self._subscribed.wait(timeout)
 
-    def _listen(self, on_event, on_connected) -> None:
+    def _listen(self, on_event, on_connected, on_tick) -> None:
         backoff = 0.05
         failing = False
         while not self._stop.is_set():
@@ -248,6 +281,7 @@ class RedisTier:
                 self._reconcile(on_connected)
                 self.connects += 1
                 self._subscribed.set()
+                next_tick = time.monotonic() + self.reconcile_interval
                 if failing:
                     log.info("Redis events: resubscribed to %s on %s", self.channel, self.url)
                 failing, backoff = False, 0.05
@@ -265,6 +299,11 @@ class RedisTier:
                     if self._recovered.is_set():  # writes made meanwhile are only on local disks
                         self._recovered.clear()
                         self._reconcile(on_connected)
+                    if on_tick is not None and time.monotonic() >= next_tick and self.available:
+                        # Redis may have lost data without dropping this connection (FLUSHALL, eviction)
+                        self._reconcile(on_tick)
+                        self.reconciles += 1
+                        next_tick = time.monotonic() + self.reconcile_interval
             except Exception as exc:  # noqa: BLE001 - the listener must survive anything and retry
                 # The breaker is left to the request path: a dropped subscription alone (Redis fine) must not
                 # stop the version checks that cover the events missed until the listener is back.

@@ -16,6 +16,8 @@ then Redis. A local file read is several times cheaper than moving the tensor ov
   serve a stale prefix; events only make invalidation immediate (:mod:`prefixes.store.sync`).
 - Deletes leave a tombstone in Redis with a version above every earlier one: an old local copy can never
   resurrect a deleted task while Redis is up.
+- Redis out of memory or read-only: uploads are refused (StorageFull, StoreReadOnly) before anything is
+  written; Redis is reachable, so reads and deletes go on.
 - Redis unreachable: resident tasks keep serving, cold ones load from the local disk, puts and deletes
   apply to the local disk and are recorded in ``pending/`` for :mod:`prefixes.store.sync` to push.
 """
@@ -29,22 +31,41 @@ import os
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 from prefixes.artifact import PrefixArtifact
 from prefixes.formats import InvalidArtifact, from_own_format
-from prefixes.keys import STORE_KEY, in_namespace
+from prefixes.keys import STORE_KEY, in_namespace, split_key
 from prefixes.records import TaskRecord, same_version
 from prefixes.store.disk import DiskTier, MakeRecord, fsync_dir, fsync_write
-from prefixes.store.errors import Quota, StoreUnavailable, TaskNotFound
+from prefixes.store.errors import Quota, StorageFull, StoreReadOnly, StoreUnavailable, TaskNotFound
 from prefixes.store.memory import CacheStats
 from prefixes.store.redis_layout import RemoteState
-from prefixes.store.redis_tier import QuotaRefused, RedisTier, RedisUnavailable
+from prefixes.store.redis_tier import (
+    QuotaRefused,
+    RedisOutOfMemory,
+    RedisRefused,
+    RedisTier,
+    RedisUnavailable,
+)
 from prefixes.store.resolve import Pending
 
 log = logging.getLogger(__name__)
 
 States = dict[str, RemoteState | None]  # key -> Redis's state of it (None: Redis never heard of it)
+Prepare = Callable[[TaskRecord], None]  # stages a numbered version locally before Redis makes it current
+
+
+def refused_write(key: str, exc: RedisRefused, action: str = "storing") -> StorageFull | StoreReadOnly:
+    """The domain error for Redis refusing a write (``action`` task ...)."""
+    task = split_key(key)[1]
+    if isinstance(exc, RedisOutOfMemory):
+        return StorageFull(f"The shared store (Redis) is out of memory (its maxmemory): {action} task "
+                           f"{task!r} was refused and nothing of it was kept; earlier tasks are intact. "
+                           "Delete tasks, or have the operator raise Redis's maxmemory.")
+    return StoreReadOnly(f"The shared store (Redis) is read-only (a replica, e.g. after a failover): "
+                         f"{action} task {task!r} was refused; earlier tasks are intact and still served.")
 
 
 class NoSharedTier:
@@ -66,11 +87,11 @@ class NoSharedTier:
         return None
 
     def publish(self, key: str, data: bytes, make_record: MakeRecord, quota: Quota | None,
-                floor: int) -> TaskRecord | None:
+                floor: int, prepare: Prepare) -> TaskRecord | None:
         return None  # the disk numbers the version
 
-    def delete(self, key: str, floor: int, reachable: bool) -> bool:
-        return False  # only the disk held it
+    def delete(self, key: str, floor: int, reachable: bool) -> int | None:
+        return None  # only the disk held it
 
     def unreachable(self) -> None:
         pass
@@ -153,9 +174,12 @@ class RedisSharedTier:
         local = self.disk.record(key)
         if local is not None and (local.version > record.version or same_version(local, record)):
             return
+        deleted = self.disk.tombstone(key)
+        if local is None and deleted is not None and deleted.version >= record.version:
+            return  # an older version pushed back after Redis lost data: the delete here pushes it out
         try:
             if local is not None and local.version == record.version:  # same number, other tensor: Redis wins
-                self.disk.delete(key)
+                self.disk.delete(key, remember=False)
             self.disk.write(key, data, lambda _version: record, version=record.version, invalidate=False)
             self.clear_pending(key)  # Redis's later write won over an unpushed one
         except OSError as exc:
@@ -177,19 +201,25 @@ class RedisSharedTier:
     # -- writes -----------------------------------------------------------------------------------------
 
     def publish(self, key: str, data: bytes, make_record: MakeRecord, quota: Quota | None,
-                floor: int) -> TaskRecord | None:
-        """Allocate a version and make it current in Redis (under ``quota``, atomically); the record to
-        write locally with that version. None: Redis is unreachable, the disk numbers the version and the
-        write is recorded as pending (first, so a crash cannot lose the push)."""
+                floor: int, prepare: Prepare) -> TaskRecord | None:
+        """Allocate a version, ``prepare`` it on the local disk, then make it current in Redis (under
+        ``quota``, atomically); the record to write locally with that version. None: Redis is unreachable,
+        the disk numbers the version and the write is recorded as pending (first, so a crash cannot lose
+        the push). Redis out of memory or read-only: StorageFull or StoreReadOnly, nothing changed."""
         try:
             version = self.redis.allocate(key, floor=floor)
         except RedisUnavailable:
             self.set_pending(key, Pending("put", time.time(), sha256=make_record(0).sha256))
             return None
+        except RedisRefused as exc:
+            raise refused_write(key, exc) from exc
         record = make_record(version)
+        prepare(record)  # a full local disk fails here, before any replica can see the version
         try:
             self.redis.publish(record.as_json(), data, record.namespace,
                                quota if quota is not None and quota.limits else None)
+        except RedisRefused as exc:  # (the allocation above passed, so this is a race with the limit)
+            raise refused_write(key, exc) from exc
         except QuotaRefused as refused:
             assert quota is not None
             quota.check(record.namespace, refused.other_tasks, refused.other_bytes, record.bytes)
@@ -200,16 +230,20 @@ class RedisSharedTier:
         self.clear_pending(key)  # this write supersedes an older unpushed one
         return record
 
-    def delete(self, key: str, floor: int, reachable: bool) -> bool:
-        """Tombstone the key in Redis, or record the delete as pending while Redis is unreachable."""
+    def delete(self, key: str, floor: int, reachable: bool) -> int | None:
+        """Tombstone the key in Redis (its version), or record the delete as pending while Redis is
+        unreachable (None)."""
         try:
             if not reachable:
                 raise RedisUnavailable("unreachable")
-            self.redis.delete(key, floor=floor, force=True)
+            version = self.redis.delete(key, floor=floor, force=True)
             self.clear_pending(key)
+            return version
         except RedisUnavailable:  # outage: tombstone Redis once it is back (sync)
             self.set_pending(key, Pending("delete", time.time(), version=floor))
-        return True
+        except RedisRefused as exc:
+            raise refused_write(key, exc, "deleting") from exc
+        return None
 
     # -- pending markers ----------------------------------------------------------------------------------
 

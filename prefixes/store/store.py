@@ -8,6 +8,7 @@ this module only asks each tier for its part of it, in order.
 
 from __future__ import annotations
 
+import errno
 import logging
 import threading
 import time
@@ -21,7 +22,7 @@ from prefixes.formats import to_own_format
 from prefixes.keys import split_key
 from prefixes.records import ResidentPrefix, TaskRecord, same_version
 from prefixes.store.disk import DiskTier
-from prefixes.store.errors import Quota, TaskNotFound
+from prefixes.store.errors import Quota, TaskNotFound, disk_faults
 from prefixes.store.memory import LRU, CacheStats, HostLRU, NoCache, Residency
 from prefixes.store.redis_layout import DEFAULT_KEY_PREFIX, RemoteState
 from prefixes.store.redis_tier import RedisTier, RedisUnavailable
@@ -35,11 +36,13 @@ log = logging.getLogger(__name__)
 class PrefixStore:
     def __init__(self, root: Path, cache_bytes: int, prepare: Callable[[torch.Tensor], torch.Tensor], *,
                  host_cache_bytes: int = 0, redis_url: str | None = None,
-                 redis_key_prefix: str = DEFAULT_KEY_PREFIX):
+                 redis_key_prefix: str = DEFAULT_KEY_PREFIX, reconcile_interval: float = 5.0):
         """``prepare`` moves a loaded tensor to the serving device and dtype (called once per load).
 
         ``host_cache_bytes`` > 0 adds the host-memory tier (pointless when the device is the CPU: pass 0).
-        ``redis_url`` adds the shared Redis tier; without it the store is this disk and memory alone."""
+        ``redis_url`` adds the shared Redis tier; without it the store is this disk and memory alone.
+        ``reconcile_interval``: seconds between checks that Redis still holds what this disk does (what it
+        lost is pushed back: :mod:`prefixes.store.sync`)."""
         self.root = Path(root)
         self.cache_bytes = cache_bytes
         self.prepare = prepare
@@ -53,7 +56,8 @@ class PrefixStore:
         self.redis: RedisTier | None = None  # the connection, for start-up checks and tests
         self.sync: Sync | None = None
         if redis_url is not None:
-            self.redis = RedisTier(redis_url, key_prefix=redis_key_prefix)
+            self.redis = RedisTier(redis_url, key_prefix=redis_key_prefix,
+                                   reconcile_interval=reconcile_interval)
             shared = RedisSharedTier(self.redis, self.disk, self.lock)
             self.shared = shared
             self.sync = Sync(shared, self.disk, self.residency, self.lock)
@@ -122,7 +126,10 @@ class PrefixStore:
         if want is None:
             if reachable and local is not None and remote is not None and remote.deleted \
                     and remote.version >= local.version and pending is None:
-                self.disk.delete(key)  # deleted on another replica: the local copy must go
+                try:
+                    self.disk.delete(key, remote.version)  # deleted on another replica: the local copy goes
+                except OSError as exc:  # (a read-only disk): not served anyway, Redis says it is deleted
+                    log.warning("could not remove deleted task %s from the local disk (%s)", key, exc)
             self.disk.miss()
             raise self.shared.not_found(key, reachable)
         with self.lock:
@@ -214,18 +221,28 @@ class PrefixStore:
 
     def _write(self, key: str, data: bytes, make_record: Callable[[int], TaskRecord],
                quota: Quota | None) -> TaskRecord:
-        stage = self.disk.stage(data)
+        """Stage the file, have Redis number and publish it (or the disk, without Redis), make it current
+        here. A full or read-only disk fails while staging, before Redis hears of the version."""
+        storing = f"storing task {split_key(key)[1]!r}"
+        with disk_faults(storing):
+            stage = self.disk.stage(data)
         try:
-            published = self.shared.publish(key, data, make_record, quota, floor=self.disk.floor(key))
+            with disk_faults(storing):
+                published = self.shared.publish(key, data, make_record, quota, floor=self.disk.floor(key),
+                                                prepare=lambda record: self.disk.prepare(stage, record))
         except BaseException:
             self.disk.discard(stage)
             raise
         if published is None:  # numbered by the local disk (no Redis, or Redis unreachable)
-            record = self.disk.commit(key, stage, make_record)
+            with disk_faults(storing):
+                record = self.disk.commit(key, stage, make_record)
             assert record is not None, "a locally numbered version is always written"
             return record
-        # None from commit: a concurrent put here got a later version onto the disk first
-        self.disk.commit(key, stage, lambda _version: published, version=published.version)
+        try:  # None from commit: a concurrent put here got a later version onto the disk first
+            self.disk.commit(key, stage, lambda _version: published, version=published.version)
+        except OSError as exc:  # staged and prepared, so not for want of space: the version is in Redis
+            log.error("task %s v%d is current in Redis but could not be made current on this disk (%s); "
+                      "it is served from Redis", key, published.version, exc)
         return published
 
     def delete(self, key: str) -> None:
@@ -235,6 +252,15 @@ class PrefixStore:
         if resolve(remote, reachable, self.shared.pending(key), local) is None:
             raise self.shared.not_found(key, reachable)
         floor = max(local.version if local else 0, remote.version if remote else 0)
-        tombstoned = self.shared.delete(key, floor, reachable)
-        if not self.disk.delete(key) and not tombstoned:
+        deleting = f"deleting task {split_key(key)[1]!r}"
+        with disk_faults(deleting):
+            try:  # first: the name's high-water mark, and a read-only disk refuses before Redis changes
+                self.disk.remember_delete(key, floor)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise  # a full disk must still take deletes (disk.delete remembers it afterwards)
+        tombstone = self.shared.delete(key, floor, reachable)
+        with disk_faults(deleting):
+            removed = self.disk.delete(key, tombstone or floor)
+        if not removed and not isinstance(self.shared, RedisSharedTier):
             raise TaskNotFound(key)  # a concurrent delete here got there first

@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from prefixes.keys import InvalidTaskName
-from prefixes.store import QuotaExceeded, StoreUnavailable
+from prefixes.store import QuotaExceeded, StorageFull, StoreReadOnly, StoreUnavailable
 from server.errors import (
     RETRY_AFTER_S,
     Forbidden,
@@ -58,7 +58,10 @@ _DESCRIPTIONS = {
     429: ("Over the tenant's task, byte or concurrent-request quota.", _RETRY_AFTER),
     503: (("Temporarily unable: the waiting queue is full, the request's deadline passed in the queue, the "
            "server is draining or its engine is down, or the task is not on this replica and Redis is "
-           "unreachable."), _RETRY_AFTER),
+           "unreachable (these with Retry-After); or the task store is read-only, so uploads and deletes "
+           "are refused (no Retry-After: an operator must make it writable)."), _RETRY_AFTER),
+    507: (("The task store is out of room: its disk is full, or Redis is out of memory; the message says "
+           "which. Nothing of the upload was kept and earlier tasks are intact."), None),
 }
 
 
@@ -95,6 +98,8 @@ STATUSES: dict[type[Exception], tuple[int, Callable[[Any], dict[str, str]] | Non
     TooManyInFlight: (429, _retry_after),
     QuotaExceeded: (429, _retry_soon),  # the store's: over stored tasks or bytes
     StoreUnavailable: (503, _retry_after),
+    StoreReadOnly: (503, None),  # a read-only disk or Redis replica: not fixed by retrying soon
+    StorageFull: (507, None),  # disk full (ENOSPC) or Redis out of memory: room must be made first
 }
 
 

@@ -57,7 +57,7 @@ def _store_artifact(state: ServerState, principal: Principal, key: str,
 
 
 @router.post("/{task}", status_code=201, response_model=PrefixInfo,
-             responses=errors.responses(400, 401, 403, 413, 429))
+             responses=errors.responses(400, 401, 403, 413, 429, 503, 507))
 async def upload_prefix(task: str, state: State, principal: CurrentPrincipal,
                         files: Annotated[list[UploadFile], File()], tenant: str | None = TenantParam):
     key = write_key(state.auth, principal, task, tenant)

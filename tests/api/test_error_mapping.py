@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from prefixes.keys import InvalidTaskName
-from prefixes.store import QuotaExceeded, StoreUnavailable
+from prefixes.store import QuotaExceeded, StorageFull, StoreReadOnly, StoreUnavailable
 from server.api import errors
 from server.errors import Forbidden, TooManyInFlight, Unauthenticated, UnknownTask, UnknownTenant
 
@@ -29,6 +29,8 @@ HTTP_LAYER = ("api/", "middleware.py", "app.py")
     (QuotaExceeded("Tenant 'acme' already has 3 tasks, its quota is 3: delete one first."), 429,
      {"Retry-After": "1"}),
     (StoreUnavailable("acme/x", retry_after=3), 503, {"Retry-After": "3"}),
+    (StoreReadOnly("The server's task store (its --store-dir disk) is read-only"), 503, None),
+    (StorageFull("The server's task store (its --store-dir disk) is full"), 507, None),
 ], ids=lambda v: type(v).__name__ if isinstance(v, Exception) else None)
 def test_each_domain_error_has_its_status_headers_and_message(error, status, headers):
     refused = errors.as_http(error)

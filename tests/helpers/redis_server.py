@@ -47,8 +47,10 @@ def redis_server_binary() -> str:
 
 class RedisServer:
     def __init__(self, workdir: str | os.PathLike, *, host: str = "127.0.0.1", port: int | None = None,
-                 startup_timeout: float = 10.0):
+                 startup_timeout: float = 10.0, extra_args: tuple[str, ...] = ()):
+        """``extra_args``: more redis-server options, e.g. ``("--maxmemory", "4mb")``."""
         self.workdir = Path(workdir)
+        self.extra_args = tuple(extra_args)
         self.host = host
         self.port = port
         self.startup_timeout = startup_timeout
@@ -78,7 +80,7 @@ class RedisServer:
             self.port = free_port(self.host)
         cmd = [redis_server_binary(), "--port", str(self.port), "--bind", self.host,
                "--dir", str(self.workdir), "--save", "", "--appendonly", "no", "--daemonize", "no",
-               "--logfile", str(self.log_path), "--protected-mode", "no"]
+               "--logfile", str(self.log_path), "--protected-mode", "no", *self.extra_args]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.STDOUT)
         self._paused = False

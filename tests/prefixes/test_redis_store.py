@@ -446,11 +446,14 @@ def test_settings_and_cli_take_the_redis_options():
         Settings(redis_url="localhost:6379")
     with pytest.raises(ValueError, match="host_cache_bytes"):
         Settings(host_cache_bytes=-1)
+    with pytest.raises(ValueError, match="--redis-reconcile-interval"):
+        Settings(redis_reconcile_interval=0)
     args = build_parser().parse_args(["serve", "--redis-url", "redis://127.0.0.1:1/0",
-                                      "--host-cache-bytes", "5"])
+                                      "--host-cache-bytes", "5", "--redis-reconcile-interval", "0.5"])
     assert (args.redis_url, args.host_cache_bytes) == ("redis://127.0.0.1:1/0", 5)
+    assert args.redis_reconcile_interval == 0.5
     defaults = build_parser().parse_args(["serve"])
-    assert defaults.redis_url is None
+    assert defaults.redis_url is None and defaults.redis_reconcile_interval == 5.0
 
 
 # ---------------------------------------------------------------------------------------------------------

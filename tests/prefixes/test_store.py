@@ -15,7 +15,7 @@ import prefixes.store.disk as disk_module
 from prefixes.artifact import PrefixArtifact, PrefixKind
 from prefixes.keys import InvalidTaskName, check_task_name
 from prefixes.records import TaskRecord
-from prefixes.store import PrefixStore, TaskNotFound
+from prefixes.store import PrefixStore, StorageFull, TaskNotFound
 
 REPO = Path(__file__).resolve().parents[2]
 ROW_BYTES = 64 * 4  # one float32 virtual token of a hidden-size-64 soft prompt
@@ -173,11 +173,11 @@ def test_failed_write_keeps_previous_version(tmp_path, monkeypatch, fail_at):
         raise OSError(28, "No space left on device (simulated)")
 
     monkeypatch.setattr(disk_module.os, fail_at, failing)
-    with pytest.raises(OSError, match="simulated"):
+    with pytest.raises(StorageFull, match=r"disk\) is full"):  # ENOSPC is a domain error (507 over HTTP)
         store.put("t", soft(value=2.0))
     monkeypatch.setattr(disk_module.os, fail_at, real)
     # the failure hit after the new data was staged: the complete version dir, or the new pointer
-    expected = [["meta.json", "prefix.safetensors"]] if fail_at == "rename" else ["2"]
+    expected = [["CURRENT.next", "meta.json", "prefix.safetensors"]] if fail_at == "rename" else ["2"]
     assert staged == expected
 
     assert store.info("t") == old_record
@@ -253,7 +253,8 @@ def test_crash_mid_put_keeps_previous_version_and_sweeps_staging(tmp_path, point
     staging = list((tmp_path / "tmp").iterdir())
     if point == "rename":  # the new version was fully written in staging when the process died
         assert len(staging) == 1
-        assert sorted(p.name for p in staging[0].iterdir()) == ["meta.json", "prefix.safetensors"]
+        staged = sorted(p.name for p in staging[0].iterdir())
+        assert staged == ["CURRENT.next", "meta.json", "prefix.safetensors"]
 
     reopened = open_store(tmp_path)
     assert list((tmp_path / "tmp").iterdir()) == []
