@@ -32,7 +32,7 @@ class DrainingServer(uvicorn.Server):
     async def on_tick(self, counter: int) -> bool:
         """Also ends the server once its engine was replaced too often (``_serve`` then exits 1)."""
         state = getattr(self.app_state, "server", None)
-        if state is not None and state.engine.gave_up and not self.engine_gave_up:
+        if state is not None and state.engine.supervisor.gave_up and not self.engine_gave_up:
             self.engine_gave_up = True
             await asyncio.sleep(0.2)  # let the failed requests' 503s go out
             self.should_exit = True

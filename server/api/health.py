@@ -34,10 +34,11 @@ async def healthz(state: State):
     engine = state.engine
     body = {"status": "ok", "model": state.base.model_id, "running": engine.num_running,
             "waiting": engine.num_waiting, "engine_threads": engine.engine_info.get("threads"),
-            "engine_restarts": engine.restarts}
+            "engine_restarts": engine.supervisor.restarts}
     if engine.unavailable is not None:
         retry_after = engine.retry_after
-        return JSONResponse({**body, "status": engine.status, "detail": engine.unavailable}, status_code=503,
+        return JSONResponse({**body, "status": engine.supervisor.status, "detail": engine.unavailable},
+                            status_code=503,
                             headers={"Retry-After": str(retry_after)} if retry_after is not None else None)
     if engine.draining:
         return JSONResponse({**body, "status": "draining"}, status_code=503)

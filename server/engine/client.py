@@ -17,15 +17,14 @@ Liveness too: the engine sends a message after every step and a heartbeat at lea
 (:mod:`server.engine.protocol`). An engine process that exits, or stays silent for ``stall_timeout``
 seconds (``--engine-stall-timeout``), is replaced: killed, and a new one started as
 :class:`~server.engine.supervisor.RestartPolicy` allows, while requests get 503 with a ``Retry-After`` of
-the expected restart time. Task tensors are sent again to the new engine as requests name them; past the
-policy's limit the client gives up (``gave_up``) and the server exits non-zero.
+the expected restart time (:mod:`server.engine.supervisor`). Task tensors are sent again to the new engine as
+requests name them; past the policy's limit the supervisor gives up and the server exits non-zero.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import os
 import tempfile
 import time
@@ -46,13 +45,10 @@ from server.engine.engine import EngineObserver, check_fits, check_grammar, outp
 from server.engine.grammar import Grammars
 from server.engine.model import check_supported, resolve_model
 from server.engine.sequence import FinishReason, Sequence
-from server.engine.supervisor import EngineProcess, EngineStartFailed, RestartPolicy
+from server.engine.supervisor import EngineProcess, EngineStartFailed, EngineSupervisor
 from server.errors import RETRY_AFTER_S
 
 log = logging.getLogger(__name__)
-
-WATCH_INTERVAL_S = 0.2  # how often the engine process's liveness is checked
-LOOP_LAG_S = 1.0  # a watch tick this late means this process's own loop was blocked, not the engine
 
 
 class EngineUnavailable(RuntimeError):
@@ -104,33 +100,20 @@ class EngineClient:
         self.spec = spec
         self.limits = limits
         self.observer = observer or EngineObserver()
-        self.env = env  # the engine process's environment (thread and OpenMP settings)
-        self.on_restart = on_restart  # called with the cause ("exited", "stalled") as a replacement starts
         self._model: ServedModel | None = None  # set by start()
         self.num_running = 0  # as of the engine's last step
         self.num_waiting = 0  # sequences submitted here that have not joined the batch
         self._waiting_by_tenant: dict[str, int] = {}  # the same, per tenant (only tenants with some)
-        self.unavailable: str | None = None  # why the engine cannot serve, while it cannot
-        # "ok", or why not: "engine_stalled" / "engine_restarting" (a replacement is on its way),
-        # "engine_down" (replaced too often: for good, the server exits)
-        self.status = "ok"
-        self.gave_up = False
-        self.restarts = 0  # replacement engines started
         self.draining = False
-        self._policy = RestartPolicy(limits.max_restarts)
-        self._ready_expected_at = 0.0  # while replacing: when the new engine should be serving
-        self._start_seconds = 0.0  # how long the last engine took from spawn to ready
-        self._last_heard = 0.0  # monotonic time of the engine's last message
+        # the engine process: started, watched, replaced when it dies or stalls (status, restarts, gave_up)
+        self.supervisor = EngineSupervisor(spec, env, limits.stall_timeout, limits.max_restarts,
+                                           self._engine_ready, self._engine_lost, on_restart)
         self._seqs: dict[int, Sequence] = {}  # mirrors of every unfinished sequence, by id
         self._prefixes: OrderedDict[str, int] = OrderedDict()  # refs the engine holds -> bytes, LRU order
         self._prefix_bytes = 0
-        self._process: EngineProcess | None = None
-        self._start_timeout = 900.0
-        self._reader: asyncio.Task | None = None
-        self._watcher: asyncio.Task | None = None
+        self._reader: asyncio.Task | None = None  # reads the current engine process's outputs
         self._timers: dict[int, asyncio.TimerHandle] = {}
         self._grammars: Grammars | None = None  # set by start()
-        self.engine_info: dict = {}  # what the engine process said when ready (pid, threads, device, ...)
         self._ipc_dir: Path | None = None  # holds the sockets' files; removed by close()
 
     @classmethod
@@ -172,9 +155,8 @@ class EngineClient:
         path, _ = await asyncio.to_thread(resolve_model, self.spec.model)  # converts the default model once
         check_supported(await asyncio.to_thread(AutoConfig.from_pretrained, path))  # refuse before spawning
         tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, path)
-        self._start_timeout = timeout
         try:
-            info = await self._spawn()
+            info = await self.supervisor.start(timeout)
         except EngineStartFailed as exc:
             raise RuntimeError(str(exc)) from None
         self._model = ServedModel(
@@ -189,33 +171,24 @@ class EngineClient:
         )
         # Structured-output specs are validated here too, so a bad schema is a 400 before anything streams.
         self._grammars = Grammars(tokenizer, info["vocab_size"], frozenset(info["eos_token_ids"]))
-        self._watcher = asyncio.create_task(self._watch(), name="engine-watch")
         return self._model
 
-    async def _spawn(self) -> dict:
-        """Start an engine process on fresh sockets and read its outputs once it is ready."""
-        process = self._process = EngineProcess(self.spec, self.env)
-        try:
-            info = await process.start(self._start_timeout)
-        except BaseException:
-            self._process = None
-            process.kill()
-            await process.wait()
-            process.close()
-            raise
-        self.engine_info = info
-        self._start_seconds = process.start_seconds
-        self._last_heard = time.monotonic()
+    def _engine_ready(self, process: EngineProcess) -> None:
+        """A (new) engine process is ready: read its outputs. It holds no task tensors yet: each is sent
+        again when a request names it."""
+        self._prefixes.clear()
+        self._prefix_bytes = 0
         self._reader = asyncio.create_task(self._read_outputs(process), name="engine-outputs")
-        log.info(
-            "engine process %d ready in %.1fs: %s on %s, %d threads",
-            info["pid"],
-            process.start_seconds,
-            info["model_id"],
-            info["device"],
-            info["threads"],
-        )
-        return info
+
+    def _engine_lost(self, message: str) -> None:
+        """The engine process is gone (killed as stuck, or dead): fail everything it held (503)."""
+        if self._reader is not None:
+            self._reader.cancel()
+            self._reader = None
+        self.num_running = 0
+        if self._seqs:
+            log.error("failing %d requests: %s", len(self._seqs), message)
+        self._fail_all(message)
 
     @property
     def model(self) -> ServedModel:
@@ -225,21 +198,26 @@ class EngineClient:
 
     @property
     def pid(self) -> int | None:
-        return self._process.pid if self._process is not None else None
+        process = self.supervisor.process
+        return process.pid if process is not None else None
+
+    @property
+    def engine_info(self) -> dict:
+        """What the engine process said when ready (pid, threads, device, ...)."""
+        return self.supervisor.info
+
+    @property
+    def unavailable(self) -> str | None:
+        """Why the engine cannot serve, while it cannot (see :class:`EngineSupervisor`)."""
+        return self.supervisor.unavailable
+
+    @property
+    def retry_after(self) -> int | None:
+        return self.supervisor.retry_after
 
     @property
     def num_in_flight(self) -> int:
         return len(self._seqs)
-
-    @property
-    def retry_after(self) -> int | None:
-        """What a 503 tells clients to wait: a queue's second, the time left until a replacement engine
-        should be serving, or None when the engine is down for good."""
-        if self.gave_up:
-            return None
-        if self.status != "ok":
-            return max(1, math.ceil(self._ready_expected_at - time.monotonic()))
-        return RETRY_AFTER_S
 
     async def drain(self, timeout: float) -> int:
         """Stop admitting; wait up to ``timeout`` seconds for what is in flight, then fail the rest (503).
@@ -259,100 +237,15 @@ class EngineClient:
         """Stop the engine process (after :meth:`drain`, nothing is left to lose)."""
         self.draining = True
         self._fail_all("the server is shutting down; retry on another replica")
-        for task in (self._watcher, self._reader):
-            if task is not None:
-                task.cancel()
-        if self._process is not None:
-            await self._process.stop()  # an idle engine exits within milliseconds of SHUTDOWN
-            self._process.close()
-            self._process = None
+        if self._reader is not None:
+            self._reader.cancel()
+        await self.supervisor.stop()
         folder = self._ipc_dir
         if folder is not None:
             for leftover in folder.glob("*"):
                 leftover.unlink(missing_ok=True)
             folder.rmdir()
             self._ipc_dir = None
-
-    # -- liveness --------------------------------------------------------------------------------------------
-
-    async def _watch(self) -> None:
-        """Replace the engine process when it exits or stays silent past the stall timeout."""
-        tick = time.monotonic()
-        while not self.gave_up:
-            await asyncio.sleep(WATCH_INTERVAL_S)
-            now = time.monotonic()
-            if now - tick > WATCH_INTERVAL_S + LOOP_LAG_S:
-                # This process's loop was blocked (outputs may be waiting unread): the silence is ours.
-                self._last_heard = max(self._last_heard, now)
-            tick = now
-            process = self._process
-            if process is None or self.draining:
-                continue
-            code = process.returncode
-            if code is not None:
-                await self._replace(f"the engine process exited unexpectedly (code {code})", "exited")
-            elif now - self._last_heard > self.limits.stall_timeout:
-                await self._replace(
-                    f"the engine process made no progress for {now - self._last_heard:.0f}s "
-                    f"(--engine-stall-timeout {self.limits.stall_timeout:g})",
-                    "stalled",
-                )
-
-    async def _replace(self, reason: str, cause: str) -> None:
-        """Fail what the engine held, kill it, and start replacements until one is ready or the policy gives
-        up (then :attr:`gave_up`: ``engine_down`` for good)."""
-        self.status = "engine_stalled" if cause == "stalled" else "engine_restarting"
-        self.unavailable = reason
-        await self._stop_process()
-        while True:
-            delay = self._policy.delay(time.monotonic())
-            if delay is None:
-                self._give_up(reason)
-                return
-            self._ready_expected_at = time.monotonic() + delay + self._start_seconds
-            log.error("%s; failing %d requests, a new engine starts in %.0fs", reason, len(self._seqs), delay)
-            self._fail_all(f"{reason}; a new engine process is starting, retry in {self.retry_after}s")
-            await asyncio.sleep(delay)
-            if self.draining:
-                return
-            self._policy.started(time.monotonic())
-            self.restarts += 1
-            if self.on_restart is not None:
-                self.on_restart(cause)
-            try:
-                await self._spawn()
-            except EngineStartFailed as exc:
-                reason, cause = f"a replacement engine failed: {exc}", "start_failed"
-                self.unavailable = reason
-                continue
-            # The new engine holds no task tensors: each is sent again when a request names it.
-            self._prefixes.clear()
-            self._prefix_bytes = 0
-            self.unavailable, self.status = None, "ok"
-            log.warning("the engine process was replaced (%d replacements so far)", self.restarts)
-            return
-
-    async def _stop_process(self) -> None:
-        """Stop reading from the current engine and kill it (it may be SIGSTOPped or spinning)."""
-        if self._reader is not None:
-            self._reader.cancel()
-            self._reader = None
-        process, self._process = self._process, None
-        if process is not None:
-            process.kill()
-            await process.wait()
-            process.close()  # the next process's sockets bind the same paths
-        self.num_running = 0
-
-    def _give_up(self, reason: str) -> None:
-        self.gave_up = True
-        self.status = "engine_down"
-        self.unavailable = (
-            f"{reason}; the engine was replaced {self._policy.recent} times in the last minute "
-            f"(--engine-max-restarts {self.limits.max_restarts}): the server gives up and exits"
-        )
-        log.critical("%s", self.unavailable)
-        self._fail_all(self.unavailable)
 
     # -- requests --------------------------------------------------------------------------------------------
 
@@ -437,18 +330,20 @@ class EngineClient:
 
     def _unavailable_message(self) -> str:
         assert self.unavailable is not None, "only while the engine cannot serve"
-        if self.gave_up:
+        if self.supervisor.gave_up:
             return self.unavailable
         return f"{self.unavailable}; a new engine process is starting, retry in {self.retry_after}s"
 
     def _send(self, message: list) -> None:
-        if self._process is None:
+        process = self.supervisor.process
+        if process is None:
             raise EngineUnavailable("the engine process is being replaced", self.retry_after)
-        self._process.send(message)
+        process.send(message)
 
     def _abort(self, ids: list[int]) -> None:
-        if self.unavailable is None and self._process is not None and self._process.alive:
-            self._send([protocol.ABORT, ids])
+        process = self.supervisor.process
+        if self.unavailable is None and process is not None and process.alive:
+            process.send([protocol.ABORT, ids])
 
     def _ship_prefix(self, prefix) -> str:
         """Make sure the engine holds ``prefix``'s tensor; returns the ref requests name it by.
@@ -480,7 +375,7 @@ class EngineClient:
     async def _read_outputs(self, process: EngineProcess) -> None:
         while True:
             message = await process.recv()
-            self._last_heard = time.monotonic()  # any message: the engine's loop is turning
+            self.supervisor.heard()  # any message: the engine's loop is turning
             if message[0] == protocol.HEARTBEAT:
                 self.num_running = protocol.Heartbeat.decode(message[1]).running
                 continue

@@ -229,13 +229,14 @@ def test_retry_after_is_the_restart_countdown_and_absent_once_down_for_good():
     from server.engine.client import EngineUnavailable
 
     client = _client(max_batch_size=2, max_waiting=2)
+    supervisor = client.supervisor
     assert client.retry_after == 1  # serving: a full queue moves in about a second
-    client.status, client.unavailable = "engine_restarting", "the engine process exited unexpectedly"
-    client._ready_expected_at = time.monotonic() + 6.2
+    supervisor.status, supervisor.unavailable = "engine_restarting", "the engine process exited unexpectedly"
+    supervisor._ready_expected_at = time.monotonic() + 6.2
     with pytest.raises(EngineUnavailable, match="retry in 7s") as refused:
         client.check_admission(1, "a")
     assert refused.value.retry_after == 7
-    client._give_up("the engine process exited unexpectedly")
+    supervisor._give_up("the engine process exited unexpectedly")
     with pytest.raises(EngineUnavailable, match="gives up") as down:
         client.check_admission(1, "a")
-    assert down.value.retry_after is None and client.status == "engine_down"
+    assert down.value.retry_after is None and supervisor.status == "engine_down"

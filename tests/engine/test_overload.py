@@ -337,6 +337,7 @@ def test_a_draining_or_dead_engine_refuses_with_a_reason():
     client.draining = True
     with pytest.raises(EngineUnavailable, match="shutting down"):
         client.check_admission(1, "a")
-    client.draining, client.unavailable = False, "the engine process exited unexpectedly (code -9)"
+    client.draining = False
+    client.supervisor.unavailable = "the engine process exited unexpectedly (code -9)"
     with pytest.raises(EngineUnavailable, match="code -9"):
         client.check_admission(1, "a")
