@@ -23,8 +23,6 @@ from prefixes.formats import to_own_format
 from server.engine.model import default_model_dir
 from tests.engine.test_overload import PROMPT, _client, _engine_pid, _start, _until_running
 
-pytestmark = pytest.mark.slow
-
 
 @pytest.fixture(scope="module", autouse=True)
 def converted_model():
@@ -55,6 +53,7 @@ def _gone(pid: int) -> bool:
         return True
 
 
+@pytest.mark.slow
 def test_a_stopped_engine_is_reported_its_requests_fail_retryably_and_it_is_replaced(tmp_path):
     server = _start(tmp_path, "--engine-stall-timeout", "3")
     stopped = None
@@ -109,6 +108,7 @@ def test_a_stopped_engine_is_reported_its_requests_fail_retryably_and_it_is_repl
         server.stop()
 
 
+@pytest.mark.slow
 def test_a_killed_engine_is_restarted_and_serves_the_same_task_alike_then_sigterm_is_fast(tmp_path):
     server = _start(tmp_path)
     try:
@@ -162,6 +162,7 @@ def test_a_killed_engine_is_restarted_and_serves_the_same_task_alike_then_sigter
         server.stop()
 
 
+@pytest.mark.slow
 def test_an_engine_killed_more_often_than_allowed_makes_the_server_exit_non_zero(tmp_path):
     server = _start(tmp_path, "--engine-max-restarts", "1")
     try:
@@ -181,6 +182,7 @@ def test_an_engine_killed_more_often_than_allowed_makes_the_server_exit_non_zero
         server.stop()
 
 
+@pytest.mark.slow
 def test_an_idle_engine_process_heartbeats_and_exits_within_1s_of_shutdown(tmp_path):
     from server.engine import protocol
     from server.engine.supervisor import EngineProcess
