@@ -23,6 +23,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from typing import NoReturn
 
 import safetensors.torch
 import torch
@@ -301,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _exit_now(code: int) -> None:
+def _exit_now(code: int) -> NoReturn:
     """Exit without the interpreter's teardown (1.1 s of freeing torch and its modules, measured on 2 cores):
     the sockets are closed and the model holds nothing that must be written out; only the logs are flushed."""
     logging.shutdown()
