@@ -57,7 +57,8 @@ _DESCRIPTIONS = {
     413: ("The request body is over --max-request-bytes (JSON) or --max-upload-bytes (uploads).", None),
     429: ("Over the tenant's task, byte or concurrent-request quota.", _RETRY_AFTER),
     503: (("Temporarily unable: the waiting queue is full, the request's deadline passed in the queue, the "
-           "server is draining or its engine is down, or the task is not on this replica and Redis is "
+           "server is draining, its engine process is being replaced (Retry-After: until it should serve) "
+           "or down for good (no Retry-After), or the task is not on this replica and Redis is "
            "unreachable."), _RETRY_AFTER),
 }
 
