@@ -1,7 +1,8 @@
 """A stuck or dead engine process is noticed and replaced, and shutdown is fast, against the real server
 process over HTTP (the default model): SIGSTOP of the engine under load, kill -9 of it (then the same task
 gives the same greedy output), more kills than --engine-max-restarts allows (the server exits 1), and the
-time from SIGTERM to exit of an idle server and of an idle engine process."""
+time from SIGTERM to exit of an idle server; and the engine process alone: a heartbeat when idle and after
+every step (prefill chunks too), and its exit within 1 s of SHUTDOWN."""
 
 from __future__ import annotations
 
@@ -183,29 +184,42 @@ def test_an_engine_killed_more_often_than_allowed_makes_the_server_exit_non_zero
 
 
 @pytest.mark.slow
-def test_an_idle_engine_process_heartbeats_and_exits_within_1s_of_shutdown(tmp_path):
+def test_the_engine_process_heartbeats_every_step_and_idle_and_exits_within_1s_of_shutdown(tmp_path):
     from server.engine import protocol
+    from server.engine.sequence import SamplingParams
     from server.engine.supervisor import EngineProcess
 
-    spec = dataclasses.replace(_client(max_batch_size=2, max_waiting=2).spec,
+    spec = dataclasses.replace(_client(max_batch_size=2, max_waiting=2).spec, kv_cache_bytes=64 << 20,
                                input_address=f"ipc://{tmp_path}/in", output_address=f"ipc://{tmp_path}/out",
                                parent_pid=os.getpid())
+    # 200 prompt tokens in steps of at most 64 (spec.max_step_tokens): 4 prefill steps, 1 new token
+    request = protocol.RequestSpec(1, [100 + i for i in range(200)],
+                                   protocol.params_to_dict(SamplingParams(max_new_tokens=1)), None, "t",
+                                   time.monotonic())
 
     async def scenario():
         process = EngineProcess(spec, None)
         try:
             await process.start(300)
-            beat = await asyncio.wait_for(process.recv(), 2 * protocol.HEARTBEAT_INTERVAL_S + 1)
+            idle = await asyncio.wait_for(process.recv(), 2 * protocol.HEARTBEAT_INTERVAL_S + 1)
+            process.send(protocol.encode_request(request))
+            steps = []
+            while not (steps and steps[-1]["finished"]):
+                kind, body = await asyncio.wait_for(process.recv(), 60)
+                if kind == protocol.STEP:
+                    steps.append(body)
             began = time.monotonic()
             await process.stop()
-            return beat, time.monotonic() - began, process.returncode
+            return idle, steps, time.monotonic() - began, process.returncode
         finally:
             process.kill()
             await process.wait()
             process.close()
 
-    beat, took, code = asyncio.run(scenario())
-    assert beat[0] == protocol.HEARTBEAT and beat[1]["running"] == 0
+    idle, steps, took, code = asyncio.run(scenario())
+    assert idle[0] == protocol.HEARTBEAT and idle[1]["running"] == 0
+    # every prefill chunk says so, though it produced no token: a long prompt is not mistaken for a stall
+    assert len(steps) == 4 and [len(s["tokens"]) for s in steps] == [0, 0, 0, 1], steps
     assert code == 0 and took < 1.0, f"exited with {code} after {took:.2f}s"
 
 
