@@ -46,7 +46,8 @@ class Settings:
     public_metrics: bool = False  # with --auth-file: serve /metrics without a key
     public_docs: bool = False  # with --auth-file: serve /docs, /redoc and /openapi.json without a key
     # Engine liveness: silence (no step, no heartbeat) for this long replaces the engine process. The longest
-    # legit step measured on 2 cores was a few seconds (README, "Under load"): 30 s leaves a wide margin.
+    # legit step measured on 2 cores took 9.9 s (a 512-token prefill chunk deep in the 8,192-token context
+    # beside 31 decoding rows; README, "Under load"): 30 s is three times that.
     engine_stall_timeout: float = 30.0
     engine_max_restarts: int = 5  # replacements in any 60 s; one more and the server exits non-zero
 
