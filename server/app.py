@@ -57,8 +57,9 @@ async def build_state(settings: Settings) -> ServerState:
         settings.model, settings.dtype, settings.device, settings.engine_threads, settings.max_batch_size,
         settings.kv_cache_bytes, settings.max_step_tokens,
         EngineLimits(max_waiting=settings.waiting_limit, request_timeout=settings.request_timeout,
-                     prefix_cache_bytes=settings.cache_bytes),
-        observer=metrics, env=engine_environment(settings))
+                     prefix_cache_bytes=settings.cache_bytes, stall_timeout=settings.engine_stall_timeout,
+                     max_restarts=settings.engine_max_restarts),
+        observer=metrics, env=engine_environment(settings), on_restart=metrics.engine_restarted)
     try:
         base = await engine.start()
     except BaseException:

@@ -47,6 +47,11 @@ class Settings:
     max_request_bytes: int = 4 << 20
     public_metrics: bool = False  # with --auth-file: serve /metrics without a key
     public_docs: bool = False  # with --auth-file: serve /docs, /redoc and /openapi.json without a key
+    # Engine liveness: silence (no step, no heartbeat) for this long replaces the engine process. The longest
+    # legit step measured on 2 cores took 9.9 s (a 512-token prefill chunk deep in the 8,192-token context
+    # beside 31 decoding rows; README, "Under load"): 30 s is three times that.
+    engine_stall_timeout: float = 30.0
+    engine_max_restarts: int = 5  # replacements in any 60 s; one more and the server exits non-zero
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -79,6 +84,10 @@ class Settings:
             raise ValueError(
                 f"--omp-wait-policy {self.omp_wait_policy!r}: choose one of {', '.join(OMP_WAIT_POLICIES)}"
             )
+        if not self.engine_stall_timeout >= 1:
+            raise ValueError("--engine-stall-timeout must be at least 1 second (the idle heartbeat is 0.5 s)")
+        if self.engine_max_restarts < 0:
+            raise ValueError("--engine-max-restarts must be 0 (never replace the engine) or more")
         object.__setattr__(self, "store_dir", Path(self.store_dir))
 
     @property

@@ -73,6 +73,9 @@ class Metrics(EngineObserver):
         Gauge(f"{NAMESPACE}_num_requests_waiting", "Requests waiting to join the batch.",
               registry=r).set_function(num_waiting)
         r.register(_StoreCollector(store))
+        self.engine_restarts = Counter(f"{NAMESPACE}_engine_restarts", "Engine processes started to replace "
+                                       "one that exited or stalled (cause: exited, stalled, start_failed).",
+                                       ["cause"], registry=r)
 
     # -- EngineObserver -------------------------------------------------------------------------------------
 
@@ -95,6 +98,9 @@ class Metrics(EngineObserver):
         self.requests.labels(seq.tenant, seq.finish_reason.value).inc()
         self.generation_tokens.labels(seq.tenant).inc(len(seq.output_ids))
         self.e2e.labels(seq.tenant).observe(now - seq.arrival_time)
+
+    def engine_restarted(self, cause: str) -> None:
+        self.engine_restarts.labels(cause).inc()
 
     def rejected(self, tenant: str, outcome: str) -> None:
         """A request refused before reaching the engine (``rejected``: bad request, ``rate_limited``: 429,

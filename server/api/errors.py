@@ -57,9 +57,10 @@ _DESCRIPTIONS = {
     413: ("The request body is over --max-request-bytes (JSON) or --max-upload-bytes (uploads).", None),
     429: ("Over the tenant's task, byte or concurrent-request quota.", _RETRY_AFTER),
     503: (("Temporarily unable: the waiting queue is full, the request's deadline passed in the queue, the "
-           "server is draining or its engine is down, or the task is not on this replica and Redis is "
-           "unreachable (these with Retry-After); or the task store is read-only, so uploads and deletes "
-           "are refused (no Retry-After: an operator must make it writable)."), _RETRY_AFTER),
+           "server is draining, its engine process is being replaced (Retry-After: until it should serve) "
+           "or down for good (no Retry-After), or the task is not on this replica and Redis is "
+           "unreachable; or the task store is read-only, so uploads and deletes are refused (no "
+           "Retry-After: an operator must make it writable)."), _RETRY_AFTER),
     507: (("The task store is out of room: its disk is full, or Redis is out of memory; the message says "
            "which. Nothing of the upload was kept and earlier tasks are intact."), None),
 }

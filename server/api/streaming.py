@@ -40,14 +40,19 @@ class GenerationError(RuntimeError):
     """The engine failed a sequence: an internal error (500), or it could not serve it at all (the engine
     process is gone, the server is draining, the request's deadline passed in the queue: 503, retry)."""
 
-    def __init__(self, message: str, retry: bool = False):
+    def __init__(self, message: str, retry: bool = False, retry_after: int | None = RETRY_AFTER_S):
         super().__init__(message)
         self.retry = retry
+        self.retry_after = retry_after  # None: a 503 without Retry-After (the engine is down for good)
 
     def as_http(self) -> HTTPException:
         if self.retry:
-            return HTTPException(503, str(self), headers={"Retry-After": str(RETRY_AFTER_S)})
+            return HTTPException(503, str(self), headers=_retry_headers(self.retry_after))
         return HTTPException(500, str(self))
+
+
+def _retry_headers(retry_after: int | None) -> dict[str, str] | None:
+    return {"Retry-After": str(retry_after)} if retry_after is not None else None
 
 
 class IncrementalDetokenizer:
@@ -163,7 +168,8 @@ class Generation:
         except (EngineUnavailable, EngineOverloaded) as exc:
             self.cancel_nowait()
             self.state.metrics.rejected(self.seqs[0].tenant, "overloaded")
-            raise HTTPException(503, str(exc), headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+            retry_after = exc.retry_after if isinstance(exc, EngineUnavailable) else RETRY_AFTER_S
+            raise HTTPException(503, str(exc), headers=_retry_headers(retry_after)) from None
 
     async def _next_change(self) -> None:
         await self._changed.wait()
@@ -185,7 +191,9 @@ class Generation:
         failed = next((seq for seq in self.seqs if seq.finish_reason in _FAILED), None)
         if failed is not None:
             retry = failed.unavailable or failed.finish_reason is FinishReason.TIMEOUT
-            raise GenerationError(failed.error or "generation failed", retry=retry)
+            # the engine's own estimate for a request it lost (a replacement's start-up, or None: never)
+            retry_after = self.state.engine.retry_after if failed.unavailable else RETRY_AFTER_S
+            raise GenerationError(failed.error or "generation failed", retry=retry, retry_after=retry_after)
 
     async def wait(self, request: Request) -> list[Sequence]:
         """Until every sequence has finished. A client that goes away cancels them, freeing their slots."""

@@ -10,29 +10,32 @@ token's text, and a hit finishes the mirror at once and aborts the engine's copy
 Admission control lives here too, where a refusal can still be an HTTP status: at most
 ``max_waiting`` sequences wait for the batch (past it, :class:`EngineOverloaded`: a 503 with
 ``Retry-After``), a sequence with a ``deadline`` that has not joined the batch by then leaves the queue
-unserved (``FinishReason.TIMEOUT``), and a dead or draining engine fails what it holds with
+unserved (``FinishReason.TIMEOUT``), and a dead, stuck or draining engine fails what it holds with
 ``seq.unavailable`` set (503) instead of leaving clients hanging.
+
+Liveness too: the engine sends a message after every step and a heartbeat at least every 0.5 s when idle
+(:mod:`server.engine.protocol`). An engine process that exits, or stays silent for ``stall_timeout``
+seconds (``--engine-stall-timeout``), is replaced: killed, and a new one started as
+:class:`~server.engine.supervisor.RestartPolicy` allows, while requests get 503 with a ``Retry-After`` of
+the expected restart time (:mod:`server.engine.supervisor`). Task tensors are sent again to the new engine as
+requests name them; past the policy's limit the supervisor gives up and the server exits non-zero.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from collections import OrderedDict
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
 import safetensors.torch
 import torch
-import zmq
-import zmq.asyncio
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
 from prefixes.artifact import ModelShape
@@ -42,15 +45,20 @@ from server.engine.engine import EngineObserver, check_fits, check_grammar, outp
 from server.engine.grammar import Grammars
 from server.engine.model import check_supported, resolve_model
 from server.engine.sequence import FinishReason, Sequence
+from server.engine.supervisor import EngineProcess, EngineStartFailed, EngineSupervisor
+from server.errors import RETRY_AFTER_S
 
 log = logging.getLogger(__name__)
 
-WATCH_INTERVAL_S = 0.2  # how often the engine process's liveness is checked
-SHUTDOWN_WAIT_S = 10.0  # after SHUTDOWN, how long the engine process may take to exit before it is killed
-
 
 class EngineUnavailable(RuntimeError):
-    """The engine process is not serving (it died, or the server is shutting down): retry later (503)."""
+    """The engine process is not serving (it died or stalled and is being replaced, it is down for good, or
+    the server is shutting down): a 503, with ``Retry-After: retry_after`` unless that is None (retrying
+    this server cannot succeed)."""
+
+    def __init__(self, message: str, retry_after: int | None = RETRY_AFTER_S):
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class EngineOverloaded(RuntimeError):
@@ -76,6 +84,8 @@ class EngineLimits:
     max_waiting: int  # sequences waiting for the batch, beyond which new ones are refused
     request_timeout: float | None  # default deadline (seconds from arrival to joining the batch)
     prefix_cache_bytes: int  # task tensors the engine process keeps (least recently used ones are dropped)
+    stall_timeout: float = 30.0  # seconds without a message from a live engine before it is replaced
+    max_restarts: int = 5  # engine replacements allowed in any 60 s; past it the server gives up
 
 
 class EngineClient:
@@ -85,25 +95,25 @@ class EngineClient:
         limits: EngineLimits,
         observer: EngineObserver | None = None,
         env: dict[str, str] | None = None,
+        on_restart: Callable[[str], None] | None = None,
     ):
         self.spec = spec
         self.limits = limits
         self.observer = observer or EngineObserver()
-        self.env = env  # the engine process's environment (thread and OpenMP settings)
         self._model: ServedModel | None = None  # set by start()
         self.num_running = 0  # as of the engine's last step
         self.num_waiting = 0  # sequences submitted here that have not joined the batch
         self._waiting_by_tenant: dict[str, int] = {}  # the same, per tenant (only tenants with some)
-        self.unavailable: str | None = None  # why the engine cannot serve, once it cannot
         self.draining = False
+        # the engine process: started, watched, replaced when it dies or stalls (status, restarts, gave_up)
+        self.supervisor = EngineSupervisor(spec, env, limits.stall_timeout, limits.max_restarts,
+                                           self._engine_ready, self._engine_lost, on_restart)
         self._seqs: dict[int, Sequence] = {}  # mirrors of every unfinished sequence, by id
         self._prefixes: OrderedDict[str, int] = OrderedDict()  # refs the engine holds -> bytes, LRU order
         self._prefix_bytes = 0
-        self._proc: subprocess.Popen | None = None
-        self._tasks: list[asyncio.Task] = []
+        self._reader: asyncio.Task | None = None  # reads the current engine process's outputs
         self._timers: dict[int, asyncio.TimerHandle] = {}
         self._grammars: Grammars | None = None  # set by start()
-        self.engine_info: dict = {}  # what the engine process said when ready (pid, threads, device, ...)
         self._ipc_dir: Path | None = None  # holds the sockets' files; removed by close()
 
     @classmethod
@@ -119,6 +129,7 @@ class EngineClient:
         limits: EngineLimits,
         observer: EngineObserver | None = None,
         env: dict[str, str] | None = None,
+        on_restart: Callable[[str], None] | None = None,
     ) -> EngineClient:
         folder = Path(tempfile.mkdtemp(prefix="prefix-serve-ipc-"))
         spec = EngineCoreSpec(
@@ -133,7 +144,7 @@ class EngineClient:
             output_address=f"ipc://{folder}/out",
             parent_pid=os.getpid(),
         )
-        client = cls(spec, limits, observer, env)
+        client = cls(spec, limits, observer, env, on_restart)
         client._ipc_dir = folder
         return client
 
@@ -144,36 +155,10 @@ class EngineClient:
         path, _ = await asyncio.to_thread(resolve_model, self.spec.model)  # converts the default model once
         check_supported(await asyncio.to_thread(AutoConfig.from_pretrained, path))  # refuse before spawning
         tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, path)
-        self._zmq = zmq.asyncio.Context()
-        self._outputs = self._zmq.socket(zmq.PULL)
-        self._outputs.bind(self.spec.output_address)
-        self._inputs = self._zmq.socket(zmq.PUSH)
-        self._inputs.setsockopt(zmq.SNDHWM, 0)  # never drop or block: the engine reads everything each step
-        self._inputs.bind(self.spec.input_address)
-        # A plain Popen on purpose (it returns once the child is spawned): the process is polled from sync
-        # code (`_abort`) and waited for in a thread (`_reap`), which an asyncio subprocess would not allow.
-        self._proc = subprocess.Popen(  # noqa: ASYNC220
-            [sys.executable, "-m", "server.engine.core", json.dumps(asdict(self.spec))],
-            env=self.env,
-            stdin=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + timeout
-        while True:
-            if await self._outputs.poll(500):
-                message = protocol.unpack(await self._outputs.recv())
-                if message[0] == protocol.READY:
-                    break
-                if message[0] == protocol.FATAL:
-                    await self._reap()
-                    raise RuntimeError(f"the engine process could not start: {message[1]}")
-            if self._proc.poll() is not None:
-                raise RuntimeError(
-                    f"the engine process exited with code {self._proc.returncode} during start-up"
-                )
-            if time.monotonic() > deadline:
-                await self._reap()
-                raise RuntimeError(f"the engine process was not ready after {timeout:.0f}s")
-        info = message[1]
+        try:
+            info = await self.supervisor.start(timeout)
+        except EngineStartFailed as exc:
+            raise RuntimeError(str(exc)) from None
         self._model = ServedModel(
             tokenizer,
             ModelShape(**info["shape"]),
@@ -186,19 +171,24 @@ class EngineClient:
         )
         # Structured-output specs are validated here too, so a bad schema is a 400 before anything streams.
         self._grammars = Grammars(tokenizer, info["vocab_size"], frozenset(info["eos_token_ids"]))
-        self.engine_info = info
-        self._tasks = [
-            asyncio.create_task(self._read_outputs(), name="engine-outputs"),
-            asyncio.create_task(self._watch(), name="engine-watch"),
-        ]
-        log.info(
-            "engine process %d ready: %s on %s, %d threads",
-            info["pid"],
-            info["model_id"],
-            info["device"],
-            info["threads"],
-        )
         return self._model
+
+    def _engine_ready(self, process: EngineProcess) -> None:
+        """A (new) engine process is ready: read its outputs. It holds no task tensors yet: each is sent
+        again when a request names it."""
+        self._prefixes.clear()
+        self._prefix_bytes = 0
+        self._reader = asyncio.create_task(self._read_outputs(process), name="engine-outputs")
+
+    def _engine_lost(self, message: str) -> None:
+        """The engine process is gone (killed as stuck, or dead): fail everything it held (503)."""
+        if self._reader is not None:
+            self._reader.cancel()
+            self._reader = None
+        self.num_running = 0
+        if self._seqs:
+            log.error("failing %d requests: %s", len(self._seqs), message)
+        self._fail_all(message)
 
     @property
     def model(self) -> ServedModel:
@@ -208,66 +198,54 @@ class EngineClient:
 
     @property
     def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
+        process = self.supervisor.process
+        return process.pid if process is not None else None
+
+    @property
+    def engine_info(self) -> dict:
+        """What the engine process said when ready (pid, threads, device, ...)."""
+        return self.supervisor.info
+
+    @property
+    def unavailable(self) -> str | None:
+        """Why the engine cannot serve, while it cannot (see :class:`EngineSupervisor`)."""
+        return self.supervisor.unavailable
+
+    @property
+    def retry_after(self) -> int | None:
+        return self.supervisor.retry_after
 
     @property
     def num_in_flight(self) -> int:
         return len(self._seqs)
 
-    async def drain(self, timeout: float) -> None:
-        """Stop admitting; wait up to ``timeout`` seconds for what is in flight, then fail the rest (503)."""
+    async def drain(self, timeout: float) -> int:
+        """Stop admitting; wait up to ``timeout`` seconds for what is in flight, then fail the rest (503).
+        Returns how many were failed."""
         self.draining = True
         deadline = time.monotonic() + timeout
         while self._seqs and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        if self._seqs:
-            log.warning(
-                "shutdown: %d requests still running after %.0fs; cancelling them", len(self._seqs), timeout
-            )
+        left = len(self._seqs)
+        if left:
+            log.warning("shutdown: %d requests still running after %.0fs; cancelling them", left, timeout)
             self._abort(list(self._seqs))
             self._fail_all("the server is shutting down; retry on another replica")
+        return left
 
     async def close(self) -> None:
         """Stop the engine process (after :meth:`drain`, nothing is left to lose)."""
         self.draining = True
         self._fail_all("the server is shutting down; retry on another replica")
-        for task in self._tasks:
-            task.cancel()
-        if self._proc is not None and self._proc.poll() is None:
-            self._send([protocol.SHUTDOWN])
-        await self._reap()
-        for sock in (getattr(self, "_inputs", None), getattr(self, "_outputs", None)):
-            if sock is not None:
-                sock.close(linger=0)
-        if getattr(self, "_zmq", None) is not None:
-            self._zmq.term()
+        if self._reader is not None:
+            self._reader.cancel()
+        await self.supervisor.stop()
         folder = self._ipc_dir
         if folder is not None:
             for leftover in folder.glob("*"):
                 leftover.unlink(missing_ok=True)
             folder.rmdir()
-
-    async def _reap(self) -> None:
-        proc = self._proc
-        if proc is None:
-            return
-        try:
-            await asyncio.to_thread(proc.wait, SHUTDOWN_WAIT_S)
-        except subprocess.TimeoutExpired:
-            log.warning("the engine process did not exit in %.0fs; killing it", SHUTDOWN_WAIT_S)
-            proc.kill()
-            await asyncio.to_thread(proc.wait)
-
-    async def _watch(self) -> None:
-        proc = self._proc
-        assert proc is not None, "watching starts after start()"
-        while proc.poll() is None:
-            await asyncio.sleep(WATCH_INTERVAL_S)
-        if not self.draining:
-            self.unavailable = f"the engine process exited unexpectedly (code {proc.returncode})"
-            self.num_running = 0
-            log.error("%s; failing %d requests", self.unavailable, len(self._seqs))
-            self._fail_all(self.unavailable + "; the server cannot serve until it is restarted")
+            self._ipc_dir = None
 
     # -- requests --------------------------------------------------------------------------------------------
 
@@ -286,7 +264,7 @@ class EngineClient:
         tenants waiting), so one tenant's flood fills the queue for itself, not for everyone; the queue then
         holds at most twice the limit. A request larger than the whole limit gets in when nothing waits."""
         if self.unavailable is not None:
-            raise EngineUnavailable(self.unavailable + "; the server cannot serve until it is restarted")
+            raise EngineUnavailable(self._unavailable_message(), self.retry_after)
         if self.draining:
             raise EngineUnavailable("the server is shutting down; retry on another replica")
         free_rows = max(0, self.spec.max_batch_size - self.num_running)
@@ -305,7 +283,7 @@ class EngineClient:
     def submit(self, seq: Sequence) -> None:
         """Queue ``seq`` in the engine (after :meth:`check_admission`); ContextTooLong if it can never fit."""
         if self.unavailable is not None:
-            raise EngineUnavailable(self.unavailable)
+            raise EngineUnavailable(self._unavailable_message(), self.retry_after)
         self.check_fits(seq)
         ref = self._ship_prefix(seq.prefix) if seq.prefix is not None else None
         self._seqs[seq.id] = seq
@@ -350,12 +328,22 @@ class EngineClient:
             "its deadline (timeout / --request-timeout); the server is busy, retry later",
         )
 
+    def _unavailable_message(self) -> str:
+        assert self.unavailable is not None, "only while the engine cannot serve"
+        if self.supervisor.gave_up:
+            return self.unavailable
+        return f"{self.unavailable}; a new engine process is starting, retry in {self.retry_after}s"
+
     def _send(self, message: list) -> None:
-        self._inputs.send(protocol.pack(message), zmq.NOBLOCK)
+        process = self.supervisor.process
+        if process is None:
+            raise EngineUnavailable("the engine process is being replaced", self.retry_after)
+        process.send(message)
 
     def _abort(self, ids: list[int]) -> None:
-        if self.unavailable is None and self._proc is not None and self._proc.poll() is None:
-            self._send([protocol.ABORT, ids])
+        process = self.supervisor.process
+        if self.unavailable is None and process is not None and process.alive:
+            process.send([protocol.ABORT, ids])
 
     def _ship_prefix(self, prefix) -> str:
         """Make sure the engine holds ``prefix``'s tensor; returns the ref requests name it by.
@@ -384,9 +372,13 @@ class EngineClient:
 
     # -- outputs ---------------------------------------------------------------------------------------------
 
-    async def _read_outputs(self) -> None:
+    async def _read_outputs(self, process: EngineProcess) -> None:
         while True:
-            message = protocol.unpack(await self._outputs.recv())
+            message = await process.recv()
+            self.supervisor.heard()  # any message: the engine's loop is turning
+            if message[0] == protocol.HEARTBEAT:
+                self.num_running = protocol.Heartbeat.decode(message[1]).running
+                continue
             if message[0] != protocol.STEP:
                 log.error("unexpected message from the engine: %r", message[0])
                 continue

@@ -14,8 +14,14 @@ HTTP -> engine (:data:`ADD`, :data:`ABORT`, :data:`PREFIX`, :data:`DROP`, :data:
 engine -> HTTP::
 
     [READY, info]             the model is loaded (shape, eos ids, key/value budget): serving may start
-    [STEP, step]              what one engine step produced (see :class:`StepOutput`)
+    [STEP, step]              what one engine step produced (see :class:`StepOutput`); sent after every
+                              step, even one that finished no token (a prefill chunk): the step heartbeat
+    [HEARTBEAT, beat]         an idle engine is alive (see :class:`Heartbeat`), at least every
+                              :data:`HEARTBEAT_INTERVAL_S`
     [FATAL, message]          start-up failed (e.g. an unsupported model); the process exits
+
+Any message from the engine is proof of progress: the HTTP process replaces an engine that stays silent for
+``--engine-stall-timeout`` seconds (:mod:`server.engine.supervisor`).
 
 Only plain data crosses: ids, numbers, strings. Nothing is pickled, and tensors travel only as files in the
 safetensors format.
@@ -32,7 +38,11 @@ import msgpack
 from server.engine.sequence import SamplingParams
 
 ADD, ABORT, PREFIX, DROP, SHUTDOWN = "add", "abort", "prefix", "drop", "shutdown"
-READY, STEP, FATAL = "ready", "step", "fatal"
+READY, STEP, HEARTBEAT, FATAL = "ready", "step", "heartbeat", "fatal"
+
+# An idle engine says it is alive this often (it wakes that often anyway to look for a vanished parent); a
+# busy one says so after every step. Well under a second, as the stall detector's resolution.
+HEARTBEAT_INTERVAL_S = 0.5
 
 
 def pack(message: list) -> bytes:
@@ -111,3 +121,19 @@ class StepOutput:
     @property
     def empty(self) -> bool:
         return not (self.tokens or self.prompt_logprobs or self.finished or self.admitted)
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """An idle engine's sign of life: its clock and counts (``running`` / ``waiting``, as in a step)."""
+
+    time: float
+    running: int = 0
+    waiting: int = 0
+
+    def encode(self) -> list:
+        return [HEARTBEAT, dataclasses.asdict(self)]
+
+    @classmethod
+    def decode(cls, body: dict) -> Heartbeat:
+        return cls(**body)
