@@ -59,7 +59,8 @@ async def build_state(settings: Settings) -> ServerState:
         EngineLimits(max_waiting=settings.waiting_limit, request_timeout=settings.request_timeout,
                      prefix_cache_bytes=settings.cache_bytes, stall_timeout=settings.engine_stall_timeout,
                      max_restarts=settings.engine_max_restarts),
-        observer=metrics, env=engine_environment(settings), on_restart=metrics.engine_restarted)
+        observer=metrics, env=engine_environment(settings), on_restart=metrics.engine_restarted,
+        cache_options=settings.cache_options)
     try:
         base = await engine.start()
     except BaseException:

@@ -69,6 +69,8 @@ def _serve(args: argparse.Namespace) -> int:
             auth_file=Path(args.auth_file) if args.auth_file else None,
             redis_url=args.redis_url, host_cache_bytes=args.host_cache_bytes,
             redis_reconcile_interval=args.redis_reconcile_interval,
+            block_size=args.block_size, prefix_caching=not args.no_prefix_caching,
+            share_prefix_cache=args.share_prefix_cache, long_prefill_threshold=args.long_prefill_threshold,
             max_waiting_requests=args.max_waiting_requests, request_timeout=args.request_timeout,
             shutdown_timeout=args.shutdown_timeout, omp_wait_policy=args.omp_wait_policy,
             max_request_bytes=args.max_request_bytes, public_metrics=args.public_metrics,
@@ -151,6 +153,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-step-tokens", type=int, default=defaults.max_step_tokens,
                        help="tokens one forward computes: the running requests' next tokens plus chunks of "
                        "joining prompts (bounds how long a long prompt delays everyone else's next token)")
+    serve.add_argument("--block-size", type=int, default=defaults.block_size,
+                       help="token slots per block of the paged key/value cache")
+    serve.add_argument("--no-prefix-caching", action="store_true",
+                       help="compute every prompt in full (no reuse of cached prompt blocks)")
+    serve.add_argument("--share-prefix-cache", action="store_true",
+                       help="let tenants reuse each other's cached prompt blocks (faster, but the time to "
+                       "first token then tells a tenant which prompts another tenant sent)")
+    serve.add_argument("--long-prefill-threshold", type=int, default=defaults.long_prefill_threshold,
+                       help="a prompt with more tokens left to prefill gets at most this many per step while "
+                       "others need the step (0: half of --max-step-tokens)")
     serve.add_argument("--cache-bytes", type=int, default=defaults.cache_bytes,
                        help="memory budget for resident prefixes")
     serve.add_argument("--host-cache-bytes", type=int, default=defaults.host_cache_bytes,

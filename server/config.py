@@ -22,6 +22,13 @@ class Settings:
     max_batch_size: int = 32
     kv_cache_bytes: int = 2 << 30  # key/value memory for the running batch
     max_step_tokens: int = 512  # tokens per forward: running requests' next tokens + joining prompts' chunks
+    # The paged key/value cache (server/engine/kv_cache.py): token slots per block; reuse of computed prompt
+    # blocks (per tenant and task version, or across tenants when shared); a prompt with more tokens than
+    # long_prefill_threshold to prefill gets at most that many of a step while others wait (0: half a step)
+    block_size: int = 16
+    prefix_caching: bool = True
+    share_prefix_cache: bool = False
+    long_prefill_threshold: int = 0
     cache_bytes: int = 1 << 30  # resident prefixes (memory tier of the store)
     max_upload_bytes: int = 256 << 20
     max_virtual_tokens: int = 1024
@@ -53,6 +60,13 @@ class Settings:
     engine_stall_timeout: float = 30.0
     engine_max_restarts: int = 5  # replacements in any 60 s; one more and the server exits non-zero
 
+    @property
+    def cache_options(self) -> dict:
+        """The engine's paged-cache options (EngineConfig's field names)."""
+        return {"block_size": self.block_size, "prefix_caching": self.prefix_caching,
+                "share_prefix_cache": self.share_prefix_cache,
+                "long_prefill_threshold": self.long_prefill_threshold}
+
     def __post_init__(self):
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype {self.dtype!r}: choose one of {sorted(DTYPES)}")
@@ -61,9 +75,11 @@ class Settings:
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError("--device cuda: no CUDA device is visible to torch")
         for name in ("max_batch_size", "kv_cache_bytes", "cache_bytes", "max_upload_bytes",
-                     "max_virtual_tokens", "max_request_bytes"):
+                     "max_virtual_tokens", "max_request_bytes", "block_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive")
+        if self.long_prefill_threshold < 0:
+            raise ValueError("--long-prefill-threshold must be >= 0 (0: half of --max-step-tokens)")
         if self.max_step_tokens < self.max_batch_size:
             raise ValueError(f"--max-step-tokens {self.max_step_tokens} must be at least --max-batch-size "
                              f"{self.max_batch_size}: a full batch's next tokens are computed in one step")

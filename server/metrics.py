@@ -53,8 +53,9 @@ class Metrics(EngineObserver):
         self.requests = Counter(f"{NAMESPACE}_requests", "Requests by tenant and outcome (stop, length, "
                                 "cancelled, error, timeout, rejected, rate_limited, overloaded).",
                                 ["tenant", "outcome"], registry=r)
-        self.prompt_tokens = Counter(f"{NAMESPACE}_prompt_tokens", "Prompt tokens prefilled.", ["tenant"],
-                                     registry=r)
+        self.prompt_tokens = Counter(f"{NAMESPACE}_prompt_tokens", "Prompt tokens computed, as the engine "
+                                     "computes them (prefix-cache hits are in kv_prefix_cache_hits).",
+                                     ["tenant"], registry=r)
         self.generation_tokens = Counter(f"{NAMESPACE}_generation_tokens", "Tokens generated.", ["tenant"],
                                          registry=r)
         self.ttft = Histogram(f"{NAMESPACE}_time_to_first_token_seconds", "Arrival to first token.",
@@ -76,18 +77,37 @@ class Metrics(EngineObserver):
         self.engine_restarts = Counter(f"{NAMESPACE}_engine_restarts", "Engine processes started to replace "
                                        "one that exited or stalled (cause: exited, stalled, start_failed).",
                                        ["cause"], registry=r)
+        # The paged key/value cache, with vLLM's meanings (kv_cache_usage_perc, prefix_cache_queries/hits in
+        # tokens, num_preemptions); "kv_prefix_cache" keeps them apart from the task store's prefix_cache_*.
+        self.kv_usage = Gauge(f"{NAMESPACE}_kv_cache_usage_perc", "Fraction of key/value blocks in use "
+                              "(running requests and resident task prefixes; 1 = full).", registry=r)
+        self.kv_queries = Counter(f"{NAMESPACE}_kv_prefix_cache_queries", "Prompt tokens looked up in the "
+                                  "prefix cache (requests that may use it).", registry=r)
+        self.kv_hits = Counter(f"{NAMESPACE}_kv_prefix_cache_hits", "Prompt tokens served from the prefix "
+                               "cache instead of computed.", registry=r)
+        self.preemptions = Counter(f"{NAMESPACE}_num_preemptions", "Running requests preempted for lack of "
+                                   "key/value blocks (recomputed when they rejoin).", registry=r)
 
     # -- EngineObserver -------------------------------------------------------------------------------------
 
     def admitted(self, seqs: list[Sequence], now: float) -> None:
         for seq in seqs:
             self.queue_time.labels(seq.tenant).observe(now - seq.arrival_time)
-            self.prompt_tokens.labels(seq.tenant).inc(len(seq.prompt_ids))
 
     def decoded(self, batch_size: int) -> None:
         self.batch_size.observe(batch_size)
 
+    def prefilled(self, seq: Sequence, tokens: int) -> None:
+        self.prompt_tokens.labels(seq.tenant).inc(tokens)
+
+    def cache_stats(self, usage: float, queries: int, hits: int, preemptions: int) -> None:
+        self.kv_usage.set(usage)
+        self.kv_queries.inc(queries)
+        self.kv_hits.inc(hits)
+        self.preemptions.inc(preemptions)
+
     def token(self, seq: Sequence, now: float) -> None:
+        self.generation_tokens.labels(seq.tenant).inc()  # as each token arrives, not when the request ends
         if seq.last_token_time is None:
             self.ttft.labels(seq.tenant).observe(now - seq.arrival_time)
         else:
@@ -96,7 +116,6 @@ class Metrics(EngineObserver):
     def finished(self, seq: Sequence, now: float) -> None:
         assert seq.finish_reason is not None, "called once it has finished"
         self.requests.labels(seq.tenant, seq.finish_reason.value).inc()
-        self.generation_tokens.labels(seq.tenant).inc(len(seq.output_ids))
         self.e2e.labels(seq.tenant).observe(now - seq.arrival_time)
 
     def engine_restarted(self, cause: str) -> None:

@@ -255,7 +255,13 @@ async def _respond(state: ServerState, principal: Principal, request: Request, b
     n = len(params)
     fmt = _Logprobs(state.base.tokenizer)
     prompt_tokens = sum(len(prompt.ids) for prompt in prompts)
-    cached = len(prompts) * (seqs[0].num_prefix_kv if seqs else 0)
+
+    def cached() -> int:
+        """Prompt positions not computed for this request: each prompt's task prefix (its key/values are
+        stored), plus what its samples took from the prefix cache (the most any of its n samples took)."""
+        return sum(seqs[i].num_prefix_kv + max(seq.num_cached_tokens for seq in seqs[i: i + n])
+                   for i in range(0, len(seqs), n))
+
     if body.timeout is not None:
         for seq in seqs:
             seq.deadline = seq.arrival_time + body.timeout
@@ -263,7 +269,7 @@ async def _respond(state: ServerState, principal: Principal, request: Request, b
             "created": int(time.time()), "model": body.model}  # "object" is filled in per response kind
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        usage = lambda completion_tokens: _usage(prompt_tokens, completion_tokens, cached)
+        usage = lambda completion_tokens: _usage(prompt_tokens, completion_tokens, cached())
         if chat:
             render = lambda pieces: _chat_chunks(pieces, head, len(seqs), usage, include_usage, fmt, tools)
         else:
@@ -292,7 +298,7 @@ async def _respond(state: ServerState, principal: Principal, request: Request, b
                                        len(prompt.text) if echo else 0)}
         choices.append({"index": i, **choice, "finish_reason": finish_reason})
     return {**head, "object": "chat.completion" if chat else "text_completion", "choices": choices,
-            "usage": _usage(prompt_tokens, sum(len(seq.output_ids) for seq in seqs), cached)}
+            "usage": _usage(prompt_tokens, sum(len(seq.output_ids) for seq in seqs), cached())}
 
 
 def _choice_logprobs(fmt: _Logprobs, seq: Sequence, prompt: _Prompt, echo: bool, ids: list[int],

@@ -105,6 +105,7 @@ class EngineClient:
         self.num_waiting = 0  # sequences submitted here that have not joined the batch
         self._waiting_by_tenant: dict[str, int] = {}  # the same, per tenant (only tenants with some)
         self.draining = False
+        self._kv_totals = [0, 0, 0]  # the engine's cumulative prefix-cache queries, hits, preemptions
         # the engine process: started, watched, replaced when it dies or stalls (status, restarts, gave_up)
         self.supervisor = EngineSupervisor(spec, env, limits.stall_timeout, limits.max_restarts,
                                            self._engine_ready, self._engine_lost, on_restart)
@@ -130,6 +131,7 @@ class EngineClient:
         observer: EngineObserver | None = None,
         env: dict[str, str] | None = None,
         on_restart: Callable[[str], None] | None = None,
+        cache_options: dict | None = None,
     ) -> EngineClient:
         folder = Path(tempfile.mkdtemp(prefix="prefix-serve-ipc-"))
         spec = EngineCoreSpec(
@@ -143,6 +145,7 @@ class EngineClient:
             input_address=f"ipc://{folder}/in",
             output_address=f"ipc://{folder}/out",
             parent_pid=os.getpid(),
+            cache_options=dict(cache_options or {}),
         )
         client = cls(spec, limits, observer, env, on_restart)
         client._ipc_dir = folder
@@ -402,6 +405,7 @@ class EngineClient:
             self.observer.admitted(admitted, now)
         if out.decoded:
             self.observer.decoded(out.decoded)
+        self._apply_cache(out)
         for seq_id, entries in out.prompt_logprobs:
             seq = self._seqs.get(seq_id)
             if seq is not None:
@@ -431,6 +435,20 @@ class EngineClient:
             seq = self._seqs.get(seq_id)
             if seq is not None:
                 self._finish(seq, FinishReason(reason), error)
+
+    def _apply_cache(self, out: protocol.StepOutput) -> None:
+        for seq_id, tokens in out.cached:
+            if (seq := self._seqs.get(seq_id)) is not None:
+                seq.num_cached_tokens = tokens
+        for seq_id, tokens in out.prefilled:
+            if (seq := self._seqs.get(seq_id)) is not None:
+                self.observer.prefilled(seq, tokens)
+        if out.kv:
+            usage, totals = out.kv[0], [int(v) for v in out.kv[1:]]
+            # a new engine process counts from 0 again
+            deltas = [t - last if t >= last else t for t, last in zip(totals, self._kv_totals)]
+            self._kv_totals = totals
+            self.observer.cache_stats(usage, *deltas)
 
     def _stop_string_hit(self, seq: Sequence) -> bool:
         """Whether the output now holds one of ``seq``'s stop strings; if so its text is cut before it."""

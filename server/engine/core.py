@@ -22,7 +22,7 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NoReturn
 
 import safetensors.torch
@@ -55,6 +55,9 @@ class EngineCoreSpec:
     input_address: str  # PULL: requests from the HTTP process
     output_address: str  # PUSH: step outputs to the HTTP process
     parent_pid: int
+    # the paged cache's options, EngineConfig's field names: block_size, prefix_caching, share_prefix_cache,
+    # long_prefill_threshold (absent ones keep EngineConfig's defaults)
+    cache_options: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +85,11 @@ class _StepEvents(EngineObserver):
     def admitted(self, seqs: list[Sequence], now: float) -> None:
         self.out.admitted.extend(seq.id for seq in seqs)
 
+    def prefilled(self, seq: Sequence, tokens: int) -> None:
+        self.out.prefilled.append([seq.id, tokens])
+        if seq.num_cached_tokens:
+            self.out.cached.append([seq.id, seq.num_cached_tokens])
+
     def decoded(self, batch_size: int) -> None:
         self.out.decoded = batch_size
 
@@ -107,6 +115,7 @@ class EngineCore:
                 max_batch_size=spec.max_batch_size,
                 kv_cache_bytes=spec.kv_cache_bytes,
                 max_step_tokens=spec.max_step_tokens,
+                **spec.cache_options,
             ),
             observer=self.events,
         )
@@ -231,6 +240,8 @@ class EngineCore:
             return
         out.time = out.time or time.monotonic()
         out.running, out.waiting = running, waiting
+        blocks = self.engine.blocks
+        out.kv = [blocks.usage, blocks.cache_queries, blocks.cache_hits, blocks.preemptions]
         self.outbox.send(protocol.pack(out.encode()))
 
     def _token(self, seq: Sequence) -> None:

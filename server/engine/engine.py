@@ -131,6 +131,10 @@ class EngineObserver:
     def preempted(self, seq: Sequence) -> None:
         """``seq`` gave its blocks back to let older requests go on; it will be recomputed."""
 
+    def cache_stats(self, usage: float, queries: int, hits: int, preemptions: int) -> None:
+        """The key/value cache after a step: the fraction of blocks in use, and the prefix-cache queries and
+        hits (tokens) and preemptions since the last call."""
+
 
 class Engine:
     def __init__(self, base: BaseModel, config: EngineConfig = EngineConfig(),

@@ -98,8 +98,8 @@ class StepOutput:
     entries]``, the entries of ``Sequence.prompt_logprobs`` this step added (prompt scoring, chunk by chunk);
     ``finished``: ``[id, reason, error]``; ``admitted``: ids that joined the batch at ``time``; ``decoded``:
     rows that got their next token (the batch size of the step); ``running`` / ``waiting``: the engine's
-    counts after the step. The receiver applies them in this order: admitted, prompt_logprobs, tokens,
-    finished.
+    counts after the step; ``prefilled``, ``cached`` and ``kv`` feed the metrics and usage. The receiver
+    applies them in this order: admitted, prompt_logprobs, tokens, finished.
     """
 
     time: float
@@ -110,6 +110,11 @@ class StepOutput:
     decoded: int = 0
     running: int = 0
     waiting: int = 0
+    prefilled: list[list] = dataclasses.field(default_factory=list)  # [id, prompt tokens computed this step]
+    cached: list[list] = dataclasses.field(default_factory=list)  # [id, tokens taken from the prefix cache]
+    # the key/value cache after the step: [usage fraction, then cumulative prefix-cache queries and hits (in
+    # tokens) and preemptions since the engine process started]
+    kv: list[float] = dataclasses.field(default_factory=list)
 
     def encode(self) -> list:
         return [STEP, dataclasses.asdict(self)]

@@ -66,3 +66,53 @@ def test_metrics_follow_traffic(tmp_path):
     assert after[("prefix_serve_prefix_cache_resident_tasks", (("tier", "memory"),))] == 1
     assert after[("prefix_serve_num_requests_running", ())] == 0
     assert after[("prefix_serve_num_requests_waiting", ())] == 0
+
+
+def test_prefix_cache_hits_show_in_usage_and_metrics_and_counters_move_mid_request(tmp_path):
+    """A preamble sent twice is computed once: the second request's ``cached_tokens`` and the prefix-cache
+    counters say how much was reused, with the same greedy text; and a long stream's generation tokens are
+    counted while it runs, not when it ends."""
+    preamble = "You are a careful assistant. " * 12 + "Answer the question in one short sentence.\n"
+    with ServerProcess(tmp_path / "store", tmp_path / "server.log") as server:
+        url = server.url
+        model = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]  # the base model's id
+        before = scrape(url)
+
+        def ask(question: str) -> dict:
+            body = {"model": model, "prompt": preamble + question, "max_tokens": 8, "temperature": 0}
+            response = httpx.post(f"{url}/v1/completions", json=body, timeout=120)
+            assert response.status_code == 200, response.text
+            return response.json()
+
+        first, second = ask("What is the capital of France?"), ask("What is the capital of France?")
+        third = ask("What is the capital of Spain?")
+        assert first["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+        hit = second["usage"]["prompt_tokens_details"]["cached_tokens"]
+        assert hit > 0 and hit % 16 == 0 and hit < second["usage"]["prompt_tokens"]
+        assert 0 < third["usage"]["prompt_tokens_details"]["cached_tokens"] <= hit  # the shared preamble
+        assert second["choices"][0]["text"] == first["choices"][0]["text"]
+        middle = scrape(url)
+
+        def delta(name, now=middle, **labels):
+            key = (name, tuple(sorted(labels.items())))
+            return now.get(key, 0.0) - before.get(key, 0.0)
+
+        hits = sum(r["usage"]["prompt_tokens_details"]["cached_tokens"] for r in (first, second, third))
+        assert delta("prefix_serve_kv_prefix_cache_hits_total") == hits
+        prompts = sum(r["usage"]["prompt_tokens"] for r in (first, second, third))
+        assert delta("prefix_serve_kv_prefix_cache_queries_total") == prompts
+        assert delta("prefix_serve_prompt_tokens_total", tenant="default") == prompts - hits
+
+        with httpx.stream("POST", f"{url}/v1/completions", timeout=120,
+                          json={"model": model, "prompt": "Count slowly:", "max_tokens": 200,
+                                "temperature": 0, "ignore_eos": True, "stream": True}) as stream:
+            chunks = 0
+            for line in stream.iter_lines():
+                chunks += line.startswith("data: {")
+                if chunks == 20:
+                    running = scrape(url)
+                    break
+        earlier = sum(r["usage"]["completion_tokens"] for r in (first, second, third))
+        # 20 chunks received (a chunk may carry more than one token): the stream's tokens are counted already
+        assert delta("prefix_serve_generation_tokens_total", running, tenant="default") >= earlier + 20
+        assert running[("prefix_serve_kv_cache_usage_perc", ())] > 0
