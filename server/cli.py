@@ -260,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--rate", type=float, default=2.0,
                        help="Poisson arrival rate (requests/s) for the HTTP run")
     bench.add_argument("--no-http", action="store_true", help="skip the real-server load test")
+    bench.add_argument("--no-kv", action="store_true",
+                       help="skip the key/value memory workloads (length mix, shared preamble, long "
+                       "neighbour)")
     bench.add_argument("--no-overload", action="store_true",
                        help="skip the overload section "
                        "(decode while requests wait, beside a CPU hog; a burst)")

@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import torch
 
-from server.bench import offline, overload, remote, sweep
+from server.bench import kv, offline, overload, remote, sweep
 from server.bench.load import LoadSpec, run_load
 from server.bench.models import is_random, load_model, save_model
 from server.bench.report import median, render_markdown, render_plot
@@ -171,11 +171,17 @@ def main(args: argparse.Namespace) -> int:
             return 0
         result["concurrency"] = args.concurrency
         result["offline"] = run_offline(base, args)
+        if not args.no_kv:
+            long_prompt = min(kv.LONG_PROMPT, base.shape.max_positions // 2)
+            result["kv"] = kv.run(base, args.max_step_tokens, args.virtual_tokens, long_prompt,
+                                  min(600, base.shape.max_positions // 8))
         if not args.no_http:
             result["http"] = run_http(base, model(), args)
         if not args.no_overload:
             result["overload"] = overload.run_served(model(), args)
     markdown = render_markdown(result)
+    if "kv" in result:
+        markdown += "\n\n## Key/value memory (paged cache)\n\n" + kv.render(None, result["kv"])
     print(markdown)
     (out / "latest.json").write_text(json.dumps(result, indent=2))
     (out / "latest.md").write_text(markdown + "\n")

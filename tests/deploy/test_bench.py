@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 
 from prefixes.artifact import ModelShape
 from server.bench.load import RequestResult, decode_token_throughput, steady_token_throughput
@@ -83,6 +84,7 @@ def test_bench_runs_end_to_end_and_reports_every_target(tiny_model, tmp_path):
            "--serial-requests", "1", "--scale-tasks", "1,3", "--sweep", "1,4", "--rate", "8",
            "--threads", "1",
            "--no-overload",  # the overload section has its own test below
+           "--no-kv",  # so has the key/value memory section
            "--out", str(out)]
     run = subprocess.run(cmd, cwd=REPO_ROOT, check=False, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -168,3 +170,25 @@ def test_overload_section_measures_decode_behind_a_queue_and_a_burst():
     assert burst["rejections_with_retry_after"] == burst["rejected"]
     assert overload.queue_ratio(result["configs"][0]["decode"]) > 0
     assert "| 4 |" in overload.render(result)
+
+
+def test_kv_workloads_measure_what_the_paged_cache_changes(tokenizer, tmp_path):
+    """The key/value section on a tiny model: every figure is measured, a shared preamble is served from the
+    prefix cache the second time, short requests get first tokens while a long prompt prefills, and the
+    paged cache holds about one token's bytes per token (not the batch's widest row for every row)."""
+    from server.bench import kv
+    from server.engine.model import load_base_model
+
+    folder = save_tiny_llama(tmp_path / "tiny", tokenizer, max_positions=2048)
+    base = load_base_model(str(folder), torch.float32, "cpu")
+    result = kv.run(base, max_step_tokens=64, virtual_tokens=4, long_prompt=600, preamble=100, rounds=1)
+    mix = result["length_mix"]
+    assert mix["peak_running"] > 1
+    assert mix["shorts_first_token_before_long"] > 0
+    assert result["shared_preamble"]["warm_cached_tokens_mean"] >= 96  # 100-token preamble, blocks of 16
+    assert result["decode"]["short_decode_tokens_per_s"] > 0
+    assert result["decode"]["short_decode_beside_long_tokens_per_s"] > 0
+    per_token = result["kv_bytes"]["bytes_per_token_held"] / result["kv_bytes"]["bytes_per_token"]
+    assert per_token < 1.2  # partial last blocks only, and the task prefix once for all 32
+    table = kv.render(None, result)
+    assert f"| length mix: peak running (of 33) | - | {mix['peak_running']} |" in table
