@@ -75,7 +75,7 @@ class ServedModel:
     eos_token_ids: frozenset[int]
     dtype: torch.dtype
     device: str
-    max_slots: int  # rows x columns the engine's key/value budget holds
+    max_slots: int  # token slots of the engine's key/value block pool (no request can hold more)
     vocab_size: int  # the width of the model's logits (token ids beyond the tokenizer's may exist)
 
 
