@@ -152,12 +152,14 @@ class Generation:
     def done(self) -> bool:
         return all(seq.finished for seq in self.seqs)
 
-    def submit(self) -> None:
+    async def submit(self) -> None:
         """Queue every sequence, or none: a request that can never fit is a 400 before anything runs."""
         engine = self.state.engine
         try:
             for seq in self.seqs:
                 engine.check_fits(seq)
+            for structured in {seq.params.structured for seq in self.seqs}:  # one check per distinct grammar
+                await engine.check_structured(next(s for s in self.seqs if s.params.structured == structured))
         except RequestInvalid as exc:
             self.state.metrics.rejected(self.seqs[0].tenant, "rejected")
             raise HTTPException(400, str(exc)) from None
@@ -245,7 +247,7 @@ async def run_to_end(state: ServerState, principal: Principal, request: Request,
     """Run ``seqs`` holding one of the tenant's concurrency slots; return them finished."""
     async with state.limiter.slot(principal):
         generation = Generation(state, seqs)
-        generation.submit()
+        await generation.submit()
         return await generation.wait(request)
 
 
@@ -308,7 +310,7 @@ async def open_stream(state: ServerState, principal: Principal, seqs: list[Seque
     await slot.enter_async_context(state.limiter.slot(principal))
     try:
         generation = Generation(state, seqs, stream=True)
-        generation.submit()
+        await generation.submit()
     except BaseException:
         await slot.aclose()
         raise

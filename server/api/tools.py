@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 import llguidance
 from jinja2 import TemplateError
 
+from server.engine.grammar import InvalidGrammar, check_limits
+
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 CALL_SEPARATOR = "\n"
 MAX_PARALLEL_CALLS = 8  # with parallel_tool_calls: a small model may otherwise repeat calls until max_tokens
@@ -78,6 +80,7 @@ class ToolChoice:
 
 
 NO_TOOLS = ToolChoice("none")
+MAX_TOOLS = 128  # per request: each adds its schema to the prompt and to the call grammar
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -85,7 +88,12 @@ NO_TOOLS = ToolChoice("none")
 
 
 def _check_schema(schema: dict, param: str) -> None:
-    """Compile ``schema`` the way the call grammar will (without a tokenizer: microseconds)."""
+    """Compile ``schema`` the way the call grammar will (without a tokenizer: microseconds), within the
+    structured-output limits (server/engine/grammar.py) checked first."""
+    try:
+        check_limits("json_schema", json.dumps(schema))
+    except InvalidGrammar as exc:
+        raise ToolError(f"{param}: {exc}", param) from None
     try:
         lark = "start: %json " + json.dumps({**closed(schema), "x-guidance": _COMPACT})
         failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(
@@ -101,6 +109,9 @@ def _check_schema(schema: dict, param: str) -> None:
 def parse_tools(raw: list | None) -> tuple[Tool, ...]:
     """OpenAI's ``tools`` list, checked: ``type`` function, a valid unique name, ``parameters`` a JSON schema
     of an object."""
+    if raw is not None and len(raw) > MAX_TOOLS:
+        raise ToolError(f"{len(raw)} tools is over the limit of {MAX_TOOLS} per request (checked before the "
+                        "prompt is rendered).", "tools")
     tools: list[Tool] = []
     for i, entry in enumerate(raw or ()):
         param = f"tools.{i}"

@@ -41,8 +41,8 @@ from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 from prefixes.artifact import ModelShape
 from server.engine import protocol
 from server.engine.core import EngineCoreSpec
-from server.engine.engine import EngineObserver, check_fits, check_grammar, output_text
-from server.engine.grammar import Grammars
+from server.engine.engine import EngineObserver, RequestInvalid, check_fits, output_text
+from server.engine.grammar_check import GrammarChecker
 from server.engine.model import check_supported, resolve_model
 from server.engine.sequence import FinishReason, Sequence
 from server.engine.supervisor import EngineProcess, EngineStartFailed, EngineSupervisor
@@ -114,7 +114,7 @@ class EngineClient:
         self._prefix_bytes = 0
         self._reader: asyncio.Task | None = None  # reads the current engine process's outputs
         self._timers: dict[int, asyncio.TimerHandle] = {}
-        self._grammars: Grammars | None = None  # set by start()
+        self._grammars: GrammarChecker | None = None  # set by start()
         self._ipc_dir: Path | None = None  # holds the sockets' files; removed by close()
 
     @classmethod
@@ -172,8 +172,10 @@ class EngineClient:
             info["max_slots"],
             info["vocab_size"],
         )
-        # Structured-output specs are validated here too, so a bad schema is a 400 before anything streams.
-        self._grammars = Grammars(tokenizer, info["vocab_size"], frozenset(info["eos_token_ids"]))
+        # Structured-output specs are checked before submission, so a bad schema is a 400 before anything
+        # streams; in a child process, so a grammar that crashes the grammar library crashes nothing else.
+        self._grammars = GrammarChecker(str(path), info["vocab_size"], frozenset(info["eos_token_ids"]))
+        await asyncio.to_thread(self._grammars.start)
         return self._model
 
     def _engine_ready(self, process: EngineProcess) -> None:
@@ -243,6 +245,8 @@ class EngineClient:
         if self._reader is not None:
             self._reader.cancel()
         await self.supervisor.stop()
+        if self._grammars is not None:
+            self._grammars.close()
         folder = self._ipc_dir
         if folder is not None:
             for leftover in folder.glob("*"):
@@ -253,10 +257,17 @@ class EngineClient:
     # -- requests --------------------------------------------------------------------------------------------
 
     def check_fits(self, seq: Sequence) -> None:
-        """Raise :class:`RequestInvalid` for a request the engine could never serve (as Engine.check_fits)."""
+        """Raise :class:`RequestInvalid` for a request the engine could never serve (too long)."""
         check_fits(seq, self.model.shape.max_positions, self.model.max_slots)
-        if self._grammars is not None:
-            check_grammar(self._grammars, seq)
+
+    async def check_structured(self, seq: Sequence) -> None:
+        """Raise :class:`RequestInvalid` when ``seq``'s structured output cannot be followed (checked within
+        the limits of server/engine/grammar.py, in the grammar checker's process)."""
+        if seq.params.structured is None or self._grammars is None:
+            return
+        error = await self._grammars.check(*seq.params.structured)
+        if error is not None:
+            raise RequestInvalid(error)
 
     def check_admission(self, count: int, tenant: str) -> None:
         """Raise unless ``count`` more sequences of ``tenant`` may wait now: the engine is serving and the

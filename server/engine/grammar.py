@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import re
 from typing import TYPE_CHECKING
 
 import llguidance
@@ -31,9 +33,77 @@ class InvalidGrammar(ValueError):
     """The structured-output spec cannot be compiled; the message says what to fix."""
 
 
+# Limits checked before anything is compiled. llguidance's own limits (``PARSER_LIMITS``) bound the work
+# of each mask, but its grammar compiler recurses over rule chains and nesting on the native stack: a Lark
+# grammar of 5,000 chained rules (130 KB) crashed the process that compiled it, 2,000 passed. So the source
+# is bounded first, each limit named in the refusal, and the HTTP process checks grammars in a child process
+# of its own (server/engine/grammar_check.py), where a crash the limits did not foresee loses nothing else.
+# PREFIX_SERVE_GRAMMAR_LIMITS="bytes=N,rules=N,nesting=N,enum=N" overrides any of them (an operator's choice;
+# the tests raise them to show that a grammar crashing the checker costs only its own request).
+_OVERRIDES = {k.strip(): int(v) for k, v in (item.split("=") for item in
+                  os.environ.get("PREFIX_SERVE_GRAMMAR_LIMITS", "").split(",") if "=" in item)}
+MAX_GRAMMAR_BYTES = _OVERRIDES.get("bytes", 64 << 10)  # Lark grammars, regexes, JSON schemas, choice lists
+MAX_GRAMMAR_RULES = _OVERRIDES.get("rules", 1000)  # Lark rules (lines that define one)
+MAX_NESTING = _OVERRIDES.get("nesting", 64)  # brackets in a grammar or regex; objects/arrays in a JSON schema
+MAX_ENUM = _OVERRIDES.get("enum", 1000)  # values of one JSON-schema enum, or guided_choice entries
+PARSER_LIMITS = llguidance.LLParserLimits(max_grammar_size=100_000)
+
+
+def _nesting(text: str) -> int:
+    depth = deepest = 0
+    for ch in text:
+        if ch in "([{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in ")]}":
+            depth = max(0, depth - 1)
+    return deepest
+
+
+def _schema_limits(node: object, depth: int = 0) -> None:
+    if depth > MAX_NESTING:
+        raise InvalidGrammar(f"JSON schema nested deeper than {MAX_NESTING} levels (the limit on schema "
+                             "depth)")
+    if isinstance(node, dict):
+        enum = node.get("enum")
+        if isinstance(enum, list) and len(enum) > MAX_ENUM:
+            raise InvalidGrammar(f"JSON schema enum of {len(enum)} values is over the limit of {MAX_ENUM}")
+        for value in node.values():
+            _schema_limits(value, depth + 1)
+    elif isinstance(node, list):
+        for value in node:
+            _schema_limits(value, depth + 1)
+
+
+def check_limits(kind: str, spec: str) -> None:
+    """Raise :class:`InvalidGrammar` naming the limit a structured-output spec is over (nothing compiled)."""
+    size = len(spec.encode())
+    if size > MAX_GRAMMAR_BYTES:
+        raise InvalidGrammar(f"the {kind} for structured output is {size} bytes, over the limit of "
+                             f"{MAX_GRAMMAR_BYTES} bytes")
+    if kind == "grammar":
+        rules = sum(1 for line in spec.splitlines() if _RULE.match(line))
+        if rules > MAX_GRAMMAR_RULES:
+            raise InvalidGrammar(f"the grammar defines {rules} rules, over the limit of {MAX_GRAMMAR_RULES}")
+    if kind in ("grammar", "regex") and _nesting(spec) > MAX_NESTING:
+        raise InvalidGrammar(f"the {kind} nests brackets deeper than the limit of {MAX_NESTING}")
+    if kind in ("json_schema", "choice"):
+        try:
+            parsed = json.loads(spec)
+        except ValueError as exc:
+            raise InvalidGrammar(f"invalid {kind} for structured output: {exc}") from None
+        if kind == "choice" and isinstance(parsed, list) and len(parsed) > MAX_ENUM:
+            raise InvalidGrammar(f"guided_choice has {len(parsed)} entries, over the limit of {MAX_ENUM}")
+        _schema_limits(parsed)
+
+
+_RULE = re.compile(r"^\s*[?!]?[A-Za-z_][A-Za-z_0-9]*(\.[0-9]+)?\s*:")
+
+
 @functools.lru_cache(maxsize=256)
 def grammar_source(kind: str, spec: str) -> str:
     """llguidance's grammar (a JSON string) for one structured-output request; cached by (kind, spec)."""
+    check_limits(kind, spec)
     # Compact JSON (no free whitespace): otherwise a small model can pad with newlines until max_tokens.
     defaults: JsonCompileOptions = {"whitespace_flexible": False}
     try:
@@ -80,12 +150,13 @@ class Grammars:
     def check(self, structured: tuple[str, str]) -> None:
         """Raise :class:`InvalidGrammar` unless ``structured`` compiles for this tokenizer."""
         source = grammar_source(*structured)
-        failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(source, self.tokenizer)
+        failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(source, self.tokenizer,
+                                                                               limits=PARSER_LIMITS)
         if failed:
             raise InvalidGrammar(f"invalid {structured[0]} for structured output: {'; '.join(messages)}")
 
     def matcher(self, structured: tuple[str, str]) -> llguidance.LLMatcher:
-        matcher = llguidance.LLMatcher(self.tokenizer, grammar_source(*structured))
+        matcher = llguidance.LLMatcher(self.tokenizer, grammar_source(*structured), limits=PARSER_LIMITS)
         if matcher.is_error():
             raise InvalidGrammar(matcher.get_error())
         return matcher
