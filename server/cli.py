@@ -74,6 +74,7 @@ def _serve(args: argparse.Namespace) -> int:
             max_waiting_requests=args.max_waiting_requests, request_timeout=args.request_timeout,
             shutdown_timeout=args.shutdown_timeout, omp_wait_policy=args.omp_wait_policy,
             max_request_bytes=args.max_request_bytes, public_metrics=args.public_metrics,
+            max_request_tokens=args.max_request_tokens,
             public_docs=args.public_docs,
             engine_stall_timeout=args.engine_stall_timeout, engine_max_restarts=args.engine_max_restarts,
         )
@@ -191,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--omp-wait-policy", default=defaults.omp_wait_policy, choices=list(OMP_WAIT_POLICIES),
                        help="OpenMP wait policy of the engine process")
     serve.add_argument("--log-level", default="info")
+    serve.add_argument("--max-request-tokens", type=int, default=defaults.max_request_tokens,
+                       help="prompt tokens one request may ask for across its prompts and n choices "
+                       "(0: four times the model's context); checked before anything is computed")
     serve.add_argument("--max-request-bytes", type=int, default=defaults.max_request_bytes,
                        help="largest JSON request body; larger ones are refused with 413 as they stream in "
                        "(uploads have --max-upload-bytes)")

@@ -52,6 +52,8 @@ class Settings:
     # Largest non-upload request body (JSON). The default model's whole context (8,192 tokens) is about 32 KB
     # of text, 200 KB if every character were \u-escaped: 4 MiB fits it many times over.
     max_request_bytes: int = 4 << 20
+    # prompt tokens one request may ask for across its prompts and choices (prompts x n); 0: four contexts
+    max_request_tokens: int = 0
     public_metrics: bool = False  # with --auth-file: serve /metrics without a key
     public_docs: bool = False  # with --auth-file: serve /docs, /redoc and /openapi.json without a key
     # Engine liveness: silence (no step, no heartbeat) for this long replaces the engine process. The longest
@@ -78,6 +80,8 @@ class Settings:
                      "max_virtual_tokens", "max_request_bytes", "block_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive")
+        if self.max_request_tokens < 0:
+            raise ValueError("--max-request-tokens must be >= 0 (0: four times the model's context)")
         if self.long_prefill_threshold < 0:
             raise ValueError("--long-prefill-threshold must be >= 0 (0: half of --max-step-tokens)")
         if self.max_step_tokens < self.max_batch_size:

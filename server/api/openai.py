@@ -255,6 +255,12 @@ async def _respond(state: ServerState, principal: Principal, request: Request, b
     n = len(params)
     fmt = _Logprobs(state.base.tokenizer)
     prompt_tokens = sum(len(prompt.ids) for prompt in prompts)
+    cap = state.settings.max_request_tokens or 4 * state.base.shape.max_positions
+    if prompt_tokens * n > cap:  # each choice computes its prompt (bar prefix-cache hits): bound the work
+        raise OpenAIError(400, f"this request asks for {prompt_tokens * n} prompt tokens ({len(prompts)} "
+                          f"prompt(s), {prompt_tokens} tokens, x n={n}), over this server's limit of {cap} "
+                          "per request (--max-request-tokens): send fewer or shorter prompts, or lower n.",
+                          param="prompt")
 
     def cached() -> int:
         """Prompt positions not computed for this request: each prompt's task prefix (its key/values are

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import httpx
 import pytest
@@ -109,3 +110,16 @@ def test_a_grammar_that_crashes_the_grammar_library_costs_only_its_request(tmp_p
         assert server.running
         assert_serving(url, model)
         assert json.loads(events[-2].removeprefix("data: "))["choices"][0]["finish_reason"] == "length"
+
+
+def test_a_request_over_the_prompt_token_cap_is_refused_before_anything_runs(served):
+    """The issue's 1 MB request (64 prompts of 8,000 token ids) ran 127 s and held everyone else up."""
+    url, model = served
+    started = time.monotonic()
+    response = httpx.post(f"{url}/v1/completions", timeout=120,
+                          json={"model": model, "prompt": [[1] * 8000] * 64, "max_tokens": 1})
+    assert response.status_code == 400, response.text
+    message = response.json()["error"]["message"]
+    assert "512000 prompt tokens" in message and "--max-request-tokens" in message, message
+    assert time.monotonic() - started < 60  # a liveness bound: nothing was computed
+    assert_serving(url, model)
