@@ -21,7 +21,6 @@ from starlette.responses import Response
 from prefixes.keys import InvalidTaskName
 from prefixes.store import QuotaExceeded, StorageFull, StoreReadOnly, StoreUnavailable
 from server.errors import (
-    RETRY_AFTER_S,
     Forbidden,
     TooManyInFlight,
     Unauthenticated,
@@ -55,7 +54,8 @@ _DESCRIPTIONS = {
     404: ("No such task visible to this key.", None),
     409: ("Conflicts with the current state.", None),
     413: ("The request body is over --max-request-bytes (JSON) or --max-upload-bytes (uploads).", None),
-    429: ("Over the tenant's task, byte or concurrent-request quota.", _RETRY_AFTER),
+    429: (("Over the tenant's concurrent-request quota (with Retry-After), or its stored task or byte quota "
+          "(without: delete a task first)."), _RETRY_AFTER),
     503: (("Temporarily unable: the waiting queue is full, the request's deadline passed in the queue, the "
            "server is draining, its engine process is being replaced (Retry-After: until it should serve) "
            "or down for good (no Retry-After), or the task is not on this replica and Redis is "
@@ -81,10 +81,6 @@ def _retry_after(exc: Any) -> dict[str, str]:
     return {"Retry-After": str(exc.retry_after)}
 
 
-def _retry_soon(exc: Any) -> dict[str, str]:
-    return {"Retry-After": str(RETRY_AFTER_S)}
-
-
 def _bearer_challenge(exc: Any) -> dict[str, str]:
     return {"WWW-Authenticate": "Bearer"}
 
@@ -97,7 +93,8 @@ STATUSES: dict[type[Exception], tuple[int, Callable[[Any], dict[str, str]] | Non
     Forbidden: (403, None),
     UnknownTask: (404, None),
     TooManyInFlight: (429, _retry_after),
-    QuotaExceeded: (429, _retry_soon),  # the store's: over stored tasks or bytes
+    # the store's: over stored tasks or bytes; no Retry-After, waiting frees nothing (a delete does)
+    QuotaExceeded: (429, None),
     StoreUnavailable: (503, _retry_after),
     StoreReadOnly: (503, None),  # a read-only disk or Redis replica: not fixed by retrying soon
     StorageFull: (507, None),  # disk full (ENOSPC) or Redis out of memory: room must be made first

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import llguidance
 from jinja2 import TemplateError
 
-from server.engine.grammar import InvalidGrammar, check_limits
+from server.engine.grammar import InvalidGrammar, check_limits, check_schema_depth
 
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 CALL_SEPARATOR = "\n"
@@ -91,6 +91,7 @@ def _check_schema(schema: dict, param: str) -> None:
     """Compile ``schema`` the way the call grammar will (without a tokenizer: microseconds), within the
     structured-output limits (server/engine/grammar.py) checked first."""
     try:
+        check_schema_depth(schema)  # first: it stops at the limit, where json.dumps would hit Python's
         check_limits("json_schema", json.dumps(schema))
     except InvalidGrammar as exc:
         raise ToolError(f"{param}: {exc}", param) from None

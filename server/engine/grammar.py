@@ -60,7 +60,8 @@ def _nesting(text: str) -> int:
     return deepest
 
 
-def _schema_limits(node: object, depth: int = 0) -> None:
+def check_schema_depth(node: object, depth: int = 0) -> None:
+    """Raise :class:`InvalidGrammar` for a parsed JSON schema nested past the limit or with a huge enum."""
     if depth > MAX_NESTING:
         raise InvalidGrammar(f"JSON schema nested deeper than {MAX_NESTING} levels (the limit on schema "
                              "depth)")
@@ -69,10 +70,10 @@ def _schema_limits(node: object, depth: int = 0) -> None:
         if isinstance(enum, list) and len(enum) > MAX_ENUM:
             raise InvalidGrammar(f"JSON schema enum of {len(enum)} values is over the limit of {MAX_ENUM}")
         for value in node.values():
-            _schema_limits(value, depth + 1)
+            check_schema_depth(value, depth + 1)
     elif isinstance(node, list):
         for value in node:
-            _schema_limits(value, depth + 1)
+            check_schema_depth(value, depth + 1)
 
 
 def check_limits(kind: str, spec: str) -> None:
@@ -94,7 +95,7 @@ def check_limits(kind: str, spec: str) -> None:
             raise InvalidGrammar(f"invalid {kind} for structured output: {exc}") from None
         if kind == "choice" and isinstance(parsed, list) and len(parsed) > MAX_ENUM:
             raise InvalidGrammar(f"guided_choice has {len(parsed)} entries, over the limit of {MAX_ENUM}")
-        _schema_limits(parsed)
+        check_schema_depth(parsed)
 
 
 _RULE = re.compile(r"^\s*[?!]?[A-Za-z_][A-Za-z_0-9]*(\.[0-9]+)?\s*:")

@@ -13,7 +13,8 @@ import torch
 
 from prefixes.artifact import PrefixArtifact, PrefixKind
 from prefixes.formats import to_own_format
-from server.engine.engine import EngineConfig, Scheduler
+from server.engine.kv_cache import BlockManager
+from server.engine.scheduler import Scheduler
 from server.engine.sequence import SamplingParams, Sequence
 from tests.helpers.server_process import ServerSpec
 from tests.helpers.support import race
@@ -121,10 +122,11 @@ def test_admin_publishes_to_every_tenant(server):
     assert generate(server, "globex", "by-admin").status_code == 404
 
 
-def test_storage_quota_is_429_with_retry_after(server):
+def test_storage_quota_is_429_without_retry_after(server):
+    """Over a stored-task quota waiting frees nothing (a delete does), so no Retry-After invites a retry."""
     assert upload(server, "tiny", "first", artifact_file(7)).status_code == 201
     r = upload(server, "tiny", "second", artifact_file(8))
-    assert r.status_code == 429 and r.headers["retry-after"] == "1"
+    assert r.status_code == 429 and "retry-after" not in r.headers
     assert "quota is 1" in r.json()["detail"]
     # replacing the one task is within the count, but a bigger prefix breaks the byte quota
     assert upload(server, "tiny", "first", artifact_file(9)).status_code == 201
@@ -143,7 +145,7 @@ def test_concurrent_uploads_stay_within_the_storage_quota(server, tenant, refusa
     codes = sorted(r.status_code for r in responses)  # type: ignore[attr-defined]
     assert codes == [201] * 3 + [429] * 7, codes
     refused = next(r for r in responses if r.status_code == 429)  # type: ignore[attr-defined]
-    assert refused.headers["retry-after"] == "1" and refusal in refused.json()["detail"]
+    assert "retry-after" not in refused.headers and refusal in refused.json()["detail"]
     listed = httpx.get(f"{server.url}/prefixes", headers=auth(tenant)).json()["prefixes"]
     assert sorted(p["task"] for p in listed if p["owner"] == tenant) == sorted(
         f"t{i}" for i, r in enumerate(responses) if r.status_code == 201)  # type: ignore[attr-defined]
@@ -185,13 +187,14 @@ def test_a_flooding_tenant_does_not_starve_another(server):
 
 
 def test_scheduler_takes_tenants_in_turn():
-    scheduler = Scheduler(EngineConfig(max_batch_size=3), bytes_per_slot=1)
+    scheduler = Scheduler(BlockManager(num_blocks=100, block_size=16), max_batch_size=3, max_step_tokens=512,
+                          long_prefill_threshold=256)
     params = SamplingParams(max_new_tokens=4)
     heavy = [Sequence([1, 2], params, tenant="heavy") for _ in range(5)]
     light = [Sequence([1, 2], params, tenant="light") for _ in range(2)]
     for seq in heavy + light:
         scheduler.add(seq)
-    picked = scheduler.pick([], token_budget=1 << 20)
+    picked = [seq for seq, _ in scheduler.schedule().prefill]
     assert [s.tenant for s in picked] == ["heavy", "light", "heavy"]
     assert picked[0] is heavy[0] and picked[1] is light[0] and picked[2] is heavy[1]  # FCFS within a tenant
     assert len(scheduler) == 4
