@@ -63,11 +63,12 @@ def _ttft(seq: Sequence) -> float:
     return seq.first_token_time - seq.arrival_time
 
 
-def length_mix(base: BaseModel, config: EngineConfig, long_prompt: int = LONG_PROMPT) -> dict:
+def length_mix(base: BaseModel, config: EngineConfig, long_prompt: int = LONG_PROMPT,
+               first_arrival: float = 0.2) -> dict:
     engine = Engine(base, config)
     long = Sequence(_ids(0, long_prompt), _params(32))
     shorts = [Sequence(_ids(i + 1, SHORT_PROMPT), _params(32)) for i in range(SHORTS)]
-    arrivals = [(0.0, long)] + [(0.2 + i * GAP_S, seq) for i, seq in enumerate(shorts)]
+    arrivals = [(0.0, long)] + [(first_arrival + i * GAP_S, seq) for i, seq in enumerate(shorts)]
     run = _run(engine, arrivals)
     short_ttft = [_ttft(s) for s in shorts]
     assert long.first_token_time is not None, "the long request finished"
@@ -153,11 +154,11 @@ def kv_bytes_per_request(base: BaseModel, config: EngineConfig, virtual_tokens: 
 
 
 def run(base: BaseModel, max_step_tokens: int = 512, virtual_tokens: int = 16, long_prompt: int = LONG_PROMPT,
-        preamble: int = 600, rounds: int = 3) -> dict:
+        preamble: int = 600, rounds: int = 3, first_arrival: float = 0.2) -> dict:
     """Every workload; ``long_prompt`` and ``preamble`` shrink for models with a short context (tests)."""
     config = EngineConfig(max_batch_size=SHORTS + 1, max_step_tokens=max_step_tokens)
     result: dict = {"long_prompt": long_prompt, "preamble": preamble}
-    for name, phase in (("length_mix", lambda: length_mix(base, config, long_prompt)),
+    for name, phase in (("length_mix", lambda: length_mix(base, config, long_prompt, first_arrival)),
                         ("shared_preamble", lambda: shared_preamble(base, config, virtual_tokens, preamble)),
                         ("decode", lambda: decode(base, config, rounds, long_prompt)),
                         ("kv_bytes", lambda: kv_bytes_per_request(base, config, virtual_tokens))):
