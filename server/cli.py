@@ -84,8 +84,12 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"prefix-serve: {exc}", file=sys.stderr)
         return 2
     app = create_app(settings)
+    # uvicorn closes idle keep-alive connections and caps connections (a 503 past the cap) but has no
+    # header-read timeout: a slow client that never finishes its headers is closed by the router in front
+    # (docker/nginx/nginx.conf), not here.
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                            timeout_graceful_shutdown=5)
+                            timeout_graceful_shutdown=5, timeout_keep_alive=args.timeout_keep_alive,
+                            limit_concurrency=args.max_connections or None)
     server = DrainingServer(config, app.state, settings.shutdown_timeout)
     server.run()
     _exit_now(0 if server.started and not server.engine_gave_up else 1)
@@ -192,6 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--omp-wait-policy", default=defaults.omp_wait_policy, choices=list(OMP_WAIT_POLICIES),
                        help="OpenMP wait policy of the engine process")
     serve.add_argument("--log-level", default="info")
+    serve.add_argument("--timeout-keep-alive", type=float, default=5.0,
+                       help="seconds an idle keep-alive connection stays open")
+    serve.add_argument("--max-connections", type=int, default=1024,
+                       help="open connections (and requests) beyond which new ones get a 503 (0: no cap)")
     serve.add_argument("--max-request-tokens", type=int, default=defaults.max_request_tokens,
                        help="prompt tokens one request may ask for across its prompts and n choices "
                        "(0: four times the model's context); checked before anything is computed")
