@@ -14,7 +14,7 @@ from starlette.requests import Request
 
 from prefixes.store import PrefixStore
 from prefixes.validate import ArtifactLimits
-from server.api import errors, generate, health, openai, prefixes, tokenize
+from server.api import errors, generate, health, openai, prefixes, schemas, tokenize
 from server.auth import AuthConfig
 from server.config import Settings
 from server.engine.client import EngineClient, EngineLimits
@@ -98,7 +98,28 @@ def create_app(settings: Settings) -> FastAPI:
     openai.add_exception_handlers(app)  # OpenAI's error shape under /v1; elsewhere unchanged
     errors.add_domain_error_handlers(app)  # after it: renders through its HTTPException handler
     add_request_gate(app, settings)
+    serve_openapi_with_model_bounds(app)
     return app
+
+
+def serve_openapi_with_model_bounds(app: FastAPI) -> None:
+    """The schema at /openapi.json states the served vocabulary's bounds on token ids and the context's on
+    tokens to generate (:func:`server.api.schemas.fill_model_bounds`); rendered once the model is loaded."""
+    render = app.openapi  # FastAPI's: renders once, then returns app.openapi_schema
+    filled = False
+
+    def openapi() -> dict:
+        nonlocal filled
+        schema = render()
+        state = getattr(app.state, "server", None)
+        if not filled and state is not None:
+            schemas.fill_model_bounds(schema, {"model": state.base.vocab_size,
+                                               "tokenizer": len(state.base.tokenizer)},
+                                      state.base.shape.max_positions)
+            filled = True
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def add_request_gate(app: FastAPI, settings: Settings) -> None:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.auth import Principal
@@ -117,6 +118,12 @@ class RequestGate:
 
         try:
             try:
+                allowed = _methods_of_path(scope)
+                if allowed is not None and scope["method"] not in allowed:
+                    # before authentication: which methods a path has is in the public schema anyway
+                    raise HTTPException(405, f"{scope['method']} is not allowed on {scope['path']}: use "
+                                        f"{', '.join(sorted(allowed))}.",
+                                        headers={"Allow": ", ".join(sorted(allowed))})
                 if scope["path"] not in self.policy.public_paths:
                     principal = self.authenticate(scope, headers.get("authorization"))
                     scope["state"]["principal"] = principal
@@ -137,6 +144,19 @@ class RequestGate:
             elapsed_ms = 1000 * (time.perf_counter() - started)
             log.info("%s %s %s -> %d in %.1f ms (tenant %s, request %s)", scope["method"], scope["path"],
                      scope.get("http_version", ""), status, elapsed_ms, tenant, rid)
+
+
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE")
+
+
+def _methods_of_path(scope: Scope) -> set[str] | None:
+    """The methods the app's routes take on this path, all routes that share it together (Starlette's own
+    405 names only the first route's methods), or None when no route has the path. Asked of the routes
+    themselves, method by method: included routers are not flat lists of routes."""
+    routes = getattr(getattr(scope.get("app"), "router", None), "routes", ())
+    methods = {method for method in _METHODS
+               if any(route.matches({**scope, "method": method})[0] == Match.FULL for route in routes)}
+    return methods or None
 
 
 def _counting(receive: Receive, limit: int) -> Receive:

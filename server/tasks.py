@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 
 from starlette.concurrency import run_in_threadpool
 
-from prefixes.keys import TASK_NAME, check_task_name
+from prefixes.keys import TASK_NAME, InvalidTaskName, check_task_name
 from prefixes.records import ResidentPrefix, TaskRecord
 from prefixes.store import PrefixStore, Quota, StoreUnavailable, TaskNotFound
 from server.auth import SHARED_NAMESPACE, AuthConfig, Principal
@@ -17,13 +17,18 @@ from server.errors import RETRY_AFTER_S, TooManyInFlight, UnknownTask, UnknownTe
 
 def write_key(auth: AuthConfig, principal: Principal, name: str, tenant: str | None) -> str:
     """The store key an upload or delete of task ``name`` addresses; ``tenant``: an admin acting for one.
-    :class:`UnknownTenant` when ``tenant`` is not one of this server's tenants."""
+    :class:`InvalidTaskName` when ``tenant`` cannot be a tenant's name, :class:`UnknownTenant` (404) when it
+    is not one of this server's tenants."""
     check_task_name(name)
     if tenant is not None and principal.is_admin:
+        if not TASK_NAME.fullmatch(tenant):
+            raise InvalidTaskName(f"tenant={tenant!r} is not a tenant name: tenant names follow the "
+                                  "task-name rules (1-128 letters, digits, '.', '_' or '-', starting with a "
+                                  "letter or digit).")
         if auth.is_open:
             raise UnknownTenant(f"tenant={tenant!r}: this server has no tenants (it runs without "
                                 "--auth-file); drop the tenant parameter.")
-        if not TASK_NAME.fullmatch(tenant) or not auth.has_tenant(tenant):
+        if not auth.has_tenant(tenant):
             raise UnknownTenant(f"tenant={tenant!r} is not a tenant of this server: name one from its "
                                 "--auth-file, or drop the parameter to publish a shared task.")
     return principal.write_key(name, tenant)

@@ -51,7 +51,7 @@ _DESCRIPTIONS = {
     401: ("No valid API key (with --auth-file): send 'Authorization: Bearer <key>'.",
           {"WWW-Authenticate": {"description": "Bearer", "schema": {"type": "string"}}}),
     403: ("The key may not do this (only admin keys act on another tenant's tasks or read metrics).", None),
-    404: ("No such task visible to this key.", None),
+    404: ("No such task visible to this key (or, for an admin's tenant parameter, no such tenant).", None),
     409: ("Conflicts with the current state.", None),
     413: ("The request body is over --max-request-bytes (JSON) or --max-upload-bytes (uploads).", None),
     429: (("Over the tenant's concurrent-request quota (with Retry-After), or its stored task or byte quota "
@@ -66,12 +66,16 @@ _DESCRIPTIONS = {
 }
 
 
-def responses(*statuses: int, openai: bool = False) -> dict[int | str, dict]:
-    """The ``responses=`` of a route decorator documenting ``statuses`` (``openai``: OpenAI's error shape)."""
+def responses(*statuses: int, openai: bool = False, text_route: bool = False) -> dict[int | str, dict]:
+    """The ``responses=`` of a route decorator documenting ``statuses`` (``openai``: OpenAI's error shape).
+    ``text_route``: the route answers text, its errors JSON (FastAPI would document them as its text)."""
     out: dict[int | str, dict] = {}
     for status in statuses:
         description, headers = _DESCRIPTIONS[status]
         out[status] = {"model": OpenAIError if openai else ErrorDetail, "description": description}
+        if text_route:
+            out[status] = {"description": description, "content": {"application/json": {
+                "schema": {"$ref": f"#/components/schemas/{ErrorDetail.__name__}"}}}}
         if headers:
             out[status]["headers"] = headers
     return out
@@ -88,7 +92,7 @@ def _bearer_challenge(exc: Any) -> dict[str, str]:
 # Domain error -> (status, the headers it is sent with). Subclasses map as their base does.
 STATUSES: dict[type[Exception], tuple[int, Callable[[Any], dict[str, str]] | None]] = {
     InvalidTaskName: (400, None),
-    UnknownTenant: (400, None),
+    UnknownTenant: (404, None),  # no tenant of that name on this server (none at all without --auth-file)
     Unauthenticated: (401, _bearer_challenge),
     Forbidden: (403, None),
     UnknownTask: (404, None),

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi import APIRouter, HTTPException, Request
 
 from server.api import errors
 from server.api.encode import encode_prompt
-from server.api.schemas import GenerateRequest, GenerateResponse, Usage
+from server.api.schemas import STREAMED, GenerateRequest, GenerateResponse, TaskQuery, Usage
 from server.api.streaming import Piece, open_stream, run_to_end
 from server.auth import CurrentPrincipal
 from server.engine.sequence import SamplingParams, Sequence
@@ -30,9 +30,9 @@ async def _chunks(pieces: AsyncIterator[Piece], prompt_tokens: int) -> AsyncIter
 
 
 @router.post("/generate", response_model=GenerateResponse,
-             responses=errors.responses(400, 401, 404, 413, 429, 503))
+             responses={**STREAMED, **errors.responses(400, 401, 404, 413, 429, 503)})
 async def generate(body: GenerateRequest, state: State, request: Request, principal: CurrentPrincipal,
-                   task: str | None = Query(None, description="task name; omit for the base model")):
+                   task: TaskQuery = None):
     prefix = await resolve_prefix(state.store, principal, task)
     prompt_ids = await encode_prompt(state, body.prompt)
     try:

@@ -45,6 +45,7 @@ async def healthz(state: State):
     return body
 
 
-@router.get("/metrics", response_class=PlainTextResponse, responses=errors.responses(401, 403))
+@router.get("/metrics", response_class=PlainTextResponse,
+            responses=errors.responses(401, 403, text_route=True))
 async def metrics(state: State):
     return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -28,7 +28,14 @@ from prefixes.keys import InvalidTaskName
 from prefixes.records import ResidentPrefix
 from server.api import errors
 from server.api.encode import check_text, encode_prompt, on_tokenizer_thread
-from server.api.schemas import MAX_PROMPTS, ChatCompletionRequest, CompletionRequest, OpenAISampling
+from server.api.schemas import (
+    CANONICAL_INT,
+    MAX_PROMPTS,
+    STREAMED,
+    ChatCompletionRequest,
+    CompletionRequest,
+    OpenAISampling,
+)
 from server.api.streaming import Piece, error_body, open_stream, run_to_end
 from server.api.tools import (
     NO_TOOLS,
@@ -169,12 +176,9 @@ def _sampling(body: OpenAISampling, max_tokens: int, vocab_size: int, *, logprob
     structured = ("grammar", grammar(tools)) if tools.active else _structured(body)
     bias = []
     for key, value in (body.logit_bias or {}).items():
-        try:
-            token = int(key)
-        except ValueError:
-            raise OpenAIError(400, f"logit_bias keys are token ids, not {key!r}.",
-                              param="logit_bias") from None
-        bias.append((_token_ids([token], vocab_size, "logit_bias")[0], value))
+        if not CANONICAL_INT.fullmatch(key):  # as the schema says: "7", not "07", "+7" or " 7"
+            raise OpenAIError(400, f"logit_bias keys are token ids, not {key!r}.", param="logit_bias")
+        bias.append((_token_ids([int(key)], vocab_size, "logit_bias")[0], value))
     stop_ids = tuple(_token_ids(body.stop_token_ids or [], vocab_size, "stop_token_ids"))
     try:
         return [SamplingParams(max_new_tokens=max_tokens,
@@ -402,10 +406,14 @@ async def _completion_prompts(state: ServerState, prompt) -> list[_Prompt]:
     return out
 
 
-@router.post("/completions", responses=errors.responses(400, 401, 404, 413, 429, 503, openai=True))
+@router.post("/completions",
+             responses={**STREAMED, **errors.responses(400, 401, 404, 413, 429, 503, openai=True)})
 async def completions(body: CompletionRequest, state: State, request: Request, principal: CurrentPrincipal):
     n = body.n or 1
-    _refuse([("best_of", body.best_of is not None and body.best_of != n), ("suffix", bool(body.suffix))])
+    if body.best_of is not None and body.best_of != n:
+        raise OpenAIError(400, f"best_of must equal n ({n}): each choice is its own best here.",
+                          param="best_of")
+    _refuse([("suffix", bool(body.suffix))])
     max_tokens = COMPLETION_MAX_TOKENS if body.max_tokens is None else body.max_tokens
     if max_tokens == 0 and not body.echo:
         raise OpenAIError(400, "max_tokens 0 is only meaningful with echo (scoring the prompt).",
@@ -451,7 +459,7 @@ def _chat_prompt_ids(tokenizer, body: ChatCompletionRequest, tools: ToolChoice) 
 
 
 @router.post("/chat/completions",
-             responses=errors.responses(400, 401, 404, 413, 429, 503, openai=True))
+             responses={**STREAMED, **errors.responses(400, 401, 404, 413, 429, 503, openai=True)})
 async def chat_completions(body: ChatCompletionRequest, state: State, request: Request,
                            principal: CurrentPrincipal):
     _refuse([("top_logprobs", bool(body.top_logprobs) and not body.logprobs),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Annotated
 
-from fastapi import APIRouter, File, HTTPException, Query, Response, UploadFile
+from fastapi import APIRouter, File, HTTPException, Response, UploadFile
 from starlette.concurrency import run_in_threadpool
 
 from prefixes.formats import InvalidArtifact, parse_artifact
@@ -13,14 +13,13 @@ from prefixes.records import TaskRecord
 from prefixes.store import TaskNotFound
 from prefixes.validate import validate_artifact
 from server.api import errors
-from server.api.schemas import PrefixInfo, PrefixList
+from server.api.schemas import PrefixInfo, PrefixList, TaskPath, TenantQuery
 from server.auth import CurrentPrincipal, Principal
 from server.state import ServerState, State
 from server.tasks import resolve_record, storage_quota, visible_records, write_key
 
 router = APIRouter(prefix="/prefixes", tags=["prefixes"])
 _CHUNK = 1 << 20
-TenantParam = Query(None, description="admins only: act on this tenant's task instead of a shared one")
 
 
 async def read_upload(files: list[UploadFile], limit: int) -> dict[str, bytes]:
@@ -57,9 +56,10 @@ def _store_artifact(state: ServerState, principal: Principal, key: str,
 
 
 @router.post("/{task}", status_code=201, response_model=PrefixInfo,
-             responses=errors.responses(400, 401, 403, 413, 429, 503, 507))
-async def upload_prefix(task: str, state: State, principal: CurrentPrincipal,
-                        files: Annotated[list[UploadFile], File()], tenant: str | None = TenantParam):
+             responses=errors.responses(400, 401, 403, 404, 413, 429, 503, 507))
+async def upload_prefix(task: TaskPath, state: State, principal: CurrentPrincipal,
+                        files: Annotated[list[UploadFile], File(json_schema_extra={"minItems": 1})],
+                        tenant: TenantQuery = None):
     key = write_key(state.auth, principal, task, tenant)
     contents = await read_upload(files, state.settings.max_upload_bytes)
     try:
@@ -76,14 +76,14 @@ async def list_prefixes(state: State, principal: CurrentPrincipal):
 
 
 @router.get("/{task}", response_model=PrefixInfo, responses=errors.responses(400, 401, 404, 503))
-async def get_prefix(task: str, state: State, principal: CurrentPrincipal):
+async def get_prefix(task: TaskPath, state: State, principal: CurrentPrincipal):
     return info(await resolve_record(state.store, principal, task))
 
 
 @router.get("/{task}/artifact", response_class=Response,
             responses={200: {"content": {"application/octet-stream": {}}},
                        **errors.responses(400, 401, 404, 503)})
-async def download_prefix(task: str, state: State, principal: CurrentPrincipal):
+async def download_prefix(task: TaskPath, state: State, principal: CurrentPrincipal):
     """The task's served tensors in prefix-serve's format (re-uploadable; a start for `train --init-from`)."""
     record = await resolve_record(state.store, principal, task)
     try:
@@ -95,8 +95,8 @@ async def download_prefix(task: str, state: State, principal: CurrentPrincipal):
 
 
 @router.delete("/{task}", status_code=204, responses=errors.responses(400, 401, 403, 404, 503))
-async def delete_prefix(task: str, state: State, principal: CurrentPrincipal,
-                        tenant: str | None = TenantParam):
+async def delete_prefix(task: TaskPath, state: State, principal: CurrentPrincipal,
+                        tenant: TenantQuery = None):
     key = write_key(state.auth, principal, task, tenant)
     try:
         await run_in_threadpool(state.store.delete, key)

@@ -11,28 +11,42 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from server.api import errors
 from server.api.encode import check_text, on_tokenizer_thread
+from server.api.schemas import Body, TokenizerTokenId
 from server.auth import CurrentPrincipal
 from server.state import State
 
 router = APIRouter(tags=["tokenizer"])
 
 
-class TokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class TokenizeMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)  # validated inside a Body
+
+    role: str
+    content: str
+
+
+class TokenizeRequest(Body):
+    # exactly one of prompt and messages
+    model_config = ConfigDict(extra="ignore", json_schema_extra={"oneOf": [
+        {"properties": {"prompt": {"type": "string"}}, "required": ["prompt"],
+         "not": {"properties": {"messages": {"type": "array"}}, "required": ["messages"]}},
+        {"properties": {"messages": {"type": "array"}}, "required": ["messages"],
+         "not": {"properties": {"prompt": {"type": "string"}}, "required": ["prompt"]}}]})
 
     model: str | None = None  # every task shares the base model's tokenizer
     prompt: str | None = None
-    messages: list[dict] | None = None  # chat: the prompt is the chat template's rendering
+    # chat: the prompt is the chat template's rendering
+    messages: list[TokenizeMessage] | None = Field(None, min_length=1)
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
     return_token_strs: bool = False
 
 
-class DetokenizeRequest(BaseModel):
+class DetokenizeRequest(Body):
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
-    tokens: list[int] = Field(..., max_length=1 << 20)
+    tokens: list[TokenizerTokenId] = Field(..., max_length=1 << 20)
 
 
 def _chat_ids(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[int]:
@@ -53,8 +67,9 @@ async def tokenize(body: TokenizeRequest, state: State, principal: CurrentPrinci
         out = await on_tokenizer_thread(tokenizer, body.prompt, add_special_tokens=body.add_special_tokens)
         ids = out["input_ids"]
     else:
-        check_text(state, json.dumps(body.messages), "messages")
-        ids = await on_tokenizer_thread(_chat_ids, tokenizer, body.messages, body.add_generation_prompt)
+        messages = [message.model_dump() for message in body.messages or ()]
+        check_text(state, json.dumps(messages), "messages")
+        ids = await on_tokenizer_thread(_chat_ids, tokenizer, messages, body.add_generation_prompt)
     return {"count": len(ids), "max_model_len": state.base.shape.max_positions, "tokens": ids,
             "token_strs": tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None}
 

@@ -21,7 +21,7 @@ HTTP_LAYER = ("api/", "middleware.py", "app.py")
 
 @pytest.mark.parametrize(("error", "status", "headers"), [
     (InvalidTaskName("Task name 'a b' is invalid"), 400, None),
-    (UnknownTenant("tenant='x' is not a tenant of this server"), 400, None),
+    (UnknownTenant("tenant='x' is not a tenant of this server"), 404, None),
     (Unauthenticated("Invalid API key."), 401, {"WWW-Authenticate": "Bearer"}),
     (Forbidden("Only admin keys may act on another tenant's tasks."), 403, None),
     (UnknownTask("Unknown task 'x'"), 404, None),

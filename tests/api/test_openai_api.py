@@ -321,7 +321,7 @@ def test_unknown_model_is_model_not_found(client, server):
     ({"prompt": PROMPT, "max_tokens": 0}, 400, "max_tokens"),  # only with echo
     ({"prompt": PROMPT, "logit_bias": {"x": 1}}, 400, "logit_bias"),
     ({"prompt": PROMPT, "logit_bias": {"5": 101}}, 400, "logit_bias.5"),
-    ({"prompt": PROMPT, "stop_token_ids": [-1]}, 400, "stop_token_ids"),
+    ({"prompt": PROMPT, "stop_token_ids": [-1]}, 400, "stop_token_ids.0"),
     ({"prompt": PROMPT, "presence_penalty": 3}, 400, "presence_penalty"),
     ({"prompt": PROMPT, "min_tokens": 20, "max_tokens": 4}, 400, None),
     ({"prompt": PROMPT, "response_format": {"type": "json_schema", "json_schema": {"schema": {"type": 5}}}},
