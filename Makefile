@@ -55,9 +55,9 @@ system-packages:
 # The old name of the step above.
 redis-server: system-packages
 
-# Each step says what it installs and how far the install is; pip prints its own lines (what it collects and
-# downloads, with progress bars) so a first install (about 6 minutes, most of it torch and the test tools)
-# is never silent.
+# Each step says what it installs and how far the install is, and pip prints its own lines (what it collects
+# and downloads, with progress bars): a first install takes about 8 minutes on a fresh clone, most of it torch
+# and the test tools, and must never look stuck.
 $(STAMP): pyproject.toml Makefile
 	@echo "[1/5] creating the virtual environment $(VENV) with $(PYTHON)"
 	$(PYTHON) -m venv $(VENV)
