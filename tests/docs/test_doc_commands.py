@@ -185,3 +185,27 @@ def test_configuration_lists_every_flag_with_its_default():
             assert said == default, f"docs/configuration.md: `{command} {flag}` says {said}, parser {default}"
         stale = set(documented[command]) - set(flags)
         assert not stale, f"docs/configuration.md documents flags `{command}` no longer has: {sorted(stale)}"
+
+
+_LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+def _anchors(path: Path) -> set[str]:
+    """GitHub's anchors of a markdown file's headings: lower case, punctuation dropped, spaces to hyphens."""
+    return {re.sub(r"[^\w\- ]", "", line.lstrip("#").strip().lower()).replace(" ", "-")
+            for line in path.read_text().splitlines() if line.startswith("#")}
+
+
+def test_every_relative_link_and_anchor_resolves():
+    broken = []
+    for path in DOCS:
+        for target in _LINK.findall(path.read_text()):
+            if target.startswith(("http://", "https://")):
+                continue
+            file_part, _, anchor = target.partition("#")
+            linked = (path.parent / file_part).resolve() if file_part else path
+            if not linked.exists():
+                broken.append(f"{path.name}: {target} (no such file)")
+            elif anchor and linked.suffix == ".md" and anchor not in _anchors(linked):
+                broken.append(f"{path.name}: {target} (no such heading)")
+    assert not broken, broken
