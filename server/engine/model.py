@@ -15,6 +15,7 @@ import difflib
 import importlib.util
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
@@ -263,7 +264,9 @@ def default_model_dir() -> Path:
             "or pass --model PATH."
         )
     gguf_dir = Path(next(iter(spec.submodule_search_locations)))
-    log.info("converting %s to %s (once)", gguf_dir / _GGUF_FILE, target)
+    started = time.monotonic()
+    log.info("first start: converting the embedded model %s to a safetensors copy in %s "
+             "(once; about 25 s on 2 cores)", gguf_dir / _GGUF_FILE, target)
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=_GGUF_FILE)
     quantized = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=_GGUF_FILE, dtype=torch.float32)
     config = quantized.config
@@ -281,4 +284,6 @@ def default_model_dir() -> Path:
     except OSError:
         if not (target / "model.safetensors").is_file():
             raise
+    log.info("converted the embedded model in %.1f s; later starts load %s directly",
+             time.monotonic() - started, target)
     return target

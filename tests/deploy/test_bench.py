@@ -105,6 +105,13 @@ def test_bench_runs_end_to_end_and_reports_every_target(tiny_model, tmp_path):
     assert "server decode tokens/s (HTTP, 4 streams on 4 tasks)" in markdown
     assert markdown in run.stdout
     assert (out / "latest.png").stat().st_size > 10_000
+    # progress as it goes: each phase's start and end and each round's figures, printed before the report
+    progress = run.stdout[:run.stdout.index(markdown)]
+    for line in ("[bench] 1/4 in process", "[bench] offline round 1/2 (tok/s): bare forward",
+                 "[bench] offline round 2/2", "[bench] transformers generate, one request at a time:",
+                 "[bench] 3/4 a real server over HTTP", "[bench] HTTP concurrency 4:"):
+        assert line in progress, run.stdout[:3000]
+    assert progress.count(": done in ") == 2, progress  # the two phases this run has (no kv, no overload)
 
 
 def requests_served(url: str) -> int:
