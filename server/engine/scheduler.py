@@ -15,16 +15,22 @@ Each step has a budget of ``max_step_tokens`` tokens, spent in this order:
 A prompt longer than ``long_prefill_threshold`` gets at most that many tokens of a step while others need
 the budget, and at most ``max_long_prefills`` such prompts prefill at once, so requests that arrive behind
 a long prompt get their first token without waiting for all of it (vLLM's ``--long-prefill-token-threshold``
-and ``--max-long-partial-prefills``). Whatever budget is left at the end goes to the long prompts.
+and ``--max-long-partial-prefills``); while that many prefill, a short request jumps the long ones queued
+ahead of it (in its own tenant's queue, and other tenants are never held by one tenant's long prompts).
+Whatever budget is left at the end goes to the long prompts.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from dataclasses import dataclass, field
 
 from server.engine.kv_cache import BlockManager
 from server.engine.sequence import Sequence
+
+
+LOOKAHEAD = 16  # waiting requests of a tenant looked at for one that may jump long prompts ahead of it
 
 
 @dataclass(slots=True)
@@ -140,22 +146,26 @@ class Scheduler:
         self._queues.setdefault(seq.tenant, deque()).appendleft(seq)
 
     def _admit(self, plan: StepPlan, budget: int, long_prefills: int) -> int:
-        while self._queues and budget > 0 and len(self.running) < self.max_batch_size:
-            tenant = min(self._queues, key=lambda t: self._last_served.get(t, -1))  # ties: earliest queue
+        held: set[str] = set()  # tenants whose waiting requests are all long while long prefills are full
+        while budget > 0 and len(self.running) < self.max_batch_size:
+            tenants = [t for t in self._queues if t not in held]
+            if not tenants:
+                break
+            tenant = min(tenants, key=lambda t: self._last_served.get(t, -1))  # ties: earliest queue
             queue = self._queues[tenant]
-            seq = queue[0]
-            if seq in plan.preempted:
+            if queue[0] in plan.preempted:
                 break  # preempted in this step for lack of blocks: it waits for the next
-            cached = self.blocks.cached_prefix(seq)
-            pending = seq.num_tokens - len(cached) * self.blocks.block_size
+            picked = self._next_of(queue, long_prefills >= self.max_long_prefills)
+            if picked is None:
+                held.add(tenant)
+                continue
+            seq, cached, pending = picked
             long = pending > self.long_prefill_threshold
-            if long and long_prefills >= self.max_long_prefills:
-                break  # tenants stay in order: the next request waits for the long prefill ahead of it
             count = self._chunk(pending, budget)
             watermark = self.watermark if self.running else 0  # alone, a request may use every block
             if self.blocks.blocks_to_join(seq, count, cached) + watermark > self.blocks.num_free:
                 break
-            queue.popleft()
+            queue.remove(seq)
             if not queue:
                 del self._queues[tenant]
             self._last_served[tenant] = self._admissions
@@ -169,3 +179,15 @@ class Scheduler:
             budget -= count
             long_prefills += long
         return budget
+
+    def _next_of(self, queue: deque[Sequence], long_ones_wait: bool) -> tuple[Sequence, list, int] | None:
+        """The request of a tenant's queue to admit next, with its cached blocks and the tokens it has to
+        prefill: the first in line, except that while long prefills are full a short request behind long
+        ones goes first (vLLM's short prompts jumping the queue); the long ones keep their order. Only the
+        first few are looked at: each look hashes the request's prompt for the prefix cache."""
+        for seq in itertools.islice(queue, LOOKAHEAD):
+            cached = self.blocks.cached_prefix(seq)
+            pending = seq.num_tokens - len(cached) * self.blocks.block_size
+            if not (long_ones_wait and pending > self.long_prefill_threshold):
+                return seq, cached, pending
+        return None

@@ -189,6 +189,24 @@ def test_a_long_prompt_leaves_room_for_short_ones_in_each_step():
     assert second_long not in [entry[0] for entry in plan.prefill]  # one long prefill at a time
 
 
+def test_short_requests_jump_long_prompts_waiting_for_a_prefill_slot():
+    """Found on the real server: the four prompts of one request at the --max-request-tokens cap queued
+    their tenant's (and, by stopping admission, every tenant's) short requests behind them for seconds."""
+    blocks = BlockManager(num_blocks=10_000, block_size=4)
+    scheduler = Scheduler(blocks, max_batch_size=8, max_step_tokens=64, long_prefill_threshold=16)
+    longs = [seq_of(1000) for _ in range(3)]
+    for seq in longs:
+        scheduler.add(seq)
+    assert [entry[0] for entry in scheduler.schedule().prefill] == [longs[0]]
+    longs[0].num_computed += 64
+    mine, theirs = seq_of(10), seq_of(10, tenant="other")
+    scheduler.add(mine)
+    scheduler.add(theirs)
+    admitted = [entry[0] for entry in scheduler.schedule().prefill]
+    assert admitted[0] is longs[0] and set(admitted[1:]) == {mine, theirs}
+    assert list(scheduler._queues["t"]) == longs[1:]  # the long ones keep their order
+
+
 def test_decode_groups_keep_short_rows_apart_from_long_ones():
     assert decode_groups([10, 12, 30, 6000]) == [(0, 3), (3, 4)]
     assert decode_groups([5]) == [(0, 1)]
