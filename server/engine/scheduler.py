@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from server.engine.kv_cache import BlockManager
 from server.engine.sequence import Sequence
 
-
 LOOKAHEAD = 16  # waiting requests of a tenant looked at for one that may jump long prompts ahead of it
 
 
