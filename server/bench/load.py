@@ -97,6 +97,34 @@ async def _one(client: httpx.AsyncClient, url: str, task: str | None, prompt: st
     return result
 
 
+async def complete_openai(client: httpx.AsyncClient, url: str, body: dict) -> RequestResult:
+    """One streamed ``/v1/completions`` request (``body`` without ``stream``), as any OpenAI-compatible server
+    answers it: a token time per chunk that carries text, and the token count from the closing ``usage``
+    chunk (a chunk may carry several tokens when the client lags; the usage count is exact)."""
+    body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    result = RequestResult(start=time.perf_counter(), end=0.0, first_token=None)
+    async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
+        if response.status_code != 200:
+            await response.aread()
+            result.ok, result.end = False, time.perf_counter()
+            return result
+        usage = None
+        async for line in response.aiter_lines():
+            if not line.startswith("data:") or line.strip() == "data: [DONE]":
+                continue
+            chunk = json.loads(line[len("data:"):])
+            usage = chunk.get("usage") or usage
+            if any(choice.get("text") for choice in chunk.get("choices") or []):
+                now = time.perf_counter()
+                result.first_token = result.first_token or now
+                result.token_times.append(now)
+                result.tokens += 1
+    result.end = time.perf_counter()
+    if usage is not None:
+        result.tokens = usage["completion_tokens"]
+    return result
+
+
 async def run_load(url: str, spec: LoadSpec, headers: dict[str, str] | None = None) -> dict:
     """Send ``spec``'s requests to the server at ``url`` (``headers`` on each, e.g. an API key); their
     summary."""
