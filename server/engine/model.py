@@ -24,9 +24,11 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from prefixes.artifact import ModelShape
 
@@ -230,12 +232,26 @@ def resolve_model(spec: str) -> tuple[Path, str]:
     return path, path.name
 
 
+def attention_implementation(config: PretrainedConfig) -> str:
+    """transformers' attention for ``config``'s model class: "sdpa" where the class offers it, else "eager".
+
+    The engine replaces it with its packed attention (attention.use_packed_attention), so this decides only
+    what plain forwards compute (training, the benchmark's bare-model baseline). Classes whose attention SDPA
+    cannot express refuse "sdpa" outright (Gemma 2: its logit soft-capping), and their eager attention is the
+    exact one."""
+    # the mapping's stubs type a value as a (slow, fast) pair, as for tokenizers; for models it is the class
+    model_class = cast(type[PreTrainedModel], MODEL_FOR_CAUSAL_LM_MAPPING[type(config)])
+    return "sdpa" if model_class._supports_sdpa else "eager"
+
+
 def load_base_model(spec: str, dtype: torch.dtype, device: str) -> BaseModel:
     """``spec`` is "default" (the embedded SmolLM2-135M-Instruct) or a local Hugging Face model folder."""
     path, model_id = resolve_model(spec)
-    check_supported(AutoConfig.from_pretrained(path))
+    config = AutoConfig.from_pretrained(path)
+    check_supported(config)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype,
+                                                 attn_implementation=attention_implementation(config))
     # PreTrainedModel.to is declared @wraps(nn.Module.to), which mypy reads as the unbound function
     model = model.to(device)  # type: ignore[arg-type]
     return wrap_model(model, tokenizer, model_id)
