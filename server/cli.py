@@ -77,6 +77,7 @@ def _serve(args: argparse.Namespace) -> int:
             max_request_tokens=args.max_request_tokens,
             public_docs=args.public_docs,
             engine_stall_timeout=args.engine_stall_timeout, engine_max_restarts=args.engine_max_restarts,
+            served_model_name=tuple(args.served_model_name or ()),
         )
         if settings.auth_file is not None:
             AuthConfig.load(settings.auth_file)  # refuse a broken auth file before loading the model
@@ -150,6 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--model", default=defaults.model,
                        help="'default' (embedded SmolLM2-135M-Instruct) or a local Hugging Face model folder")
+    serve.add_argument("--served-model-name", nargs="+", metavar="NAME",
+                       help="the name(s) the API serves the base model under: the first is the one "
+                       "/v1/models lists and /healthz reports, each is accepted as a request's model "
+                       "(default: HuggingFaceTB/SmolLM2-135M-Instruct for the embedded model, also "
+                       "accepted as SmolLM2-135M-Instruct; a folder's name for a folder)")
     serve.add_argument("--store-dir", default=str(defaults.store_dir), help="where uploaded tasks are kept")
     serve.add_argument("--dtype", default=defaults.dtype, choices=sorted(DTYPES))
     serve.add_argument("--device", default=defaults.device, help="cpu or cuda")

