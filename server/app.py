@@ -18,6 +18,7 @@ from server.api import errors, generate, health, openai, prefixes, schemas, toke
 from server.auth import AuthConfig
 from server.config import Settings
 from server.engine.client import EngineClient, EngineLimits
+from server.engine.model import served_names
 from server.errors import Unauthenticated
 from server.metrics import Metrics
 from server.middleware import GatePolicy, RequestGate
@@ -69,7 +70,8 @@ async def build_state(settings: Settings) -> ServerState:
         raise
     limits = ArtifactLimits(max_virtual_tokens=settings.max_virtual_tokens)
     return ServerState(settings, base, engine, store, metrics, limits, auth,
-                       ConcurrencyLimiter(on_reject=lambda tenant: metrics.rejected(tenant, "rate_limited")))
+                       ConcurrencyLimiter(on_reject=lambda tenant: metrics.rejected(tenant, "rate_limited")),
+                       served_names(base.model_id, settings.served_model_name))
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -80,7 +82,7 @@ def create_app(settings: Settings) -> FastAPI:
         torch.set_num_threads(1)
         state = await build_state(settings)
         app.state.server = state
-        log.info("serving %s (%s, %s on %s) from engine process %s; store at %s", state.base.model_id,
+        log.info("serving %s (%s, %s on %s) from engine process %s; store at %s", state.model_name,
                  state.base.shape.model_type, settings.dtype, settings.device, state.engine.pid,
                  settings.store_dir)
         try:

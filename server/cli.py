@@ -77,6 +77,7 @@ def _serve(args: argparse.Namespace) -> int:
             max_request_tokens=args.max_request_tokens,
             public_docs=args.public_docs,
             engine_stall_timeout=args.engine_stall_timeout, engine_max_restarts=args.engine_max_restarts,
+            served_model_name=tuple(args.served_model_name or ()),
         )
         if settings.auth_file is not None:
             AuthConfig.load(settings.auth_file)  # refuse a broken auth file before loading the model
@@ -166,6 +167,11 @@ def _add_serve_model_args(group, defaults: Settings) -> None:
     """What is served and how the engine process computes it."""
     group.add_argument("--model", default=defaults.model,
                        help="'default' (embedded SmolLM2-135M-Instruct) or a local Hugging Face model folder")
+    group.add_argument("--served-model-name", nargs="+", metavar="NAME",
+                       help="the name(s) the API serves the base model under: the first is the one "
+                       "/v1/models lists and /healthz reports, each is accepted as a request's model "
+                       "(default: HuggingFaceTB/SmolLM2-135M-Instruct for the embedded model, also "
+                       "accepted as SmolLM2-135M-Instruct; a folder's name for a folder)")
     group.add_argument("--dtype", default=defaults.dtype, choices=sorted(DTYPES))
     group.add_argument("--device", default=defaults.device, help="cpu or cuda")
     group.add_argument("--max-batch-size", type=int, default=defaults.max_batch_size)

@@ -16,6 +16,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 @dataclass(frozen=True, slots=True)
 class Settings:
     model: str = "default"  # "default" (embedded SmolLM2-135M-Instruct) or a local HF model folder
+    # names the API serves the base model under, the first one listed; empty: the default model's hub id
+    # (HuggingFaceTB/SmolLM2-135M-Instruct, also accepted as SmolLM2-135M-Instruct), or the folder's name
+    served_model_name: tuple[str, ...] = ()
     store_dir: Path = Path("store")
     dtype: str = "float32"
     device: str = "cpu"
@@ -108,6 +111,10 @@ class Settings:
             raise ValueError("--engine-stall-timeout must be at least 1 second (the idle heartbeat is 0.5 s)")
         if self.engine_max_restarts < 0:
             raise ValueError("--engine-max-restarts must be 0 (never replace the engine) or more")
+        names = tuple(self.served_model_name)
+        if any(not name.strip() for name in names) or len(set(names)) != len(names):
+            raise ValueError(f"--served-model-name {' '.join(names)!r}: give distinct, non-empty names")
+        object.__setattr__(self, "served_model_name", names)
         object.__setattr__(self, "store_dir", Path(self.store_dir))
 
     @property

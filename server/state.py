@@ -26,6 +26,18 @@ class ServerState:
     limits: ArtifactLimits
     auth: AuthConfig
     limiter: ConcurrencyLimiter
+    # the names the API serves the base model under (server.engine.model.served_names): the first is listed
+    served_names: tuple[str, ...] = ()
+
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        """Every name a request may give the base model by."""
+        return self.served_names or (self.base.model_id,)
+
+    @property
+    def model_name(self) -> str:
+        """The base model's name in /v1/models and /healthz."""
+        return self.model_names[0]
 
 
 def get_state(request: Request) -> ServerState:

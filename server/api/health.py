@@ -32,7 +32,7 @@ async def healthz(state: State):
     ``Retry-After`` of the time that should take; ``engine_down`` once it was replaced too often (the server
     exits); ``draining`` after SIGTERM."""
     engine = state.engine
-    body = {"status": "ok", "model": state.base.model_id, "running": engine.num_running,
+    body = {"status": "ok", "model": state.model_name, "running": engine.num_running,
             "waiting": engine.num_waiting, "engine_threads": engine.engine_info.get("threads"),
             "engine_restarts": engine.supervisor.restarts}
     if engine.unavailable is not None:

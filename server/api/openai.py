@@ -85,7 +85,7 @@ def _card(model_id: str, created: int, owned_by: str, parent: str | None) -> dic
 
 
 def _model_cards(state: ServerState, principal: Principal) -> list[dict]:
-    base = state.base.model_id
+    base = state.model_name  # the other served names are accepted, not listed: clients pick the first model
     cards = {base: _card(base, STARTED, "prefix-serve", None)}
     for record in visible_records(state.store, principal):
         # An own task shadows a shared one of the same name (lookup order), and the base id shadows both.
@@ -109,7 +109,7 @@ async def get_model(model: str, state: State, principal: CurrentPrincipal):
 
 
 async def _resolve_model(state: ServerState, principal: Principal, name: str) -> ResidentPrefix | None:
-    if name == state.base.model_id:
+    if name in state.model_names:
         return None
     try:
         return await resolve_prefix(state.store, principal, name)

