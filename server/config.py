@@ -111,7 +111,7 @@ class Settings:
             raise ValueError("--engine-stall-timeout must be at least 1 second (the idle heartbeat is 0.5 s)")
         if self.engine_max_restarts < 0:
             raise ValueError("--engine-max-restarts must be 0 (never replace the engine) or more")
-        names = tuple(self.served_model_name)
+        names = tuple(self.served_model_name or ())  # None: the CLI's flag left out
         if any(not name.strip() for name in names) or len(set(names)) != len(names):
             raise ValueError(f"--served-model-name {' '.join(names)!r}: give distinct, non-empty names")
         object.__setattr__(self, "served_model_name", names)

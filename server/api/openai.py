@@ -528,10 +528,21 @@ def _encodable(value):
         return {k: _encodable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_encodable(v) for v in value]
+    if isinstance(value, str):  # a lone surrogate cannot be written as UTF-8: escaped instead
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
     return value
 
 
+SURROGATE = ("the request holds a lone UTF-16 surrogate (such as \\ud800) that is not a Unicode character: "
+             "send valid text.")
+
+
 async def _validation_error(request: Request, exc: RequestValidationError):
+    if any(error.get("type") == "string_unicode" for error in exc.errors()):
+        # strict bodies refuse a lone surrogate in validation; answered as the routes answer one in text
+        if _is_openai_route(request):
+            return JSONResponse(error_body(SURROGATE, "invalid_request_error", None, None), status_code=400)
+        return JSONResponse({"detail": SURROGATE}, status_code=400)
     if not _is_openai_route(request):
         return JSONResponse({"detail": _encodable(jsonable_encoder(exc.errors()))}, status_code=422)
     errors = exc.errors()

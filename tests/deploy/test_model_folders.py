@@ -80,8 +80,10 @@ class Launcher:
 
 @pytest.fixture(scope="module")
 def launcher(request, tmp_path_factory):
+    # the module's family-parametrised tests (other parametrised tests in it have no "family")
     families = [item.callspec.params["family"] for item in request.session.items
-                if item.module is request.module and hasattr(item, "callspec")]
+                if item.module is request.module and "family" in getattr(getattr(item, "callspec", None),
+                                                                         "params", {})]
     launcher = Launcher(families, tmp_path_factory.mktemp("families"))
     yield launcher
     launcher.close()
