@@ -36,7 +36,7 @@ CATEGORIES = {
               "motorcycle", "van", "helicopter", "subway", "tractor", "canoe", "yacht", "jeep", "rocket"],
 }
 
-QUESTIONS = [  # (question, choices, index of the right one): the 8 questions of tests/api/test_clients.py
+QUESTIONS = [  # (question, choices, index of the right one); lm-eval puts " " between them
     ("The capital of France is", ["Paris", "Berlin", "Madrid"], 0),
     ("Water freezes at a temperature of zero degrees", ["Celsius", "Kelvin", "Newton"], 0),
     ("The largest planet in the solar system is", ["Mars", "Jupiter", "Venus"], 1),

@@ -18,22 +18,13 @@ import httpx
 import pytest
 import torch
 
+from server.example import QUESTIONS  # the shipped example's questions: one list
 from tests.helpers.server_process import ServerSpec
 from tests.helpers.support import make_adapter
 
 pytestmark = pytest.mark.slow
 
 TASK = "qa-prefix"
-QUESTIONS = [  # (question, choices, index of the right one); lm-eval puts " " between them
-    ("The capital of France is", ["Paris", "Berlin", "Madrid"], 0),
-    ("Water freezes at a temperature of zero degrees", ["Celsius", "Kelvin", "Newton"], 0),
-    ("The largest planet in the solar system is", ["Mars", "Jupiter", "Venus"], 1),
-    ("A week has seven", ["months", "years", "days"], 2),
-    ("The opposite of hot is", ["cold", "tall", "green"], 0),
-    ("Cats often chase", ["mice", "clouds", "trains"], 0),
-    ("The sun rises in the", ["west", "east", "north"], 1),
-    ("Two plus two equals", ["five", "three", "four"], 2),
-]
 SHORT_ANSWERS = [("Q: What is the capital of Italy?\nA:", "Rome"), ("Q: What color is the sky?\nA:", "Blue"),
                  ("Q: How many legs does a dog have?\nA:", "Four")]
 

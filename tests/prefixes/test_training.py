@@ -23,19 +23,10 @@ from transformers import AutoModelForCausalLM
 from prefixes.formats import parse_artifact
 from prefixes.training import TrainConfig, TrainingError, collate, load_examples, train
 from server.engine.model import default_model_dir, load_base_model
+from server.example import CATEGORIES  # the shipped example's categories: one table
 from server.training_eval import EngineEvaluator
 from tests.helpers.server_process import ServerProcess
 from tests.helpers.support import assert_oracle_tokens, save_tiny_llama
-
-CATEGORIES = {
-    "zorp": ["dog", "cat", "horse", "cow", "sheep", "goat", "lion", "tiger", "bear", "wolf", "fox", "rabbit",
-             "mouse", "deer", "monkey", "zebra", "camel", "pig", "elephant", "giraffe"],
-    "blip": ["apple", "banana", "cherry", "grape", "lemon", "mango", "orange", "peach", "pear", "plum",
-             "melon", "kiwi", "lime", "apricot", "papaya", "coconut", "fig", "guava", "strawberry",
-             "pineapple"],
-    "krell": ["car", "bus", "truck", "train", "bicycle", "plane", "boat", "ship", "taxi", "tram", "scooter",
-              "motorcycle", "van", "helicopter", "subway", "tractor", "canoe", "yacht", "jeep", "rocket"],
-}
 
 
 def write_code_word_task(folder: Path) -> tuple[Path, Path, list[dict]]:
