@@ -122,7 +122,7 @@ def test_a_killed_engine_is_restarted_and_serves_the_same_task_alike_then_sigter
         assert before.status_code == 200, before.text
         version = httpx.get(f"{server.url}/prefixes/t").json()["version"]
         # what the server measured for its engine's start-up: the Retry-After while it restarts
-        start_s = float(re.findall(r"ready in ([\d.]+)s", server.log_text())[-1])
+        start_s = float(re.findall(r"engine process \d+ ready in ([\d.]+)s", server.log_text())[-1])
 
         async def scenario():
             async with httpx.AsyncClient(timeout=120) as client:
