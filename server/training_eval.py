@@ -9,6 +9,7 @@ from __future__ import annotations
 from prefixes.artifact import PrefixArtifact
 from prefixes.records import ResidentPrefix
 from prefixes.training import EvalPrompt
+from server.engine.detokenizer import output_text
 from server.engine.engine import Engine
 from server.engine.model import BaseModel
 from server.engine.sequence import SamplingParams, Sequence
@@ -30,4 +31,5 @@ class EngineEvaluator:
         for seq in seqs:
             engine.submit(seq)
         engine.run_until_idle()
-        return [seq.text or "" for seq in seqs]
+        params = SamplingParams()  # no stop strings or stop ids: the whole output
+        return [output_text(self.base.tokenizer, seq.output_ids, params) for seq in seqs]

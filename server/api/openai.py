@@ -42,7 +42,9 @@ from server.api.tools import (
     template_renders_tools,
 )
 from server.auth import CurrentPrincipal, Principal
-from server.engine.sequence import SamplingParams, Sequence
+from server.engine.detokenizer import token_text
+from server.engine.request_state import RequestState
+from server.engine.sequence import SamplingParams
 from server.errors import UnknownTask
 from server.state import ServerState, State
 from server.tasks import resolve_prefix, visible_records
@@ -212,7 +214,7 @@ class _Logprobs:
         self._tokenizer = tokenizer
 
     def token(self, token_id: int) -> str:
-        return self._tokenizer.decode([token_id])
+        return token_text(self._tokenizer, token_id)
 
     def completion(self, ids: list[int], entries: list, offset: int) -> dict:
         """/v1/completions: ``tokens``, ``token_logprobs``, ``top_logprobs`` (the chosen token included, as
@@ -251,7 +253,8 @@ async def _respond(state: ServerState, principal: Principal, request: Request, b
     params = _sampling(body, max_tokens, vocab_size, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
                        tools=tools)
     # OpenAI's indexing: choice p * n + i is sample i of prompt p
-    seqs = [Sequence(prompt.ids, p, prefix, tenant=principal.tenant) for prompt in prompts for p in params]
+    seqs = [RequestState(prompt.ids, p, prefix, tenant=principal.tenant)
+            for prompt in prompts for p in params]
     n = len(params)
     fmt = _Logprobs(state.base.tokenizer)
     prompt_tokens = sum(len(prompt.ids) for prompt in prompts)
@@ -286,7 +289,7 @@ async def _respond(state: ServerState, principal: Principal, request: Request, b
     choices = []
     for i, seq in enumerate(seqs):
         assert seq.finish_reason is not None, "run_to_end returns finished sequences"
-        text = seq.text or ""
+        text = seq.text
         finish_reason = seq.finish_reason.value
         choice: dict[str, object]
         if chat:
@@ -307,7 +310,7 @@ async def _respond(state: ServerState, principal: Principal, request: Request, b
             "usage": _usage(prompt_tokens, sum(len(seq.output_ids) for seq in seqs), cached())}
 
 
-def _choice_logprobs(fmt: _Logprobs, seq: Sequence, prompt: _Prompt, echo: bool, ids: list[int],
+def _choice_logprobs(fmt: _Logprobs, seq: RequestState, prompt: _Prompt, echo: bool, ids: list[int],
                      entries: list, offset: int) -> dict:
     """A completion choice's logprobs: the prompt's first (with ``echo``), then ``ids``' (generated)."""
     generated = fmt.completion(ids, entries, offset)
@@ -317,7 +320,7 @@ def _choice_logprobs(fmt: _Logprobs, seq: Sequence, prompt: _Prompt, echo: bool,
     return {key: scored[key] + generated[key] for key in scored}
 
 
-async def _completion_chunks(pieces: AsyncIterator[Piece], head: dict, seqs: list[Sequence],
+async def _completion_chunks(pieces: AsyncIterator[Piece], head: dict, seqs: list[RequestState],
                              prompts: list[_Prompt], n: int, usage, include_usage: bool, fmt: _Logprobs,
                              echo: bool) -> AsyncIterator[dict]:
     head = {**head, "object": "text_completion"}
