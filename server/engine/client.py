@@ -2,10 +2,10 @@
 ``submit``, ``cancel``), served by the engine process (:mod:`server.engine.core`).
 
 Each request submitted here is followed by its :class:`~server.engine.request_state.RequestState`, the
-HTTP process's own thin state: the engine's step outputs (token ids, logprobs, admission and finish, with
-the engine's timestamps) are added to it, its detokenizer turns the ids into text and looks for stop
-strings (a hit finishes the request here at once and aborts the engine's copy), and its ``on_token`` /
-``on_finish`` callbacks run on the event loop. The engine never sees text.
+HTTP process's own thin state, from the engine's step outputs (:class:`~server.engine.tracker.RequestTracker`,
+shared with the in-process :class:`~server.engine.local_client.LocalEngineClient`): token ids and logprobs,
+text from its one detokenizer (a stop string finishes it here and aborts the engine's copy), admission and
+finish with the engine's timestamps. The engine never sees text.
 
 Admission control lives here too, where a refusal can still be an HTTP status
 (:mod:`server.engine.admission`): a bounded waiting queue, a request with a ``deadline`` that has not joined
@@ -33,16 +33,16 @@ from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
 from prefixes.artifact import ModelShape
 from server.engine import protocol
-from server.engine.admission import EngineOverloaded, EngineUnavailable, WaitingQueue
+from server.engine.admission import EngineOverloaded, EngineUnavailable
 from server.engine.core import EngineCoreSpec
-from server.engine.detokenizer import Detokenizer
-from server.engine.engine import RequestInvalid, check_fits
+from server.engine.engine import RequestInvalid
 from server.engine.grammar_check import GrammarChecker
 from server.engine.model import check_supported, resolve_model
 from server.engine.prefix_shipping import PrefixShipper
 from server.engine.request_state import RequestObserver, RequestState
 from server.engine.sequence import FinishReason
 from server.engine.supervisor import EngineProcess, EngineStartFailed, EngineSupervisor
+from server.engine.tracker import RequestTracker
 
 __all__ = ["EngineClient", "EngineLimits", "EngineOverloaded", "EngineUnavailable", "ServedModel"]
 
@@ -72,24 +72,19 @@ class EngineLimits:
     max_restarts: int = 5  # engine replacements allowed in any 60 s; past it the server gives up
 
 
-class EngineClient:
+class EngineClient(RequestTracker):
     def __init__(self, spec: EngineCoreSpec, limits: EngineLimits, observer: RequestObserver | None = None,
                  env: dict[str, str] | None = None, on_restart: Callable[[str], None] | None = None):
+        super().__init__(observer, spec.max_batch_size, limits.max_waiting)
         self.spec = spec
         self.limits = limits
-        self.observer = observer or RequestObserver()
         self._model: ServedModel | None = None  # set by start()
-        self.num_running = 0  # as of the engine's last step
-        self._waiting = WaitingQueue(spec.max_batch_size, limits.max_waiting)  # submitted, not in the batch
         self.draining = False
-        self._kv_totals = [0, 0, 0]  # the engine's cumulative prefix-cache queries, hits, preemptions
         # the engine process: started, watched, replaced when it dies or stalls (status, restarts, gave_up)
         self.supervisor = EngineSupervisor(spec, env, limits.stall_timeout, limits.max_restarts,
                                            self._engine_ready, self._engine_lost, on_restart)
-        self._states: dict[int, RequestState] = {}  # every unfinished request, by id
         self._prefixes = PrefixShipper(limits.prefix_cache_bytes, self._send)  # the task tensors it holds
         self._reader: asyncio.Task | None = None  # reads the current engine process's outputs
-        self._timers: dict[int, asyncio.TimerHandle] = {}
         self._grammars: GrammarChecker | None = None  # set by start()
         self._ipc_dir: Path | None = None  # holds the sockets' files; removed by close()
 
@@ -170,10 +165,6 @@ class EngineClient:
     def retry_after(self) -> int | None:
         return self.supervisor.retry_after
 
-    @property
-    def num_in_flight(self) -> int:
-        return len(self._states)
-
     async def drain(self, timeout: float) -> int:
         """Stop admitting; wait up to ``timeout`` seconds for what is in flight, then fail the rest (503).
         Returns how many were failed."""
@@ -207,15 +198,8 @@ class EngineClient:
     # -- requests --------------------------------------------------------------------------------------------
 
     @property
-    def num_waiting(self) -> int:
-        """Requests submitted here that have not joined the batch."""
-        return self._waiting.num_waiting
-
-    def check_fits(self, state: RequestState) -> None:
-        """Raise :class:`RequestInvalid` for a request the engine could never serve (too long). Checked here
-        only, before submission: the engine process queues what it is sent."""
-        check_fits(len(state.prompt_ids), state.prefix, state.params.max_new_tokens,
-                   self.model.shape.max_positions, self.model.max_slots)
+    def fit_limits(self) -> tuple[int, int]:
+        return self.model.shape.max_positions, self.model.max_slots
 
     async def check_structured(self, state: RequestState) -> None:
         """Raise :class:`RequestInvalid` when ``state``'s structured output cannot be followed (checked within
@@ -241,11 +225,7 @@ class EngineClient:
         if self.unavailable is not None:
             raise EngineUnavailable(self._unavailable_message(), self.retry_after)
         ref = self._prefixes.ship(state.prefix) if state.prefix is not None else None
-        params = state.params
-        state.detokenizer = Detokenizer(self.model.tokenizer, params.stop, params.stop_token_ids,
-                                        params.min_tokens)
-        self._states[state.id] = state
-        self._count_waiting(state, +1)
+        self._register(state, self.model.tokenizer)
         timeout = self.limits.request_timeout
         if state.deadline is None and timeout is not None:
             state.deadline = state.arrival_time + timeout
@@ -254,13 +234,8 @@ class EngineClient:
             self._timers[state.id] = loop.call_at(
                 loop.time() + max(0.0, state.deadline - time.monotonic()), self._expire, state
             )
-        self._send(protocol.AddRequest(state.id, list(state.prompt_ids), params.for_engine(), ref,
+        self._send(protocol.AddRequest(state.id, list(state.prompt_ids), state.params.for_engine(), ref,
                                        state.tenant, state.arrival_time))
-
-    def cancel(self, state: RequestState) -> None:
-        """Stop ``state``: the engine finishes it as cancelled at its next step (``on_finish`` runs then)."""
-        if state.id in self._states:
-            self._abort([state.id])
 
     def _expire(self, state: RequestState) -> None:
         self._timers.pop(state.id, None)
@@ -307,92 +282,3 @@ class EngineClient:
                     self._apply(message)
                 except Exception:  # a bug here must not stop every later request's outputs
                     log.exception("applying an engine step failed")
-
-    def _apply(self, out: protocol.StepOutput) -> None:
-        now = out.time
-        self.num_running = out.running
-        admitted = [self._states[i] for i in out.admitted if i in self._states]
-        for state in admitted:
-            state.admit_time = now
-            self._count_waiting(state, -1)
-            timer = self._timers.pop(state.id, None)
-            if timer is not None:
-                timer.cancel()
-        if admitted:
-            self.observer.admitted(admitted, now)
-        if out.decoded:
-            self.observer.decoded(out.decoded)
-        self._apply_cache(out)
-        for scored in out.prompt_logprobs:
-            if (scoring := self._states.get(scored.id)) is not None:
-                scoring.prompt_logprobs.extend(scored.entries)
-        self._apply_tokens(out.tokens, now)
-        for done in out.finished:
-            if (finished := self._states.get(done.id)) is not None:
-                self._finish(finished, FinishReason(done.reason), done.error)
-
-    def _apply_tokens(self, tokens: list[protocol.NewToken], now: float) -> None:
-        touched = []
-        for new in tokens:
-            state = self._states.get(new.id)
-            if state is None:
-                continue  # finished here already (stop string, deadline): the engine's extra token is dropped
-            self.observer.token(state, now)
-            state.last_token_time = now
-            if new.logprobs is not None:  # before the id: whoever sees the id sees its logprob
-                state.output_logprobs.append(new.logprobs)
-            state.output_ids.append(new.token)
-            assert state.detokenizer is not None, "set when submitted"
-            if state.detokenizer.feed((new.token,)):  # a stop string: done here, the engine's copy aborted
-                self._abort([state.id])
-                self._finish(state, FinishReason.STOP)
-            else:
-                touched.append(state)
-        for state in touched:
-            if state.on_token is not None and not state.finished:
-                _call(state.on_token, state)
-
-    def _apply_cache(self, out: protocol.StepOutput) -> None:
-        for seq_id, tokens in out.cached:
-            if (state := self._states.get(seq_id)) is not None:
-                state.num_cached_tokens = tokens
-        for seq_id, tokens in out.prefilled:
-            if (state := self._states.get(seq_id)) is not None:
-                self.observer.prefilled(state, tokens)
-        if out.kv is not None:
-            totals = [out.kv.queries, out.kv.hits, out.kv.preemptions]
-            # a new engine process counts from 0 again
-            deltas = [t - last if t >= last else t for t, last in zip(totals, self._kv_totals)]
-            self._kv_totals = totals
-            self.observer.cache_stats(out.kv.usage, *deltas)
-
-    def _finish(
-        self, state: RequestState, reason: FinishReason, error: str | None = None, unavailable: bool = False
-    ) -> None:
-        if self._states.pop(state.id, None) is None:
-            return
-        if state.admit_time is None:
-            self._count_waiting(state, -1)
-        timer = self._timers.pop(state.id, None)
-        if timer is not None:
-            timer.cancel()
-        if state.detokenizer is not None:
-            state.detokenizer.close()
-        state.finish_reason, state.error, state.unavailable = reason, error, unavailable
-        self.observer.finished(state, time.monotonic())
-        if state.on_finish is not None:
-            _call(state.on_finish, state)
-
-    def _count_waiting(self, state, delta: int) -> None:
-        self._waiting.count(state.tenant, delta)
-
-    def _fail_all(self, message: str) -> None:
-        for state in list(self._states.values()):
-            self._finish(state, FinishReason.ERROR, message, unavailable=True)
-
-
-def _call(callback: Callable[[], None], state: RequestState) -> None:
-    try:
-        callback()
-    except Exception:  # a broken callback must not stop the outputs of everyone else
-        log.exception("callback %s failed for request %s", callback, state.id)

@@ -34,9 +34,10 @@ import zmq
 
 from prefixes.artifact import PrefixKind
 from server.engine import protocol
-from server.engine.engine import Engine, EngineConfig, EngineObserver
+from server.engine.engine import Engine, EngineConfig
 from server.engine.model import load_base_model
-from server.engine.sequence import FinishReason, Sequence
+from server.engine.sequence import Sequence
+from server.engine.step_events import StepEvents
 
 log = logging.getLogger("prefix_serve.engine_core")
 
@@ -75,35 +76,6 @@ class EnginePrefix:
         return self.tensor.shape[3] if self.kind.is_deep else self.tensor.shape[0]
 
 
-class _StepEvents(EngineObserver):
-    """Collects what the engine reports during one step, to be sent as one :class:`StepOutput`."""
-
-    def __init__(self):
-        self.out = protocol.StepOutput(time=0.0)
-
-    def take(self) -> protocol.StepOutput:
-        out, self.out = self.out, protocol.StepOutput(time=0.0)
-        return out
-
-    def admitted(self, seqs: list[Sequence], now: float) -> None:
-        self.out.admitted.extend(seq.id for seq in seqs)
-
-    def prefilled(self, seq: Sequence, tokens: int) -> None:
-        self.out.prefilled.append((seq.id, tokens))
-        if seq.num_cached_tokens:
-            self.out.cached.append((seq.id, seq.num_cached_tokens))
-
-    def decoded(self, batch_size: int) -> None:
-        self.out.decoded = batch_size
-
-    def token(self, seq: Sequence, now: float) -> None:
-        self.out.time = now
-
-    def finished(self, seq: Sequence, now: float) -> None:
-        assert seq.finish_reason is not None, "called once it has finished"
-        self.out.finished.append(protocol.Finished(seq.id, seq.finish_reason.value, seq.error))
-
-
 class EngineCore:
     def __init__(self, spec: EngineCoreSpec):
         self.spec = spec
@@ -111,7 +83,7 @@ class EngineCore:
 
         torch.set_num_threads(spec.threads or torch.get_num_threads())
         self.base = load_base_model(spec.model, DTYPES[spec.dtype], spec.device)
-        self.events = _StepEvents()
+        self.events = StepEvents()  # what each step produced, and the sequences it follows
         self.engine = Engine(
             self.base,
             EngineConfig(
@@ -122,9 +94,7 @@ class EngineCore:
             ),
             observer=self.events,
         )
-        self.seqs: dict[int, Sequence] = {}  # every sequence not yet finished, by id
         self.prefixes: dict[str, EnginePrefix] = {}
-        self._prompt_sent: dict[int, int] = {}  # id -> prompt log-probability entries already sent
         self.context = zmq.Context()
         self.inbox = self.context.socket(zmq.PULL)
         self.inbox.connect(spec.input_address)
@@ -161,7 +131,7 @@ class EngineCore:
             self._add(message)
         elif isinstance(message, protocol.Abort):
             for seq_id in message.ids:
-                seq = self.seqs.get(seq_id)
+                seq = self.events.seqs.get(seq_id)
                 if seq is not None:
                     self.engine.cancel(seq)
         elif isinstance(message, protocol.LoadPrefix):
@@ -182,20 +152,11 @@ class EngineCore:
         # checked in the HTTP process before it was sent (fit, grammar, sampling values): queued as it is
         seq = Sequence(request.prompt_ids, request.params, prefix, tenant=request.tenant, id=request.id,
                        arrival_time=request.arrival_time)
-        seq.on_finish, seq.on_token = self._forget, self._token
         if request.prefix_ref is not None and prefix is None:  # cannot happen: LoadPrefix precedes it
-            seq.finish_reason = FinishReason.ERROR
-            message = f"task tensor {request.prefix_ref!r} is not loaded in the engine"
-            self.events.out.finished.append(protocol.Finished(seq.id, FinishReason.ERROR.value, message))
+            self.events.reject(seq.id, f"task tensor {request.prefix_ref!r} is not loaded in the engine")
             return
-        self.seqs[seq.id] = seq
+        self.events.track(seq)
         self.engine.enqueue(seq)
-
-    def _forget(self, seq: Sequence) -> None:
-        if seq.params.prompt_logprobs is not None:  # a prompt-scoring row finishes in its last prefill step
-            self._prompt_logprobs(seq)
-            self._prompt_sent.pop(seq.id, None)
-        self.seqs.pop(seq.id, None)
 
     def _receive(self, timeout_ms: int) -> None:
         """Handle every waiting message; wait up to ``timeout_ms`` for the first one."""
@@ -216,37 +177,12 @@ class EngineCore:
     def _send_step(self, heartbeat: bool) -> None:
         """Send what the last step produced; with ``heartbeat``, even when it produced nothing (after a
         step, or an idle wake-up: a HEARTBEAT then), so that silence always means a stuck engine."""
-        for seq in self.seqs.values():
-            if seq.params.prompt_logprobs is not None:
-                self._prompt_logprobs(seq)
-        out = self.events.take()
-        running, waiting = self.engine.num_running, self.engine.num_waiting
-        if out.empty and not out.decoded and not running and not waiting:
+        out = self.events.take(self.engine)
+        if out.empty and not out.decoded and not out.running and not out.waiting:
             if heartbeat:
-                self.outbox.send(protocol.encode(protocol.Heartbeat(time.monotonic(), running, waiting)))
+                self.outbox.send(protocol.encode(protocol.Heartbeat(time.monotonic(), 0, 0)))
             return
-        out.time = out.time or time.monotonic()
-        out.running, out.waiting = running, waiting
-        blocks = self.engine.blocks
-        out.kv = protocol.KvStats(blocks.usage, blocks.cache_queries, blocks.cache_hits, blocks.preemptions)
         self.outbox.send(protocol.encode(out))
-
-    def _token(self, seq: Sequence) -> None:
-        """``seq`` got its next token in this step (the engine calls this once per row and step; a
-        prompt-scoring row, which generates nothing, is called once at its end with no token)."""
-        if not seq.output_ids:
-            return
-        logprobs = seq.output_logprobs[-1] if seq.params.logprobs is not None else None
-        self.events.out.tokens.append(protocol.NewToken(seq.id, seq.output_ids[-1], logprobs))
-
-    def _prompt_logprobs(self, seq: Sequence) -> None:
-        """Send the prompt log-probabilities ``seq`` gained since the last step (prefill goes chunk by
-        chunk)."""
-        sent = self._prompt_sent.get(seq.id, 0)
-        if len(seq.prompt_logprobs) > sent:
-            entries = seq.prompt_logprobs[sent:]
-            self.events.out.prompt_logprobs.append(protocol.PromptLogprobs(seq.id, entries))
-            self._prompt_sent[seq.id] = len(seq.prompt_logprobs)
 
     def _step(self) -> None:
         try:

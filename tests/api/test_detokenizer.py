@@ -97,3 +97,37 @@ def test_the_engine_never_decodes_even_with_stop_strings(tokenizer):
     finally:
         del base.tokenizer.decode
     assert seq.finish_reason is FinishReason.LENGTH and len(seq.output_ids) == 12
+
+
+def test_the_in_process_client_follows_requests_as_the_served_one(tokenizer):
+    """LocalEngineClient: the same RequestState, detokenizer and tracker as EngineClient, over an engine in
+    this process. A stop string ends the request at the token that completes it and cancels the engine's
+    copy; the text is the whole decode cut before it."""
+    from server.engine.local_client import LocalEngineClient
+    from server.engine.request_state import RequestState
+
+    base = wrap_model(tiny_model("llama", seed=3), tokenizer, "llama")
+    config = EngineConfig(max_batch_size=2, kv_cache_bytes=8 << 20, max_step_tokens=64)
+    free = Sequence([1, 2, 3], SamplingParams(max_new_tokens=24, ignore_eos=True))
+    engine = Engine(base, config)
+    engine.submit(free)
+    engine.run_until_idle()
+    text = tokenizer.decode(free.output_ids, skip_special_tokens=True)
+    stop = text[len(text) // 2:][:2]  # two characters from the middle of what it generates anyway
+    assert stop and len(text) > 4
+
+    client = LocalEngineClient(base, config)
+    stopped = RequestState([1, 2, 3], SamplingParams(max_new_tokens=24, ignore_eos=True, stop=(stop,)))
+    whole = RequestState([1, 2, 3], SamplingParams(max_new_tokens=24, ignore_eos=True))
+    for state in (stopped, whole):
+        client.check_fits(state)
+        client.submit(state)
+    client.run_until_idle()
+    assert whole.finish_reason is FinishReason.LENGTH and whole.output_ids == free.output_ids
+    assert whole.text == text
+    assert stopped.finish_reason is FinishReason.STOP and stopped.text == text[:text.find(stop)]
+    n = len(stopped.output_ids)
+    assert stopped.output_ids == free.output_ids[:n] and n < len(free.output_ids)
+    assert stop in tokenizer.decode(free.output_ids[:n])
+    assert stop not in tokenizer.decode(free.output_ids[:n - 1])
+    assert not client.engine.num_running and not client.engine.num_waiting  # the stopped row was cancelled
