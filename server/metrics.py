@@ -1,8 +1,8 @@
 """Prometheus metrics, in the vLLM style under our own prefix, one registry per app.
 
 Labels are bounded: ``tenant`` (configured tenants only), ``outcome`` and ``tier``; never the task name.
-Request timings are observed through :class:`EngineObserver`, called by the engine client on the event loop as
-each engine step's outputs arrive (with the engine process's timestamps).
+Request timings are observed through :class:`RequestObserver`, called by the engine client on the event loop
+as each engine step's outputs arrive (with the engine process's timestamps).
 """
 
 from __future__ import annotations
@@ -13,8 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from prefixes.store import PrefixStore
-from server.engine.engine import EngineObserver
-from server.engine.sequence import Sequence
+from server.engine.request_state import RequestObserver, RequestState
 
 NAMESPACE = "prefix_serve"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -47,7 +46,7 @@ class _StoreCollector:
                 family.add_metric([tier], getattr(stats, field))
             yield family
 
-class Metrics(EngineObserver):
+class Metrics(RequestObserver):
     def __init__(self, store: PrefixStore, num_running: Callable[[], int], num_waiting: Callable[[], int]):
         self.registry = r = CollectorRegistry()
         self.requests = Counter(f"{NAMESPACE}_requests", "Requests by tenant and outcome (stop, length, "
@@ -88,16 +87,16 @@ class Metrics(EngineObserver):
         self.preemptions = Counter(f"{NAMESPACE}_num_preemptions", "Running requests preempted for lack of "
                                    "key/value blocks (recomputed when they rejoin).", registry=r)
 
-    # -- EngineObserver -------------------------------------------------------------------------------------
+    # -- RequestObserver ------------------------------------------------------------------------------------
 
-    def admitted(self, seqs: list[Sequence], now: float) -> None:
+    def admitted(self, seqs: list[RequestState], now: float) -> None:
         for seq in seqs:
             self.queue_time.labels(seq.tenant).observe(now - seq.arrival_time)
 
     def decoded(self, batch_size: int) -> None:
         self.batch_size.observe(batch_size)
 
-    def prefilled(self, seq: Sequence, tokens: int) -> None:
+    def prefilled(self, seq: RequestState, tokens: int) -> None:
         self.prompt_tokens.labels(seq.tenant).inc(tokens)
 
     def cache_stats(self, usage: float, queries: int, hits: int, preemptions: int) -> None:
@@ -106,14 +105,14 @@ class Metrics(EngineObserver):
         self.kv_hits.inc(hits)
         self.preemptions.inc(preemptions)
 
-    def token(self, seq: Sequence, now: float) -> None:
+    def token(self, seq: RequestState, now: float) -> None:
         self.generation_tokens.labels(seq.tenant).inc()  # as each token arrives, not when the request ends
         if seq.last_token_time is None:
             self.ttft.labels(seq.tenant).observe(now - seq.arrival_time)
         else:
             self.itl.labels(seq.tenant).observe(now - seq.last_token_time)
 
-    def finished(self, seq: Sequence, now: float) -> None:
+    def finished(self, seq: RequestState, now: float) -> None:
         assert seq.finish_reason is not None, "called once it has finished"
         self.requests.labels(seq.tenant, seq.finish_reason.value).inc()
         self.e2e.labels(seq.tenant).observe(now - seq.arrival_time)

@@ -9,14 +9,16 @@ from __future__ import annotations
 from prefixes.artifact import PrefixArtifact
 from prefixes.records import ResidentPrefix
 from prefixes.training import EvalPrompt
-from server.engine.engine import Engine
+from server.engine.local_client import LocalEngineClient
 from server.engine.model import BaseModel
-from server.engine.sequence import SamplingParams, Sequence
+from server.engine.request_state import RequestState
+from server.engine.sequence import SamplingParams
 
 
 class EngineEvaluator:
-    """Greedy generations by an :class:`Engine` over ``base``, the model being trained (its weights are
-    frozen and only the prefix changes, so each call sees the latest artifact)."""
+    """Greedy generations by an engine over ``base``, the model being trained (its weights are frozen and
+    only the prefix changes, so each call sees the latest artifact), through the same client verbs and
+    text as a served request (:class:`LocalEngineClient`)."""
 
     def __init__(self, base: BaseModel):
         self.base = base
@@ -25,9 +27,11 @@ class EngineEvaluator:
         artifact.tensor = artifact.tensor.to(self.base.device, self.base.dtype)
         prefix = ResidentPrefix.unstored("eval", artifact)
         # A fresh engine per call: its cache and sampling state belong to this evaluation alone.
-        engine = Engine(self.base)
-        seqs = [Sequence(p.ids, SamplingParams(max_new_tokens=p.max_new_tokens), prefix) for p in prompts]
-        for seq in seqs:
-            engine.submit(seq)
-        engine.run_until_idle()
-        return [seq.text or "" for seq in seqs]
+        client = LocalEngineClient(self.base)
+        states = [RequestState(p.ids, SamplingParams(max_new_tokens=p.max_new_tokens), prefix)
+                  for p in prompts]
+        for state in states:
+            client.check_fits(state)
+            client.submit(state)
+        client.run_until_idle()
+        return [state.text for state in states]

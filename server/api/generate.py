@@ -11,7 +11,8 @@ from server.api.encode import encode_prompt
 from server.api.schemas import STREAMED, GenerateRequest, GenerateResponse, TaskQuery, Usage
 from server.api.streaming import Piece, open_stream, run_to_end
 from server.auth import CurrentPrincipal
-from server.engine.sequence import SamplingParams, Sequence
+from server.engine.request_state import RequestState
+from server.engine.sequence import SamplingParams
 from server.state import State
 from server.tasks import resolve_prefix
 
@@ -42,7 +43,7 @@ async def generate(body: GenerateRequest, state: State, request: Request, princi
         )
     except ValueError as exc:
         raise HTTPException(400, str(exc)) from None
-    seq = Sequence(prompt_ids, params, prefix, tenant=principal.tenant)
+    seq = RequestState(prompt_ids, params, prefix, tenant=principal.tenant)
     if body.timeout is not None:
         seq.deadline = seq.arrival_time + body.timeout
     if body.stream:
@@ -50,6 +51,6 @@ async def generate(body: GenerateRequest, state: State, request: Request, princi
     [seq] = await run_to_end(state, principal, request, [seq])
     assert seq.finish_reason is not None, "run_to_end returns finished sequences"
     return GenerateResponse(
-        task=task, text=seq.text or "", token_ids=seq.output_ids, finish_reason=seq.finish_reason.value,
+        task=task, text=seq.text, token_ids=seq.output_ids, finish_reason=seq.finish_reason.value,
         usage=Usage(prompt_tokens=len(prompt_ids), completion_tokens=len(seq.output_ids)),
     )

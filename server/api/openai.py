@@ -11,8 +11,7 @@ import json
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any, cast
 
 from fastapi import APIRouter, FastAPI, HTTPException, Request
@@ -28,6 +27,14 @@ from prefixes.keys import InvalidTaskName
 from prefixes.records import ResidentPrefix
 from server.api import errors
 from server.api.encode import check_text, encode_prompt, on_tokenizer_thread
+from server.api.openai_output import (
+    Logprobs,
+    Prompt,
+    chat_chunks,
+    completion_chunks,
+    usage_body,
+    whole_choices,
+)
 from server.api.schemas import (
     CANONICAL_INT,
     MAX_PROMPTS,
@@ -36,10 +43,9 @@ from server.api.schemas import (
     CompletionRequest,
     OpenAISampling,
 )
-from server.api.streaming import Piece, error_body, open_stream, run_to_end
+from server.api.streaming import error_body, open_stream, run_to_end
 from server.api.tools import (
     NO_TOOLS,
-    CallParser,
     ToolChoice,
     ToolError,
     chat_messages,
@@ -49,7 +55,8 @@ from server.api.tools import (
     template_renders_tools,
 )
 from server.auth import CurrentPrincipal, Principal
-from server.engine.sequence import SamplingParams, Sequence
+from server.engine.request_state import RequestState
+from server.engine.sequence import SamplingParams
 from server.errors import UnknownTask
 from server.state import ServerState, State
 from server.tasks import resolve_prefix, visible_records
@@ -197,67 +204,18 @@ def _sampling(body: OpenAISampling, max_tokens: int, vocab_size: int, *, logprob
         raise OpenAIError(400, str(exc)) from None
 
 
-def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
-
-
-@dataclass(slots=True)
-class _Prompt:
-    ids: list[int]
-    text: str  # what ``echo`` returns
-
-
-class _Logprobs:
-    """OpenAI's logprobs shapes from the engine's plain (logprob, [(id, logprob)...]) entries."""
-
-    def __init__(self, tokenizer):
-        self._tokenizer = tokenizer
-
-    def token(self, token_id: int) -> str:
-        return self._tokenizer.decode([token_id])
-
-    def completion(self, ids: list[int], entries: list, offset: int) -> dict:
-        """/v1/completions: ``tokens``, ``token_logprobs``, ``top_logprobs`` (the chosen token included, as
-        OpenAI does) and ``text_offset`` (characters from the start of the choice's text)."""
-        out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-        for token_id, entry in zip(ids, entries):
-            token = self.token(token_id)
-            out["tokens"].append(token)
-            out["text_offset"].append(offset)
-            offset += len(token)
-            if entry is None:
-                out["token_logprobs"].append(None)
-                out["top_logprobs"].append(None)
-                continue
-            logprob, top = entry
-            out["token_logprobs"].append(logprob)
-            tops = {self.token(t): lp for t, lp in top}
-            tops.setdefault(token, logprob)
-            out["top_logprobs"].append(tops)
-        return out
-
-    def chat(self, ids: list[int], entries: list) -> list[dict]:
-        """/v1/chat/completions: ``logprobs.content``, one entry per generated token."""
-        def item(token_id: int, logprob: float) -> dict:
-            token = self.token(token_id)
-            return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
-        return [{**item(t, lp), "top_logprobs": [item(i, v) for i, v in top]}
-                for t, (lp, top) in zip(ids, entries)]
-
-
 async def _respond(state: ServerState, principal: Principal, request: Request, body: OpenAISampling,
-                   prompts: list[_Prompt], prefix: ResidentPrefix | None, max_tokens: int, *, chat: bool,
+                   prompts: list[Prompt], prefix: ResidentPrefix | None, max_tokens: int, *, chat: bool,
                    logprobs: int | None = None, echo: bool = False, tools: ToolChoice = NO_TOOLS):
     vocab_size = state.base.vocab_size
     prompt_logprobs = logprobs if echo and logprobs is not None else None
     params = _sampling(body, max_tokens, vocab_size, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
                        tools=tools)
     # OpenAI's indexing: choice p * n + i is sample i of prompt p
-    seqs = [Sequence(prompt.ids, p, prefix, tenant=principal.tenant) for prompt in prompts for p in params]
+    seqs = [RequestState(prompt.ids, p, prefix, tenant=principal.tenant)
+            for prompt in prompts for p in params]
     n = len(params)
-    fmt = _Logprobs(state.base.tokenizer)
+    fmt = Logprobs(state.base.tokenizer)
     prompt_tokens = sum(len(prompt.ids) for prompt in prompts)
     cap = state.settings.max_request_tokens or 4 * state.base.shape.max_positions
     if prompt_tokens * n > cap:  # each choice computes its prompt (bar prefix-cache hits): bound the work
@@ -279,110 +237,20 @@ async def _respond(state: ServerState, principal: Principal, request: Request, b
             "created": int(time.time()), "model": body.model}  # "object" is filled in per response kind
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        usage = lambda completion_tokens: _usage(prompt_tokens, completion_tokens, cached())
+        usage = lambda completion_tokens: usage_body(prompt_tokens, completion_tokens, cached())
         if chat:
-            render = lambda pieces: _chat_chunks(pieces, head, len(seqs), usage, include_usage, fmt, tools)
+            render = lambda pieces: chat_chunks(pieces, head, len(seqs), usage, include_usage, fmt, tools)
         else:
-            render = lambda pieces: _completion_chunks(pieces, head, seqs, prompts, n, usage,
-                                                       include_usage, fmt, echo)
+            render = lambda pieces: completion_chunks(pieces, head, seqs, prompts, n, usage,
+                                                      include_usage, fmt, echo)
         return await open_stream(state, principal, seqs, render)
     seqs = await run_to_end(state, principal, request, seqs)
-    choices = []
-    for i, seq in enumerate(seqs):
-        assert seq.finish_reason is not None, "run_to_end returns finished sequences"
-        text = seq.text or ""
-        finish_reason = seq.finish_reason.value
-        choice: dict[str, object]
-        if chat:
-            message = {"role": "assistant", "content": text}
-            if tools.active:
-                message, finish_reason = CallParser(tools).message(text, finish_reason)
-            choice = {"message": message,
-                      "logprobs": None if logprobs is None else
-                      {"content": fmt.chat(seq.output_ids, seq.output_logprobs)}}
-        else:
-            prompt = prompts[i // n]
-            choice = {"text": prompt.text + text if echo else text,
-                      "logprobs": None if logprobs is None else
-                      _choice_logprobs(fmt, seq, prompt, echo, seq.output_ids, seq.output_logprobs,
-                                       len(prompt.text) if echo else 0)}
-        choices.append({"index": i, **choice, "finish_reason": finish_reason})
+    choices = whole_choices(seqs, prompts, n, fmt, chat=chat, logprobs=logprobs, echo=echo, tools=tools)
     return {**head, "object": "chat.completion" if chat else "text_completion", "choices": choices,
-            "usage": _usage(prompt_tokens, sum(len(seq.output_ids) for seq in seqs), cached())}
+            "usage": usage_body(prompt_tokens, sum(len(seq.output_ids) for seq in seqs), cached())}
 
 
-def _choice_logprobs(fmt: _Logprobs, seq: Sequence, prompt: _Prompt, echo: bool, ids: list[int],
-                     entries: list, offset: int) -> dict:
-    """A completion choice's logprobs: the prompt's first (with ``echo``), then ``ids``' (generated)."""
-    generated = fmt.completion(ids, entries, offset)
-    if not echo:
-        return generated
-    scored = fmt.completion(prompt.ids, seq.prompt_logprobs, 0)
-    return {key: scored[key] + generated[key] for key in scored}
-
-
-async def _completion_chunks(pieces: AsyncIterator[Piece], head: dict, seqs: list[Sequence],
-                             prompts: list[_Prompt], n: int, usage, include_usage: bool, fmt: _Logprobs,
-                             echo: bool) -> AsyncIterator[dict]:
-    head = {**head, "object": "text_completion"}
-    completion_tokens = 0
-    offsets: dict[int, int] = {}  # choice -> characters of its text sent so far (text_offset)
-    async for piece in pieces:
-        completion_tokens += len(piece.token_ids)
-        seq, prompt = seqs[piece.index], prompts[piece.index // n]
-        text, first = piece.text, piece.index not in offsets
-        logprobs = None
-        if first and echo:  # the prompt (and its scores) goes out with the choice's first chunk
-            offsets[piece.index] = len(prompt.text)
-            text = prompt.text + text
-        offsets.setdefault(piece.index, 0)
-        if piece.logprobs is not None and (piece.token_ids or (first and echo)):
-            logprobs = (_choice_logprobs(fmt, seq, prompt, echo and first, piece.token_ids, piece.logprobs,
-                                         offsets[piece.index]) if first and echo else
-                        fmt.completion(piece.token_ids, piece.logprobs, offsets[piece.index]))
-        offsets[piece.index] += len(piece.text)
-        if text or piece.finish_reason or logprobs:
-            yield {**head, "choices": [{"index": piece.index, "text": text, "logprobs": logprobs,
-                                        "finish_reason": piece.finish_reason}]}
-    if include_usage:
-        yield {**head, "choices": [], "usage": usage(completion_tokens)}
-
-
-async def _chat_chunks(pieces: AsyncIterator[Piece], head: dict, n: int, usage, include_usage: bool,
-                       fmt: _Logprobs, tools: ToolChoice) -> AsyncIterator[dict]:
-    """Text as ``content`` deltas; with tools, each complete call as one ``tool_calls`` delta (its id, name
-    and whole arguments) and then ``finish_reason`` ``tool_calls``."""
-    head = {**head, "object": "chat.completion.chunk"}
-    parsers = [CallParser(tools) for _ in range(n)]
-
-    def chunk(index: int, delta: dict, finish_reason: str | None = None,
-              logprobs: dict | None = None) -> dict:
-        return {**head, "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
-                                     "finish_reason": finish_reason}]}
-
-    for i in range(n):
-        yield chunk(i, {"role": "assistant", "content": ""})
-    completion_tokens = 0
-    async for piece in pieces:
-        completion_tokens += len(piece.token_ids)
-        logprobs = None
-        if piece.logprobs is not None and piece.token_ids:
-            logprobs = {"content": fmt.chat(piece.token_ids, piece.logprobs)}
-        parser = parsers[piece.index]
-        deltas = parser.feed(piece.text) if tools.active else [{"content": piece.text}] * bool(piece.text)
-        if piece.finish_reason and tools.active:
-            deltas += parser.finish()
-        if logprobs and not deltas:  # the scores of tokens whose text is not out yet
-            deltas = [{}] if tools.active else [{"content": ""}]
-        for k, delta in enumerate(deltas):
-            yield chunk(piece.index, delta, logprobs=logprobs if k == 0 else None)
-        if piece.finish_reason:
-            yield chunk(piece.index, {}, parser.finish_reason(piece.finish_reason))
-    if include_usage:
-        yield {**head, "choices": [], "usage": usage(completion_tokens)}
-
-
-async def _completion_prompts(state: ServerState, prompt) -> list[_Prompt]:
+async def _completion_prompts(state: ServerState, prompt) -> list[Prompt]:
     """A string, strings, token ids or lists of token ids -> one prompt each (echoed as sent). Text is
     size-checked and tokenized off the event loop (server/api/encode.py)."""
     if isinstance(prompt, str):
@@ -397,12 +265,12 @@ async def _completion_prompts(state: ServerState, prompt) -> list[_Prompt]:
     out = []
     for p in prompt:
         if isinstance(p, str):
-            out.append(_Prompt(await encode_prompt(state, p), p))
+            out.append(Prompt(await encode_prompt(state, p), p))
         else:
             ids = _token_ids(list(p), state.base.vocab_size, "prompt")
             # one sequence of ids decodes to one string (transformers types decode's result for batches too)
             text = cast(str, await on_tokenizer_thread(tokenizer.decode, ids))
-            out.append(_Prompt(ids, text))
+            out.append(Prompt(ids, text))
     return out
 
 
@@ -481,7 +349,7 @@ async def chat_completions(body: ChatCompletionRequest, state: State, request: R
         used = len(prompt_ids) + (prefix.num_virtual_tokens if prefix else 0)
         max_tokens = max(1, min(CHAT_MAX_TOKENS, state.base.shape.max_positions - used))
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    return await _respond(state, principal, request, body, [_Prompt(prompt_ids, "")], prefix, max_tokens,
+    return await _respond(state, principal, request, body, [Prompt(prompt_ids, "")], prefix, max_tokens,
                           chat=True, logprobs=logprobs, tools=tools)
 
 

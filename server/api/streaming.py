@@ -2,16 +2,16 @@
 stream of Server-Sent Events. Shared by ``/generate`` and the OpenAI-compatible routes.
 
 The engine (in its own process; see :mod:`server.engine.client`) only *signals* progress: an ``asyncio.Event``
-per request, set as its outputs arrive. All reading of token ids and all detokenization happen on the event
-loop, so a slow client never slows the batch and tokens that arrive faster than the client reads are
-coalesced into one chunk.
+per request, set as its outputs arrive. Each sequence's text comes from its one detokenizer
+(:mod:`server.engine.detokenizer`), read on the event loop: streams take what it may show so far, whole
+replies its text at the end. A slow client never slows the batch, and tokens that arrive faster than the
+client reads are coalesced into one chunk.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
@@ -21,19 +21,15 @@ from fastapi import HTTPException, Request
 from starlette.responses import StreamingResponse
 
 from server.auth import Principal
-from server.engine.client import EngineOverloaded, EngineUnavailable
+from server.engine.admission import EngineOverloaded, EngineUnavailable
 from server.engine.engine import RequestInvalid
-from server.engine.sequence import FinishReason, Sequence
+from server.engine.request_state import RequestState
+from server.engine.sequence import FinishReason
 from server.errors import RETRY_AFTER_S
 from server.state import ServerState
 
-log = logging.getLogger(__name__)
-
 DISCONNECT_POLL_S = 0.25
 _FAILED = (FinishReason.ERROR, FinishReason.TIMEOUT)
-REPLACEMENT_CHAR = "\ufffd"  # what a token ending inside a multi-byte UTF-8 character decodes to
-
-
 
 
 class GenerationError(RuntimeError):
@@ -55,65 +51,6 @@ def _retry_headers(retry_after: int | None) -> dict[str, str] | None:
     return {"Retry-After": str(retry_after)} if retry_after is not None else None
 
 
-class IncrementalDetokenizer:
-    """Turns a growing list of generated token ids into text deltas that are safe to show.
-
-    Decodes a short window instead of the whole output each time (the vLLM scheme): the text of
-    ``ids[prefix:read]`` is already emitted, so the new text is ``decode(ids[prefix:])`` minus it; decoding
-    from a few tokens back keeps tokenizers that drop a leading space at a window start correct. Two things
-    are held back: text ending in a replacement char (a multi-byte character split across tokens), and, with
-    stop strings, the last ``len(longest stop) - 1`` characters plus anything from a complete stop string on,
-    since the engine cuts the final text there. :meth:`finish` releases the rest from the engine's final text.
-    """
-
-    def __init__(self, tokenizer, stop: tuple[str, ...] = ()):
-        self._tokenizer = tokenizer
-        self._stop = stop
-        self._hold = max((len(s) for s in stop), default=1) - 1
-        self._ids: list[int] = []
-        self._prefix_offset = 0
-        self._read_offset = 0
-        self._text = ""  # decoded so far, whole characters only
-        self._sent = 0  # characters of ``_text`` returned so far
-
-    def _decode(self, ids: list[int]) -> str:
-        return self._tokenizer.decode(ids, skip_special_tokens=True)
-
-    def add(self, ids: list[int]) -> str:
-        """Take new token ids; return the text that may be shown now (possibly empty)."""
-        if ids:
-            self._ids.extend(ids)
-            before = self._decode(self._ids[self._prefix_offset:self._read_offset])
-            after = self._decode(self._ids[self._prefix_offset:])
-            if len(after) > len(before) and not after.endswith(REPLACEMENT_CHAR):
-                self._text += after[len(before):]
-                self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
-        safe = len(self._text) - self._hold
-        # A stop string can only start after what was sent (everything sent was checked the same way).
-        search_from = max(0, self._sent - self._hold)
-        for stop in self._stop:
-            at = self._text.find(stop, search_from)
-            if at >= 0:
-                safe = min(safe, at)
-        return self._take(safe)
-
-    def finish(self, final_text: str) -> str:
-        """The rest, once the engine has finished: ``final_text`` (``seq.text``, cut at a stop string) is
-        authoritative."""
-        if not final_text.startswith(self._text[:self._sent]):  # cannot happen for byte-level BPE tokenizers
-            log.warning("streamed text diverged from the final text; the stream differs from a whole reply")
-        rest = final_text[self._sent:]
-        self._sent = len(final_text)
-        return rest
-
-    def _take(self, end: int) -> str:
-        if end <= self._sent:
-            return ""
-        piece = self._text[self._sent:end]
-        self._sent = end
-        return piece
-
-
 @dataclass(slots=True)
 class Piece:
     """New output of one sequence: ``index`` in the request, text to show, the new token ids."""
@@ -130,14 +67,14 @@ class Generation:
     """One request's sequences (its ``n`` choices) in the engine, followed from the event loop."""
 
     state: ServerState
-    seqs: list[Sequence]
+    seqs: list[RequestState]
     stream: bool = False  # wake on every token (streaming) or only when a sequence finishes
     _changed: asyncio.Event = field(default_factory=asyncio.Event, init=False)
 
     def __post_init__(self):
         loop = asyncio.get_running_loop()
 
-        def notify(_: Sequence) -> None:  # runs on the loop, as the engine client applies a step's outputs
+        def notify() -> None:  # runs on the loop, as the engine client applies a step's outputs
             try:
                 loop.call_soon_threadsafe(self._changed.set)
             except RuntimeError:  # the loop is closed: the server is shutting down, nobody is listening
@@ -197,7 +134,7 @@ class Generation:
             retry_after = self.state.engine.retry_after if failed.unavailable else RETRY_AFTER_S
             raise GenerationError(failed.error or "generation failed", retry=retry, retry_after=retry_after)
 
-    async def wait(self, request: Request) -> list[Sequence]:
+    async def wait(self, request: Request) -> list[RequestState]:
         """Until every sequence has finished. A client that goes away cancels them, freeing their slots."""
         try:
             while not self.done:
@@ -217,33 +154,30 @@ class Generation:
 
     async def pieces(self) -> AsyncIterator[Piece]:
         """Each sequence's new text and ids as they come; :class:`GenerationError` if the engine fails."""
-        tokenizer = self.state.base.tokenizer
-        detokenizers = [IncrementalDetokenizer(tokenizer, seq.params.stop) for seq in self.seqs]
         seen = [0] * len(self.seqs)
         pending = list(range(len(self.seqs)))
         while pending:
             await self._next_change()
             for i in list(pending):
                 seq = self.seqs[i]
-                finished = seq.finished  # read first: once finished, every id is already in output_ids
                 ids = seq.output_ids[seen[i]:]
-                # the engine appends a token's logprob before its id, so these are all there
+                # the client adds a token's logprob before its id, so these are all there
                 logprobs = (None if seq.params.logprobs is None
                             else seq.output_logprobs[seen[i]: seen[i] + len(ids)])
                 seen[i] += len(ids)
-                text = detokenizers[i].add(ids)
-                if finished:
+                assert seq.detokenizer is not None, "set when submitted"
+                text = seq.detokenizer.read()  # once finished: all the rest
+                if seq.finished:
                     assert seq.finish_reason is not None, "finished means it has its reason"
                     self.check_errors()
                     pending.remove(i)
-                    text += detokenizers[i].finish(seq.text or "")
                     yield Piece(i, text, ids, seq.finish_reason.value, logprobs)
                 elif ids:
                     yield Piece(i, text, ids, logprobs=logprobs)
 
 
 async def run_to_end(state: ServerState, principal: Principal, request: Request,
-                     seqs: list[Sequence]) -> list[Sequence]:
+                     seqs: list[RequestState]) -> list[RequestState]:
     """Run ``seqs`` holding one of the tenant's concurrency slots; return them finished."""
     async with state.limiter.slot(principal):
         generation = Generation(state, seqs)
@@ -299,7 +233,7 @@ class EventStream(StreamingResponse):
                 await self._release()
 
 
-async def open_stream(state: ServerState, principal: Principal, seqs: list[Sequence],
+async def open_stream(state: ServerState, principal: Principal, seqs: list[RequestState],
                       render: Callable[[AsyncIterator[Piece]], AsyncIterator[dict]]) -> EventStream:
     """Take a concurrency slot, submit ``seqs`` and return the response streaming ``render(pieces)``.
 

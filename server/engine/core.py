@@ -5,6 +5,9 @@ process validates, tokenizes, resolves tasks, detokenizes and streams; this proc
 samples, on its main thread, so no request handling shares its interpreter (or its GIL) and the model's
 threads are the only busy ones here.
 
+It emits token ids and logprobs, never text: detokenizing and stop strings are the HTTP process's, which also
+checks every request before sending it (fit, grammar, sampling values), so requests are queued as they come.
+
 Between two steps it takes every message waiting on its input socket (new requests, aborts, task tensors);
 after a step it sends one message with every token, finish and admission the step produced, even an empty
 one: each step is a heartbeat. When nothing is running it blocks on the socket for up to
@@ -31,9 +34,10 @@ import zmq
 
 from prefixes.artifact import PrefixKind
 from server.engine import protocol
-from server.engine.engine import ContextTooLong, Engine, EngineConfig, EngineObserver
+from server.engine.engine import Engine, EngineConfig
 from server.engine.model import load_base_model
-from server.engine.sequence import FinishReason, Sequence
+from server.engine.sequence import Sequence
+from server.engine.step_events import StepEvents
 
 log = logging.getLogger("prefix_serve.engine_core")
 
@@ -72,35 +76,6 @@ class EnginePrefix:
         return self.tensor.shape[3] if self.kind.is_deep else self.tensor.shape[0]
 
 
-class _StepEvents(EngineObserver):
-    """Collects what the engine reports during one step, to be sent as one :class:`StepOutput`."""
-
-    def __init__(self):
-        self.out = protocol.StepOutput(time=0.0)
-
-    def take(self) -> protocol.StepOutput:
-        out, self.out = self.out, protocol.StepOutput(time=0.0)
-        return out
-
-    def admitted(self, seqs: list[Sequence], now: float) -> None:
-        self.out.admitted.extend(seq.id for seq in seqs)
-
-    def prefilled(self, seq: Sequence, tokens: int) -> None:
-        self.out.prefilled.append([seq.id, tokens])
-        if seq.num_cached_tokens:
-            self.out.cached.append([seq.id, seq.num_cached_tokens])
-
-    def decoded(self, batch_size: int) -> None:
-        self.out.decoded = batch_size
-
-    def token(self, seq: Sequence, now: float) -> None:
-        self.out.time = now
-
-    def finished(self, seq: Sequence, now: float) -> None:
-        assert seq.finish_reason is not None, "called once it has finished"
-        self.out.finished.append([seq.id, seq.finish_reason.value, seq.error])
-
-
 class EngineCore:
     def __init__(self, spec: EngineCoreSpec):
         self.spec = spec
@@ -108,7 +83,7 @@ class EngineCore:
 
         torch.set_num_threads(spec.threads or torch.get_num_threads())
         self.base = load_base_model(spec.model, DTYPES[spec.dtype], spec.device)
-        self.events = _StepEvents()
+        self.events = StepEvents()  # what each step produced, and the sequences it follows
         self.engine = Engine(
             self.base,
             EngineConfig(
@@ -121,9 +96,7 @@ class EngineCore:
         )
         # before READY: the first structured request must not pay for the grammar library's one-off work
         self.engine.grammars.warm_up(self.base.device)
-        self.seqs: dict[int, Sequence] = {}  # every sequence not yet finished, by id
         self.prefixes: dict[str, EnginePrefix] = {}
-        self._prompt_sent: dict[int, int] = {}  # id -> prompt log-probability entries already sent
         self.context = zmq.Context()
         self.inbox = self.context.socket(zmq.PULL)
         self.inbox.connect(spec.input_address)
@@ -155,61 +128,37 @@ class EngineCore:
 
     # -- messages --------------------------------------------------------------------------------------------
 
-    def _handle(self, message: list) -> None:
-        kind = message[0]
-        if kind == protocol.ADD:
-            self._add(protocol.decode_request(message[1]))
-        elif kind == protocol.ABORT:
-            for seq_id in message[1]:
-                seq = self.seqs.get(seq_id)
+    def _handle(self, message: protocol.ToEngine) -> None:
+        if isinstance(message, protocol.AddRequest):
+            self._add(message)
+        elif isinstance(message, protocol.Abort):
+            for seq_id in message.ids:
+                seq = self.events.seqs.get(seq_id)
                 if seq is not None:
                     self.engine.cancel(seq)
-        elif kind == protocol.PREFIX:
-            _, ref, path, prefix_kind = message
+        elif isinstance(message, protocol.LoadPrefix):
             try:
-                tensor = safetensors.torch.load_file(path)["tensor"]
+                tensor = safetensors.torch.load_file(message.path)["tensor"]
             finally:
-                os.unlink(path)
-            self.prefixes[ref] = EnginePrefix(
-                PrefixKind(prefix_kind), tensor.to(device=self.base.device, dtype=self.base.dtype)
+                os.unlink(message.path)
+            self.prefixes[message.ref] = EnginePrefix(
+                PrefixKind(message.kind), tensor.to(device=self.base.device, dtype=self.base.dtype)
             )
-        elif kind == protocol.DROP:
-            self.prefixes.pop(message[1], None)
-        elif kind == protocol.SHUTDOWN:
+        elif isinstance(message, protocol.DropPrefix):
+            self.prefixes.pop(message.ref, None)
+        elif isinstance(message, protocol.Shutdown):
             self._stopping = True
-        else:
-            log.error("unknown message %r", kind)
 
-    def _add(self, spec: protocol.RequestSpec) -> None:
-        prefix = self.prefixes.get(spec.prefix_ref) if spec.prefix_ref is not None else None
-        seq = Sequence(
-            spec.prompt_ids,
-            protocol.params_from_dict(spec.params),
-            prefix,
-            tenant=spec.tenant,
-            id=spec.id,
-            arrival_time=spec.arrival_time,
-        )
-        seq.on_finish, seq.on_token = self._forget, self._token
-        if spec.prefix_ref is not None and prefix is None:  # cannot happen: PREFIX precedes ADD on one socket
-            self._reject(seq, f"task tensor {spec.prefix_ref!r} is not loaded in the engine")
+    def _add(self, request: protocol.AddRequest) -> None:
+        prefix = self.prefixes.get(request.prefix_ref) if request.prefix_ref is not None else None
+        # checked in the HTTP process before it was sent (fit, grammar, sampling values): queued as it is
+        seq = Sequence(request.prompt_ids, request.params, prefix, tenant=request.tenant, id=request.id,
+                       arrival_time=request.arrival_time)
+        if request.prefix_ref is not None and prefix is None:  # cannot happen: LoadPrefix precedes it
+            self.events.reject(seq.id, f"task tensor {request.prefix_ref!r} is not loaded in the engine")
             return
-        self.seqs[seq.id] = seq
-        try:
-            self.engine.submit(seq)
-        except (ContextTooLong, ValueError) as exc:  # the HTTP process checks the same limits first
-            self.seqs.pop(seq.id, None)
-            self._reject(seq, str(exc))
-
-    def _reject(self, seq: Sequence, message: str) -> None:
-        seq.finish_reason, seq.error = FinishReason.ERROR, message
-        self.events.out.finished.append([seq.id, FinishReason.ERROR.value, message])
-
-    def _forget(self, seq: Sequence) -> None:
-        if seq.params.prompt_logprobs is not None:  # a prompt-scoring row finishes in its last prefill step
-            self._prompt_logprobs(seq)
-            self._prompt_sent.pop(seq.id, None)
-        self.seqs.pop(seq.id, None)
+        self.events.track(seq)
+        self.engine.enqueue(seq)
 
     def _receive(self, timeout_ms: int) -> None:
         """Handle every waiting message; wait up to ``timeout_ms`` for the first one."""
@@ -221,7 +170,7 @@ class EngineCore:
             except zmq.Again:
                 return
             try:
-                self._handle(protocol.unpack(frame))
+                self._handle(protocol.decode_to_engine(frame))
             except Exception:  # one bad message (a vanished prefix file, say) must not end the engine
                 log.exception("could not handle a message from the HTTP process")
 
@@ -230,37 +179,12 @@ class EngineCore:
     def _send_step(self, heartbeat: bool) -> None:
         """Send what the last step produced; with ``heartbeat``, even when it produced nothing (after a
         step, or an idle wake-up: a HEARTBEAT then), so that silence always means a stuck engine."""
-        for seq in self.seqs.values():
-            if seq.params.prompt_logprobs is not None:
-                self._prompt_logprobs(seq)
-        out = self.events.take()
-        running, waiting = self.engine.num_running, self.engine.num_waiting
-        if out.empty and not out.decoded and not running and not waiting:
+        out = self.events.take(self.engine)
+        if out.empty and not out.decoded and not out.running and not out.waiting:
             if heartbeat:
-                beat = protocol.Heartbeat(time.monotonic(), running, waiting)
-                self.outbox.send(protocol.pack(beat.encode()))
+                self.outbox.send(protocol.encode(protocol.Heartbeat(time.monotonic(), 0, 0)))
             return
-        out.time = out.time or time.monotonic()
-        out.running, out.waiting = running, waiting
-        blocks = self.engine.blocks
-        out.kv = [blocks.usage, blocks.cache_queries, blocks.cache_hits, blocks.preemptions]
-        self.outbox.send(protocol.pack(out.encode()))
-
-    def _token(self, seq: Sequence) -> None:
-        """``seq`` got its next token in this step (the engine calls this once per row and step; a
-        prompt-scoring row, which generates nothing, is called once at its end with no token)."""
-        if not seq.output_ids:
-            return
-        logprobs = seq.output_logprobs[-1] if seq.params.logprobs is not None else None
-        self.events.out.tokens.append([seq.id, seq.output_ids[-1], logprobs])
-
-    def _prompt_logprobs(self, seq: Sequence) -> None:
-        """Send the prompt log-probabilities ``seq`` gained since the last step (prefill goes chunk by
-        chunk)."""
-        sent = self._prompt_sent.get(seq.id, 0)
-        if len(seq.prompt_logprobs) > sent:
-            self.events.out.prompt_logprobs.append([seq.id, seq.prompt_logprobs[sent:]])
-            self._prompt_sent[seq.id] = len(seq.prompt_logprobs)
+        self.outbox.send(protocol.encode(out))
 
     def _step(self) -> None:
         try:
@@ -273,7 +197,7 @@ class EngineCore:
         self._send_step(heartbeat=True)
 
     def run(self) -> None:
-        self.outbox.send(protocol.pack([protocol.READY, self.ready_info()]))
+        self.outbox.send(protocol.encode(protocol.Ready(self.ready_info())))
         last_beat = time.monotonic()
         while not self._stopping:
             busy = self.engine.num_running or self.engine.num_waiting
@@ -307,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         context = zmq.Context()
         out = context.socket(zmq.PUSH)
         out.connect(spec.output_address)
-        out.send(protocol.pack([protocol.FATAL, f"{type(exc).__name__}: {exc}"]))
+        out.send(protocol.encode(protocol.Fatal(f"{type(exc).__name__}: {exc}")))
         out.close(linger=2000)
         context.term()
         return 1

@@ -7,7 +7,9 @@ between any two tokens (continuous batching), and a long prompt never stalls the
 than one bounded step.
 
 One thread drives it: the engine process's main thread when serving (:mod:`server.engine.core`), the caller's
-own in training and benchmarks (:meth:`run_until_idle`).
+own in training and benchmarks (:meth:`run_until_idle`). It produces token ids (and logprobs) only: a request
+ends at EOS, a stop id, its token budget, or when told to (:meth:`cancel`: a stop string the front end
+found in the text, a client gone); text is never made here (:mod:`server.engine.detokenizer`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import cast
 
 from server.engine.grammar import Grammars, InvalidGrammar
 from server.engine.kv_cache import DEFAULT_BLOCK_SIZE, BlockManager, PagedKVCache
@@ -24,7 +25,7 @@ from server.engine.model import BaseModel
 from server.engine.runner import ModelRunner, PromptLogits
 from server.engine.sampling import Sampler, SampleResult, token_logprobs
 from server.engine.scheduler import Scheduler
-from server.engine.sequence import FinishReason, Sequence
+from server.engine.sequence import FinishReason, Sequence, TaskPrefix
 
 log = logging.getLogger(__name__)
 
@@ -72,32 +73,26 @@ class ContextTooLong(RequestInvalid):
     pass
 
 
-def check_fits(seq: Sequence, max_positions: int, max_slots: int) -> None:
+def check_fits(prompt_tokens: int, prefix: TaskPrefix | None, max_new_tokens: int, max_positions: int,
+               max_slots: int) -> None:
     """Raise :class:`ContextTooLong` for a request that can never be served: longer than the model's context
     (``max_positions``) or than the whole key/value budget (``max_slots`` token slots of the block pool,
     less the blocks its task's prefix takes)."""
-    if seq.total_len > max_positions:
+    virtual = prefix.num_virtual_tokens if prefix is not None else 0
+    total = prompt_tokens + virtual + max_new_tokens
+    if total > max_positions:
         raise ContextTooLong(
-            f"prompt ({len(seq.prompt_ids)} tokens) + task prefix ({seq.num_prefix_kv + seq.num_soft_tokens} "
-            f"virtual tokens) + max_new_tokens ({seq.params.max_new_tokens}) = {seq.total_len} exceeds the "
-            f"model's context of {max_positions} positions; shorten the prompt or lower max_new_tokens."
+            f"prompt ({prompt_tokens} tokens) + task prefix ({virtual} virtual tokens) + max_new_tokens "
+            f"({max_new_tokens}) = {total} exceeds the model's context of {max_positions} positions; "
+            "shorten the prompt or lower max_new_tokens."
         )
-    if seq.total_len + 2 * DEFAULT_BLOCK_SIZE > max_slots:  # partial blocks: its own last and its task's
+    if total + 2 * DEFAULT_BLOCK_SIZE > max_slots:  # partial blocks: its own last and its task's
         raise ContextTooLong(
-            f"request needs {seq.total_len} cache positions but the key/value budget holds "
+            f"request needs {total} cache positions but the key/value budget holds "
             f"{max_slots}; lower max_new_tokens or raise --kv-cache-bytes."
         )
-    if not seq.prompt_ids and not seq.num_soft_tokens:
+    if not prompt_tokens and not (prefix is not None and not prefix.kind.is_deep):
         raise ContextTooLong("the prompt is empty: send at least one token of prompt text.")
-
-
-def output_text(tokenizer, seq: Sequence) -> str:
-    """The text of ``seq``'s output once finished: special tokens removed, and a stop id that ended it left
-    out, like EOS (a stop id can only come last: it ends the request, and min_tokens masks it before)."""
-    ids = seq.output_ids
-    if ids and ids[-1] in seq.params.stop_token_ids:
-        ids = ids[:-1]
-    return tokenizer.decode(ids, skip_special_tokens=True)
 
 
 def check_grammar(grammars: Grammars, seq: Sequence) -> None:
@@ -164,12 +159,19 @@ class Engine:
     # -- requests -----------------------------------------------------------------------------------------
 
     def check_fits(self, seq: Sequence) -> None:
-        """Raise :class:`ContextTooLong` (a client error) for a request that can never be served."""
-        check_fits(seq, self.base.shape.max_positions, self.max_slots)
+        """Raise :class:`RequestInvalid` (a client error) for a request that can never be served."""
+        check_fits(len(seq.prompt_ids), seq.prefix, seq.params.max_new_tokens, self.base.shape.max_positions,
+                   self.max_slots)
         check_grammar(self.grammars, seq)
 
     def submit(self, seq: Sequence) -> None:
+        """Check ``seq`` (:meth:`check_fits`), then queue it: the in-process callers' verb."""
         self.check_fits(seq)
+        self.enqueue(seq)
+
+    def enqueue(self, seq: Sequence) -> None:
+        """Queue ``seq`` as it is: for requests checked before (the HTTP process checks what it sends to the
+        engine process, with the limits the engine reported when ready)."""
         if seq.params.prompt_logprobs is not None and not seq.prompt_logprobs:
             seq.prompt_logprobs.append(None)  # nothing predicts the first prompt token
         self.scheduler.add(seq)
@@ -261,7 +263,6 @@ class Engine:
                 continue
             if seq.params.max_new_tokens == 0:
                 done[row] = (FinishReason.CANCELLED if seq.cancelled else FinishReason.LENGTH, None)
-                seq.text = ""
                 continue
             if seq.first_token_time is None:
                 seq.first_token_time = now
@@ -273,8 +274,6 @@ class Engine:
             reason = FinishReason.CANCELLED if seq.cancelled else self._stop_reason(seq, token)
             if reason is not None:
                 done[row] = (reason, None)
-                if seq.text is None:  # not already cut at a stop string
-                    seq.text = output_text(self.base.tokenizer, seq)
         for row, seq in enumerate(seqs[: len(sampled.tokens)]):
             if seq.on_token is not None and done.get(row, (None, None))[1] is None:
                 self._call(seq.on_token, seq)
@@ -289,19 +288,12 @@ class Engine:
 
     def _stop_reason(self, seq: Sequence, token: int) -> FinishReason | None:
         params = seq.params
-        if len(seq.output_ids) < params.min_tokens:  # EOS and stop ids were masked; stop strings wait (vLLM)
+        if len(seq.output_ids) < params.min_tokens:  # EOS and stop ids were masked until now
             return None
         if token in self.base.eos_token_ids and not params.ignore_eos:
             return FinishReason.STOP
         if token in params.stop_token_ids:
             return FinishReason.STOP
-        if params.stop:
-            # one sequence of ids decodes to one string (transformers types decode's result for batches too)
-            text = cast(str, self.base.tokenizer.decode(seq.output_ids, skip_special_tokens=True))
-            hits = [i for i in (text.find(s) for s in params.stop) if i >= 0]
-            if hits:
-                seq.text = text[: min(hits)]  # the stop string itself is not returned
-                return FinishReason.STOP
         if len(seq.output_ids) >= params.max_new_tokens:
             return FinishReason.LENGTH
         return None

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from server.engine.grammar import Grammars
-from server.engine.sequence import SamplingParams, Sequence
+from server.engine.sequence import Sampling, Sequence
 
 if TYPE_CHECKING:
     import llguidance
@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 LogprobEntry = tuple[float, list[tuple[int, float]]]  # (the token's logprob, [(id, logprob)] best first)
 
 
-def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
+def make_generator(params: Sampling, device: torch.device) -> torch.Generator | None:
     """A per-request generator, so a seeded request draws the same numbers whatever shares its batch."""
     if params.greedy or params.seed is None:
         return None
@@ -278,7 +278,7 @@ class Sampler:
             out.index_put_((self._long(hit_rows), self._long(hit_ids)),
                            torch.tensor(hit_deltas, device=out.device), accumulate=True)
 
-    def _draw(self, logits: torch.Tensor, params: list[SamplingParams],
+    def _draw(self, logits: torch.Tensor, params: list[Sampling],
               generators: list[torch.Generator | None]) -> torch.Tensor:
         """logits: [m, V] of the sampled rows -> [m] token ids: temperature, top-k, top-p, one draw each.
 

@@ -1,7 +1,12 @@
-"""Per-request state: what was asked (prompt, task prefix, sampling) and what has been generated."""
+"""Per-request state in the engine: what was asked (prompt, task prefix, sampling) and what was generated.
+
+The HTTP process follows a request with its own thin state (:mod:`server.engine.request_state`); the two
+share nothing but the messages of :mod:`server.engine.protocol`.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import itertools
 import math
@@ -13,11 +18,8 @@ from typing import Protocol
 import torch
 
 from prefixes.artifact import PrefixKind
+from server.engine.protocol import MIN_TEMPERATURE, EngineParams, Logprob
 
-# Below this temperature a request is served greedily: dividing logits by ~1e-38 overflows float32 to
-# infinities (and NaN once two of them are subtracted in the softmax), and any temperature this small
-# already puts all the probability on the argmax.
-MIN_TEMPERATURE = 1e-5
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit for ``logprobs`` / ``top_logprobs``
 # Structured-output kinds: the grammar source the engine compiles for each (``structured = (kind, spec)``).
 STRUCTURED_KINDS = ("json_object", "json_schema", "regex", "choice", "grammar")
@@ -25,8 +27,9 @@ STRUCTURED_KINDS = ("json_object", "json_schema", "regex", "choice", "grammar")
 
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
-    """Everything a request asks of the engine, as plain data (numbers, strings, tuples): it crosses a process
-    boundary as msgpack, so no tensors, callables or compiled grammars live here."""
+    """Everything a request asks for, as plain data (numbers, strings, tuples), checked once on construction.
+    The engine gets all of it but the stop strings (:meth:`for_engine`); no tensors, callables or compiled
+    grammars live here."""
 
     max_new_tokens: int = 64  # 0: score the prompt only (prompt_logprobs), generate nothing
     temperature: float = 0.0  # 0 (or below MIN_TEMPERATURE) means greedy
@@ -81,6 +84,17 @@ class SamplingParams:
     def penalised(self) -> bool:
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
 
+    def for_engine(self) -> EngineParams:
+        """What the engine process needs (all but the stop strings: text is the HTTP process's), already
+        checked: it is not checked again there."""
+        fields = dataclasses.fields(self)
+        return EngineParams(**{f.name: getattr(self, f.name) for f in fields if f.name != "stop"})
+
+
+# What the engine's sequences hold: the in-process callers' SamplingParams (training, benchmarks, tests) or
+# the EngineParams a request crossed the process boundary with; the engine reads only their common fields.
+Sampling = SamplingParams | EngineParams
+
 
 class FinishReason(str, enum.Enum):
     STOP = "stop"  # EOS or a stop string
@@ -110,7 +124,7 @@ class TaskPrefix(Protocol):
 @dataclass(eq=False, slots=True)
 class Sequence:
     prompt_ids: list[int]
-    params: SamplingParams
+    params: Sampling
     prefix: TaskPrefix | None = None
     tenant: str = "default"  # whose queue it waits in (fair scheduling)
     on_finish: Callable[[Sequence], None] | None = None  # called once on the engine thread
@@ -118,16 +132,12 @@ class Sequence:
     id: int = field(default_factory=lambda: next(_ids))
     output_ids: list[int] = field(default_factory=list)
     # One entry per generated token when params.logprobs is set: (its logprob, [(id, logprob), ...] top ones)
-    output_logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
+    output_logprobs: list[Logprob] = field(default_factory=list)
     # One entry per prompt token when params.prompt_logprobs is set, the first None (nothing predicts it)
-    prompt_logprobs: list[tuple[float, list[tuple[int, float]]] | None] = field(default_factory=list)
-    text: str | None = None  # set when the request finishes
+    prompt_logprobs: list[Logprob | None] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     error: str | None = None
     cancelled: bool = False
-    unavailable: bool = False  # failed because the engine is gone or shutting down: retry later (503)
-    # time.monotonic() by which it must have joined the batch, or leave unserved
-    deadline: float | None = None
     arrival_time: float = field(default_factory=time.monotonic)
     admit_time: float | None = None  # when it joined the batch
     first_token_time: float | None = None

@@ -115,12 +115,12 @@ class EngineProcess:
         deadline = began + timeout
         while True:
             if await self._outputs.poll(500):
-                message = protocol.unpack(await self._outputs.recv())
-                if message[0] == protocol.READY:
+                message = protocol.decode_from_engine(await self._outputs.recv())
+                if isinstance(message, protocol.Ready):
                     break
-                if message[0] == protocol.FATAL:
+                if isinstance(message, protocol.Fatal):
                     await self.stop()
-                    raise EngineStartFailed(f"the engine process could not start: {message[1]}")
+                    raise EngineStartFailed(f"the engine process could not start: {message.message}")
             if self._proc.poll() is not None:
                 raise EngineStartFailed(
                     f"the engine process exited with code {self._proc.returncode} during start-up"
@@ -129,15 +129,15 @@ class EngineProcess:
                 self.kill()
                 await self.wait()
                 raise EngineStartFailed(f"the engine process was not ready after {timeout:.0f}s")
-        self.info = message[1]
+        self.info = message.info
         self.start_seconds = time.monotonic() - began
         return self.info
 
-    def send(self, message: list) -> None:
-        self._inputs.send(protocol.pack(message), zmq.NOBLOCK)
+    def send(self, message: protocol.ToEngine) -> None:
+        self._inputs.send(protocol.encode(message), zmq.NOBLOCK)
 
-    async def recv(self) -> list:
-        return protocol.unpack(await self._outputs.recv())
+    async def recv(self) -> protocol.FromEngine:
+        return protocol.decode_from_engine(await self._outputs.recv())
 
     def kill(self) -> None:
         if self.alive:
@@ -154,7 +154,7 @@ class EngineProcess:
         if proc is None:
             return
         if proc.poll() is None:
-            self.send([protocol.SHUTDOWN])
+            self.send(protocol.Shutdown())
             try:
                 await asyncio.to_thread(proc.wait, wait)
             except subprocess.TimeoutExpired:

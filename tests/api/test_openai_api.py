@@ -17,7 +17,7 @@ import openai
 import pytest
 import torch
 
-from server.api.streaming import REPLACEMENT_CHAR, IncrementalDetokenizer
+from server.engine.detokenizer import REPLACEMENT_CHAR, Detokenizer
 from tests.helpers.adapters import peft_adapter
 from tests.helpers.server_process import ServerSpec
 
@@ -30,20 +30,21 @@ KEYS = {"acme": "key-acme", "solo": "key-solo"}
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The incremental detokenizer, against the engine's own rule for the final text
+# The incremental detokenizer, against a whole decode of the output cut at the first stop string
 
 
 def _stream_like_engine(tokenizer, ids: list[int], stop: tuple[str, ...]) -> tuple[list[str], str]:
-    """Feed ``ids`` one at a time, finishing as the engine does (full decode, cut at the first stop string).
-    Returns the deltas shown before the end and the final text."""
-    detok, deltas = IncrementalDetokenizer(tokenizer, stop), []
+    """Feed ``ids`` one at a time, finishing where a whole decode (cut at the first stop string) says the
+    output ends. Returns the detokenizer's deltas (the last one its rest) and that reference text."""
+    detok, deltas = Detokenizer(tokenizer, stop), []
     for n in range(1, len(ids) + 1):
         text = tokenizer.decode(ids[:n], skip_special_tokens=True)
         hits = [i for i in (text.find(s) for s in stop) if i >= 0]
         final = text[:min(hits)] if hits else (text if n == len(ids) else None)
         deltas.append(detok.add(ids[n - 1:n]))
         if final is not None:
-            deltas.append(detok.finish(final))
+            assert detok.stopped == bool(hits)  # it found the stop string at the same token
+            deltas.append(detok.finish())
             return deltas, final
     raise AssertionError("unreachable")
 

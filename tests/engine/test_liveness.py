@@ -193,21 +193,20 @@ def test_the_engine_process_heartbeats_every_step_and_idle_and_exits_within_1s_o
                                input_address=f"ipc://{tmp_path}/in", output_address=f"ipc://{tmp_path}/out",
                                parent_pid=os.getpid())
     # 200 prompt tokens in steps of at most 64 (spec.max_step_tokens): 4 prefill steps, 1 new token
-    request = protocol.RequestSpec(1, [100 + i for i in range(200)],
-                                   protocol.params_to_dict(SamplingParams(max_new_tokens=1)), None, "t",
-                                   time.monotonic())
+    request = protocol.AddRequest(1, [100 + i for i in range(200)],
+                                  SamplingParams(max_new_tokens=1).for_engine(), None, "t", time.monotonic())
 
     async def scenario():
         process = EngineProcess(spec, None)
         try:
             await process.start(300)
             idle = await asyncio.wait_for(process.recv(), 2 * protocol.HEARTBEAT_INTERVAL_S + 1)
-            process.send(protocol.encode_request(request))
+            process.send(request)
             steps = []
-            while not (steps and steps[-1]["finished"]):
-                kind, body = await asyncio.wait_for(process.recv(), 60)
-                if kind == protocol.STEP:
-                    steps.append(body)
+            while not (steps and steps[-1].finished):
+                message = await asyncio.wait_for(process.recv(), 60)
+                if isinstance(message, protocol.StepOutput):
+                    steps.append(message)
             began = time.monotonic()
             await process.stop()
             return idle, steps, time.monotonic() - began, process.returncode
@@ -217,9 +216,9 @@ def test_the_engine_process_heartbeats_every_step_and_idle_and_exits_within_1s_o
             process.close()
 
     idle, steps, took, code = asyncio.run(scenario())
-    assert idle[0] == protocol.HEARTBEAT and idle[1]["running"] == 0
+    assert isinstance(idle, protocol.Heartbeat) and idle.running == 0
     # every prefill chunk says so, though it produced no token: a long prompt is not mistaken for a stall
-    assert len(steps) == 4 and [len(s["tokens"]) for s in steps] == [0, 0, 0, 1], steps
+    assert len(steps) == 4 and [len(s.tokens) for s in steps] == [0, 0, 0, 1], steps
     assert code == 0 and took < 1.0, f"exited with {code} after {took:.2f}s"
 
 

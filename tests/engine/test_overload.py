@@ -252,24 +252,34 @@ def test_an_unsupported_model_is_refused_at_start_with_the_reason(tmp_path):
 
 
 def test_sampling_params_cross_the_wire_unchanged_but_for_stop_strings():
+    import dataclasses
+
+    import msgspec
+
     from server.engine import protocol
     from server.engine.sequence import SamplingParams
 
     params = SamplingParams(
-        max_new_tokens=7, temperature=0.5, top_p=0.9, top_k=3, seed=11, stop=("\n",), ignore_eos=True
+        max_new_tokens=7, temperature=0.5, top_p=0.9, top_k=3, seed=11, stop=("\n",), ignore_eos=True,
+        stop_token_ids=(4, 5), logit_bias=((3, -2.5),), structured=("regex", "a+"),
     )
-    frame = protocol.pack(
-        protocol.encode_request(
-            protocol.RequestSpec(5, [1, 2, 3], protocol.params_to_dict(params), "t@1#ab", "acme", 12.5)
-        )
+    frame = protocol.encode(protocol.AddRequest(5, [1, 2, 3], params.for_engine(), "t@1#ab", "acme", 12.5))
+    request = protocol.decode_to_engine(frame)
+    assert isinstance(request, protocol.AddRequest)
+    assert request.prompt_ids == [1, 2, 3] and request.prefix_ref == "t@1#ab" and request.arrival_time == 12.5
+    # the HTTP process looks for stop strings (it detokenizes); the engine never sees them; tuples stay
+    # tuples
+    assert request.params == protocol.EngineParams(
+        max_new_tokens=7, temperature=0.5, top_p=0.9, top_k=3, seed=11, ignore_eos=True,
+        stop_token_ids=(4, 5), logit_bias=((3, -2.5),), structured=("regex", "a+"),
     )
-    kind, body = protocol.unpack(frame)
-    spec = protocol.decode_request(body)
-    assert kind == protocol.ADD and spec.prompt_ids == [1, 2, 3] and spec.prefix_ref == "t@1#ab"
-    # the HTTP process looks for stop strings (it detokenizes); the engine never sees them
-    assert protocol.params_from_dict(spec.params) == SamplingParams(
-        max_new_tokens=7, temperature=0.5, top_p=0.9, top_k=3, seed=11, ignore_eos=True
-    )
+    # the engine's fields are SamplingParams' own, less the stop strings (one list, checked once, here)
+    assert set(protocol.EngineParams.__struct_fields__) == {
+        f.name for f in dataclasses.fields(SamplingParams)} - {"stop"}
+    # a frame that does not match the schema is refused when decoded, not deep in the engine
+    bad = msgspec.msgpack.encode({"type": "AddRequest", "id": "five", "prompt_ids": [1]})
+    with pytest.raises(msgspec.ValidationError):
+        protocol.decode_to_engine(bad)
 
 
 def _client(max_batch_size: int, max_waiting: int):

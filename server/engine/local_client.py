@@ -1,0 +1,67 @@
+"""The engine client for one process: the verbs of :class:`~server.engine.client.EngineClient`
+(``check_fits``, ``check_structured``, ``submit``, ``cancel``) over an :class:`~server.engine.engine.Engine`
+stepped by the caller's own thread, for training's evaluation and offline use.
+
+Requests are the same :class:`~server.engine.request_state.RequestState` s, followed by the same
+:class:`~server.engine.tracker.RequestTracker` from the same step outputs the engine process would send
+(:class:`~server.engine.step_events.StepEvents`), so text, stop strings and finishes behave exactly as
+when served; only the transport differs (no sockets, no admission queue limit, no deadlines).
+"""
+
+from __future__ import annotations
+
+from server.engine.engine import Engine, EngineConfig, RequestInvalid
+from server.engine.grammar import InvalidGrammar
+from server.engine.model import BaseModel
+from server.engine.request_state import RequestObserver, RequestState
+from server.engine.sequence import Sequence
+from server.engine.step_events import StepEvents
+from server.engine.tracker import RequestTracker
+
+
+class LocalEngineClient(RequestTracker):
+    def __init__(self, base: BaseModel, config: EngineConfig | None = None,
+                 observer: RequestObserver | None = None):
+        config = config or EngineConfig()
+        super().__init__(observer, config.max_batch_size, max_waiting=1 << 30)
+        self.base = base
+        self._events = StepEvents()
+        self.engine = Engine(base, config, observer=self._events)
+
+    @property
+    def fit_limits(self) -> tuple[int, int]:
+        return self.base.shape.max_positions, self.engine.max_slots
+
+    async def check_structured(self, state: RequestState) -> None:
+        """Raise :class:`RequestInvalid` when ``state``'s structured output cannot be followed."""
+        if state.params.structured is not None:
+            try:
+                self.engine.grammars.check(state.params.structured)
+            except InvalidGrammar as exc:
+                raise RequestInvalid(str(exc)) from None
+
+    def submit(self, state: RequestState) -> None:
+        """Queue ``state`` (after :meth:`check_fits`; not checked again)."""
+        self._register(state, self.base.tokenizer)
+        seq = Sequence(state.prompt_ids, state.params.for_engine(), state.prefix, tenant=state.tenant,
+                       id=state.id, arrival_time=state.arrival_time)
+        self._events.track(seq)
+        self.engine.enqueue(seq)
+
+    def _abort(self, ids: list[int]) -> None:
+        for seq_id in ids:
+            seq = self._events.seqs.get(seq_id)
+            if seq is not None:
+                self.engine.cancel(seq)
+
+    def step(self) -> None:
+        """One engine step, its outputs applied to the requests."""
+        self.engine.step()
+        self._apply(self._events.take(self.engine))
+
+    def run_until_idle(self) -> None:
+        """Step until every submitted request has finished."""
+        while self._states:
+            self.step()
+            if self._states and not (self.engine.num_running or self.engine.num_waiting):
+                raise RuntimeError(f"the engine lost {len(self._states)} requests")  # a bug, if ever
