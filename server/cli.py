@@ -317,7 +317,8 @@ def _add_bench(sub, defaults: Settings) -> None:
                        help="queue depths behind a full batch for the overload section")
     bench.add_argument("--overload-window", type=float, default=8.0, help="seconds each decode figure spans")
     bench.add_argument("--out", default=None,
-                       help="results folder (default bench/results; bench/results/gpu with --batch-sizes; "
+                       help="results folder (default server/bench/results; server/bench/results/gpu with "
+                       "--batch-sizes; "
                        "with --url, remote.{json,md} are written only when given)")
     remote = bench.add_argument_group(
         "a running server (--url): only the load generator, at each --sweep concurrency")

@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from prefixes.store import PrefixStore
-from server.engine.request_state import RequestObserver, RequestState
+from server.frontend.request_state import RequestObserver, RequestState
 
 NAMESPACE = "prefix_serve"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)

@@ -11,7 +11,7 @@ from prefixes.store import PrefixStore
 from prefixes.validate import ArtifactLimits
 from server.auth import AuthConfig
 from server.config import Settings
-from server.engine.client import EngineClient, ServedModel
+from server.frontend.client import EngineClient, ServedModel
 from server.metrics import Metrics
 from server.tasks import ConcurrencyLimiter
 

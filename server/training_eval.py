@@ -9,10 +9,10 @@ from __future__ import annotations
 from prefixes.artifact import PrefixArtifact
 from prefixes.records import ResidentPrefix
 from prefixes.training import EvalPrompt
-from server.engine.local_client import LocalEngineClient
 from server.engine.model import BaseModel
-from server.engine.request_state import RequestState
 from server.engine.sequence import SamplingParams
+from server.frontend.local_client import LocalEngineClient
+from server.frontend.request_state import RequestState
 
 
 class EngineEvaluator:

@@ -11,8 +11,8 @@ from server.api.encode import encode_prompt
 from server.api.schemas import STREAMED, GenerateRequest, GenerateResponse, TaskQuery, Usage
 from server.api.streaming import Piece, open_stream, run_to_end
 from server.auth import CurrentPrincipal
-from server.engine.request_state import RequestState
 from server.engine.sequence import SamplingParams
+from server.frontend.request_state import RequestState
 from server.state import State
 from server.tasks import resolve_prefix
 

@@ -55,9 +55,9 @@ from server.api.tools import (
     template_renders_tools,
 )
 from server.auth import CurrentPrincipal, Principal
-from server.engine.request_state import RequestState
 from server.engine.sequence import SamplingParams
 from server.errors import UnknownTask
+from server.frontend.request_state import RequestState
 from server.state import ServerState, State
 from server.tasks import resolve_prefix, visible_records
 

@@ -1,7 +1,7 @@
 """What the OpenAI-compatible routes return, from each choice's request state and its stream of
 :class:`~server.api.streaming.Piece` s: usage, logprobs in OpenAI's shapes, and the streamed chunks of
 ``/v1/completions`` and ``/v1/chat/completions``. Text comes from each request's one detokenizer
-(:mod:`server.engine.detokenizer`), the token strings of logprobs from its :func:`token_text`.
+(:mod:`server.frontend.detokenizer`), the token strings of logprobs from its :func:`token_text`.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 from server.api.streaming import Piece
 from server.api.tools import CallParser, ToolChoice
-from server.engine.detokenizer import token_text
-from server.engine.request_state import RequestState
+from server.frontend.detokenizer import token_text
+from server.frontend.request_state import RequestState
 
 
 def usage_body(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:

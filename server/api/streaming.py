@@ -1,9 +1,9 @@
 """Running one request's sequences on the engine and following them from the event loop, whole or as a
 stream of Server-Sent Events. Shared by ``/generate`` and the OpenAI-compatible routes.
 
-The engine (in its own process; see :mod:`server.engine.client`) only *signals* progress: an ``asyncio.Event``
-per request, set as its outputs arrive. Each sequence's text comes from its one detokenizer
-(:mod:`server.engine.detokenizer`), read on the event loop: streams take what it may show so far, whole
+The engine (in its own process; see :mod:`server.frontend.client`) only *signals* progress: an
+``asyncio.Event`` per request, set as its outputs arrive. Each sequence's text comes from its one detokenizer
+(:mod:`server.frontend.detokenizer`), read on the event loop: streams take what it may show so far, whole
 replies its text at the end. A slow client never slows the batch, and tokens that arrive faster than the
 client reads are coalesced into one chunk.
 """
@@ -21,11 +21,11 @@ from fastapi import HTTPException, Request
 from starlette.responses import StreamingResponse
 
 from server.auth import Principal
-from server.engine.admission import EngineOverloaded, EngineUnavailable
 from server.engine.engine import RequestInvalid
-from server.engine.request_state import RequestState
 from server.engine.sequence import FinishReason
 from server.errors import RETRY_AFTER_S
+from server.frontend.admission import EngineOverloaded, EngineUnavailable
+from server.frontend.request_state import RequestState
 from server.state import ServerState
 
 DISCONNECT_POLL_S = 0.25

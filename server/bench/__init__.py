@@ -1,6 +1,7 @@
 """`prefix-serve bench` (`make bench`): prefix-serve against the bare model and the alternatives, one run.
 
-Prints a markdown table with every target marked PASS/FAIL and writes ``bench/results/latest.{json,md,png}``.
+Prints a markdown table with every target marked PASS/FAIL and writes
+``server/bench/results/latest.{json,md,png}``.
 """
 
 from __future__ import annotations
@@ -176,8 +177,8 @@ def write_sweep(result: dict, stem: Path) -> None:
 
 def main(args: argparse.Namespace) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would drown the report
-    # A time limit's SIGTERM (bench/gpu-check.sh runs each phase under one) unwinds like an error, so the
-    # server process this run started is stopped too, instead of holding the device for the next phase.
+    # A time limit's SIGTERM (server/bench/gpu-check.sh runs each phase under one) unwinds like an error, so
+    # the server process this run started is stopped too, instead of holding the device for the next phase.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.url:
         return remote.main(args)
@@ -191,7 +192,7 @@ def main(args: argparse.Namespace) -> int:
         "new_tokens": args.new_tokens,
         "virtual_tokens": args.virtual_tokens, "rounds": args.rounds, "max_step_tokens": args.max_step_tokens,
     }
-    out = Path(args.out or ("bench/results/gpu" if args.batch_sizes else "bench/results"))
+    out = Path(args.out or ("server/bench/results/gpu" if args.batch_sizes else "server/bench/results"))
     out.mkdir(parents=True, exist_ok=True)
     with served_model(base, args) as model:
         if args.batch_sizes:

@@ -13,7 +13,7 @@ compute exactly the same tokens, ``ignore_eos`` so both generate exactly the bud
    many streamed at once (peak), all done.
 
 Prints one table of ratios (ours / vLLM's, and which direction is better) under the CPU's model and flags,
-and writes ``bench/results/peers/<date>.{json,md}``.
+and writes ``server/bench/results/peers/<date>.{json,md}``.
 """
 
 from __future__ import annotations
@@ -258,7 +258,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-vllm", action="store_true", help="prefix-serve alone (no install, no ratios)")
     parser.add_argument("--note", default="",
                         help="a line for the report (e.g. what else ran on the machine)")
-    parser.add_argument("--out", default="bench/results/peers")
+    parser.add_argument("--out", default="server/bench/results/peers")
     return parser.parse_args(argv)
 
 

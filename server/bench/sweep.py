@@ -1,9 +1,10 @@
 """`prefix-serve bench --batch-sizes 1,32,128,256`: the engine and the server against the bare forward pass at
 each batch size, and how long the device waits for the host in every engine step.
 
-Made for a GPU (`bench/gpu-check.sh`), runs on any device. At each batch size ``b``, alternating over rounds:
-the bare model's decode (the ceiling), the engine decoding ``b`` requests on ``b`` different tasks, and on
-one task. Then one more engine run with every decode step timed on the device's own clock (CUDA events):
+Made for a GPU (`server/bench/gpu-check.sh`), runs on any device. At each batch size ``b``, alternating over
+rounds: the bare model's decode (the ceiling), the engine decoding ``b`` requests on ``b`` different tasks,
+and on one task. Then one more engine run with every decode step timed on the device's own clock (CUDA
+events):
 
 - ``step_ms``: the step as the engine thread sees it, from picking requests to the sampled tokens on the host;
 - ``device_forward_ms``: the device's time from the forward's first kernel to its last;

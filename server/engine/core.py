@@ -1,9 +1,9 @@
 """The engine process: loads the model, runs :class:`~server.engine.engine.Engine` steps, nothing else.
 
-Started by :class:`server.engine.client.EngineClient` as ``python -m server.engine.core SPEC_JSON``. The HTTP
-process validates, tokenizes, resolves tasks, detokenizes and streams; this process schedules, computes and
-samples, on its main thread, so no request handling shares its interpreter (or its GIL) and the model's
-threads are the only busy ones here.
+Started by :class:`server.frontend.client.EngineClient` as ``python -m server.engine.core SPEC_JSON``.
+The HTTP process validates, tokenizes, resolves tasks, detokenizes and streams; this process schedules,
+computes and samples, on its main thread, so no request handling shares its interpreter (or its GIL) and
+the model's threads are the only busy ones here.
 
 It emits token ids and logprobs, never text: detokenizing and stop strings are the HTTP process's, which also
 checks every request before sending it (fit, grammar, sampling values), so requests are queued as they come.

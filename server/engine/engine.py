@@ -9,7 +9,7 @@ than one bounded step.
 One thread drives it: the engine process's main thread when serving (:mod:`server.engine.core`), the caller's
 own in training and benchmarks (:meth:`run_until_idle`). It produces token ids (and logprobs) only: a request
 ends at EOS, a stop id, its token budget, or when told to (:meth:`cancel`: a stop string the front end
-found in the text, a client gone); text is never made here (:mod:`server.engine.detokenizer`).
+found in the text, a client gone); text is never made here (:mod:`server.frontend.detokenizer`).
 """
 
 from __future__ import annotations

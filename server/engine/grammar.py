@@ -52,7 +52,7 @@ class InvalidGrammar(ValueError):
 # of each mask, but its grammar compiler recurses over rule chains and nesting on the native stack: a Lark
 # grammar of 5,000 chained rules (130 KB) crashed the process that compiled it, 2,000 passed. So the source
 # is bounded first, each limit named in the refusal, and the HTTP process checks grammars in a child process
-# of its own (server/engine/grammar_check.py), where a crash the limits did not foresee loses nothing else.
+# of its own (server/frontend/grammar_check.py), where a crash the limits did not foresee loses nothing else.
 # PREFIX_SERVE_GRAMMAR_LIMITS="bytes=N,rules=N,nesting=N,enum=N" overrides any of them (an operator's choice;
 # the tests raise them to show that a grammar crashing the checker costs only its own request).
 _OVERRIDES = {k.strip(): int(v) for k, v in (item.split("=") for item in

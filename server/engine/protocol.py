@@ -21,8 +21,9 @@ engine -> HTTP (:data:`FromEngine`)::
     Fatal        start-up failed (e.g. an unsupported model); the process exits
 
 The engine sends token ids, never text: detokenizing and stop strings are the HTTP process's
-(:mod:`server.engine.detokenizer`). Any message from the engine is proof of progress: the HTTP process
-replaces an engine that stays silent for ``--engine-stall-timeout`` seconds (:mod:`server.engine.supervisor`).
+(:mod:`server.frontend.detokenizer`). Any message from the engine is proof of progress: the HTTP process
+replaces an engine that stays silent for ``--engine-stall-timeout`` seconds
+(:mod:`server.frontend.supervisor`).
 Only plain data crosses; nothing is pickled, and tensors travel only as files in the safetensors format.
 """
 

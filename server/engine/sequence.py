@@ -1,6 +1,6 @@
 """Per-request state in the engine: what was asked (prompt, task prefix, sampling) and what was generated.
 
-The HTTP process follows a request with its own thin state (:mod:`server.engine.request_state`); the two
+The HTTP process follows a request with its own thin state (:mod:`server.frontend.request_state`); the two
 share nothing but the messages of :mod:`server.engine.protocol`.
 """
 

@@ -2,8 +2,8 @@
 logprobs, admissions, finishes and counts, never text.
 
 The engine process sends it over its socket (:mod:`server.engine.core`); the in-process client applies it
-directly (:mod:`server.engine.local_client`). Both then follow their requests the same way
-(:class:`~server.engine.tracker.RequestTracker`).
+directly (:mod:`server.frontend.local_client`). Both then follow their requests the same way
+(:class:`~server.frontend.tracker.RequestTracker`).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The front end's one detokenizer per request (server/engine/detokenizer.py), and the engine that no longer
+"""The front end's one detokenizer per request (server/frontend/detokenizer.py), and the engine that no longer
 makes text: stop strings are found in the new characters only, the engine never decodes.
 
 Fast: the real tokenizer and a tiny random Llama; no server.
@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import pytest
 
-from server.engine.detokenizer import Detokenizer, output_text
 from server.engine.engine import Engine, EngineConfig
 from server.engine.model import wrap_model
 from server.engine.sequence import FinishReason, SamplingParams, Sequence
+from server.frontend.detokenizer import Detokenizer, output_text
 from tests.helpers.support import tiny_model
 
 TEXT = ("The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs! "
@@ -103,8 +103,8 @@ def test_the_in_process_client_follows_requests_as_the_served_one(tokenizer):
     """LocalEngineClient: the same RequestState, detokenizer and tracker as EngineClient, over an engine in
     this process. A stop string ends the request at the token that completes it and cancels the engine's
     copy; the text is the whole decode cut before it."""
-    from server.engine.local_client import LocalEngineClient
-    from server.engine.request_state import RequestState
+    from server.frontend.local_client import LocalEngineClient
+    from server.frontend.request_state import RequestState
 
     base = wrap_model(tiny_model("llama", seed=3), tokenizer, "llama")
     config = EngineConfig(max_batch_size=2, kv_cache_bytes=8 << 20, max_step_tokens=64)

@@ -17,7 +17,7 @@ import openai
 import pytest
 import torch
 
-from server.engine.detokenizer import REPLACEMENT_CHAR, Detokenizer
+from server.frontend.detokenizer import REPLACEMENT_CHAR, Detokenizer
 from tests.helpers.adapters import peft_adapter
 from tests.helpers.server_process import ServerSpec
 

@@ -314,7 +314,8 @@ def test_build_context_holds_exactly_what_the_dockerfile_copies_and_builds(tmp_p
     stray = [p for p in context if not any(p == s or p.startswith(s.rstrip("/") + "/") for s in sources)]
     assert not stray, f"sent to Docker but never copied: {stray}"
     for kept_out in (".venv/bin/python", ".git/HEAD", "store/tasks/t/CURRENT", "server/__pycache__/cli.pyc",
-                     "tests/deploy/test_deploy.py", "docker/compose.yaml", "bench/results/latest.json"):
+                     "tests/deploy/test_deploy.py", "docker/compose.yaml",
+                     "server/bench/results/latest.json"):
         assert not _in_context(kept_out, rules), kept_out
 
     # what `pip install .` does in the build stage, from nothing but that context

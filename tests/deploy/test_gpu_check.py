@@ -1,5 +1,5 @@
-"""`bench/gpu-check.sh`, the GPU check, run for real in its CPU mode: the script's benchmark part on a tiny
-random model must write a figures file in which every field was measured.
+"""`server/bench/gpu-check.sh`, the GPU check, run for real in its CPU mode: the script's benchmark part on a
+tiny random model must write a figures file in which every field was measured.
 
 What the GPU adds (CUDA events, real sizes) cannot run here; everything around it does: the script's
 phases, `bench --model random:NAME --batch-sizes`, the bare forward, the engine on N tasks and on one, the
@@ -28,7 +28,7 @@ def test_gpu_check_bench_part_runs_on_cpu_and_measures_every_field(tmp_path):
     out = tmp_path / "gpu"
     # this interpreter has everything: the script installs nothing
     env = {**os.environ, "PYTHON": sys.executable}
-    run = subprocess.run(["bash", "bench/gpu-check.sh", "--device", "cpu", "--small", "--skip-tests",
+    run = subprocess.run(["bash", "server/bench/gpu-check.sh", "--device", "cpu", "--small", "--skip-tests",
                           "--out", str(out)],
                          cwd=REPO_ROOT, env=env, check=False, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]

@@ -187,7 +187,7 @@ def test_an_engine_killed_more_often_than_allowed_makes_the_server_exit_non_zero
 def test_the_engine_process_heartbeats_every_step_and_idle_and_exits_within_1s_of_shutdown(tmp_path):
     from server.engine import protocol
     from server.engine.sequence import SamplingParams
-    from server.engine.supervisor import EngineProcess
+    from server.frontend.supervisor import EngineProcess
 
     spec = dataclasses.replace(_client(max_batch_size=2, max_waiting=2).spec, kv_cache_bytes=64 << 20,
                                input_address=f"ipc://{tmp_path}/in", output_address=f"ipc://{tmp_path}/out",
@@ -227,7 +227,7 @@ def test_the_engine_process_heartbeats_every_step_and_idle_and_exits_within_1s_o
 
 
 def test_restarts_back_off_and_are_bounded_per_minute():
-    from server.engine.supervisor import RESTART_WINDOW_S, RestartPolicy
+    from server.frontend.supervisor import RESTART_WINDOW_S, RestartPolicy
 
     policy = RestartPolicy(max_per_minute=4)
     delays = []
@@ -241,7 +241,7 @@ def test_restarts_back_off_and_are_bounded_per_minute():
 
 
 def test_retry_after_is_the_restart_countdown_and_absent_once_down_for_good():
-    from server.engine.client import EngineUnavailable
+    from server.frontend.client import EngineUnavailable
 
     client = _client(max_batch_size=2, max_waiting=2)
     supervisor = client.supervisor

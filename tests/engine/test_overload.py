@@ -283,8 +283,8 @@ def test_sampling_params_cross_the_wire_unchanged_but_for_stop_strings():
 
 
 def _client(max_batch_size: int, max_waiting: int):
-    from server.engine.client import EngineClient, EngineLimits
     from server.engine.core import EngineCoreSpec
+    from server.frontend.client import EngineClient, EngineLimits
 
     spec = EngineCoreSpec(
         model="default",
@@ -325,8 +325,8 @@ def _client(max_batch_size: int, max_waiting: int):
 def test_admission_bounds_the_queue_and_keeps_a_share_for_each_tenant(
     running, waiting, tenant, count, admitted
 ):
-    from server.engine.client import EngineOverloaded
     from server.engine.sequence import SamplingParams, Sequence
+    from server.frontend.client import EngineOverloaded
 
     client = _client(max_batch_size=2, max_waiting=2)
     client.num_running = running
@@ -341,7 +341,7 @@ def test_admission_bounds_the_queue_and_keeps_a_share_for_each_tenant(
 
 
 def test_a_draining_or_dead_engine_refuses_with_a_reason():
-    from server.engine.client import EngineUnavailable
+    from server.frontend.client import EngineUnavailable
 
     client = _client(max_batch_size=2, max_waiting=2)
     client.draining = True

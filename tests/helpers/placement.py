@@ -1,6 +1,6 @@
 """Where the engine-vs-PEFT tests run: ``PREFIX_SERVE_TEST_DEVICE`` (cpu, cuda, cuda:N) and
 ``PREFIX_SERVE_TEST_DTYPE`` (float32, bfloat16, float16). Unset, they are cpu and float32, so CPU CI is
-unchanged; `bench/gpu-check.sh` sets them to run the same tests on a GPU.
+unchanged; `server/bench/gpu-check.sh` sets them to run the same tests on a GPU.
 
 The tiny models are built in float32 on the CPU from a fixed seed and then moved, so every placement
 serves the same weights. Engine and oracle run in the same dtype, and two float paths (batched, cached,

@@ -1,19 +1,20 @@
 """The engine as the HTTP process sees it: the verbs of :class:`~server.engine.engine.Engine` (``check_fits``,
 ``submit``, ``cancel``), served by the engine process (:mod:`server.engine.core`).
 
-Each request submitted here is followed by its :class:`~server.engine.request_state.RequestState`, the
-HTTP process's own thin state, from the engine's step outputs (:class:`~server.engine.tracker.RequestTracker`,
-shared with the in-process :class:`~server.engine.local_client.LocalEngineClient`): token ids and logprobs,
+Each request submitted here is followed by its :class:`~server.frontend.request_state.RequestState`, the
+HTTP process's own thin state, from the engine's step outputs
+(:class:`~server.frontend.tracker.RequestTracker`,
+shared with the in-process :class:`~server.frontend.local_client.LocalEngineClient`): token ids and logprobs,
 text from its one detokenizer (a stop string finishes it here and aborts the engine's copy), admission and
 finish with the engine's timestamps. The engine never sees text.
 
 Admission control lives here too, where a refusal can still be an HTTP status
-(:mod:`server.engine.admission`): a bounded waiting queue, a request with a ``deadline`` that has not joined
+(:mod:`server.frontend.admission`): a bounded waiting queue, a request with a ``deadline`` that has not joined
 the batch by then leaves the queue unserved (``FinishReason.TIMEOUT``), and a dead, stuck or draining
 engine fails what it holds with ``unavailable`` set (503) instead of leaving clients hanging.
 
 Liveness too: an engine process that exits, or stays silent (no step, no heartbeat) for ``stall_timeout``
-seconds, is replaced as :class:`~server.engine.supervisor.RestartPolicy` allows, while requests get 503 with
+seconds, is replaced as :class:`~server.frontend.supervisor.RestartPolicy` allows, while requests get 503 with
 a ``Retry-After`` of the expected restart time; task tensors are sent again as requests name them.
 """
 
@@ -33,16 +34,16 @@ from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
 from prefixes.artifact import ModelShape
 from server.engine import protocol
-from server.engine.admission import EngineOverloaded, EngineUnavailable
 from server.engine.core import EngineCoreSpec
 from server.engine.engine import RequestInvalid
-from server.engine.grammar_check import GrammarChecker
 from server.engine.model import check_supported, resolve_model
-from server.engine.prefix_shipping import PrefixShipper
-from server.engine.request_state import RequestObserver, RequestState
 from server.engine.sequence import FinishReason
-from server.engine.supervisor import EngineProcess, EngineStartFailed, EngineSupervisor
-from server.engine.tracker import RequestTracker
+from server.frontend.admission import EngineOverloaded, EngineUnavailable
+from server.frontend.grammar_check import GrammarChecker
+from server.frontend.prefix_shipping import PrefixShipper
+from server.frontend.request_state import RequestObserver, RequestState
+from server.frontend.supervisor import EngineProcess, EngineStartFailed, EngineSupervisor
+from server.frontend.tracker import RequestTracker
 
 __all__ = ["EngineClient", "EngineLimits", "EngineOverloaded", "EngineUnavailable", "ServedModel"]
 

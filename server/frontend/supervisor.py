@@ -5,7 +5,7 @@ to it, bound afresh for each process so that nothing a dead engine left half-sen
 :class:`RestartPolicy` decides whether and when a replacement starts: at once the first time, then after a
 doubling backoff, and never more than ``max_per_minute`` times in any 60 seconds (past that the server gives
 up, reports ``engine_down`` and exits non-zero, so an orchestrator takes over). :class:`EngineSupervisor`
-runs the watch that uses both, for :class:`~server.engine.client.EngineClient`.
+runs the watch that uses both, for :class:`~server.frontend.client.EngineClient`.
 """
 
 from __future__ import annotations

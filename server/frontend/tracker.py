@@ -1,12 +1,12 @@
 """Following requests from the engine's step outputs, for both clients of the engine (HTTP process side).
 
-:class:`RequestTracker` holds every unfinished request's :class:`~server.engine.request_state.RequestState`
+:class:`RequestTracker` holds every unfinished request's :class:`~server.frontend.request_state.RequestState`
 and applies each :class:`~server.engine.protocol.StepOutput` to them: admission, prompt logprobs, token ids
 and logprobs (fed to the request's detokenizer, which looks for stop strings: a hit finishes the request
 here at once and aborts the engine's copy), finishes; then it calls the requests' ``on_token`` /
 ``on_finish`` callbacks. The two transports differ only in how outputs arrive and aborts leave: over the
-engine process's sockets (:class:`~server.engine.client.EngineClient`) or from an engine in this process
-(:class:`~server.engine.local_client.LocalEngineClient`).
+engine process's sockets (:class:`~server.frontend.client.EngineClient`) or from an engine in this process
+(:class:`~server.frontend.local_client.LocalEngineClient`).
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ import time
 from collections.abc import Callable
 
 from server.engine import protocol
-from server.engine.admission import WaitingQueue
-from server.engine.detokenizer import Detokenizer
 from server.engine.engine import check_fits
-from server.engine.request_state import RequestObserver, RequestState
 from server.engine.sequence import FinishReason
+from server.frontend.admission import WaitingQueue
+from server.frontend.detokenizer import Detokenizer
+from server.frontend.request_state import RequestObserver, RequestState
 
 log = logging.getLogger(__name__)
 

@@ -2,8 +2,8 @@
 
 The engine process keeps its own :class:`~server.engine.sequence.Sequence` (cache positions, sampling
 state, what the scheduler needs); this is the front end's side, filled from the engine's step outputs by
-:class:`~server.engine.client.EngineClient`: the token ids and logprobs received, the text made from them
-once by its :class:`~server.engine.detokenizer.Detokenizer`, how it finished, and the numbers the usage and
+:class:`~server.frontend.client.EngineClient`: the token ids and logprobs received, the text made from them
+once by its :class:`~server.frontend.detokenizer.Detokenizer`, how it finished, and the numbers the usage and
 the metrics report. Nothing here is sent back or kept in step with the engine's copy.
 """
 
@@ -14,8 +14,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from server.engine.detokenizer import Detokenizer
 from server.engine.sequence import FinishReason, SamplingParams, TaskPrefix
+from server.frontend.detokenizer import Detokenizer
 
 _ids = itertools.count()
 

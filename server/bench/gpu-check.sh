@@ -2,12 +2,12 @@
 # The GPU check (issue #15), in one call: install what is missing, run the engine-vs-PEFT tests on the
 # device in float32 and bfloat16, then `prefix-serve bench --batch-sizes` on random-weight models of real
 # size built from their configs (Llama-3.2-1B- and Llama-3.1-8B-shaped; nothing is downloaded but pip
-# packages). Figures go to bench/results/gpu/, and to $OUT as well when that is set (the device runner's
+# packages). Figures go to server/bench/results/gpu/, and to $OUT as well when that is set (the device runner's
 # folder). Every phase runs under its own time limit and the next one runs even if it fails, so one call
 # brings back everything that worked; the exit status says whether all did.
 #
-#   make gpu-check                                   # = bash bench/gpu-check.sh, on a CUDA machine
-#   bash bench/gpu-check.sh --device cpu --small     # every step on a CPU with a tiny model (a few minutes)
+#   make gpu-check                                   # = bash server/bench/gpu-check.sh, on a CUDA machine
+#   bash server/bench/gpu-check.sh --device cpu --small     # every step on a CPU with a tiny model (a few minutes)
 #
 # Options: --device cuda|cpu (default cuda), --small (random:tiny, batch sizes 1,4, float32, short runs;
 # results in a temporary folder unless --out), --out DIR, --skip-install, --skip-tests, --skip-bench.
@@ -43,7 +43,7 @@ else
   BENCH_DTYPE=${GPU_CHECK_BENCH_DTYPE:-bfloat16}
   # 64 new tokens: every burst of 256 streams has a window of many steps in which all of them decode.
   BENCH_ARGS=(--rounds 2 --prompt-tokens 32 --virtual-tokens 16 --new-tokens 64 --max-step-tokens 2048)
-  OUT_DIR=${OUT_DIR:-bench/results/gpu}
+  OUT_DIR=${OUT_DIR:-server/bench/results/gpu}
   # Estimates, not yet measured on a GPU: tests under a minute each, 1B about 2 minutes, 8B about 4 (writing
   # and loading 16 GB for its server included). A phase that hangs is cut at its limit; with less time
   # than all phases need, split the run (e.g. GPU_CHECK_MODELS=llama-8b ... --skip-tests).

@@ -1,9 +1,9 @@
-"""The engine client for one process: the verbs of :class:`~server.engine.client.EngineClient`
+"""The engine client for one process: the verbs of :class:`~server.frontend.client.EngineClient`
 (``check_fits``, ``check_structured``, ``submit``, ``cancel``) over an :class:`~server.engine.engine.Engine`
 stepped by the caller's own thread, for training's evaluation and offline use.
 
-Requests are the same :class:`~server.engine.request_state.RequestState` s, followed by the same
-:class:`~server.engine.tracker.RequestTracker` from the same step outputs the engine process would send
+Requests are the same :class:`~server.frontend.request_state.RequestState` s, followed by the same
+:class:`~server.frontend.tracker.RequestTracker` from the same step outputs the engine process would send
 (:class:`~server.engine.step_events.StepEvents`), so text, stop strings and finishes behave exactly as
 when served; only the transport differs (no sockets, no admission queue limit, no deadlines).
 """
@@ -13,10 +13,10 @@ from __future__ import annotations
 from server.engine.engine import Engine, EngineConfig, RequestInvalid
 from server.engine.grammar import InvalidGrammar
 from server.engine.model import BaseModel
-from server.engine.request_state import RequestObserver, RequestState
 from server.engine.sequence import Sequence
 from server.engine.step_events import StepEvents
-from server.engine.tracker import RequestTracker
+from server.frontend.request_state import RequestObserver, RequestState
+from server.frontend.tracker import RequestTracker
 
 
 class LocalEngineClient(RequestTracker):
