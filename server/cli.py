@@ -151,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model", default=defaults.model,
                        help="'default' (embedded SmolLM2-135M-Instruct) or a local Hugging Face model folder")
     serve.add_argument("--store-dir", default=str(defaults.store_dir), help="where uploaded tasks are kept")
-    serve.add_argument("--dtype", default=defaults.dtype, choices=sorted(DTYPES))
+    serve.add_argument("--dtype", default=defaults.dtype, choices=["auto", *sorted(DTYPES)],
+                       help="auto: bfloat16 where the CPU has avx512_bf16 or amx_bf16, else float32")
     serve.add_argument("--device", default=defaults.device, help="cpu or cuda")
     serve.add_argument("--max-batch-size", type=int, default=defaults.max_batch_size)
     serve.add_argument("--kv-cache-bytes", type=int, default=defaults.kv_cache_bytes)

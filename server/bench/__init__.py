@@ -28,6 +28,8 @@ from server.bench.serving import register_tasks, serving
 from server.config import DTYPES
 from server.engine.engine import Engine, EngineConfig
 
+PREFILL_PROMPT = 6000  # tokens of the long prompt whose prefill is timed against the bare forward pass
+
 
 def run_offline(base, args) -> dict:
     n, p, new = args.concurrency, args.prompt_tokens, args.new_tokens
@@ -50,6 +52,8 @@ def run_offline(base, args) -> dict:
     generate_static = offline.generate_tokens_per_s(base, static_groups, p + vt, new)
     engine_same_load = offline.engine_end_to_end_tokens_per_s(
         engine, offline.make_requests(static_tasks, 2 * half, p, new), concurrent=True)
+    prefill = offline.prefill_against_bare(base, engine, min(PREFILL_PROMPT, base.shape.max_positions // 2),
+                                           max(2, rounds // 2))
     model_bytes = sum(t.numel() * t.element_size() for t in base.model.parameters())  # tied weights once
     return {
         "ceiling_decode_tokens_per_s": median(ceiling),
@@ -61,6 +65,7 @@ def run_offline(base, args) -> dict:
         "generate_static_per_task_tokens_per_s": generate_static,
         "engine_end_to_end_tokens_per_s": engine_same_load,
         "load_ms": offline.cold_and_hot_load_ms(base, vt),
+        "prefill": prefill,
         "scale": offline.scale(base, args.scale_tasks, n, p, new, vt),
         "bytes_per_task": base.shape.kv_width * vt * 4,
         "model_bytes": model_bytes,

@@ -38,7 +38,7 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
-def auto_dtype(device: str) -> tuple[torch.dtype, str]:
+def auto_dtype(device: str, flags: frozenset[str] | None = None) -> tuple[torch.dtype, str]:
     """The dtype a server uses unless ``--dtype`` says otherwise, and why (for the start-up log).
 
     bfloat16 where the CPU has native bfloat16 matmuls and oneDNN can use them (half the weight bytes a
@@ -47,11 +47,22 @@ def auto_dtype(device: str) -> tuple[torch.dtype, str]:
     """
     if torch.device(device).type != "cpu":
         return torch.float32, f"device {device}: float32 unless --dtype says otherwise"
-    found = [flag for flag in BF16_FLAGS if flag in cpu_flags()]
+    flags = cpu_flags() if flags is None else flags
+    found = [flag for flag in BF16_FLAGS if flag in flags]
     if found and torch.ops.mkldnn._is_mkldnn_bf16_supported():
         return torch.bfloat16, f"CPU has {', '.join(found)}: native bfloat16 matmuls (--dtype to override)"
     return torch.float32, (f"CPU lacks {' and '.join(BF16_FLAGS)}: bfloat16 would be emulated, float32 is "
                            "faster (--dtype to override)")
+
+
+def resolve_dtype(name: str, device: str, announce: bool = False) -> torch.dtype:
+    """``--dtype``: "auto" (:func:`auto_dtype`, logged when ``announce``) or a torch dtype's name."""
+    if name != "auto":
+        return getattr(torch, name)
+    dtype, why = auto_dtype(device)
+    if announce:
+        log.info("dtype %s (--dtype auto): %s", str(dtype).removeprefix("torch."), why)
+    return dtype
 
 
 def _packed_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
