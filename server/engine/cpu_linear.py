@@ -68,7 +68,8 @@ def resolve_dtype(name: str, device: str, announce: bool = False) -> torch.dtype
 def _packed_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     # x: [..., in] -> [..., out]. Packed only for bfloat16 CPU inputs without autograd (the engine's
     # forwards); anything else (a test's float32 input, a backward) takes the module's own path.
-    if x.dtype != torch.bfloat16 or x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad):
+    if (x.dtype != torch.bfloat16 or x.device.type != "cpu"
+            or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
         return F.linear(x, self.weight, self.bias)
     return torch.ops.mkldnn._linear_pointwise(x, self._packed_weight, self.bias, "none", [], "")
 

@@ -51,3 +51,14 @@ def test_packed_linears_compute_what_f_linear_computes(tokenizer):
     torch.testing.assert_close(got, expected, rtol=1.6e-2, atol=1e-2)
     # the original weights are untouched and still what the state dict and tied embeddings hold
     assert all(not k.endswith("_packed_weight") for k in model.state_dict())
+
+
+@needs_onednn_bf16
+def test_a_packed_linear_still_trains_through_autograd():
+    """Prefix training runs the frozen base with inputs that need gradients: those take F.linear."""
+    linear = torch.nn.Linear(16, 8).to(torch.bfloat16).requires_grad_(False)
+    pack_linears(linear)
+    x = torch.randn(3, 16, dtype=torch.bfloat16, requires_grad=True)
+    linear(x).float().sum().backward()
+    assert x.grad is not None
+    torch.testing.assert_close(x.grad, linear.weight.sum(0).expand(3, 16))
