@@ -172,7 +172,8 @@ def _add_serve_model_args(group, defaults: Settings) -> None:
                        "/v1/models lists and /healthz reports, each is accepted as a request's model "
                        "(default: HuggingFaceTB/SmolLM2-135M-Instruct for the embedded model, also "
                        "accepted as SmolLM2-135M-Instruct; a folder's name for a folder)")
-    group.add_argument("--dtype", default=defaults.dtype, choices=sorted(DTYPES))
+    group.add_argument("--dtype", default=defaults.dtype, choices=["auto", *sorted(DTYPES)],
+                       help="auto: bfloat16 where the CPU has avx512_bf16 or amx_bf16, else float32")
     group.add_argument("--device", default=defaults.device, help="cpu or cuda")
     group.add_argument("--max-batch-size", type=int, default=defaults.max_batch_size)
     group.add_argument("--kv-cache-bytes", type=int, default=defaults.kv_cache_bytes)

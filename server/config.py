@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from server.engine.cpu_linear import resolve_dtype
+
 # "default" leaves OMP_WAIT_POLICY unset: libgomp spins a while at a barrier, then sleeps.
 OMP_WAIT_POLICIES = ("default", "active", "passive")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -20,7 +22,8 @@ class Settings:
     # (HuggingFaceTB/SmolLM2-135M-Instruct, also accepted as SmolLM2-135M-Instruct), or the folder's name
     served_model_name: tuple[str, ...] = ()
     store_dir: Path = Path("store")
-    dtype: str = "float32"
+    # "auto": bfloat16 where the CPU has native bfloat16 matmuls (avx512_bf16/amx_bf16), else float32
+    dtype: str = "auto"
     device: str = "cpu"
     max_batch_size: int = 32
     kv_cache_bytes: int = 2 << 30  # key/value memory for the running batch
@@ -73,8 +76,8 @@ class Settings:
                 "long_prefill_threshold": self.long_prefill_threshold}
 
     def __post_init__(self):
-        if self.dtype not in DTYPES:
-            raise ValueError(f"--dtype {self.dtype!r}: choose one of {sorted(DTYPES)}")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ValueError(f"--dtype {self.dtype!r}: choose auto or one of {sorted(DTYPES)}")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"--device {self.device!r}: choose cpu or cuda")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
@@ -133,4 +136,4 @@ class Settings:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+        return resolve_dtype(self.dtype, self.device)

@@ -30,6 +30,8 @@ from server.bench.serving import register_tasks, serving
 from server.config import DTYPES
 from server.engine.engine import Engine, EngineConfig
 
+PREFILL_PROMPT = 6000  # tokens of the long prompt whose prefill is timed against the bare forward pass
+
 
 def say(line: str) -> None:
     """One progress line, flushed at once: a full run takes most of an hour, its report comes at the end."""
@@ -79,6 +81,9 @@ def run_offline(base, args) -> dict:
     engine_same_load = offline.engine_end_to_end_tokens_per_s(
         engine, offline.make_requests(static_tasks, 2 * half, p, new), concurrent=True)
     say(f"engine on the same {2 * half} requests at once: {engine_same_load:.1f} tok/s")
+    say(f"a {min(PREFILL_PROMPT, base.shape.max_positions // 2)}-token prefill, engine and bare ...")
+    prefill = offline.prefill_against_bare(base, engine, min(PREFILL_PROMPT, base.shape.max_positions // 2),
+                                           max(2, rounds // 2))
     say(f"cold and hot prefix loads, then 1 to {max(args.scale_tasks)} registered tasks ...")
     model_bytes = sum(t.numel() * t.element_size() for t in base.model.parameters())  # tied weights once
     return {
@@ -91,6 +96,7 @@ def run_offline(base, args) -> dict:
         "generate_static_per_task_tokens_per_s": generate_static,
         "engine_end_to_end_tokens_per_s": engine_same_load,
         "load_ms": offline.cold_and_hot_load_ms(base, vt),
+        "prefill": prefill,
         "scale": offline.scale(base, args.scale_tasks, n, p, new, vt),
         "bytes_per_task": base.shape.kv_width * vt * 4,
         "model_bytes": model_bytes,

@@ -100,7 +100,42 @@ def engine_end_to_end_tokens_per_s(engine: Engine, seqs: list[Sequence], concurr
     return sum(len(s.output_ids) for s in seqs) / (time.perf_counter() - start)
 
 
+def engine_prefill_tokens_per_s(engine: Engine, prompt: list[int]) -> float:
+    """Prompt tokens per second to the first token of one request alone (chunked by the engine's step
+    budget, as a server computes it)."""
+    seq = Sequence(prompt, SamplingParams(max_new_tokens=1, ignore_eos=True), None)
+    start = time.perf_counter()
+    engine.submit(seq)
+    engine.run_until_idle()
+    return len(prompt) / (time.perf_counter() - start)
+
+
 # -- baselines -------------------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def bare_prefill_tokens_per_s(base: BaseModel, prompt: list[int]) -> float:
+    """The prefill ceiling: the model's own forward over the whole prompt at once (causal SDPA, no cache
+    pages, no chunks), keeping the last position's logits as the engine does."""
+    ids = torch.tensor([prompt], device=base.device)
+    synchronize(base.device)
+    start = time.perf_counter()
+    base.model(input_ids=ids, logits_to_keep=1)
+    synchronize(base.device)
+    return len(prompt) / (time.perf_counter() - start)
+
+
+def prefill_against_bare(base: BaseModel, engine: Engine, length: int, rounds: int) -> dict:
+    """Engine and bare prefill of a ``length``-token prompt, alternating; a new prompt each round (the
+    engine's prefix cache would otherwise answer the second)."""
+    engine_tps, bare_tps = [], []
+    for r in range(rounds):
+        prompt = prompt_ids(1000 + r, length)
+        engine_tps.append(engine_prefill_tokens_per_s(engine, prompt))
+        bare_tps.append(bare_prefill_tokens_per_s(base, prompt))
+    return {"prompt_tokens": length, "engine_tokens_per_s": statistics.median(engine_tps),
+            "bare_tokens_per_s": statistics.median(bare_tps),
+            "samples": {"engine": engine_tps, "bare": bare_tps}}
 
 
 def bare_decode_tokens_per_s(base: BaseModel, batch: int, context: int, steps: int) -> float:

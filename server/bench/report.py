@@ -96,6 +96,11 @@ def render_markdown(result: dict) -> str:
         (f"| transformers `generate`, per-task static batches of 2 | "
          f"{off['generate_static_per_task_tokens_per_s']:.1f} |"),
     ]
+    prefill = off.get("prefill")
+    if prefill:
+        lines += [(f"| prefill of a {prefill['prompt_tokens']:,}-token prompt: engine / bare forward pass "
+                   f"(the ceiling) = {prefill['engine_tokens_per_s'] / prefill['bare_tokens_per_s']:.2f} | "
+                   f"{prefill['engine_tokens_per_s']:.1f} / {prefill['bare_tokens_per_s']:.1f} |")]
     decode = result.get("http", {}).get("decode")
     if decode and all(decode["mixed"]) and all(decode["single"]):
         lines += [(f"| server over HTTP, {n} streams all decoding, on {n} tasks / on one task "

@@ -166,6 +166,15 @@ def _unpacked_softcapped(module, query, key, value, attention_mask, scaling, sof
     return out.reshape(b, heads, tq, dim).transpose(1, 2), None
 
 
+def _gather(pool: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """pool: [Hkv, N, D]; slots: [S] long -> [Hkv, S, D].
+
+    ``index_select`` rather than ``pool[:, slots]``: advanced indexing on a non-leading dim goes through
+    ``aten::index``'s generic strided loop, measured 5x (float32) to 15x (bfloat16) slower on AVX-512 than
+    ``index_select``'s row copies, and it was a third of a 32-row decode step."""
+    return pool.index_select(1, slots)
+
+
 def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                      **kwargs) -> tuple[torch.Tensor, None]:
@@ -196,8 +205,8 @@ def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
         g, w = group.gather.shape
         qd = q[:, group.start:group.stop].transpose(0, 1).reshape(g, kv_heads, groups, dim)
         flat = group.gather.flatten()
-        kd = key[:, flat].view(kv_heads, g, w, dim).transpose(0, 1)  # [g, Hkv, W, D]
-        vd = value[:, flat].view(kv_heads, g, w, dim).transpose(0, 1)
+        kd = _gather(key, flat).view(kv_heads, g, w, dim).transpose(0, 1)  # [g, Hkv, W, D]
+        vd = _gather(value, flat).view(kv_heads, g, w, dim).transpose(0, 1)
         if softcap is None:
             od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, scale=scale)
         else:  # [g, Hkv, G, 1, D] queries against [g, Hkv, W, D] keys; mask [g, 1, 1, 1, W]
@@ -207,7 +216,7 @@ def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     for chunk, mask in zip(batch.prefill, prefill_masks):
         c = chunk.stop - chunk.start
         qp = q[None, :, chunk.start:chunk.stop]  # [1, H, c, D]
-        kp, vp = key[None, :, chunk.gather], value[None, :, chunk.gather]  # [1, Hkv, W, D]
+        kp, vp = _gather(key, chunk.gather)[None], _gather(value, chunk.gather)[None]  # [1, Hkv, W, D]
         if softcap is None:
             op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, is_causal=mask is None,
                                                 scale=scale, enable_gqa=groups > 1)  # [1, H, c, D]

@@ -79,10 +79,11 @@ class EnginePrefix:
 class EngineCore:
     def __init__(self, spec: EngineCoreSpec):
         self.spec = spec
-        from server.config import DTYPES
+        from server.engine.cpu_linear import resolve_dtype
 
         torch.set_num_threads(spec.threads or torch.get_num_threads())
-        self.base = load_base_model(spec.model, DTYPES[spec.dtype], spec.device)
+        dtype = resolve_dtype(spec.dtype, spec.device, announce=True)
+        self.base = load_base_model(spec.model, dtype, spec.device)
         self.events = StepEvents()  # what each step produced, and the sequences it follows
         self.engine = Engine(
             self.base,

@@ -415,8 +415,9 @@ class _ViewLayer(CacheLayerMixin):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         # key_states: [1, Hkv, T, D] for the T packed tokens -> token t goes to slot slots[t]
         keys, values = self.cache.keys[self.layer], self.cache.values[self.layer]
-        keys[0, :, self.batch.slots] = key_states[0]
-        values[0, :, self.batch.slots] = value_states[0]
+        # index_copy_, not ``keys[0, :, slots] = ...``: index_put on a non-leading dim is a slow generic loop
+        keys[0].index_copy_(1, self.batch.slots, key_states[0])
+        values[0].index_copy_(1, self.batch.slots, value_states[0])
         return keys, values  # packed_attention gathers each row's slots itself
 
     def get_seq_length(self) -> int:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from server.engine.attention import DecodeGroup, PackedBatch, PrefillChunk, packed, use_packed_attention
+from server.engine.cpu_linear import pack_linears
 from server.engine.kv_cache import PagedKVCache
 from server.engine.model import BaseModel
 from server.engine.scheduler import StepPlan
@@ -71,6 +72,7 @@ class ModelRunner:
         self.base = base
         self.model = base.model
         use_packed_attention(self.model)
+        pack_linears(self.model)  # bfloat16 on CPU: oneDNN-prepacked weights (a no-op otherwise)
         self.cache = cache
         self.blocks = cache.manager
         self.embed = self.model.get_input_embeddings()

@@ -99,10 +99,14 @@ def test_bench_runs_end_to_end_and_reports_every_target(tiny_model, tmp_path):
             # real tokens
             assert load["token_throughput"] * load["wall_s"] == pytest.approx(load["requests"] * new_tokens)
     assert [row["tasks"] for row in result["offline"]["scale"]] == [1, 3]
+    prefill = result["offline"]["prefill"]  # a prompt of half the tiny model's 512 positions
+    assert prefill["prompt_tokens"] == 256 and len(prefill["samples"]["engine"]) == 2
+    assert prefill["engine_tokens_per_s"] > 0 and prefill["bare_tokens_per_s"] > 0
     markdown = (out / "latest.md").read_text()
     verdicts = [line for line in markdown.splitlines() if line.endswith(("| PASS |", "| FAIL |"))]
     assert len(verdicts) == 6, markdown
     assert "server decode tokens/s (HTTP, 4 streams on 4 tasks)" in markdown
+    assert "| prefill of a 256-token prompt: engine / bare forward pass (the ceiling) = " in markdown
     assert markdown in run.stdout
     assert (out / "latest.png").stat().st_size > 10_000
     # progress as it goes: each phase's start and end and each round's figures, printed before the report

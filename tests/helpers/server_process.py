@@ -58,7 +58,10 @@ class ServerProcess:
         self.log_path = Path(log_path)
         self.model = model
         self.host = host
-        self.extra_args = tuple(extra_args)
+        # The suite's references (PEFT oracles, the in-process default model) are float32; a test that
+        # wants another dtype (or "auto", the server's default) passes --dtype itself.
+        dtype = () if "--dtype" in extra_args else ("--dtype", "float32")
+        self.extra_args = (*dtype, *extra_args)
         self.env = env
         self.startup_timeout = startup_timeout
         self.stop_timeout = stop_timeout
