@@ -39,6 +39,7 @@ PLACEHOLDER_URL = "http://127.0.0.1:8000"
 NOT_RUN = {
     ("README.md", "make run    # installs into .venv, then serves the embedded SmolLM2-135M-Instruct on http://127.0.0.1:8000"),
     ("docs/benchmarks.md", "make bench"),
+    ("docs/benchmarks.md", "make bench-peers"),
     ("docs/benchmarks.md", "make gpu-check"),
     ("docs/operations.md", "docker build -t prefix-serve ."),
     ("docs/operations.md", ".venv/bin/prefix-serve serve --port 8001 --store-dir store-1 --redis-url redis://127.0.0.1:6379/0"),
