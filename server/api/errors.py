@@ -3,17 +3,23 @@
 
 Routes declare the error statuses they really give with ``responses=errors.responses(...)`` (FastAPI adds
 422 for request validation itself). The bodies are FastAPI's ``{"detail": ...}`` everywhere except under
-``/v1``, where they are OpenAI's ``{"error": {...}}`` (``openai=True``).
+``/v1``, where they are OpenAI's ``{"error": {...}}`` (``openai=True``): :class:`OpenAIError` names the
+parameter at fault, and :func:`add_openai_error_handlers` writes every HTTP and validation error there in
+that shape.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from inspect import isawaitable
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
+from fastapi.encoders import jsonable_encoder
 from fastapi.exception_handlers import http_exception_handler
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
@@ -29,6 +35,20 @@ from server.errors import (
 )
 
 
+class OpenAIError(HTTPException):
+    """An HTTP error that also says which parameter is at fault and OpenAI's machine-readable ``code``."""
+
+    def __init__(self, status_code: int, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(status_code, message)
+        self.param, self.code = param, code
+
+
+def error_body(message: str, type_: str = "server_error", code: str | None = None,
+               param: str | None = None) -> dict:
+    """OpenAI's error shape (also used for errors inside any stream, where the status is already sent)."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
 class ErrorDetail(BaseModel):
     detail: str
 
@@ -40,7 +60,7 @@ class OpenAIErrorBody(BaseModel):
     code: str | None = None
 
 
-class OpenAIError(BaseModel):
+class OpenAIErrorResponse(BaseModel):
     error: OpenAIErrorBody
 
 
@@ -72,7 +92,7 @@ def responses(*statuses: int, openai: bool = False, text_route: bool = False) ->
     out: dict[int | str, dict] = {}
     for status in statuses:
         description, headers = _DESCRIPTIONS[status]
-        out[status] = {"model": OpenAIError if openai else ErrorDetail, "description": description}
+        out[status] = {"model": OpenAIErrorResponse if openai else ErrorDetail, "description": description}
         if text_route:
             out[status] = {"description": description, "content": {"application/json": {
                 "schema": {"$ref": f"#/components/schemas/{ErrorDetail.__name__}"}}}}
@@ -124,3 +144,71 @@ def add_domain_error_handlers(app: FastAPI) -> None:
 
     for kind in STATUSES:
         app.add_exception_handler(kind, refuse)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Errors in OpenAI's shape, for /v1 only
+
+
+def _is_openai_route(request: Request) -> bool:
+    return request.url.path == "/v1" or request.url.path.startswith("/v1/")
+
+
+_ERROR_TYPES = {401: ("authentication_error", "invalid_api_key"), 403: ("permission_error", None),
+                429: ("rate_limit_error", "rate_limit_exceeded")}
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException):
+    if not _is_openai_route(request):
+        return await http_exception_handler(request, exc)
+    status = exc.status_code
+    default = ("server_error" if status >= 500 else "invalid_request_error", None)
+    type_, code = _ERROR_TYPES.get(status, default)
+    body = error_body(str(exc.detail), type_, getattr(exc, "code", None) or code, getattr(exc, "param", None))
+    return JSONResponse(body, status_code=status, headers=exc.headers)
+
+
+def _encodable(value):
+    """``value`` with non-finite floats as strings: a 422 quoting a NaN input must still be valid JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _encodable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_encodable(v) for v in value]
+    if isinstance(value, str):  # a lone surrogate cannot be written as UTF-8: escaped instead
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    return value
+
+
+SURROGATE = ("the request holds a lone UTF-16 surrogate (such as \\ud800) that is not a Unicode character: "
+             "send valid text.")
+
+
+async def _validation_error(request: Request, exc: RequestValidationError):
+    if any(error.get("type") == "string_unicode" for error in exc.errors()):
+        # strict bodies refuse a lone surrogate in validation; answered as the routes answer one in text
+        if _is_openai_route(request):
+            return JSONResponse(error_body(SURROGATE, "invalid_request_error", None, None), status_code=400)
+        return JSONResponse({"detail": SURROGATE}, status_code=400)
+    if not _is_openai_route(request):
+        return JSONResponse({"detail": _encodable(jsonable_encoder(exc.errors()))}, status_code=422)
+    errors = exc.errors()
+    first: dict[str, Any] = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+    if first.get("type") == "json_invalid":
+        param, message = None, f"The request body is not valid JSON: {first.get('ctx', {}).get('error', '')}"
+    else:
+        param = ".".join(str(part) for part in first["loc"] if part != "body") or None
+        message = f"{param}: {first['msg']}" if param else first["msg"]
+    if len(errors) > 1:
+        message += f" (and {len(errors) - 1} more problem(s))"
+    # OpenAI answers every malformed request with 400, where FastAPI would say 422
+    return JSONResponse(error_body(message, "invalid_request_error", None, param), status_code=400)
+
+
+def add_openai_error_handlers(app: FastAPI) -> None:
+    """Under ``/v1``, HTTP errors and validation errors in OpenAI's shape (a malformed request is a 400, as
+    OpenAI answers it); elsewhere FastAPI's own, except that a lone surrogate is a 400 everywhere."""
+    # Starlette types a handler as taking any Exception, though it calls each with its own class only
+    app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
+    app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]

@@ -20,6 +20,7 @@ from typing import cast
 from fastapi import HTTPException, Request
 from starlette.responses import StreamingResponse
 
+from server.api.errors import error_body
 from server.auth import Principal
 from server.engine.engine import RequestInvalid
 from server.engine.sequence import FinishReason
@@ -192,10 +193,6 @@ def sse(obj: dict) -> bytes:
 SSE_DONE = b"data: [DONE]\n\n"
 
 
-def error_body(message: str, type_: str = "server_error", code: str | None = None,
-               param: str | None = None) -> dict:
-    """OpenAI's error shape (also used for errors inside any stream, where the status is already sent)."""
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
 class EventStream(StreamingResponse):
