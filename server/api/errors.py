@@ -26,13 +26,18 @@ from starlette.responses import Response
 
 from prefixes.keys import InvalidTaskName
 from prefixes.store import QuotaExceeded, StorageFull, StoreReadOnly, StoreUnavailable
+from server.engine.engine import RequestInvalid
 from server.errors import (
+    RETRY_AFTER_S,
     Forbidden,
+    GenerationFailed,
+    GenerationUnavailable,
     TooManyInFlight,
     Unauthenticated,
     UnknownTask,
     UnknownTenant,
 )
+from server.frontend.admission import EngineOverloaded, EngineUnavailable
 
 
 class OpenAIError(HTTPException):
@@ -81,6 +86,7 @@ _DESCRIPTIONS = {
            "or down for good (no Retry-After), or the task is not on this replica and Redis is "
            "unreachable; or the task store is read-only, so uploads and deletes are refused (no "
            "Retry-After: an operator must make it writable)."), _RETRY_AFTER),
+    500: ("The engine failed the request (an internal error); the message says what happened.", None),
     507: (("The task store is out of room: its disk is full, or Redis is out of memory; the message says "
            "which. Nothing of the upload was kept and earlier tasks are intact."), None),
 }
@@ -101,8 +107,13 @@ def responses(*statuses: int, openai: bool = False, text_route: bool = False) ->
     return out
 
 
-def _retry_after(exc: Any) -> dict[str, str]:
-    return {"Retry-After": str(exc.retry_after)}
+def _retry_after(exc: Any) -> dict[str, str] | None:
+    # None: retrying cannot help (an engine down for good), so no Retry-After is sent
+    return {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
+
+
+def _retry_soon(exc: Any) -> dict[str, str]:
+    return {"Retry-After": str(RETRY_AFTER_S)}
 
 
 def _bearer_challenge(exc: Any) -> dict[str, str]:
@@ -110,7 +121,7 @@ def _bearer_challenge(exc: Any) -> dict[str, str]:
 
 
 # Domain error -> (status, the headers it is sent with). Subclasses map as their base does.
-STATUSES: dict[type[Exception], tuple[int, Callable[[Any], dict[str, str]] | None]] = {
+STATUSES: dict[type[Exception], tuple[int, Callable[[Any], dict[str, str] | None] | None]] = {
     InvalidTaskName: (400, None),
     UnknownTenant: (404, None),  # no tenant of that name on this server (none at all without --auth-file)
     Unauthenticated: (401, _bearer_challenge),
@@ -122,6 +133,13 @@ STATUSES: dict[type[Exception], tuple[int, Callable[[Any], dict[str, str]] | Non
     StoreUnavailable: (503, _retry_after),
     StoreReadOnly: (503, None),  # a read-only disk or Redis replica: not fixed by retrying soon
     StorageFull: (507, None),  # disk full (ENOSPC) or Redis out of memory: room must be made first
+    # the engine's, from the front end: a request that can never fit as sent; a full waiting queue; an
+    # engine that is gone, being replaced or draining; a sequence it failed (lost: 503, broken: 500)
+    RequestInvalid: (400, None),
+    EngineOverloaded: (503, _retry_soon),
+    EngineUnavailable: (503, _retry_after),
+    GenerationUnavailable: (503, _retry_after),  # before its base class: the first match wins
+    GenerationFailed: (500, None),
 }
 
 
