@@ -97,7 +97,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(prefixes.router)
     app.include_router(openai.router)
     app.include_router(tokenize.router)
-    openai.add_exception_handlers(app)  # OpenAI's error shape under /v1; elsewhere unchanged
+    errors.add_openai_error_handlers(app)  # OpenAI's error shape under /v1; elsewhere unchanged
     errors.add_domain_error_handlers(app)  # after it: renders through its HTTPException handler
     add_request_gate(app, settings)
     serve_openapi_with_model_bounds(app)

@@ -28,9 +28,10 @@ class Settings:
     max_batch_size: int = 32
     kv_cache_bytes: int = 2 << 30  # key/value memory for the running batch
     max_step_tokens: int = 512  # tokens per forward: running requests' next tokens + joining prompts' chunks
-    # The paged key/value cache (server/engine/kv_cache.py): token slots per block; reuse of computed prompt
-    # blocks (per tenant and task version, or across tenants when shared); a prompt with more tokens than
-    # long_prefill_threshold to prefill gets at most that many of a step while others wait (0: half a step)
+    # The paged key/value cache (server/engine/block_manager.py): token slots per block; reuse of computed
+    # prompt blocks (per tenant and task version, or across tenants when shared); a prompt with more tokens
+    # than long_prefill_threshold to prefill gets at most that many of a step while others wait (0: half a
+    # step)
     block_size: int = 16
     prefix_caching: bool = True
     share_prefix_cache: bool = False

@@ -34,3 +34,16 @@ class TooManyInFlight(Exception):
     def __init__(self, message: str, retry_after: int):
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class GenerationFailed(RuntimeError):
+    """The engine failed a sequence with an internal error (a 500)."""
+
+
+class GenerationUnavailable(GenerationFailed):
+    """The engine could not serve a sequence at all: its process is gone, the server is draining, or the
+    request's deadline passed in the queue (a 503; retry after ``retry_after`` s, or never when None)."""
+
+    def __init__(self, message: str, retry_after: int | None = RETRY_AFTER_S):
+        super().__init__(message)
+        self.retry_after = retry_after

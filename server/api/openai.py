@@ -2,31 +2,26 @@
 
 Every task the caller may use is a model (its task name is the model id); the base model's own id means no
 prefix. Errors under ``/v1`` use OpenAI's JSON error shape so that OpenAI clients raise the right exception
-(see :func:`add_exception_handlers`); the other routes keep FastAPI's ``{"detail": ...}``.
+(:func:`server.api.errors.add_openai_error_handlers`); the other routes keep FastAPI's ``{"detail": ...}``.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import time
 import uuid
 from collections.abc import Mapping
-from typing import Any, cast
+from typing import cast
 
-from fastapi import APIRouter, FastAPI, HTTPException, Request
-from fastapi.encoders import jsonable_encoder
-from fastapi.exception_handlers import http_exception_handler
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Request
 from jinja2 import TemplateError
 from starlette.concurrency import run_in_threadpool
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from prefixes.keys import InvalidTaskName
 from prefixes.records import ResidentPrefix
 from server.api import errors
 from server.api.encode import check_text, encode_prompt, on_tokenizer_thread
+from server.api.errors import OpenAIError
 from server.api.openai_output import (
     Logprobs,
     Prompt,
@@ -43,7 +38,7 @@ from server.api.schemas import (
     CompletionRequest,
     OpenAISampling,
 )
-from server.api.streaming import error_body, open_stream, run_to_end
+from server.api.streaming import open_stream, run_to_end
 from server.api.tools import (
     NO_TOOLS,
     ToolChoice,
@@ -68,14 +63,6 @@ COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 # key/value memory at admission, so a bounded default keeps unbounded clients from crowding the batch.
 CHAT_MAX_TOKENS = 1024
 STARTED = int(time.time())  # "created" of the base model
-
-
-class OpenAIError(HTTPException):
-    """An HTTP error that also says which parameter is at fault and OpenAI's machine-readable ``code``."""
-
-    def __init__(self, status_code: int, message: str, *, param: str | None = None, code: str | None = None):
-        super().__init__(status_code, message)
-        self.param, self.code = param, code
 
 
 def model_not_found(name: str) -> OpenAIError:
@@ -364,69 +351,3 @@ def _tool_choice(body: ChatCompletionRequest) -> ToolChoice:
                           "constraint (response_format, guided_*), not both, or set tool_choice 'none'.",
                           param="tool_choice")
     return tools
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Errors in OpenAI's shape, for /v1 only
-
-
-def _is_openai_route(request: Request) -> bool:
-    return request.url.path == "/v1" or request.url.path.startswith("/v1/")
-
-
-_ERROR_TYPES = {401: ("authentication_error", "invalid_api_key"), 403: ("permission_error", None),
-                429: ("rate_limit_error", "rate_limit_exceeded")}
-
-
-async def _http_error(request: Request, exc: StarletteHTTPException):
-    if not _is_openai_route(request):
-        return await http_exception_handler(request, exc)
-    status = exc.status_code
-    default = ("server_error" if status >= 500 else "invalid_request_error", None)
-    type_, code = _ERROR_TYPES.get(status, default)
-    body = error_body(str(exc.detail), type_, getattr(exc, "code", None) or code, getattr(exc, "param", None))
-    return JSONResponse(body, status_code=status, headers=exc.headers)
-
-
-def _encodable(value):
-    """``value`` with non-finite floats as strings: a 422 quoting a NaN input must still be valid JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _encodable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_encodable(v) for v in value]
-    if isinstance(value, str):  # a lone surrogate cannot be written as UTF-8: escaped instead
-        return value.encode("utf-8", "backslashreplace").decode("utf-8")
-    return value
-
-
-SURROGATE = ("the request holds a lone UTF-16 surrogate (such as \\ud800) that is not a Unicode character: "
-             "send valid text.")
-
-
-async def _validation_error(request: Request, exc: RequestValidationError):
-    if any(error.get("type") == "string_unicode" for error in exc.errors()):
-        # strict bodies refuse a lone surrogate in validation; answered as the routes answer one in text
-        if _is_openai_route(request):
-            return JSONResponse(error_body(SURROGATE, "invalid_request_error", None, None), status_code=400)
-        return JSONResponse({"detail": SURROGATE}, status_code=400)
-    if not _is_openai_route(request):
-        return JSONResponse({"detail": _encodable(jsonable_encoder(exc.errors()))}, status_code=422)
-    errors = exc.errors()
-    first: dict[str, Any] = errors[0] if errors else {"loc": (), "msg": "invalid request"}
-    if first.get("type") == "json_invalid":
-        param, message = None, f"The request body is not valid JSON: {first.get('ctx', {}).get('error', '')}"
-    else:
-        param = ".".join(str(part) for part in first["loc"] if part != "body") or None
-        message = f"{param}: {first['msg']}" if param else first["msg"]
-    if len(errors) > 1:
-        message += f" (and {len(errors) - 1} more problem(s))"
-    # OpenAI answers every malformed request with 400, where FastAPI would say 422
-    return JSONResponse(error_body(message, "invalid_request_error", None, param), status_code=400)
-
-
-def add_exception_handlers(app: FastAPI) -> None:
-    # Starlette types a handler as taking any Exception, though it calls each with its own class only
-    app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
-    app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]

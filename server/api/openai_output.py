@@ -10,7 +10,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from server.api.streaming import Piece
-from server.api.tools import CallParser, ToolChoice
+from server.api.tool_calls import CallParser
+from server.api.tools import ToolChoice
 from server.frontend.detokenizer import token_text
 from server.frontend.request_state import RequestState
 

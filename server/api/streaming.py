@@ -17,38 +17,20 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from typing import cast
 
-from fastapi import HTTPException, Request
+from fastapi import Request
 from starlette.responses import StreamingResponse
 
+from server.api.errors import error_body
 from server.auth import Principal
 from server.engine.engine import RequestInvalid
 from server.engine.sequence import FinishReason
-from server.errors import RETRY_AFTER_S
+from server.errors import RETRY_AFTER_S, GenerationFailed, GenerationUnavailable
 from server.frontend.admission import EngineOverloaded, EngineUnavailable
 from server.frontend.request_state import RequestState
 from server.state import ServerState
 
 DISCONNECT_POLL_S = 0.25
 _FAILED = (FinishReason.ERROR, FinishReason.TIMEOUT)
-
-
-class GenerationError(RuntimeError):
-    """The engine failed a sequence: an internal error (500), or it could not serve it at all (the engine
-    process is gone, the server is draining, the request's deadline passed in the queue: 503, retry)."""
-
-    def __init__(self, message: str, retry: bool = False, retry_after: int | None = RETRY_AFTER_S):
-        super().__init__(message)
-        self.retry = retry
-        self.retry_after = retry_after  # None: a 503 without Retry-After (the engine is down for good)
-
-    def as_http(self) -> HTTPException:
-        if self.retry:
-            return HTTPException(503, str(self), headers=_retry_headers(self.retry_after))
-        return HTTPException(500, str(self))
-
-
-def _retry_headers(retry_after: int | None) -> dict[str, str] | None:
-    return {"Retry-After": str(retry_after)} if retry_after is not None else None
 
 
 @dataclass(slots=True)
@@ -97,18 +79,17 @@ class Generation:
                 engine.check_fits(seq)
             for structured in {seq.params.structured for seq in self.seqs}:  # one check per distinct grammar
                 await engine.check_structured(next(s for s in self.seqs if s.params.structured == structured))
-        except RequestInvalid as exc:
+        except RequestInvalid:  # a 400 (server/api/errors.py), before anything was queued
             self.state.metrics.rejected(self.seqs[0].tenant, "rejected")
-            raise HTTPException(400, str(exc)) from None
+            raise
         try:
             engine.check_admission(len(self.seqs), self.seqs[0].tenant)
             for seq in self.seqs:
                 engine.submit(seq)
-        except (EngineUnavailable, EngineOverloaded) as exc:
+        except (EngineUnavailable, EngineOverloaded):  # 503s (server/api/errors.py)
             self.cancel_nowait()
             self.state.metrics.rejected(self.seqs[0].tenant, "overloaded")
-            retry_after = exc.retry_after if isinstance(exc, EngineUnavailable) else RETRY_AFTER_S
-            raise HTTPException(503, str(exc), headers=_retry_headers(retry_after)) from None
+            raise
 
     async def _next_change(self) -> None:
         await self._changed.wait()
@@ -129,10 +110,13 @@ class Generation:
     def check_errors(self) -> None:
         failed = next((seq for seq in self.seqs if seq.finish_reason in _FAILED), None)
         if failed is not None:
-            retry = failed.unavailable or failed.finish_reason is FinishReason.TIMEOUT
-            # the engine's own estimate for a request it lost (a replacement's start-up, or None: never)
-            retry_after = self.state.engine.retry_after if failed.unavailable else RETRY_AFTER_S
-            raise GenerationError(failed.error or "generation failed", retry=retry, retry_after=retry_after)
+            message = failed.error or "generation failed"
+            if failed.unavailable:
+                # the engine's own estimate for a request it lost (a replacement's start-up, or None: never)
+                raise GenerationUnavailable(message, self.state.engine.retry_after)
+            if failed.finish_reason is FinishReason.TIMEOUT:
+                raise GenerationUnavailable(message, RETRY_AFTER_S)
+            raise GenerationFailed(message)
 
     async def wait(self, request: Request) -> list[RequestState]:
         """Until every sequence has finished. A client that goes away cancels them, freeing their slots."""
@@ -146,14 +130,11 @@ class Generation:
         except asyncio.CancelledError:
             self.cancel_nowait()
             raise
-        try:
-            self.check_errors()
-        except GenerationError as exc:
-            raise exc.as_http() from None
+        self.check_errors()  # a failed sequence fails the request (its status: server/api/errors.py)
         return self.seqs
 
     async def pieces(self) -> AsyncIterator[Piece]:
-        """Each sequence's new text and ids as they come; :class:`GenerationError` if the engine fails."""
+        """Each sequence's new text and ids as they come; :class:`GenerationFailed` if the engine fails."""
         seen = [0] * len(self.seqs)
         pending = list(range(len(self.seqs)))
         while pending:
@@ -192,10 +173,6 @@ def sse(obj: dict) -> bytes:
 SSE_DONE = b"data: [DONE]\n\n"
 
 
-def error_body(message: str, type_: str = "server_error", code: str | None = None,
-               param: str | None = None) -> dict:
-    """OpenAI's error shape (also used for errors inside any stream, where the status is already sent)."""
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
 class EventStream(StreamingResponse):
@@ -217,7 +194,7 @@ class EventStream(StreamingResponse):
         try:
             async for chunk in chunks:
                 yield sse(chunk)
-        except GenerationError as exc:  # the 200 is already sent: report it in the stream, as OpenAI does
+        except GenerationFailed as exc:  # the 200 is already sent: report it in the stream, as OpenAI does
             yield sse(error_body(str(exc)))
         yield SSE_DONE
 

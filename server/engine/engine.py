@@ -19,8 +19,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from server.engine.block_manager import DEFAULT_BLOCK_SIZE, BlockManager
 from server.engine.grammar import Grammars, InvalidGrammar
-from server.engine.kv_cache import DEFAULT_BLOCK_SIZE, BlockManager, PagedKVCache
+from server.engine.kv_cache import PagedKVCache
 from server.engine.model import BaseModel
 from server.engine.runner import ModelRunner, PromptLogits
 from server.engine.sampling import Sampler, SampleResult, token_logprobs

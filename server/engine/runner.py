@@ -23,7 +23,7 @@ prefill proceeds, so a long prompt's scores arrive over several steps and no sec
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -49,6 +49,20 @@ class StepLogits:
     next: torch.Tensor  # [k, V]: next-token logits of seqs[0..k-1]
     seqs: list[Sequence]  # the rows that sample in this step: decoding ones, then completed prefills
     prompt: list[PromptLogits]  # for rows that asked for prompt logprobs and prefilled in this step
+
+
+@dataclass(slots=True)
+class _PackedInputs:
+    """One step's packed inputs as they are laid out, row after row (``T`` tokens in all)."""
+
+    ids: list[int] = field(default_factory=list)  # [T] token ids
+    slots: list[int] = field(default_factory=list)  # [T] the cache slot each token's key/value is written to
+    positions: list[int] = field(default_factory=list)  # [T] position ids (PEFT's)
+    keep: list[int] = field(default_factory=list)  # packed indices whose next-token logits are sampled
+    sampled: list[Sequence] = field(default_factory=list)  # their rows, in that order
+    soft: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (index, virtual-token embeddings)
+    scored: list[tuple[Sequence, int, int]] = field(default_factory=list)  # (row, first prompt token, count)
+    score_keep: list[int] = field(default_factory=list)  # packed indices of those prompt positions
 
 
 # Decoding rows share one attention call while the widest is at most this much wider than the narrowest
@@ -85,97 +99,98 @@ class ModelRunner:
         prefill completes in this step (in :attr:`StepLogits.seqs` order), and the prompt positions' logits
         of rows that want prompt logprobs."""
         self.cache.write_pending_prefixes()
-        blocks, device = self.blocks, self.base.device
+        device = self.base.device
+        step = _PackedInputs()
         decode = sorted(plan.decode, key=lambda seq: seq.num_prefix_kv + seq.num_computed)
-        ids: list[int] = []
-        slots: list[int] = []
-        positions: list[int] = []
-        keep: list[int] = []  # packed indices whose logits are wanted
-        sampled: list[Sequence] = []
-        groups: list[DecodeGroup] = []
-        widths = [seq.num_prefix_kv + seq.num_computed + 1 for seq in decode]
-        for a, b in decode_groups(widths):
-            gather, lengths = [], []
-            for seq in decode[a:b]:
-                n = seq.num_computed
-                ids.append(seq.token_at(n))
-                own = blocks.slots(seq, 0, n + 1)
-                slots.append(own[-1])
-                positions.append(seq.num_prefix_kv + n)
-                keep.append(len(ids) - 1)
-                sampled.append(seq)
-                row = blocks.prefix_slots(seq) + own
-                lengths.append(len(row))
-                gather.append(row)
-            width = lengths[-1]
-            gather = [row + [row[-1]] * (width - len(row)) for row in gather]
-            gather_t = torch.tensor(gather, dtype=torch.long, device=device)
-            mask = None
-            if lengths[0] != width:
-                lengths_t = torch.tensor(lengths, dtype=torch.long, device=device)
-                mask = (torch.arange(width, device=device)[None] < lengths_t[:, None])[:, None, None]
-            groups.append(DecodeGroup(a, b, gather_t, mask,
-                                      torch.tensor(positions[a:b], dtype=torch.long, device=device)))
+        groups = self._lay_out_decode(step, decode)
+        chunks = [self._lay_out_prefill(step, seq, count) for seq, count in plan.prefill]
 
-        soft: list[tuple[int, torch.Tensor]] = []  # (packed index, virtual-token embeddings) to splice in
-        chunks: list[PrefillChunk] = []
-        scored: list[tuple[Sequence, int, int]] = []  # (row, first prompt token predicted, how many)
-        score_keep: list[int] = []  # packed indices of those prompt positions, after ``keep``
-        for seq, count in plan.prefill:
-            start, first = seq.num_computed, len(ids)
-            n_soft = seq.num_soft_tokens
-            if start < n_soft:
-                assert seq.prefix is not None, "soft tokens come from a prefix"
-                soft.append((first, seq.prefix.tensor[start: min(n_soft, start + count)]))
-            ids += [seq.token_at(i) for i in range(start, start + count)]
-            own = blocks.slots(seq, 0, start + count)
-            slots += own[start:]
-            p = seq.num_prefix_kv
-            chunk_positions = list(range(p + start, p + start + count))
-            positions += chunk_positions
-            row_slots = blocks.prefix_slots(seq) + own
-            width = len(row_slots)
-            pos_t = torch.tensor(chunk_positions, dtype=torch.long, device=device)
-            mask = None
-            if width != count:
-                mask = torch.arange(width, device=device)[None] <= pos_t[:, None]  # [c, W]
-            chunks.append(PrefillChunk(first, first + count,
-                                       torch.tensor(row_slots, dtype=torch.long, device=device), mask, pos_t))
-            if start + count == seq.num_tokens:
-                keep.append(first + count - 1)
-                sampled.append(seq)
-            if seq.params.prompt_logprobs is not None:
-                # position i predicts token i + 1: prompt tokens 1.. come from positions n_soft..; entries
-                # already sent (before a preemption) are not scored again
-                lo = max(start, n_soft + len(seq.prompt_logprobs) - 1)
-                hi = min(start + count, seq.input_len - 1)
-                if lo < hi:
-                    scored.append((seq, lo + 1 - n_soft, hi - lo))
-                    score_keep += range(first + lo - start, first + hi - start)
-
-        slots_t = torch.tensor(slots, dtype=torch.long, device=device)
-        batch = PackedBatch(slots_t, tuple(groups), tuple(chunks))
-        embeds = self.embed(torch.tensor(ids, dtype=torch.long, device=device))[None]  # [1, T, H]
-        for first, vectors in soft:
+        batch = PackedBatch(torch.tensor(step.slots, dtype=torch.long, device=device), tuple(groups),
+                            tuple(chunks))
+        embeds = self.embed(torch.tensor(step.ids, dtype=torch.long, device=device))[None]  # [1, T, H]
+        for first, vectors in step.soft:
             embeds[0, first: first + vectors.shape[0]] = vectors
         with packed(batch):
             out = self.model(
                 inputs_embeds=embeds,
                 attention_mask=self._no_mask,
-                position_ids=torch.tensor(positions, dtype=torch.long, device=device)[None],
+                position_ids=torch.tensor(step.positions, dtype=torch.long, device=device)[None],
                 cache=self.cache.view(batch),
                 use_cache=True,
-                logits_to_keep=torch.tensor(keep + score_keep, dtype=torch.long, device=device),
+                logits_to_keep=torch.tensor(step.keep + step.score_keep, dtype=torch.long, device=device),
             )
         for seq in decode:
             seq.num_computed += 1
-            blocks.computed(seq)
+            self.blocks.computed(seq)
         for seq, count in plan.prefill:
             seq.num_computed += count
-            blocks.computed(seq)
+            self.blocks.computed(seq)
         logits = out.logits[0]  # [len(keep) + len(score_keep), V]
-        prompt, at = [], len(keep)
-        for seq, first, n in scored:
+        prompt, at = [], len(step.keep)
+        for seq, first, n in step.scored:
             prompt.append(PromptLogits(seq, first, logits[at: at + n]))
             at += n
-        return StepLogits(logits[: len(keep)], sampled, prompt)
+        return StepLogits(logits[: len(step.keep)], step.sampled, prompt)
+
+    def _lay_out_decode(self, step: _PackedInputs, decode: list[Sequence]) -> list[DecodeGroup]:
+        """Append each decoding row's one token (rows sorted by width); one group per run of similar widths,
+        its gather ``[rows, W]`` of slot indices (short rows padded with their last slot, masked out)."""
+        device, groups = self.base.device, []
+        widths = [seq.num_prefix_kv + seq.num_computed + 1 for seq in decode]
+        for a, b in decode_groups(widths):
+            gather, lengths = [], []
+            for seq in decode[a:b]:
+                n = seq.num_computed
+                step.ids.append(seq.token_at(n))
+                own = self.blocks.slots(seq, 0, n + 1)
+                step.slots.append(own[-1])
+                step.positions.append(seq.num_prefix_kv + n)
+                step.keep.append(len(step.ids) - 1)
+                step.sampled.append(seq)
+                row = self.blocks.prefix_slots(seq) + own
+                lengths.append(len(row))
+                gather.append(row)
+            width = lengths[-1]
+            gather = [row + [row[-1]] * (width - len(row)) for row in gather]
+            mask = None
+            if lengths[0] != width:
+                lengths_t = torch.tensor(lengths, dtype=torch.long, device=device)
+                mask = (torch.arange(width, device=device)[None] < lengths_t[:, None])[:, None, None]
+            groups.append(DecodeGroup(a, b, torch.tensor(gather, dtype=torch.long, device=device), mask,
+                                      torch.tensor(step.positions[a:b], dtype=torch.long, device=device)))
+        return groups
+
+    def _lay_out_prefill(self, step: _PackedInputs, seq: Sequence, count: int) -> PrefillChunk:
+        """Append ``count`` of ``seq``'s tokens from ``num_computed`` on: its chunk reads the row's slots
+        ``[W]`` under a causal mask ``[count, W]`` (none when the chunk is the whole row)."""
+        device = self.base.device
+        start, first = seq.num_computed, len(step.ids)
+        n_soft = seq.num_soft_tokens
+        if start < n_soft:
+            assert seq.prefix is not None, "soft tokens come from a prefix"
+            step.soft.append((first, seq.prefix.tensor[start: min(n_soft, start + count)]))
+        step.ids += [seq.token_at(i) for i in range(start, start + count)]
+        own = self.blocks.slots(seq, 0, start + count)
+        step.slots += own[start:]
+        p = seq.num_prefix_kv
+        chunk_positions = list(range(p + start, p + start + count))
+        step.positions += chunk_positions
+        row_slots = self.blocks.prefix_slots(seq) + own
+        width = len(row_slots)
+        pos_t = torch.tensor(chunk_positions, dtype=torch.long, device=device)
+        mask = None
+        if width != count:
+            mask = torch.arange(width, device=device)[None] <= pos_t[:, None]  # [c, W]
+        if start + count == seq.num_tokens:
+            step.keep.append(first + count - 1)
+            step.sampled.append(seq)
+        if seq.params.prompt_logprobs is not None:
+            # position i predicts token i + 1: prompt tokens 1.. come from positions n_soft..; entries
+            # already sent (before a preemption) are not scored again
+            lo = max(start, n_soft + len(seq.prompt_logprobs) - 1)
+            hi = min(start + count, seq.input_len - 1)
+            if lo < hi:
+                step.scored.append((seq, lo + 1 - n_soft, hi - lo))
+                step.score_keep += range(first + lo - start, first + hi - start)
+        return PrefillChunk(first, first + count, torch.tensor(row_slots, dtype=torch.long, device=device),
+                            mask, pos_t)

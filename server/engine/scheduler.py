@@ -26,7 +26,7 @@ import itertools
 from collections import deque
 from dataclasses import dataclass, field
 
-from server.engine.kv_cache import BlockManager
+from server.engine.block_manager import BlockManager
 from server.engine.sequence import Sequence
 
 LOOKAHEAD = 16  # waiting requests of a tenant looked at for one that may jump long prompts ahead of it

@@ -12,7 +12,17 @@ import pytest
 from prefixes.keys import InvalidTaskName
 from prefixes.store import QuotaExceeded, StorageFull, StoreReadOnly, StoreUnavailable
 from server.api import errors
-from server.errors import Forbidden, TooManyInFlight, Unauthenticated, UnknownTask, UnknownTenant
+from server.engine.engine import ContextTooLong, RequestInvalid
+from server.errors import (
+    Forbidden,
+    GenerationFailed,
+    GenerationUnavailable,
+    TooManyInFlight,
+    Unauthenticated,
+    UnknownTask,
+    UnknownTenant,
+)
+from server.frontend.admission import EngineOverloaded, EngineUnavailable
 
 SERVER = Path(errors.__file__).resolve().parents[1]
 # The HTTP layer: the routes, the request gate and the app that wires them.
@@ -30,6 +40,13 @@ HTTP_LAYER = ("api/", "middleware.py", "app.py")
     (StoreUnavailable("acme/x", retry_after=3), 503, {"Retry-After": "3"}),
     (StoreReadOnly("The server's task store (its --store-dir disk) is read-only"), 503, None),
     (StorageFull("The server's task store (its --store-dir disk) is full"), 507, None),
+    (RequestInvalid("a stop string may not be empty"), 400, None),
+    (ContextTooLong("the prompt has 9000 tokens; the context is 8192"), 400, None),
+    (EngineOverloaded("the waiting queue is full (64 sequences)"), 503, {"Retry-After": "1"}),
+    (EngineUnavailable("a new engine process is starting", retry_after=4), 503, {"Retry-After": "4"}),
+    (EngineUnavailable("the engine process is down for good", retry_after=None), 503, None),
+    (GenerationUnavailable("the engine process exited", retry_after=3), 503, {"Retry-After": "3"}),
+    (GenerationFailed("the engine failed the sequence"), 500, None),
 ], ids=lambda v: type(v).__name__ if isinstance(v, Exception) else None)
 def test_each_domain_error_has_its_status_headers_and_message(error, status, headers):
     refused = errors.as_http(error)

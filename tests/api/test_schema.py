@@ -75,7 +75,7 @@ def test_the_schema_documents_each_routes_errors(server):
     assert {"401", "403"} <= codes("/metrics", "get")
     unauthorized = schema["paths"]["/v1/completions"]["post"]["responses"]["401"]
     error = unauthorized["content"]["application/json"]["schema"]
-    assert error["$ref"].endswith("/OpenAIError")
+    assert error["$ref"].endswith("/OpenAIErrorResponse")
     # /metrics answers text, its refusals JSON
     assert set(schema["paths"]["/metrics"]["get"]["responses"]["403"]["content"]) == {"application/json"}
     assert "text/event-stream" in schema["paths"]["/generate"]["post"]["responses"]["200"]["content"]

@@ -13,7 +13,7 @@ import torch
 
 from prefixes.artifact import PrefixArtifact, PrefixKind
 from prefixes.formats import to_own_format
-from server.engine.kv_cache import BlockManager
+from server.engine.block_manager import BlockManager
 from server.engine.scheduler import Scheduler
 from server.engine.sequence import SamplingParams, Sequence
 from tests.helpers.server_process import ServerSpec

@@ -8,8 +8,8 @@ import json
 
 import pytest
 
+from server.api.tool_calls import CallParser
 from server.api.tools import (
-    CallParser,
     ToolError,
     chat_messages,
     grammar,

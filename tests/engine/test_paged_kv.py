@@ -9,8 +9,8 @@ import random
 
 import pytest
 
+from server.engine.block_manager import BlockManager
 from server.engine.engine import Engine, EngineConfig
-from server.engine.kv_cache import BlockManager
 from server.engine.model import wrap_model
 from server.engine.runner import decode_groups
 from server.engine.scheduler import Scheduler
