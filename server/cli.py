@@ -115,9 +115,8 @@ def _bench(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     import torch
 
-    from prefixes.training import TrainConfig, TrainingError, train
     from server.engine.model import UnsupportedModel, load_base_model
-    from server.training_eval import EngineEvaluator
+    from training import TrainConfig, TrainingError, train
 
     try:
         cfg = TrainConfig(
@@ -131,7 +130,7 @@ def _train(args: argparse.Namespace) -> int:
         base = load_base_model(cfg.model, DTYPES[args.dtype], args.device)
         if args.threads:
             torch.set_num_threads(args.threads)
-        result = train(cfg, base, EngineEvaluator(base))
+        result = train(cfg, base)
     except (TrainingError, UnsupportedModel, ValueError) as exc:
         print(f"prefix-serve train: {exc}", file=sys.stderr)
         return 2

@@ -9,7 +9,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = sorted(p for folder in ("server", "prefixes") for p in (ROOT / folder).rglob("*.py"))
+# The top-level packages, lowest first: prefixes/ (formats, store) imports neither of the others, server/
+# imports prefixes/, and training/ (`prefix-serve train`) imports both; only server/cli.py reaches training/.
+PACKAGES = ("prefixes", "server", "training")
+SOURCES = sorted(p for folder in PACKAGES for p in (ROOT / folder).rglob("*.py"))
 MAX_FILE_LINES, MAX_FUNCTION_LINES = 400, 80
 
 
@@ -23,8 +26,18 @@ def _imports(path: Path) -> set[str]:
     return names
 
 
+def _within(module: str, *packages: str) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in packages)
+
+
 def test_sources_were_found():
     assert len(SOURCES) > 50 and ROOT / "server" / "engine" / "core.py" in SOURCES
+    assert ROOT / "training" / "loop.py" in SOURCES
+
+
+def test_every_top_level_package_is_known():
+    on_disk = {p.parent.name for p in ROOT.glob("*/__init__.py")} - {"tests"}
+    assert on_disk == set(PACKAGES), "a new top-level package: give it a place in PACKAGES and its rules"
 
 
 @pytest.mark.parametrize("path", SOURCES, ids=lambda p: p.relative_to(ROOT).as_posix())
@@ -47,8 +60,15 @@ def test_the_engine_process_never_imports_the_front_end():
     assert {k: v for k, v in offenders.items() if v} == {}
 
 
-def test_prefixes_never_imports_the_server():
-    offenders = {p.relative_to(ROOT).as_posix(): sorted(m for m in _imports(p) if m.startswith("server"))
+def test_prefixes_never_imports_the_server_or_training():
+    offenders = {p.relative_to(ROOT).as_posix(): sorted(m for m in _imports(p)
+                                                       if _within(m, "server", "training"))
                  for p in (ROOT / "prefixes").rglob("*.py")}
-    # training evaluates through an injected evaluator (server/training_eval.py), so even it needs none
+    assert {k: v for k, v in offenders.items() if v} == {}
+
+
+def test_only_the_command_line_reaches_training():
+    # training/ imports the engine to measure exact match, so the server reaching it would be a cycle
+    offenders = {p.relative_to(ROOT).as_posix(): sorted(m for m in _imports(p) if _within(m, "training"))
+                 for p in (ROOT / "server").rglob("*.py") if p != ROOT / "server" / "cli.py"}
     assert {k: v for k, v in offenders.items() if v} == {}

@@ -8,9 +8,8 @@ The methods are PEFT's own, so the saved folder is exactly what PEFT (and ``POST
 PEFT saves the encoder's output, so any reparameterisation is folded into plain tensors on save.
 
 Only the prefix parameters train; the loss covers completion tokens only. Exact-match accuracy is
-measured by generating greedily with an :class:`Evaluator` the caller passes in (the CLI's runs the serving
-engine itself, :mod:`server.training_eval`), from the artifact parsed as an upload is, so the number printed
-is what the server will do. This package never imports ``server``: the engine is injected, not reached for.
+measured by generating greedily with the serving engine itself (:mod:`training.engine_eval`), from the
+artifact parsed as an upload is, so the number printed is what the server will do.
 """
 
 from __future__ import annotations
@@ -22,7 +21,6 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 import httpx
 import torch
@@ -31,6 +29,7 @@ from tqdm.auto import tqdm
 
 from prefixes.artifact import PrefixArtifact, flatten_prefix
 from prefixes.formats import from_own_format, parse_artifact
+from training.engine_eval import EvalPrompt, greedy_generations
 
 METHODS = ("prefix", "p-tuning", "prompt")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -232,31 +231,19 @@ def eval_loss(peft_model, examples: list[Example], batch_size: int, pad_id: int)
     return total / count
 
 
-@dataclass(frozen=True, slots=True)
-class EvalPrompt:
-    ids: list[int]  # the prompt's token ids
-    max_new_tokens: int
-
-
-class Evaluator(Protocol):
-    def __call__(self, artifact: PrefixArtifact, prompts: list[EvalPrompt]) -> list[str]:
-        """Greedy generations with ``artifact`` as the task's prefix: one text per prompt, in order, each
-        ending at EOS or after ``max_new_tokens``."""
-        ...
-
-
-def exact_match(evaluate: Evaluator, shape, adapter_dir: Path, examples: list[Example]) -> float:
+def exact_match(base, adapter_dir: Path, examples: list[Example]) -> float:
     """Greedy generations with the saved adapter, parsed as an upload is, compared to the completions."""
-    artifact = parse_artifact({n: (adapter_dir / n).read_bytes() for n in ADAPTER_FILES}, shape)
+    artifact = parse_artifact({n: (adapter_dir / n).read_bytes() for n in ADAPTER_FILES}, base.shape)
     prompts = [EvalPrompt(e.prompt_ids, len(e.completion_ids) + 2) for e in examples]
-    texts = evaluate(artifact, prompts)
+    texts = greedy_generations(base, artifact, prompts)
     correct = sum(t.strip() == e.completion.strip() for t, e in zip(texts, examples, strict=True))
     return correct / len(examples)
 
 
-def train(cfg: TrainConfig, base, evaluate: Evaluator | None = None) -> TrainResult:
-    """``base`` is the loaded base model (frozen; ``evaluate`` may share it): its ``model``, ``tokenizer``
-    and ``shape``. Without ``evaluate`` the epoch reports give the eval loss but no exact match."""
+def train(cfg: TrainConfig, base) -> TrainResult:
+    """``base`` is the loaded base model (frozen; the exact-match evaluation's engine shares it): its
+    ``model``, ``tokenizer`` and ``shape``. With ``cfg.eval`` each epoch reports the eval loss and exact
+    match."""
     tokenizer = base.tokenizer
     train_set = load_examples(cfg.data, tokenizer)
     eval_set = load_examples(cfg.eval, tokenizer) if cfg.eval else []
@@ -299,8 +286,7 @@ def train(cfg: TrainConfig, base, evaluate: Evaluator | None = None) -> TrainRes
             if eval_set:
                 report.eval_loss = eval_loss(peft_model, eval_set, cfg.batch_size, pad_id)
                 save(peft_model, result.out)
-                if evaluate is not None:
-                    report.exact_match = exact_match(evaluate, base.shape, result.out, eval_set)
+                report.exact_match = exact_match(base, result.out, eval_set)
             result.history.append(report)
             if cfg.progress:
                 bar.write(_format_report(report), file=sys.stderr)

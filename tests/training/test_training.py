@@ -21,12 +21,11 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from prefixes.formats import parse_artifact
-from prefixes.training import TrainConfig, TrainingError, collate, load_examples, train
 from server.engine.model import default_model_dir, load_base_model
 from server.example import CATEGORIES  # the shipped example's categories: one table
-from server.training_eval import EngineEvaluator
 from tests.helpers.server_process import ServerProcess
 from tests.helpers.support import assert_oracle_tokens, save_tiny_llama
+from training.loop import TrainConfig, TrainingError, collate, load_examples, train
 
 
 def write_code_word_task(folder: Path) -> tuple[Path, Path, list[dict]]:
@@ -98,7 +97,7 @@ def run_tiny(folder: Path, tmp_path: Path, name: str, **options):
     cfg = TrainConfig(data=data, eval=eval_data, out=tmp_path / name, model=str(folder),
                       steps=options.pop("steps", 2), batch_size=4, progress=False, **options)
     base = load_base_model(str(folder), torch.float32, "cpu")
-    return train(cfg, base, EngineEvaluator(base)), base
+    return train(cfg, base), base
 
 
 @pytest.mark.parametrize("options", [
