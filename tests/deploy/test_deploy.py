@@ -329,7 +329,8 @@ def test_build_context_holds_exactly_what_the_dockerfile_copies_and_builds(tmp_p
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
         entry_points = archive.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
-    assert {"server/cli.py", "server/engine/model.py", "prefixes/store/store.py", "prefixes/keys.py"} <= names
+    assert {"server/cli.py", "server/engine/model.py", "prefixes/store/store.py", "prefixes/keys.py",
+            "training/loop.py"} <= names
     assert "prefix-serve = server.cli:main" in entry_points
 
 
