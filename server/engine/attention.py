@@ -77,11 +77,13 @@ def packed(batch: PackedBatch):
     """Make ``batch`` the layout that :func:`packed_attention` uses for forwards on this thread."""
     _local.batch = batch
     _local.windowed = {}  # sliding window -> (decode_mask, prefill_mask), built once per forward
+    _local.gathered = {}  # (decode group, "k" | "v") -> its gather buffer, reused by every layer
     try:
         yield
     finally:
         _local.batch = None
         _local.windowed = None
+        _local.gathered = None
 
 
 # Keyword arguments transformers' attention modules pass that cannot change this function's result: positions
@@ -166,21 +168,31 @@ def _unpacked_softcapped(module, query, key, value, attention_mask, scaling, sof
     return out.reshape(b, heads, tq, dim).transpose(1, 2), None
 
 
-def _gather(pool: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """pool: [Hkv, N, D]; slots: [S] long -> [Hkv, S, D].
+def _gather(pool: torch.Tensor, slots: torch.Tensor, reuse: tuple[int, str] | None = None) -> torch.Tensor:
+    """pool: [N, Hkv, D] (slot-major); slots: [S] long -> [S, Hkv, D].
 
-    ``index_select`` rather than ``pool[:, slots]``: advanced indexing on a non-leading dim goes through
-    ``aten::index``'s generic strided loop, measured 5x (float32) to 15x (bfloat16) slower on AVX-512 than
-    ``index_select``'s row copies, and it was a third of a 32-row decode step."""
-    return pool.index_select(1, slots)
+    ``index_select`` on the leading dim: each slot is one contiguous row copy (advanced indexing goes through
+    ``aten::index``'s generic loop, measured 5x (float32) to 15x (bfloat16) slower on AVX-512). With
+    ``reuse`` (a decode group's key), the copy goes into a buffer kept for the rest of the forward: every
+    layer gathers the same shape, and allocating it afresh per layer cost about 3% of a 32-row decode step.
+    Only without autograd (``out=`` has no backward), which is how the engine runs.
+    """
+    if reuse is None or torch.is_grad_enabled():
+        return pool.index_select(0, slots)
+    buffers = _local.gathered
+    buffer = buffers.get(reuse)
+    shape = (slots.shape[0], *pool.shape[1:])
+    if buffer is None or buffer.shape != shape or buffer.dtype != pool.dtype:
+        buffer = buffers[reuse] = pool.new_empty(shape)
+    return torch.index_select(pool, 0, slots, out=buffer)
 
 
 def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                      **kwargs) -> tuple[torch.Tensor, None]:
-    """query: [1, H, T, D]; key/value: the layer's whole pools [1, Hkv, N, D] (the runner's cache view
-    returns them after writing the new tokens). Returns [1, T, H, D], as transformers' attention functions
-    do."""
+    """query: [1, H, T, D]; key/value: the layer's whole pools as [1, Hkv, N, D] views of the slot-major
+    [N, Hkv, D] tensors (the runner's cache view returns them after writing the new tokens). Returns
+    [1, T, H, D], as transformers' attention functions do."""
     window, softcap = _check_kwargs(module, kwargs)
     batch: PackedBatch | None = getattr(_local, "batch", None)
     if batch is None:
@@ -193,20 +205,21 @@ def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     else:
         decode_masks = [g.mask for g in batch.decode]
         prefill_masks = [c.mask for c in batch.prefill]
-    q, key, value = query[0], key[0], value[0]  # [H, T, D], [Hkv, N, D], [Hkv, N, D]
+    # [H, T, D]; the pools back to slot-major [N, Hkv, D] (undoing the cache view's permute: no copy)
+    q, key, value = query[0], key[0].transpose(0, 1), value[0].transpose(0, 1)
     heads, tokens, dim = q.shape
-    kv_heads = key.shape[0]
+    kv_heads = key.shape[1]
     groups = heads // kv_heads
     scale = scaling if scaling is not None else dim**-0.5
     out = q.new_empty(tokens, heads, dim)
-    for group, mask in zip(batch.decode, decode_masks):
+    for i, (group, mask) in enumerate(zip(batch.decode, decode_masks)):
         # One query per row: fold the query heads that share a key/value head into the query axis
         # ([g, Hkv, G, D]; head h = kv * G + g, transformers' repeat_kv order), so no key is ever repeated.
         g, w = group.gather.shape
         qd = q[:, group.start:group.stop].transpose(0, 1).reshape(g, kv_heads, groups, dim)
         flat = group.gather.flatten()
-        kd = _gather(key, flat).view(kv_heads, g, w, dim).transpose(0, 1)  # [g, Hkv, W, D]
-        vd = _gather(value, flat).view(kv_heads, g, w, dim).transpose(0, 1)
+        kd = _gather(key, flat, (i, "k")).view(g, w, kv_heads, dim).transpose(1, 2)  # [g, Hkv, W, D]
+        vd = _gather(value, flat, (i, "v")).view(g, w, kv_heads, dim).transpose(1, 2)
         if softcap is None:
             od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, scale=scale)
         else:  # [g, Hkv, G, 1, D] queries against [g, Hkv, W, D] keys; mask [g, 1, 1, 1, W]
@@ -216,7 +229,9 @@ def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     for chunk, mask in zip(batch.prefill, prefill_masks):
         c = chunk.stop - chunk.start
         qp = q[None, :, chunk.start:chunk.stop]  # [1, H, c, D]
-        kp, vp = _gather(key, chunk.gather)[None], _gather(value, chunk.gather)[None]  # [1, Hkv, W, D]
+        # [W, Hkv, D] -> [1, Hkv, W, D]
+        kp = _gather(key, chunk.gather).transpose(0, 1)[None]
+        vp = _gather(value, chunk.gather).transpose(0, 1)[None]
         if softcap is None:
             op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, is_causal=mask is None,
                                                 scale=scale, enable_gqa=groups > 1)  # [1, H, c, D]
