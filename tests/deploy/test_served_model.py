@@ -2,6 +2,7 @@
 tokenizer: the embedded model under its hub id (its old id still accepted), ``--served-model-name`` as vLLM
 has it; and the documented guidellm and aiperf command lines run against the real server, offline.
 
+The two command lines are docs/benchmarks.md's blocks, run here as written (the URL made this server's).
 guidellm 0.8 takes the first model /v1/models lists and loads a tokenizer by that name unless
 ``--tokenizer kind=huggingface_auto,model=PATH`` names a local folder: here the embedded model's converted
 copy, which holds its tokenizer (``default_model_dir()``; ~/.cache/prefix-serve/models/SmolLM2-135M-Instruct
@@ -28,6 +29,7 @@ import pytest
 from server.cli import build_parser
 from server.config import Settings
 from server.engine.model import DEFAULT_MODEL_ID, default_model_dir
+from tests.helpers.doc_blocks import PLACEHOLDER_URL, block_starting
 from tests.helpers.model_folders import save_family
 from tests.helpers.server_process import ServerProcess
 
@@ -67,24 +69,32 @@ def test_the_embedded_model_is_served_under_its_hub_id(default_server):
     assert texts[0] == texts[1] and "Paris" in texts[0], texts
 
 
+def run_documented(block_start: str, server: ServerProcess, workdir, env: dict[str, str],
+                   replace: tuple[str, str] | None = None) -> None:
+    """Run docs/benchmarks.md's block as written (the URL made this server's) in ``workdir``, where ``.venv``
+    is this test's environment, as after ``make install``; ``replace`` swaps one more string (a path)."""
+    script = block_starting("docs/benchmarks.md", block_start).text.replace(PLACEHOLDER_URL, server.url)
+    if replace:
+        script = script.replace(*replace)
+    (workdir / ".venv").symlink_to(sys.prefix, target_is_directory=True)
+    # the tokenizer folder the block names, wherever this machine keeps the converted model
+    env = dict(env, PREFIX_SERVE_CACHE=str(default_model_dir().parents[1]))
+    out = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=workdir, env=env, check=False,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+
+
 @pytest.mark.slow
 def test_guidellm_command_line_as_documented(default_server, tmp_path):
     """The documented command: no model named (guidellm takes /v1/models' first, the hub id), the tokenizer
     from the local folder."""
-    report = tmp_path / "guidellm.json"
-    cmd = [sys.executable, "-m", "guidellm", "run",
-           "--backend", f"kind=openai_http,target={default_server.url}",
-           "--tokenizer", f"kind=huggingface_auto,model={default_model_dir()}",
-           "--profile", "kind=concurrent,streams=2", "--constraint", "kind=max_requests,count=4",
-           "--data", "kind=synthetic_text,prompt_tokens=16,output_tokens=8",
-           "--output", f"kind=json,path={report}", "--disable-console-interactive"]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
-    out = subprocess.run(cmd, cwd=tmp_path, env=env, check=False, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    [benchmark] = json.loads(report.read_text())["benchmarks"]
+    env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+    run_documented("HF_HUB_OFFLINE=1 .venv/bin/guidellm run", default_server, tmp_path, env)
+    report = (tmp_path / "guidellm.json").read_text()
+    [benchmark] = json.loads(report)["benchmarks"]
     made = benchmark["scheduler_metrics"]["requests_made"]
     assert (made["successful"], made["errored"]) == (4, 0), made
-    assert DEFAULT_MODEL_ID in report.read_text()  # the model guidellm found and benchmarked
+    assert DEFAULT_MODEL_ID in report  # the model guidellm found and benchmarked
 
 
 @pytest.mark.slow
@@ -93,15 +103,11 @@ def test_aiperf_command_line_as_documented(default_server, tmp_path):
     if not aiperf:
         pytest.skip("no aiperf command (not a project dependency): pip install aiperf==0.13.0 in a venv of "
                     "its own and set AIPERF=/path/to/venv/bin/aiperf")
-    out_dir = tmp_path / "aiperf"
-    cmd = [aiperf, "profile", "--model", DEFAULT_MODEL_ID, "--url", default_server.url,
-           "--endpoint-type", "chat", "--streaming", "--tokenizer", str(default_model_dir()),
-           "--concurrency", "2", "--request-count", "4", "--isl", "16", "--osl", "8",
-           "--ui", "none", "--output-artifact-dir", str(out_dir)]
     env = dict(os.environ, HF_HOME=str(tmp_path / "hf"))
     env.pop("HF_HUB_OFFLINE", None)
-    out = subprocess.run(cmd, cwd=tmp_path, env=env, check=False, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    run_documented(".venv-aiperf/bin/aiperf profile", default_server, tmp_path, env,
+                   replace=(".venv-aiperf/bin/aiperf", aiperf))
+    out_dir = tmp_path / "aiperf"
     report = json.loads((out_dir / "profile_export_aiperf.json").read_text())
     assert report["request_count"]["avg"] == 4 and not report["error_summary"], report["error_summary"]
     records = [json.loads(line) for line in (out_dir / "profile_export.jsonl").read_text().splitlines()]

