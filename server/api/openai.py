@@ -44,6 +44,7 @@ from server.api.tools import (
     ToolChoice,
     ToolError,
     chat_messages,
+    check_schemas,
     grammar,
     parse_choice,
     parse_tools,
@@ -322,7 +323,7 @@ async def chat_completions(body: ChatCompletionRequest, state: State, request: R
              ("function_call", body.function_call not in (None, "none", "auto"))])
     if body.tools:
         check_text(state, json.dumps(body.tools, ensure_ascii=False), "tools")
-    tools = await run_in_threadpool(_tool_choice, body)
+    tools = await _tool_choice(state, body)
     prefix = await _resolve_model(state, principal, body.model)
     # rendered into the prompt
     calls = [message.tool_calls for message in body.messages if message.tool_calls]
@@ -340,14 +341,17 @@ async def chat_completions(body: ChatCompletionRequest, state: State, request: R
                           chat=True, logprobs=logprobs, tools=tools)
 
 
-def _tool_choice(body: ChatCompletionRequest) -> ToolChoice:
-    """``tools``, ``tool_choice`` and ``parallel_tool_calls`` checked (each tool's schema is compiled)."""
+async def _tool_choice(state: ServerState, body: ChatCompletionRequest) -> ToolChoice:
+    """``tools``, ``tool_choice`` and ``parallel_tool_calls`` checked: each tool's schema within the limits
+    here, then compiled in the grammar checker's process (server/frontend/grammar_check.py)."""
     try:
-        tools = parse_choice(body.tool_choice, parse_tools(body.tools), body.parallel_tool_calls)
+        parsed = await run_in_threadpool(parse_tools, body.tools)
+        tools = parse_choice(body.tool_choice, parsed, body.parallel_tool_calls)
+        if tools.active and _structured(body) is not None:
+            raise OpenAIError(400, "tool calls follow their own grammar: send tools or a structured-output "
+                              "constraint (response_format, guided_*), not both, or set tool_choice 'none'.",
+                              param="tool_choice")
+        await check_schemas(parsed, state.engine.check_grammar)
     except ToolError as exc:
         raise OpenAIError(400, str(exc), param=exc.param) from None
-    if tools.active and _structured(body) is not None:
-        raise OpenAIError(400, "tool calls follow their own grammar: send tools or a structured-output "
-                          "constraint (response_format, guided_*), not both, or set tool_choice 'none'.",
-                          param="tool_choice")
     return tools

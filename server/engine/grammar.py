@@ -285,6 +285,14 @@ class Grammars:
                                                                                limits=PARSER_LIMITS)
         if failed:
             raise InvalidGrammar(f"invalid {structured[0]} for structured output: {'; '.join(messages)}")
+        # A grammar can be valid and allow nothing: $refs that only lead to each other never reach a schema.
+        # Its first mask is where the engine would fail, mid-request (a 500); here it is a 400.
+        matcher = self.matcher(structured)
+        mask = torch.full((1, (self.vocab_size + 31) // 32), -1, dtype=torch.int32)
+        matcher.unsafe_compute_mask_ptr(mask.data_ptr(), mask.numel() * mask.element_size())
+        if matcher.is_error() or not mask.any():
+            reason = matcher.get_error().split("\n", 1)[0] if matcher.is_error() else "no token allowed"
+            raise InvalidGrammar(f"the {structured[0]} for structured output allows no output ({reason})")
 
     def matcher(self, structured: tuple[str, str]) -> llguidance.LLMatcher:
         matcher = llguidance.LLMatcher(self.tokenizer, grammar_source(*structured), limits=PARSER_LIMITS)
