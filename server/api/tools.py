@@ -264,6 +264,17 @@ def system_prompt(choice: ToolChoice) -> str:
             f"{several} Results come back inside <tool_response></tool_response>. {when}")
 
 
+def tool_prompt(choice: ToolChoice, native: bool) -> str:
+    """What shows ``choice``'s tools to the model: the system message that lists them (:func:`system_prompt`),
+    or, for a template that renders ``tools=`` itself, their definitions as JSON, which such templates
+    (Hermes, Qwen) embed as they are. Its tokens are what ``--max-tool-prompt-tokens`` caps."""
+    if not choice.active:
+        return ""
+    if native:
+        return "\n".join(json.dumps(tool.as_openai(), ensure_ascii=False) for tool in choice.tools)
+    return system_prompt(choice)
+
+
 @functools.lru_cache(maxsize=8)
 def template_renders_tools(tokenizer) -> bool:
     """Whether the chat template shows ``tools=`` to the model itself (else :func:`system_prompt` does)."""

@@ -154,6 +154,20 @@ def test_too_many_tools_are_refused_before_the_prompt_is_rendered(served):
     assert response.status_code == 400 and "128" in response.text, response.text
 
 
+def test_a_tool_prompt_over_the_token_cap_is_refused_before_the_conversation_is_rendered(served):
+    """100 tools pass the count (128) and byte caps, but their listing is ~4,900 tokens of the default
+    model's 8,192-token context: over --max-tool-prompt-tokens' default, half of it."""
+    url, model = served
+    schema = {"type": "object", "properties": {"city": {"type": "string"}, "unit": {"enum": ["c", "f"]}}}
+    response = chat(url, model, [tool(schema, f"f{i}") for i in range(100)])
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert "over the limit of 4096" in error["message"] and "--max-tool-prompt-tokens" in error["message"]
+    assert error["param"] == "tools", error
+    shown_none = chat(url, model, [tool(schema, f"f{i}") for i in range(100)], tool_choice="none")
+    assert shown_none.status_code == 200, shown_none.text  # tools not shown take no prompt
+
+
 def test_a_grammar_that_crashes_the_grammar_library_costs_only_its_request(tmp_path):
     """With the limits raised, the 5,000-rule chain and a tool whose parameters chain 1,000 $refs reach
     llguidance and crash the checker process: each request is a 400 saying so, a stream running beside them
