@@ -74,7 +74,7 @@ def _serve(args: argparse.Namespace) -> int:
             max_waiting_requests=args.max_waiting_requests, request_timeout=args.request_timeout,
             shutdown_timeout=args.shutdown_timeout, omp_wait_policy=args.omp_wait_policy,
             max_request_bytes=args.max_request_bytes, public_metrics=args.public_metrics,
-            max_request_tokens=args.max_request_tokens,
+            max_request_tokens=args.max_request_tokens, max_tool_prompt_tokens=args.max_tool_prompt_tokens,
             public_docs=args.public_docs,
             engine_stall_timeout=args.engine_stall_timeout, engine_max_restarts=args.engine_max_restarts,
             served_model_name=tuple(args.served_model_name or ()),
@@ -240,6 +240,10 @@ def _add_serve_http_args(group, defaults: Settings) -> None:
     group.add_argument("--max-request-tokens", type=int, default=defaults.max_request_tokens,
                        help="prompt tokens one request may ask for across its prompts and n choices "
                        "(0: four times the model's context); checked before anything is computed")
+    group.add_argument("--max-tool-prompt-tokens", type=int, default=defaults.max_tool_prompt_tokens,
+                       help="tokens a chat request's tools may take in its prompt (0: half the model's "
+                       "context); counted before the conversation is rendered, after the 128-tool and "
+                       "byte caps")
     group.add_argument("--max-request-bytes", type=int, default=defaults.max_request_bytes,
                        help="largest JSON request body; larger ones are refused with 413 as they stream in "
                        "(uploads have --max-upload-bytes)")

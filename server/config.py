@@ -61,6 +61,10 @@ class Settings:
     max_request_bytes: int = 4 << 20
     # prompt tokens one request may ask for across its prompts and choices (prompts x n); 0: four contexts
     max_request_tokens: int = 0
+    # tokens a chat request's tools take in its prompt (server/api/tools.py, tool_prompt); 0: half the
+    # model's context (4,096 for the default model), so the tools leave the conversation and the answer at
+    # least as much room as they take
+    max_tool_prompt_tokens: int = 0
     public_metrics: bool = False  # with --auth-file: serve /metrics without a key
     public_docs: bool = False  # with --auth-file: serve /docs, /redoc and /openapi.json without a key
     # Engine liveness: silence (no step, no heartbeat) for this long replaces the engine process. The longest
@@ -89,6 +93,8 @@ class Settings:
                 raise ValueError(f"{name} must be positive")
         if self.max_request_tokens < 0:
             raise ValueError("--max-request-tokens must be >= 0 (0: four times the model's context)")
+        if self.max_tool_prompt_tokens < 0:
+            raise ValueError("--max-tool-prompt-tokens must be >= 0 (0: half the model's context)")
         if self.long_prefill_threshold < 0:
             raise ValueError("--long-prefill-threshold must be >= 0 (0: half of --max-step-tokens)")
         if self.max_step_tokens < self.max_batch_size:

@@ -44,10 +44,12 @@ from server.api.tools import (
     ToolChoice,
     ToolError,
     chat_messages,
+    check_schemas,
     grammar,
     parse_choice,
     parse_tools,
     template_renders_tools,
+    tool_prompt,
 )
 from server.auth import CurrentPrincipal, Principal
 from server.engine.sequence import SamplingParams
@@ -285,7 +287,19 @@ def _texts(content) -> list[str]:
     return [part["text"] for part in content or () if isinstance(part.get("text"), str)]
 
 
-def _chat_prompt_ids(tokenizer, body: ChatCompletionRequest, tools: ToolChoice) -> list[int]:
+def _check_tool_prompt(tokenizer, tools: ToolChoice, native: bool, cap: int) -> None:
+    """400 when the tools would take more than ``cap`` tokens of the prompt: counted on their part alone,
+    before the conversation is rendered (the count and byte caps came before this)."""
+    if not tools.active:
+        return
+    count = len(tokenizer.encode(tool_prompt(tools, native), add_special_tokens=False))
+    if count > cap:
+        raise OpenAIError(400, f"the tools take {count} tokens of the prompt, over the limit of {cap} per "
+                          "request (--max-tool-prompt-tokens): send fewer tools, or shorter descriptions "
+                          "and schemas.", param="tools")
+
+
+def _chat_prompt_ids(tokenizer, body: ChatCompletionRequest, tools: ToolChoice, tool_cap: int) -> list[int]:
     messages = []
     for i, message in enumerate(body.messages):
         content = message.content
@@ -298,8 +312,10 @@ def _chat_prompt_ids(tokenizer, body: ChatCompletionRequest, tools: ToolChoice) 
                          "tool_call_id": message.tool_call_id, "name": message.name})
     if not getattr(tokenizer, "chat_template", None):
         raise OpenAIError(400, "The base model has no chat template; use /v1/completions.", param="messages")
+    native = template_renders_tools(tokenizer)
+    _check_tool_prompt(tokenizer, tools, native, tool_cap)
     try:
-        messages, tool_defs = chat_messages(messages, tools, template_renders_tools(tokenizer))
+        messages, tool_defs = chat_messages(messages, tools, native)
     except ToolError as exc:
         raise OpenAIError(400, str(exc), param=exc.param) from None
     try:
@@ -322,13 +338,14 @@ async def chat_completions(body: ChatCompletionRequest, state: State, request: R
              ("function_call", body.function_call not in (None, "none", "auto"))])
     if body.tools:
         check_text(state, json.dumps(body.tools, ensure_ascii=False), "tools")
-    tools = await run_in_threadpool(_tool_choice, body)
+    tools = await _tool_choice(state, body)
     prefix = await _resolve_model(state, principal, body.model)
     # rendered into the prompt
     calls = [message.tool_calls for message in body.messages if message.tool_calls]
     check_text(state, "".join(text for message in body.messages for text in _texts(message.content))
                + (json.dumps(calls, ensure_ascii=False) if calls else ""), "messages")
-    prompt_ids = await on_tokenizer_thread(_chat_prompt_ids, state.base.tokenizer, body, tools)
+    tool_cap = state.settings.max_tool_prompt_tokens or state.base.shape.max_positions // 2
+    prompt_ids = await on_tokenizer_thread(_chat_prompt_ids, state.base.tokenizer, body, tools, tool_cap)
     max_tokens = body.max_completion_tokens or body.max_tokens
     if max_tokens == 0:
         raise OpenAIError(400, "max_tokens must be at least 1 for chat.", param="max_tokens")
@@ -340,14 +357,17 @@ async def chat_completions(body: ChatCompletionRequest, state: State, request: R
                           chat=True, logprobs=logprobs, tools=tools)
 
 
-def _tool_choice(body: ChatCompletionRequest) -> ToolChoice:
-    """``tools``, ``tool_choice`` and ``parallel_tool_calls`` checked (each tool's schema is compiled)."""
+async def _tool_choice(state: ServerState, body: ChatCompletionRequest) -> ToolChoice:
+    """``tools``, ``tool_choice`` and ``parallel_tool_calls`` checked: each tool's schema within the limits
+    here, then compiled in the grammar checker's process (server/frontend/grammar_check.py)."""
     try:
-        tools = parse_choice(body.tool_choice, parse_tools(body.tools), body.parallel_tool_calls)
+        parsed = await run_in_threadpool(parse_tools, body.tools)
+        tools = parse_choice(body.tool_choice, parsed, body.parallel_tool_calls)
+        if tools.active and _structured(body) is not None:
+            raise OpenAIError(400, "tool calls follow their own grammar: send tools or a structured-output "
+                              "constraint (response_format, guided_*), not both, or set tool_choice 'none'.",
+                              param="tool_choice")
+        await check_schemas(parsed, state.engine.check_grammar)
     except ToolError as exc:
         raise OpenAIError(400, str(exc), param=exc.param) from None
-    if tools.active and _structured(body) is not None:
-        raise OpenAIError(400, "tool calls follow their own grammar: send tools or a structured-output "
-                          "constraint (response_format, guided_*), not both, or set tool_choice 'none'.",
-                          param="tool_choice")
     return tools

@@ -22,7 +22,10 @@ grammar forces and what the parser reads back:
   allows nothing else) is content, and the finish reason is then the engine's (``length``), never
   ``tool_calls``.
 
-Errors are :class:`ToolError` (what is wrong, and which parameter); the API layer maps them to 400s.
+Errors are :class:`ToolError` (what is wrong, and which parameter); the API layer maps them to 400s. Tool
+schemas are held to the structured-output limits here, in Python (:func:`parse_tools`), and compiled only
+in the grammar checker's process (:func:`check_schemas`): never in the HTTP process, where a crash of the
+native grammar library would lose every request in flight.
 """
 
 from __future__ import annotations
@@ -30,9 +33,9 @@ from __future__ import annotations
 import functools
 import json
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-import llguidance
 from jinja2 import TemplateError
 
 from server.engine.grammar import InvalidGrammar, check_limits, check_schema_depth
@@ -88,23 +91,39 @@ MAX_TOOLS = 128  # per request: each adds its schema to the prompt and to the ca
 
 
 def _check_schema(schema: dict, param: str) -> None:
-    """Compile ``schema`` the way the call grammar will (without a tokenizer: microseconds), within the
-    structured-output limits (server/engine/grammar.py) checked first."""
+    """``schema`` within the structured-output limits (server/engine/grammar.py: depth, counted through
+    ``$ref``, enum size, bytes), in Python; compiling it is :func:`check_schemas`, in the grammar checker."""
     try:
         check_schema_depth(schema)  # first: it stops at the limit, where json.dumps would hit Python's
         check_limits("json_schema", json.dumps(schema))
     except InvalidGrammar as exc:
         raise ToolError(f"{param}: {exc}", param) from None
-    try:
-        lark = "start: %json " + json.dumps({**closed(schema), "x-guidance": _COMPACT})
-        failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(
-            llguidance.LLMatcher.grammar_from_lark(lark), None)
-    except RecursionError:
-        raise ToolError(f"{param} is nested too deeply.", param) from None
-    except (ValueError, RuntimeError) as exc:  # llguidance's errors carry a readable message
-        failed, messages = True, [str(exc)]
-    if failed:
-        raise ToolError(f"{param} is not a JSON schema this server can follow: {'; '.join(messages)}", param)
+
+
+def schema_grammar(schema: dict) -> str:
+    """The Lark grammar of one tool's arguments, as the call grammar (:func:`grammar`) embeds them."""
+    return "start: %json " + json.dumps({**closed(schema), "x-guidance": _COMPACT})
+
+
+# (kind, spec) -> None when it compiles, else why not: the engine client's check_grammar, which compiles in
+# the grammar checker's process (server/frontend/grammar_check.py), never in the HTTP process
+GrammarCheck = Callable[[str, str], Awaitable[str | None]]
+
+
+async def check_schemas(tools: tuple[Tool, ...], check: GrammarCheck) -> None:
+    """Raise :class:`ToolError` naming the first tool whose ``parameters`` the grammar library cannot
+    compile. llguidance is native code that a schema can crash (see server/engine/grammar.py), so it runs in
+    the grammar checker's process: a crash there costs this request, which is told so, and nothing else."""
+    checked: set[str] = set()
+    for i, tool in enumerate(tools):
+        source = schema_grammar(tool.parameters)
+        if source in checked:  # many tools share a schema ({"type": "object"}): one check each
+            continue
+        checked.add(source)
+        error = await check("grammar", source)
+        if error is not None:
+            param = f"tools.{i}.function.parameters"
+            raise ToolError(f"{param} is not a JSON schema this server can follow: {error}", param)
 
 
 def parse_tools(raw: list | None) -> tuple[Tool, ...]:
@@ -243,6 +262,17 @@ def system_prompt(choice: ToolChoice) -> str:
     return (f"You can call these tools; each one's arguments follow its JSON schema:\n<tools>\n{listing}\n"
             f"</tools>\nTo call a tool, reply with only\n{example}\nwith the arguments as a JSON object."
             f"{several} Results come back inside <tool_response></tool_response>. {when}")
+
+
+def tool_prompt(choice: ToolChoice, native: bool) -> str:
+    """What shows ``choice``'s tools to the model: the system message that lists them (:func:`system_prompt`),
+    or, for a template that renders ``tools=`` itself, their definitions as JSON, which such templates
+    (Hermes, Qwen) embed as they are. Its tokens are what ``--max-tool-prompt-tokens`` caps."""
+    if not choice.active:
+        return ""
+    if native:
+        return "\n".join(json.dumps(tool.as_openai(), ensure_ascii=False) for tool in choice.tools)
+    return system_prompt(choice)
 
 
 @functools.lru_cache(maxsize=8)

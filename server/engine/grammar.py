@@ -59,9 +59,41 @@ _OVERRIDES = {k.strip(): int(v) for k, v in (item.split("=") for item in
                   os.environ.get("PREFIX_SERVE_GRAMMAR_LIMITS", "").split(",") if "=" in item)}
 MAX_GRAMMAR_BYTES = _OVERRIDES.get("bytes", 64 << 10)  # Lark grammars, regexes, JSON schemas, choice lists
 MAX_GRAMMAR_RULES = _OVERRIDES.get("rules", 1000)  # Lark rules (lines that define one)
-MAX_NESTING = _OVERRIDES.get("nesting", 64)  # brackets in a grammar or regex; objects/arrays in a JSON schema
+MAX_NESTING = _OVERRIDES.get("nesting", 64)  # brackets (grammar, regex); objects/arrays of a schema, via $ref
 MAX_ENUM = _OVERRIDES.get("enum", 1000)  # values of one JSON-schema enum, or guided_choice entries
-PARSER_LIMITS = llguidance.LLParserLimits(max_grammar_size=100_000)
+# llguidance's own limits, every one set here rather than left to the library's defaults (1.9.1's in
+# brackets), so that an upgrade cannot loosen them unseen. Past one, compiling or a mask step fails with an
+# error naming it: a 400 at the check, or that one request ended with "structured output failed".
+PARSER_LIMITS = llguidance.LLParserLimits(
+    # symbols in the compiled grammar [500,000]: what MAX_GRAMMAR_BYTES of Lark or JSON schema compiles to
+    # stays far below; a fifth of the default bounds the compile's memory and time should a small source
+    # expand (a regex or schema whose expansion multiplies it)
+    max_grammar_size=100_000,
+    # alternatives of one grammar row [2,000]: the largest legitimate row is a guided_choice or enum of
+    # MAX_ENUM (1,000) values; twice that and no more, since Earley work grows with the row
+    max_items_in_row=2_000,
+    # lexer work building a grammar's regexes at compile time [1,000,000; ~50k/ms: ~20 ms]: the engine builds
+    # a matcher per structured request on its step thread, so a compile must not hold the batch longer
+    initial_lexer_fuel=1_000_000,
+    # lexer work per token mask [200,000; ~14k/ms: ~14 ms]: half the default, ~7 ms per row, as every
+    # structured row's mask is computed inside the shared decode step (~100 ms); the worst legitimate mask
+    # measured took 0.4 ms (module docstring), so 16 times that is left
+    step_lexer_fuel=100_000,
+    # Earley items per mask step [50,000; ~20k/ms: ~2.5 ms]: the library's value keeps a mask step small
+    # next to the decode step already; ambiguous grammars past it fail instead of slowing every row
+    step_max_items=50_000,
+    # lexer (DFA) states built lazily per matcher [250,000; 1-2 KB each: up to 500 MB]: a fifth, up to
+    # ~100 MB per structured row, as the engine holds one matcher per row (32 rows: 3 GB, not 16); a regex
+    # that explodes a DFA ([ab]*a[ab]{18}) and a 20-pattern JSON schema followed for 30 tokens stayed under
+    # 20,000 states
+    max_lexer_states=50_000,
+    # large regexes run on the whole token trie while the lexer is built [True]: compile time (bounded by
+    # initial_lexer_fuel) bought back in every mask
+    precompute_large_lexemes=True,
+    # parser state and grammar excerpts in errors [True]: an error goes back to the tenant who sent that
+    # grammar, and the excerpt says what to fix
+    verbose_errors=True,
+)
 
 
 def _nesting(text: str) -> int:
@@ -75,20 +107,73 @@ def _nesting(text: str) -> int:
     return deepest
 
 
-def check_schema_depth(node: object, depth: int = 0) -> None:
-    """Raise :class:`InvalidGrammar` for a parsed JSON schema nested past the limit or with a huge enum."""
-    if depth > MAX_NESTING:
-        raise InvalidGrammar(f"JSON schema nested deeper than {MAX_NESTING} levels (the limit on schema "
-                             "depth)")
-    if isinstance(node, dict):
-        enum = node.get("enum")
-        if isinstance(enum, list) and len(enum) > MAX_ENUM:
-            raise InvalidGrammar(f"JSON schema enum of {len(enum)} values is over the limit of {MAX_ENUM}")
-        for value in node.values():
-            check_schema_depth(value, depth + 1)
-    elif isinstance(node, list):
-        for value in node:
-            check_schema_depth(value, depth + 1)
+def _resolve(root: object, ref: str) -> object | None:
+    """The subschema a local ``$ref`` (``#``, ``#/$defs/name``, any JSON pointer) names in ``root``; None for
+    another document's or one that names nothing (the compiler then refuses it)."""
+    if not ref.startswith("#"):
+        return None
+    node = root
+    for part in ref[1:].split("/")[1:]:
+        part = part.replace("~1", "/").replace("~0", "~")
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return None
+    return node
+
+
+_CLOSE, _OPEN = object(), object()
+
+
+def _too_deep() -> InvalidGrammar:
+    return InvalidGrammar(f"JSON schema nested deeper than {MAX_NESTING} levels (the limit on schema depth, "
+                          "counted through $ref)")
+
+
+def _check_enum(enum: object) -> None:
+    if isinstance(enum, list) and len(enum) > MAX_ENUM:
+        raise InvalidGrammar(f"JSON schema enum of {len(enum)} values is over the limit of {MAX_ENUM}")
+
+
+def check_schema_depth(schema: object) -> None:
+    """Raise :class:`InvalidGrammar` for a parsed JSON schema nested past the limit or with a huge enum.
+
+    Depth is counted through local ``$ref`` s, as the compiler recurses into them: 1,000 ``$defs`` each
+    referring to the next (57 KB, 6 levels of JSON) crashed llguidance, 800 passed. A ``$ref`` back into
+    the chain that leads to it is recursion, which the compiler follows lazily: it adds nothing. Iterative,
+    each ``$ref`` 's depth measured once: an operator's raised limit cannot exhaust Python's stack either."""
+    heights: dict[str, int] = {}  # a $ref followed -> how far below its target the schema goes
+    deepest = [0]  # per $ref being followed (the root's first): the deepest level reached inside it
+    todo: list[tuple] = [(schema, 0, frozenset())]
+    while todo:
+        node, depth, path = todo.pop()
+        if node is _OPEN:
+            deepest.append(depth)
+            continue
+        if node is _CLOSE:
+            inner = deepest.pop()
+            heights[path] = inner - depth  # path: here, the $ref
+            deepest[-1] = max(deepest[-1], inner)
+            continue
+        if depth > MAX_NESTING:
+            raise _too_deep()
+        deepest[-1] = max(deepest[-1], depth)
+        if isinstance(node, dict):
+            _check_enum(node.get("enum"))
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref not in path:
+                if ref in heights:
+                    if depth + 1 + heights[ref] > MAX_NESTING:
+                        raise _too_deep()
+                    deepest[-1] = max(deepest[-1], depth + 1 + heights[ref])
+                elif (target := _resolve(schema, ref)) is not None:
+                    below = depth + 1
+                    todo += [(_CLOSE, below, ref), (target, below, path | {ref}), (_OPEN, below, ref)]
+            todo += [(value, depth + 1, path) for value in node.values()]
+        elif isinstance(node, list):
+            todo += [(value, depth + 1, path) for value in node]
 
 
 def check_limits(kind: str, spec: str) -> None:
@@ -200,6 +285,14 @@ class Grammars:
                                                                                limits=PARSER_LIMITS)
         if failed:
             raise InvalidGrammar(f"invalid {structured[0]} for structured output: {'; '.join(messages)}")
+        # A grammar can be valid and allow nothing: $refs that only lead to each other never reach a schema.
+        # Its first mask is where the engine would fail, mid-request (a 500); here it is a 400.
+        matcher = self.matcher(structured)
+        mask = torch.full((1, (self.vocab_size + 31) // 32), -1, dtype=torch.int32)
+        matcher.unsafe_compute_mask_ptr(mask.data_ptr(), mask.numel() * mask.element_size())
+        if matcher.is_error() or not mask.any():
+            reason = matcher.get_error().split("\n", 1)[0] if matcher.is_error() else "no token allowed"
+            raise InvalidGrammar(f"the {structured[0]} for structured output allows no output ({reason})")
 
     def matcher(self, structured: tuple[str, str]) -> llguidance.LLMatcher:
         matcher = llguidance.LLMatcher(self.tokenizer, grammar_source(*structured), limits=PARSER_LIMITS)

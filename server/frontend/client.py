@@ -205,11 +205,16 @@ class EngineClient(RequestTracker):
     async def check_structured(self, state: RequestState) -> None:
         """Raise :class:`RequestInvalid` when ``state``'s structured output cannot be followed (checked within
         the limits of server/engine/grammar.py, in the grammar checker's process; here only)."""
-        if state.params.structured is None or self._grammars is None:
+        if state.params.structured is None:
             return
-        error = await self._grammars.check(*state.params.structured)
+        error = await self.check_grammar(*state.params.structured)
         if error is not None:
             raise RequestInvalid(error)
+
+    async def check_grammar(self, kind: str, spec: str) -> str | None:
+        """None when ``(kind, spec)`` compiles for the served tokenizer within the limits, else why not (for a
+        400); compiled in the grammar checker's process, never in this one."""
+        return None if self._grammars is None else await self._grammars.check(kind, spec)
 
     def check_admission(self, count: int, tenant: str) -> None:
         """Raise unless ``count`` more sequences of ``tenant`` may wait now: the engine is serving and the

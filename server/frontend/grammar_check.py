@@ -4,9 +4,9 @@ server down.
 llguidance compiles grammars in native code. The limits in :mod:`server.engine.grammar` refuse the
 inputs known to exhaust it (a 5,000-rule Lark chain segfaulted whichever process compiled it), but a crash
 they do not foresee must cost one request, not every request in flight: the HTTP process never compiles a
-request's grammar itself. It sends ``(kind, spec)`` to this worker and waits; a worker that dies or takes
-longer than ``timeout`` seconds is replaced, and that request gets a 400 saying so. The engine compiles only
-grammars that passed here.
+request's grammar, nor a tool's parameter schema (server/api/tools.py), itself. It sends ``(kind, spec)`` to
+this worker and waits; a worker that dies or takes longer than ``timeout`` seconds is replaced, and that
+request gets a 400 saying so. The engine compiles only grammars that passed here.
 """
 
 from __future__ import annotations

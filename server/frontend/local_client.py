@@ -35,10 +35,18 @@ class LocalEngineClient(RequestTracker):
     async def check_structured(self, state: RequestState) -> None:
         """Raise :class:`RequestInvalid` when ``state``'s structured output cannot be followed."""
         if state.params.structured is not None:
-            try:
-                self.engine.grammars.check(state.params.structured)
-            except InvalidGrammar as exc:
-                raise RequestInvalid(str(exc)) from None
+            error = await self.check_grammar(*state.params.structured)
+            if error is not None:
+                raise RequestInvalid(error)
+
+    async def check_grammar(self, kind: str, spec: str) -> str | None:
+        """None when ``(kind, spec)`` compiles, else why not; in this process (offline use: no one else's
+        requests to lose)."""
+        try:
+            self.engine.grammars.check((kind, spec))
+        except InvalidGrammar as exc:
+            return str(exc)
+        return None
 
     def submit(self, state: RequestState) -> None:
         """Queue ``state`` (after :meth:`check_fits`; not checked again)."""

@@ -22,6 +22,8 @@ SEMANTIC_REFUSALS = (
     "is not one of the tools",  # a named tool_choice must name a sent tool
     "names must be unique",  # tool names
     "is not a JSON schema this server can follow",  # the grammar library compiles tool parameter schemas
+    "allows no output",  # a structured-output spec that compiles but that no text can follow
+    "--max-tool-prompt-tokens",  # the tools' listing in tokens, as a prompt's length against the context
 )
 
 

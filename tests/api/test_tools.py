@@ -4,20 +4,23 @@ features through the real server and clients are in tests/api/test_openai_api.py
 
 from __future__ import annotations
 
+import asyncio
 import json
 
+import llguidance
 import pytest
 
 from server.api.tool_calls import CallParser
 from server.api.tools import (
     ToolError,
     chat_messages,
+    check_schemas,
     grammar,
     parse_choice,
     parse_tools,
     template_renders_tools,
 )
-from server.engine.grammar import Grammars
+from server.engine.grammar import PARSER_LIMITS, Grammars, InvalidGrammar, grammar_source
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "The weather in a city",
@@ -120,14 +123,50 @@ def test_text_and_calls_cut_short_are_content():
      "tools.1.function.parameters"),
     ([{"type": "function", "function": {"name": "ok", "parameters": {"type": "string"}}}],
      "tools.0.function.parameters"),
-    ([{"type": "function", "function": {"name": "ok", "parameters": {
-        "type": "object", "properties": {"x": {"type": "nonsense"}}}}}], "tools.0.function.parameters"),
+    ([ADD, {"type": "function", "function": {"name": "ok", "parameters": {
+        "type": "object", "properties": {"x": {"type": "nonsense"}}}}}], "tools.1.function.parameters"),
     ([ADD, ADD], "tools.1.function.name"),
 ])
 def test_bad_tool_definitions_name_the_param(tools, param):
     with pytest.raises(ToolError) as err:
-        parse_tools(tools)
+        _checked(tools)
     assert err.value.param == param
+
+
+async def _compile_here(kind: str, spec: str) -> str | None:
+    """The server's check_grammar, compiled in this process (the server's runs in its grammar checker)."""
+    try:
+        source = grammar_source(kind, spec)
+    except InvalidGrammar as exc:
+        return str(exc)
+    failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(source, None, limits=PARSER_LIMITS)
+    return "; ".join(messages) if failed else None
+
+
+def _checked(raw: list) -> tuple:
+    """parse_tools, then each schema compiled (check_schemas), as a chat request's tools are."""
+    tools = parse_tools(raw)
+    asyncio.run(check_schemas(tools, _compile_here))
+    return tools
+
+
+def test_tool_schemas_are_compiled_by_the_check_given_never_by_parse_tools():
+    """parse_tools holds schemas to the limits in Python; compiling is check_schemas', through the check it
+    is given (the engine client's: the grammar checker's process), once per distinct schema."""
+    asked: list[tuple[str, str]] = []
+
+    async def check(kind: str, spec: str) -> str | None:
+        asked.append((kind, spec))
+        return "refused by the checker" if "nonsense" in spec else None
+
+    nonsense = {"type": "object", "properties": {"x": {"type": "nonsense"}}}
+    tools = parse_tools([WEATHER, ADD, {"type": "function", "function": {**ADD["function"], "name": "again"}},
+                         {"type": "function", "function": {"name": "bad", "parameters": nonsense}}])
+    with pytest.raises(ToolError, match="refused by the checker") as err:
+        asyncio.run(check_schemas(tools, check))
+    assert err.value.param == "tools.3.function.parameters"
+    assert [kind for kind, _ in asked] == ["grammar"] * 3  # add's schema twice: checked once
+    assert all(spec.startswith("start: %json ") for _, spec in asked)
 
 
 def test_tool_choice_is_checked_against_the_tools():
@@ -217,5 +256,5 @@ def test_schemas_that_cannot_be_compiled_are_client_errors():
         deep = {"type": "object", "properties": {"a": deep}}
     for parameters in (deep, {"type": "object", "properties": {"x": {"$ref": "#/$defs/missing"}}}):
         with pytest.raises(ToolError) as err:
-            parse_tools([{"type": "function", "function": {"name": "f", "parameters": parameters}}])
+            _checked([{"type": "function", "function": {"name": "f", "parameters": parameters}}])
         assert err.value.param == "tools.0.function.parameters"

@@ -143,6 +143,8 @@ def test_a_killed_engine_is_restarted_and_serves_the_same_task_alike_then_sigter
 
         cut, refused, health, again = asyncio.run(scenario())
         assert cut.status_code == 503 and "engine process exited" in cut.json()["detail"], cut.text
+        # the lost request too is told when to come back: no later than the replacement should serve
+        assert 1 <= int(cut.headers["retry-after"]) <= math.ceil(start_s), cut.headers
         assert refused.status_code == 503 and "is starting" in refused.json()["detail"], refused.text
         # the expected restart time, counted down since the engine was found dead (not a blanket 1 s)
         assert max(1, math.ceil(start_s) - 2) <= int(refused.headers["retry-after"]) <= math.ceil(start_s)
@@ -165,6 +167,9 @@ def test_a_killed_engine_is_restarted_and_serves_the_same_task_alike_then_sigter
 
 @pytest.mark.slow
 def test_an_engine_killed_more_often_than_allowed_makes_the_server_exit_non_zero(tmp_path):
+    """Past --engine-max-restarts the server exits 1, and what it was serving then gets a 503 without
+    Retry-After: no engine comes back to retry on (while one restarts, Retry-After is its expected start-up:
+    the test above)."""
     server = _start(tmp_path, "--engine-max-restarts", "1")
     try:
 
@@ -174,9 +179,15 @@ def test_an_engine_killed_more_often_than_allowed_makes_the_server_exit_non_zero
                 while (await client.get(f"{server.url}/healthz")).status_code == 200:
                     await asyncio.sleep(0.05)  # until the death is noticed
                 await _until_healthy(client, server.url, 120)  # the first replacement is allowed
+                long = {"prompt": PROMPT, "max_new_tokens": 2000, "ignore_eos": True}
+                running = asyncio.create_task(client.post(f"{server.url}/generate", json=long))
+                await _until_running(client, server, 1)
                 os.kill(_engine_pid(server), signal.SIGKILL)  # the second, within a minute, is not
+                return await running
 
-        asyncio.run(scenario())
+        lost = asyncio.run(scenario())
+        assert lost.status_code == 503 and "the server gives up" in lost.json()["detail"], lost.text
+        assert "retry-after" not in lost.headers, lost.headers  # retrying here soon cannot succeed
         assert server.proc.wait(60) == 1
         assert "the server gives up" in server.log_text()
     finally:
