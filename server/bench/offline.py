@@ -74,19 +74,13 @@ def engine_closed_loop_tokens_per_s(engine: Engine, tasks: list[ResidentPrefix],
     finishes."""
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
     submitted = 0
-
-    def submit_next(_finished: Sequence | None = None) -> None:
-        nonlocal submitted
-        if submitted < requests:
-            seq = Sequence(prompt_ids(submitted, prompt_tokens), params, tasks[submitted % len(tasks)])
-            seq.on_finish = submit_next
-            submitted += 1
-            engine.submit(seq)
-
     start = time.perf_counter()
-    for _ in range(concurrency):
-        submit_next()
-    engine.run_until_idle()
+    while submitted < requests or engine.num_running or engine.num_waiting:
+        while submitted < requests and engine.num_running + engine.num_waiting < concurrency:
+            task = tasks[submitted % len(tasks)]
+            engine.submit(Sequence(prompt_ids(submitted, prompt_tokens), params, task))
+            submitted += 1
+        engine.step()
     return requests * new_tokens / (time.perf_counter() - start)
 
 

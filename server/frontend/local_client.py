@@ -44,7 +44,7 @@ class LocalEngineClient(RequestTracker):
         """Queue ``state`` (after :meth:`check_fits`; not checked again)."""
         self._register(state, self.base.tokenizer)
         seq = Sequence(state.prompt_ids, state.params.for_engine(), state.prefix, tenant=state.tenant,
-                       id=state.id, arrival_time=state.arrival_time)
+                       id=state.id)
         self._events.track(seq)
         self.engine.enqueue(seq)
 
@@ -54,10 +54,11 @@ class LocalEngineClient(RequestTracker):
             if seq is not None:
                 self.engine.cancel(seq)
 
-    def step(self) -> None:
-        """One engine step, its outputs applied to the requests."""
-        self.engine.step()
+    def step(self) -> int:
+        """One engine step, its outputs applied to the requests; returns the tokens the engine produced."""
+        produced = self.engine.step()
         self._apply(self._events.take(self.engine))
+        return produced
 
     def run_until_idle(self) -> None:
         """Step until every submitted request has finished."""
