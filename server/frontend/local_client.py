@@ -1,6 +1,7 @@
 """The engine client for one process: the verbs of :class:`~server.frontend.client.EngineClient`
 (``check_fits``, ``check_structured``, ``submit``, ``cancel``) over an :class:`~server.engine.engine.Engine`
-stepped by the caller's own thread, for training's evaluation and offline use.
+stepped by the caller's own thread, for training's evaluation, the in-process benchmarks
+(:mod:`server.bench.offline`, :mod:`server.bench.sweep`) and offline use.
 
 Requests are the same :class:`~server.frontend.request_state.RequestState` s, followed by the same
 :class:`~server.frontend.tracker.RequestTracker` from the same step outputs the engine process would send
