@@ -28,7 +28,8 @@ from server.bench.models import is_random, load_model, save_model
 from server.bench.report import median, render_markdown, render_plot
 from server.bench.serving import register_tasks, serving
 from server.config import DTYPES
-from server.engine.engine import Engine, EngineConfig
+from server.engine.engine import EngineConfig
+from server.frontend.local_client import LocalEngineClient
 
 PREFILL_PROMPT = 6000  # tokens of the long prompt whose prefill is timed against the bare forward pass
 
@@ -57,16 +58,16 @@ def phase(name: str) -> Iterator[dict]:
 def run_offline(base, args) -> dict:
     n, p, new = args.concurrency, args.prompt_tokens, args.new_tokens
     vt, rounds = args.virtual_tokens, args.rounds
-    engine = Engine(base, EngineConfig(max_batch_size=n, max_step_tokens=args.max_step_tokens))
+    client = LocalEngineClient(base, EngineConfig(max_batch_size=n, max_step_tokens=args.max_step_tokens))
     tasks = offline.random_tasks(base, n, vt)
-    offline.engine_decode_tokens_per_s(engine, offline.make_requests(tasks, n, p, 4))  # warm-up
+    offline.engine_decode_tokens_per_s(client, offline.make_requests(tasks, n, p, 4))  # warm-up
     ceiling, mixed, single, same_work, closed = [], [], [], [], []
     for _ in range(rounds):  # alternate, so drift hits every configuration alike
         ceiling.append(offline.bare_decode_tokens_per_s(base, n, p + vt, new))
-        mixed.append(offline.engine_decode_tokens_per_s(engine, offline.make_requests(tasks, n, p, new)))
-        single.append(offline.engine_decode_tokens_per_s(engine, offline.make_requests(tasks[:1], n, p, new)))
+        mixed.append(offline.engine_decode_tokens_per_s(client, offline.make_requests(tasks, n, p, new)))
+        single.append(offline.engine_decode_tokens_per_s(client, offline.make_requests(tasks[:1], n, p, new)))
         same_work.append(offline.bare_same_work_tokens_per_s(base, n, vt, p, new))
-        closed.append(offline.engine_closed_loop_tokens_per_s(engine, tasks, n, 2 * n, p, new))
+        closed.append(offline.engine_closed_loop_tokens_per_s(client, tasks, n, 2 * n, p, new))
         say(f"offline round {len(ceiling)}/{rounds} (tok/s): bare forward {ceiling[-1]:.1f}, engine on "
             f"{n} tasks {mixed[-1]:.1f}, on one task {single[-1]:.1f}, bare same work {same_work[-1]:.1f}, "
             f"closed loop {closed[-1]:.1f}")
@@ -79,10 +80,10 @@ def run_offline(base, args) -> dict:
     generate_static = offline.generate_tokens_per_s(base, static_groups, p + vt, new)
     say(f"transformers generate, per-task static batches of 2: {generate_static:.1f} tok/s")
     engine_same_load = offline.engine_end_to_end_tokens_per_s(
-        engine, offline.make_requests(static_tasks, 2 * half, p, new), concurrent=True)
+        client, offline.make_requests(static_tasks, 2 * half, p, new), concurrent=True)
     say(f"engine on the same {2 * half} requests at once: {engine_same_load:.1f} tok/s")
     say(f"a {min(PREFILL_PROMPT, base.shape.max_positions // 2)}-token prefill, engine and bare ...")
-    prefill = offline.prefill_against_bare(base, engine, min(PREFILL_PROMPT, base.shape.max_positions // 2),
+    prefill = offline.prefill_against_bare(base, client, min(PREFILL_PROMPT, base.shape.max_positions // 2),
                                            max(2, rounds // 2))
     say(f"cold and hot prefix loads, then 1 to {max(args.scale_tasks)} registered tasks ...")
     model_bytes = sum(t.numel() * t.element_size() for t in base.model.parameters())  # tied weights once

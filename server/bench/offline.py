@@ -3,6 +3,10 @@
 Every comparison runs in the same process, alternating configurations over rounds so that drift on a
 noisy machine hits both sides alike; medians are reported. Tasks are random prefix-tuning tensors of the
 model's shape: the serving cost depends only on shapes.
+
+The engine is driven through the in-process client (:class:`~server.frontend.local_client.LocalEngineClient`),
+with the verbs the server's client has: its figures include following each request as the server's front
+end does (token ids collected, the text decoded once at the end), never HTTP.
 """
 
 from __future__ import annotations
@@ -23,9 +27,11 @@ from prefixes.artifact import ModelShape, PrefixArtifact, PrefixKind
 from prefixes.records import ResidentPrefix
 from prefixes.store import PrefixStore
 from server.bench.clock import DeviceClock, synchronize
-from server.engine.engine import Engine, EngineConfig
+from server.engine.engine import EngineConfig
 from server.engine.model import BaseModel
-from server.engine.sequence import SamplingParams, Sequence
+from server.engine.sequence import SamplingParams
+from server.frontend.local_client import LocalEngineClient
+from server.frontend.request_state import RequestState
 
 
 def random_prefix(s: ModelShape, num_virtual_tokens: int, seed: int) -> torch.Tensor:
@@ -47,66 +53,74 @@ def prompt_ids(i: int, length: int) -> list[int]:
 
 
 def make_requests(tasks: collections.abc.Sequence[ResidentPrefix | None], n: int, prompt_tokens: int,
-                  new_tokens: int, pick: Callable[[int], int] = lambda i: i) -> list[Sequence]:
+                  new_tokens: int, pick: Callable[[int], int] = lambda i: i) -> list[RequestState]:
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
-    return [Sequence(prompt_ids(i, prompt_tokens), params, tasks[pick(i) % len(tasks)]) for i in range(n)]
+    return [RequestState(prompt_ids(i, prompt_tokens), params, tasks[pick(i) % len(tasks)]) for i in range(n)]
 
 
 # -- the engine ------------------------------------------------------------------------------------------
 
 
-def engine_decode_tokens_per_s(engine: Engine, seqs: list[Sequence]) -> float:
+def submit(client: LocalEngineClient, state: RequestState) -> None:
+    """The server's order: check that it fits, then submit."""
+    client.check_fits(state)
+    client.submit(state)
+
+
+def engine_decode_tokens_per_s(client: LocalEngineClient, states: list[RequestState]) -> float:
     """Submit all, step until every one is prefilled (a step admits what its token budget allows), then time
     the decode steps that follow."""
-    for seq in seqs:
-        engine.submit(seq)
+    engine = client.engine
+    for state in states:
+        submit(client, state)
     while engine.num_waiting or engine.num_decoding < engine.num_running:
-        engine.step()
+        client.step()
     tokens, start = 0, time.perf_counter()
     while engine.num_running:
-        tokens += engine.step()
+        tokens += client.step()
     return tokens / (time.perf_counter() - start)
 
 
-def engine_closed_loop_tokens_per_s(engine: Engine, tasks: list[ResidentPrefix], concurrency: int,
+def engine_closed_loop_tokens_per_s(client: LocalEngineClient, tasks: list[ResidentPrefix], concurrency: int,
                                     requests: int, prompt_tokens: int, new_tokens: int) -> float:
     """Like the HTTP load at a fixed concurrency, without HTTP: a request joins as soon as another
     finishes."""
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
     submitted = 0
 
-    def submit_next(_finished: Sequence | None = None) -> None:
+    def submit_next() -> None:
         nonlocal submitted
         if submitted < requests:
-            seq = Sequence(prompt_ids(submitted, prompt_tokens), params, tasks[submitted % len(tasks)])
-            seq.on_finish = submit_next
+            state = RequestState(prompt_ids(submitted, prompt_tokens), params, tasks[submitted % len(tasks)])
+            state.on_finish = submit_next
             submitted += 1
-            engine.submit(seq)
+            submit(client, state)
 
     start = time.perf_counter()
     for _ in range(concurrency):
         submit_next()
-    engine.run_until_idle()
+    client.run_until_idle()
     return requests * new_tokens / (time.perf_counter() - start)
 
 
-def engine_end_to_end_tokens_per_s(engine: Engine, seqs: list[Sequence], concurrent: bool) -> float:
+def engine_end_to_end_tokens_per_s(client: LocalEngineClient, states: list[RequestState],
+                                   concurrent: bool) -> float:
     start = time.perf_counter()
-    for seq in seqs:
-        engine.submit(seq)
+    for state in states:
+        submit(client, state)
         if not concurrent:
-            engine.run_until_idle()
-    engine.run_until_idle()
-    return sum(len(s.output_ids) for s in seqs) / (time.perf_counter() - start)
+            client.run_until_idle()
+    client.run_until_idle()
+    return sum(len(s.output_ids) for s in states) / (time.perf_counter() - start)
 
 
-def engine_prefill_tokens_per_s(engine: Engine, prompt: list[int]) -> float:
+def engine_prefill_tokens_per_s(client: LocalEngineClient, prompt: list[int]) -> float:
     """Prompt tokens per second to the first token of one request alone (chunked by the engine's step
     budget, as a server computes it)."""
-    seq = Sequence(prompt, SamplingParams(max_new_tokens=1, ignore_eos=True), None)
+    state = RequestState(prompt, SamplingParams(max_new_tokens=1, ignore_eos=True), None)
     start = time.perf_counter()
-    engine.submit(seq)
-    engine.run_until_idle()
+    submit(client, state)
+    client.run_until_idle()
     return len(prompt) / (time.perf_counter() - start)
 
 
@@ -125,13 +139,13 @@ def bare_prefill_tokens_per_s(base: BaseModel, prompt: list[int]) -> float:
     return len(prompt) / (time.perf_counter() - start)
 
 
-def prefill_against_bare(base: BaseModel, engine: Engine, length: int, rounds: int) -> dict:
+def prefill_against_bare(base: BaseModel, client: LocalEngineClient, length: int, rounds: int) -> dict:
     """Engine and bare prefill of a ``length``-token prompt, alternating; a new prompt each round (the
     engine's prefix cache would otherwise answer the second)."""
     engine_tps, bare_tps = [], []
     for r in range(rounds):
         prompt = prompt_ids(1000 + r, length)
-        engine_tps.append(engine_prefill_tokens_per_s(engine, prompt))
+        engine_tps.append(engine_prefill_tokens_per_s(client, prompt))
         bare_tps.append(bare_prefill_tokens_per_s(base, prompt))
     return {"prompt_tokens": length, "engine_tokens_per_s": statistics.median(engine_tps),
             "bare_tokens_per_s": statistics.median(bare_tps),
@@ -261,7 +275,7 @@ def scale(base: BaseModel, task_counts: list[int], batch: int, prompt_tokens: in
             registered = n
             weights = [1 / (k + 1) ** zipf_s for k in range(n)]
             rng = random.Random(n)
-            engine = Engine(base, EngineConfig(max_batch_size=batch))
+            client = LocalEngineClient(base, EngineConfig(max_batch_size=batch))
             rss_before = rss_bytes()
             resident_before = store.stats.resident_bytes
             for i in range(n):  # make every registered task resident, as a server at steady state would be
@@ -270,7 +284,7 @@ def scale(base: BaseModel, task_counts: list[int], batch: int, prompt_tokens: in
             grown = rss_bytes() - rss_before
             picks = rng.choices(range(n), weights, k=batch)
             seqs = make_requests([store.get(f"t{k}") for k in picks], batch, prompt_tokens, new_tokens)
-            tps = engine_decode_tokens_per_s(engine, seqs)
+            tps = engine_decode_tokens_per_s(client, seqs)
             rows.append({"tasks": n, "decode_tokens_per_s": tps, "resident_bytes": resident,
                          "rss_growth_bytes": grown, "resident_growth_bytes": resident - resident_before})
     return rows

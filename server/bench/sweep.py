@@ -30,9 +30,10 @@ from server.bench.clock import DeviceClock
 from server.bench.load import LoadSpec, run_load
 from server.bench.report import median
 from server.bench.serving import register_tasks
-from server.engine.engine import Engine, EngineConfig
+from server.engine.engine import EngineConfig
 from server.engine.model import BaseModel
-from server.engine.sequence import Sequence
+from server.frontend.local_client import LocalEngineClient
+from server.frontend.request_state import RequestState
 
 
 def kv_cache_bytes(base: BaseModel, batch: int, tokens_per_request: int) -> int:
@@ -41,20 +42,22 @@ def kv_cache_bytes(base: BaseModel, batch: int, tokens_per_request: int) -> int:
     return max(EngineConfig().kv_cache_bytes, need)
 
 
-def engine_for(base: BaseModel, batch: int, args) -> Engine:
+def engine_for(base: BaseModel, batch: int, args) -> LocalEngineClient:
     tokens = args.prompt_tokens + args.virtual_tokens + args.new_tokens
-    return Engine(base, EngineConfig(max_batch_size=batch, max_step_tokens=max(args.max_step_tokens, batch),
-                                     kv_cache_bytes=kv_cache_bytes(base, batch, tokens)))
+    config = EngineConfig(max_batch_size=batch, max_step_tokens=max(args.max_step_tokens, batch),
+                          kv_cache_bytes=kv_cache_bytes(base, batch, tokens))
+    return LocalEngineClient(base, config)
 
 
-def engine_step_timing(engine: Engine, seqs: list[Sequence]) -> dict[str, float]:
-    """Prefill ``seqs``, then time every decode step: wall time on the host and, through a wrapper around the
-    model's forward, the device's time inside the forward and the host's time to queue it."""
+def engine_step_timing(client: LocalEngineClient, states: list[RequestState]) -> dict[str, float]:
+    """Prefill ``states``, then time every decode step: wall time on the host and, through a wrapper around
+    the model's forward, the device's time inside the forward and the host's time to queue it."""
+    engine = client.engine
     clock = DeviceClock(engine.base.device)
-    for seq in seqs:
-        engine.submit(seq)
+    for state in states:
+        offline.submit(client, state)
     while engine.num_waiting or engine.num_decoding < engine.num_running:
-        engine.step()
+        client.step()
     model = engine.runner.model
     original = model.forward
     # (device mark before, device mark after, host seconds)
@@ -72,7 +75,7 @@ def engine_step_timing(engine: Engine, seqs: list[Sequence]) -> dict[str, float]
         clock.synchronize()
         while engine.num_running:
             start = time.perf_counter()
-            tokens += engine.step()  # returns after the sampled tokens reached the host
+            tokens += client.step()  # returns after the sampled tokens reached the host
             walls.append(time.perf_counter() - start)
     finally:
         del model.forward
@@ -88,18 +91,18 @@ def engine_step_timing(engine: Engine, seqs: list[Sequence]) -> dict[str, float]
 def run_batch(base: BaseModel, tasks: list, batch: int, args) -> dict:
     """Ceiling, engine on ``batch`` tasks and on one, alternating; then the timed decode steps."""
     p, vt, new = args.prompt_tokens, args.virtual_tokens, args.new_tokens
-    engine = engine_for(base, batch, args)
-    offline.engine_decode_tokens_per_s(engine, offline.make_requests(tasks[:batch], batch, p, 4))  # warm-up
+    client = engine_for(base, batch, args)
+    offline.engine_decode_tokens_per_s(client, offline.make_requests(tasks[:batch], batch, p, 4))  # warm-up
     offline.bare_decode_timing(base, batch, p + vt, 4)
     ceiling, mixed, single = [], [], []
     for _ in range(args.rounds):
         ceiling.append(offline.bare_decode_timing(base, batch, p + vt, new))
         mixed.append(offline.engine_decode_tokens_per_s(
-            engine, offline.make_requests(tasks[:batch], batch, p, new)))
+            client, offline.make_requests(tasks[:batch], batch, p, new)))
         single.append(offline.engine_decode_tokens_per_s(
-            engine, offline.make_requests(tasks[:1], batch, p, new)))
-    steps = engine_step_timing(engine, offline.make_requests(tasks[:batch], batch, p, new))
-    del engine
+            client, offline.make_requests(tasks[:1], batch, p, new)))
+    steps = engine_step_timing(client, offline.make_requests(tasks[:batch], batch, p, new))
+    del client
     if base.device.type == "cuda":
         torch.cuda.empty_cache()  # the next batch size sizes its own cache
     return {"batch": batch, "ceiling": ceiling, "mixed": mixed, "single": single, "steps": steps}

@@ -153,8 +153,7 @@ class EngineCore:
     def _add(self, request: protocol.AddRequest) -> None:
         prefix = self.prefixes.get(request.prefix_ref) if request.prefix_ref is not None else None
         # checked in the HTTP process before it was sent (fit, grammar, sampling values): queued as it is
-        seq = Sequence(request.prompt_ids, request.params, prefix, tenant=request.tenant, id=request.id,
-                       arrival_time=request.arrival_time)
+        seq = Sequence(request.prompt_ids, request.params, prefix, tenant=request.tenant, id=request.id)
         if request.prefix_ref is not None and prefix is None:  # cannot happen: LoadPrefix precedes it
             self.events.reject(seq.id, f"task tensor {request.prefix_ref!r} is not loaded in the engine")
             return

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from server.engine.block_manager import DEFAULT_BLOCK_SIZE, BlockManager
 from server.engine.grammar import Grammars, InvalidGrammar
 from server.engine.kv_cache import PagedKVCache
 from server.engine.model import BaseModel
+from server.engine.protocol import Logprob
 from server.engine.runner import ModelRunner, PromptLogits
 from server.engine.sampling import Sampler, SampleResult, token_logprobs
 from server.engine.scheduler import Scheduler
@@ -106,7 +106,9 @@ def check_grammar(grammars: Grammars, seq: Sequence) -> None:
 
 
 class EngineObserver:
-    """Hooks for metrics. Every method runs on the engine thread, so each must be cheap; no-ops here."""
+    """What the engine reports as it happens: admissions, tokens with their logprobs, prompt logprobs,
+    finishes and counts (:class:`~server.engine.step_events.StepEvents` gathers them into the step's output).
+    Every method runs on the engine thread, so each must be cheap; no-ops here."""
 
     def admitted(self, seqs: list[Sequence], now: float) -> None:
         """``seqs`` joined the batch (their queue time ends ``now``)."""
@@ -114,11 +116,15 @@ class EngineObserver:
     def decoded(self, batch_size: int) -> None:
         """A step gave ``batch_size`` running rows their next token (prefill chunks are not counted)."""
 
-    def token(self, seq: Sequence, now: float) -> None:
-        """``seq`` got a token; ``seq.last_token_time`` still holds the previous token's time."""
+    def token(self, seq: Sequence, token: int, logprobs: Logprob | None, now: float) -> None:
+        """``seq`` got ``token`` (already in ``seq.output_ids``), with its logprobs when it asked for them."""
 
-    def finished(self, seq: Sequence, now: float) -> None:
-        """``seq`` left (``seq.finish_reason`` says why)."""
+    def prompt_logprobs(self, seq: Sequence, entries: list[Logprob]) -> None:
+        """The logprobs of ``seq``'s next prompt tokens (after those reported before; the first prompt token
+        has none: nothing predicts it)."""
+
+    def finished(self, seq: Sequence, reason: FinishReason, error: str | None, now: float) -> None:
+        """``seq`` left, for ``reason`` (``error`` says what went wrong when it failed)."""
 
     def prefilled(self, seq: Sequence, tokens: int) -> None:
         """``tokens`` of ``seq``'s prompt were computed in this step (recomputation after a preemption
@@ -173,8 +179,6 @@ class Engine:
     def enqueue(self, seq: Sequence) -> None:
         """Queue ``seq`` as it is: for requests checked before (the HTTP process checks what it sends to the
         engine process, with the limits the engine reported when ready)."""
-        if seq.params.prompt_logprobs is not None and not seq.prompt_logprobs:
-            seq.prompt_logprobs.append(None)  # nothing predicts the first prompt token
         self.scheduler.add(seq)
 
     @property
@@ -203,10 +207,7 @@ class Engine:
         for seq in plan.preempted:
             self.observer.preempted(seq)
         if plan.joined:
-            now = time.monotonic()
-            for seq in plan.joined:
-                seq.admit_time = now
-            self.observer.admitted(plan.joined, now)
+            self.observer.admitted(plan.joined, time.monotonic())
             for seq in plan.joined:
                 if not self._admit(seq):
                     scheduler.finish(seq)
@@ -242,13 +243,14 @@ class Engine:
             self._finish(seq, FinishReason.ERROR, f"request failed: {exc}")
             return False
 
-    @staticmethod
-    def _append_prompt_logprobs(scored: PromptLogits) -> None:
+    def _append_prompt_logprobs(self, scored: PromptLogits) -> None:
         seq = scored.seq
         targets = seq.prompt_ids[scored.first: scored.first + scored.logits.shape[0]]
         top = seq.params.prompt_logprobs
         assert top is not None, "the runner scores the prompts of the requests that asked"
-        seq.prompt_logprobs += token_logprobs(scored.logits, targets, top)
+        entries = token_logprobs(scored.logits, targets, top)
+        seq.num_prompt_logprobs += len(entries)
+        self.observer.prompt_logprobs(seq, entries)
 
     def _append_tokens(self, sampled: SampleResult, seqs: list[Sequence], now: float) -> int:
         """Give ``seqs[i]`` its new token ``sampled.tokens[i]``, then let finished sequences leave the batch.
@@ -267,17 +269,11 @@ class Engine:
                 continue
             if seq.first_token_time is None:
                 seq.first_token_time = now
-            self.observer.token(seq, now)
-            seq.last_token_time = now
-            if row in sampled.logprobs:  # before the id: whoever sees the id sees its logprob
-                seq.output_logprobs.append(sampled.logprobs[row])
             seq.output_ids.append(token)
+            self.observer.token(seq, token, sampled.logprobs.get(row), now)
             reason = FinishReason.CANCELLED if seq.cancelled else self._stop_reason(seq, token)
             if reason is not None:
                 done[row] = (reason, None)
-        for row, seq in enumerate(seqs[: len(sampled.tokens)]):
-            if seq.on_token is not None and done.get(row, (None, None))[1] is None:
-                self._call(seq.on_token, seq)
         # Finished before released: whoever sees the row gone also sees the request counted.
         for row, (reason, error) in done.items():
             seq = seqs[row]
@@ -301,17 +297,7 @@ class Engine:
 
     def _finish(self, seq: Sequence, reason: FinishReason, error: str | None = None) -> None:
         self.sampler.release(seq)
-        seq.finish_reason, seq.error = reason, error
-        self.observer.finished(seq, time.monotonic())
-        if seq.on_finish is not None:
-            self._call(seq.on_finish, seq)
-
-    @staticmethod
-    def _call(callback: Callable[[Sequence], None], seq: Sequence) -> None:
-        try:
-            callback(seq)
-        except Exception:  # a broken callback must not stop the loop for everyone else
-            log.exception("callback %s failed for request %s", callback, seq.id)
+        self.observer.finished(seq, reason, error, time.monotonic())
 
     def cancel(self, seq: Sequence) -> None:
         """Stop ``seq`` (e.g. its client went away): at once if waiting, at the next step if running."""

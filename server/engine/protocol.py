@@ -89,7 +89,6 @@ class AddRequest(msgspec.Struct, frozen=True, tag=True):
     params: EngineParams
     prefix_ref: str | None  # a ref sent earlier with LoadPrefix, or None for the base model
     tenant: str
-    arrival_time: float  # time.monotonic() of the HTTP process: CLOCK_MONOTONIC is shared by all processes
 
 
 class Abort(msgspec.Struct, frozen=True, tag=True):
@@ -140,7 +139,9 @@ class NewToken(msgspec.Struct, frozen=True, array_like=True):
 
 class PromptLogprobs(msgspec.Struct, frozen=True, array_like=True):
     id: int
-    entries: list[Logprob | None]  # those this step added (prompt scoring goes chunk by chunk)
+    # those this step scored, in prompt order from the second token (scoring goes chunk by chunk; the first
+    # prompt token has none: the front end puts its None there)
+    entries: list[Logprob]
 
 
 class Finished(msgspec.Struct, frozen=True, array_like=True):

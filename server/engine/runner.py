@@ -187,7 +187,7 @@ class ModelRunner:
         if seq.params.prompt_logprobs is not None:
             # position i predicts token i + 1: prompt tokens 1.. come from positions n_soft..; entries
             # already sent (before a preemption) are not scored again
-            lo = max(start, n_soft + len(seq.prompt_logprobs) - 1)
+            lo = max(start, n_soft + seq.num_prompt_logprobs)
             hi = min(start + count, seq.input_len - 1)
             if lo < hi:
                 step.scored.append((seq, lo + 1 - n_soft, hi - lo))

@@ -172,7 +172,7 @@ class Scheduler:
             self.blocks.join(seq, cached)
             self.blocks.grow(seq, count)
             self.running.append(seq)
-            if seq.admit_time is None:
+            if not seq.num_preemptions:  # a preempted one rejoins: it was admitted before
                 plan.joined.append(seq)
             plan.prefill.append([seq, count])
             budget -= count

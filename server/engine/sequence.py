@@ -11,14 +11,13 @@ import enum
 import itertools
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 
 from prefixes.artifact import PrefixKind
-from server.engine.protocol import MIN_TEMPERATURE, EngineParams, Logprob
+from server.engine.protocol import MIN_TEMPERATURE, EngineParams
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit for ``logprobs`` / ``top_logprobs``
 # Structured-output kinds: the grammar source the engine compiles for each (``structured = (kind, spec)``).
@@ -123,30 +122,33 @@ class TaskPrefix(Protocol):
 
 @dataclass(eq=False, slots=True)
 class Sequence:
+    """What scheduling and sampling read, no more: logprobs, finishes and the front end's timings are
+    reported to the :class:`~server.engine.engine.EngineObserver` as they happen and kept by the front end
+    (:class:`~server.frontend.request_state.RequestState`), not here."""
+
     prompt_ids: list[int]
     params: Sampling
     prefix: TaskPrefix | None = None
     tenant: str = "default"  # whose queue it waits in (fair scheduling)
-    on_finish: Callable[[Sequence], None] | None = None  # called once on the engine thread
-    on_token: Callable[[Sequence], None] | None = None  # called after each new token (streaming)
     id: int = field(default_factory=lambda: next(_ids))
+    # On both sides: here it is the next decode input, what a preempted request recomputes, what penalties and
+    # stop checks count; the front end detokenizes and returns its own copy, built from the step outputs.
     output_ids: list[int] = field(default_factory=list)
-    # One entry per generated token when params.logprobs is set: (its logprob, [(id, logprob), ...] top ones)
-    output_logprobs: list[Logprob] = field(default_factory=list)
-    # One entry per prompt token when params.prompt_logprobs is set, the first None (nothing predicts it)
-    prompt_logprobs: list[Logprob | None] = field(default_factory=list)
-    finish_reason: FinishReason | None = None
-    error: str | None = None
     cancelled: bool = False
+    # Engine-side times for the in-process key/value bench's time to first token (server/bench/kv.py); the
+    # front end times requests on its own (its arrival, and the step outputs' times).
     arrival_time: float = field(default_factory=time.monotonic)
-    admit_time: float | None = None  # when it joined the batch
     first_token_time: float | None = None
-    last_token_time: float | None = None
     # tokens (soft prompt, prompt, then generated) whose keys/values are in the cache: prefill goes chunk by
     # chunk, and a preempted sequence starts again from 0 and recomputes all it had
     num_computed: int = 0
-    num_cached_tokens: int = 0  # prompt tokens it took from the prefix cache instead of computing them
-    num_preemptions: int = 0
+    # prompt tokens it took from the prefix cache instead of computing them; sent in StepOutput.cached (the
+    # front end's copy is the usage it reports), read here by the in-process bench (server/bench/kv.py)
+    num_cached_tokens: int = 0
+    # prompt tokens (from the second on) whose logprobs were reported: scoring goes chunk by chunk, and a
+    # preempted request does not score them again
+    num_prompt_logprobs: int = 0
+    num_preemptions: int = 0  # a waiting sequence with none has never joined the batch (admission)
 
     @property
     def num_soft_tokens(self) -> int:
@@ -199,6 +201,3 @@ class Sequence:
     def remaining_tokens(self) -> int:
         return self.params.max_new_tokens - len(self.output_ids)
 
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None

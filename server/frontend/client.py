@@ -241,7 +241,7 @@ class EngineClient(RequestTracker):
                 loop.time() + max(0.0, state.deadline - time.monotonic()), self._expire, state
             )
         self._send(protocol.AddRequest(state.id, list(state.prompt_ids), state.params.for_engine(), ref,
-                                       state.tenant, state.arrival_time))
+                                       state.tenant))
 
     def _expire(self, state: RequestState) -> None:
         self._timers.pop(state.id, None)

@@ -1,6 +1,7 @@
 """The engine client for one process: the verbs of :class:`~server.frontend.client.EngineClient`
 (``check_fits``, ``check_structured``, ``submit``, ``cancel``) over an :class:`~server.engine.engine.Engine`
-stepped by the caller's own thread, for training's evaluation and offline use.
+stepped by the caller's own thread, for training's evaluation, the in-process benchmarks
+(:mod:`server.bench.offline`, :mod:`server.bench.sweep`) and offline use.
 
 Requests are the same :class:`~server.frontend.request_state.RequestState` s, followed by the same
 :class:`~server.frontend.tracker.RequestTracker` from the same step outputs the engine process would send
@@ -52,7 +53,7 @@ class LocalEngineClient(RequestTracker):
         """Queue ``state`` (after :meth:`check_fits`; not checked again)."""
         self._register(state, self.base.tokenizer)
         seq = Sequence(state.prompt_ids, state.params.for_engine(), state.prefix, tenant=state.tenant,
-                       id=state.id, arrival_time=state.arrival_time)
+                       id=state.id)
         self._events.track(seq)
         self.engine.enqueue(seq)
 
@@ -62,10 +63,11 @@ class LocalEngineClient(RequestTracker):
             if seq is not None:
                 self.engine.cancel(seq)
 
-    def step(self) -> None:
-        """One engine step, its outputs applied to the requests."""
-        self.engine.step()
+    def step(self) -> int:
+        """One engine step, its outputs applied to the requests; returns the tokens the engine produced."""
+        produced = self.engine.step()
         self._apply(self._events.take(self.engine))
+        return produced
 
     def run_until_idle(self) -> None:
         """Step until every submitted request has finished."""

@@ -36,10 +36,12 @@ class RequestState:
     detokenizer: Detokenizer | None = None  # set when submitted (it needs the served model's tokenizer)
     on_token: Callable[[], None] | None = None  # called on the event loop after new tokens (streaming)
     on_finish: Callable[[], None] | None = None  # called on the event loop once it has finished
-    output_ids: list[int] = field(default_factory=list)  # as returned: through a stop string's last token
+    # as returned, through a stop string's last token; the engine keeps its own ids (its next inputs, what a
+    # preempted request recomputes), this copy is detokenized and returned
+    output_ids: list[int] = field(default_factory=list)
     output_logprobs: list[Logprob] = field(default_factory=list)  # one per output id, when asked for
     prompt_logprobs: list[Logprob | None] = field(default_factory=list)  # with echo: the first is None
-    num_cached_tokens: int = 0  # prompt tokens the engine took from its prefix cache (usage)
+    num_cached_tokens: int = 0  # prompt tokens the engine took from its prefix cache (usage), as it sent them
     admit_time: float | None = None  # when it joined the batch (the engine's clock)
     last_token_time: float | None = None  # the engine's time of its latest token (metrics: TTFT, ITL)
     finish_reason: FinishReason | None = None

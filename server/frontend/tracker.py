@@ -73,6 +73,8 @@ class RequestTracker:
         """Follow ``state`` from now on, with its own detokenizer."""
         params = state.params
         state.detokenizer = Detokenizer(tokenizer, params.stop, params.stop_token_ids, params.min_tokens)
+        if params.prompt_logprobs is not None:  # nothing predicts the first prompt token: no engine entry
+            state.prompt_logprobs.append(None)
         self._states[state.id] = state
         self._count_waiting(state, +1)
 

@@ -96,7 +96,7 @@ def test_the_engine_never_decodes_even_with_stop_strings(tokenizer):
         engine.run_until_idle()
     finally:
         del base.tokenizer.decode
-    assert seq.finish_reason is FinishReason.LENGTH and len(seq.output_ids) == 12
+    assert len(seq.output_ids) == 12  # to its length, through the stop strings (the engine keeps no finish)
 
 
 def test_the_in_process_client_follows_requests_as_the_served_one(tokenizer):

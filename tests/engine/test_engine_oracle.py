@@ -38,7 +38,6 @@ def run_staggered(engine: Engine, seqs: list[Sequence], arrivals: list[int]) -> 
             engine.submit(seqs[pending.pop(0)[1]])
         engine.step()
         step += 1
-    assert all(seq.finished for seq in seqs)
 
 
 def check_against_oracle(base, adapters, seqs, tasks, near_tie: float = NEAR_TIE, reference=None) -> None:

@@ -2,7 +2,9 @@
 
 Mixed tasks (prefix-tuning, P-Tuning, prompt tuning, the bare model) share the batch; with 7 tokens a step
 the prompts' logits arrive over several steps (chunked prefill), and requests join while others decode.
-Prompt scoring (``max_new_tokens=0``) leaves without a token.
+Prompt scoring (``max_new_tokens=0``) leaves without a token. The engine reports logprobs and keeps none:
+they are read from the front end's request states, as the in-process client builds them from the step
+outputs.
 """
 
 from __future__ import annotations
@@ -12,9 +14,11 @@ import random
 import pytest
 import torch
 
-from server.engine.engine import Engine, EngineConfig
+from server.engine.engine import EngineConfig
 from server.engine.model import wrap_model
-from server.engine.sequence import SamplingParams, Sequence
+from server.engine.sequence import SamplingParams
+from server.frontend.local_client import LocalEngineClient
+from server.frontend.request_state import RequestState
 from tests.helpers.support import VOCAB, make_adapter, tiny_model
 
 TOLERANCE = 1e-4
@@ -46,7 +50,7 @@ def test_logprobs_match_peft(arch, step_tokens, tokenizer, tmp_path):
     adapters = [make_adapter(base, kind, n, tmp_path, seed)
                 for seed, (kind, n) in enumerate([("prefix", 5), ("p_tuning", 3), ("prompt_tuning", 4)])]
     rng = random.Random(step_tokens)
-    engine = Engine(base, EngineConfig(max_batch_size=6, max_step_tokens=step_tokens))
+    client = LocalEngineClient(base, EngineConfig(max_batch_size=6, max_step_tokens=step_tokens))
     seqs, tasks, arrivals = [], [], []
     for i in range(10):
         adapter = None if i % 4 == 3 else adapters[i % 3]
@@ -54,14 +58,14 @@ def test_logprobs_match_peft(arch, step_tokens, tokenizer, tmp_path):
         params = SamplingParams(max_new_tokens=0 if i % 5 == 4 else rng.randint(1, 6), ignore_eos=True,
                                 prompt_logprobs=None if i == 2 else rng.choice([0, 1, 5]),
                                 logprobs=None if i == 1 else rng.choice([0, 3]))
-        seqs.append(Sequence(prompt, params, adapter.prefix if adapter else None))
+        seqs.append(RequestState(prompt, params, adapter.prefix if adapter else None))
         tasks.append(adapter)
         arrivals.append(0 if i < 4 else rng.randint(1, 8))
     pending, step = sorted(zip(arrivals, range(len(seqs)))), 0
-    while pending or engine.num_running or engine.num_waiting:
+    while pending or client.num_in_flight:
         while pending and pending[0][0] <= step:
-            engine.submit(seqs[pending.pop(0)[1]])
-        engine.step()
+            client.submit(seqs[pending.pop(0)[1]])
+        client.step()
         step += 1
 
     for seq, adapter in zip(seqs, tasks):
@@ -97,17 +101,17 @@ def test_a_prefix_that_breaks_the_logits_fails_only_its_request(tokenizer, tmp_p
     good = make_adapter(base, "prefix", 4, tmp_path, seed=1)
     broken = make_adapter(base, "prefix", 3, tmp_path, seed=2)
     poisoned = dataclasses.replace(broken.prefix, tensor=broken.prefix.tensor * 1e38)
-    engine = Engine(base, EngineConfig(max_batch_size=4, max_step_tokens=64))
+    client = LocalEngineClient(base, EngineConfig(max_batch_size=4, max_step_tokens=64))
     rng = random.Random(0)
-    seqs = [Sequence([rng.randrange(VOCAB) for _ in range(6)],
+    seqs = [RequestState([rng.randrange(VOCAB) for _ in range(6)],
                      SamplingParams(max_new_tokens=5, ignore_eos=True, temperature=t, seed=3), prefix)
             for prefix, t in ((good.prefix, 0.0), (poisoned, 0.0), (None, 0.7), (poisoned, 0.9))]
     for seq in seqs:
-        engine.submit(seq)
-    engine.run_until_idle()
+        client.submit(seq)
+    client.run_until_idle()
     for seq in (seqs[1], seqs[3]):
         assert seq.finish_reason.value == "error" and "non-finite" in seq.error, seq.error
     assert seqs[0].finish_reason.value == seqs[2].finish_reason.value == "length"
     from tests.helpers.support import assert_oracle_tokens
     assert_oracle_tokens(good.oracle, seqs[0].prompt_ids, seqs[0].output_ids, "good neighbour")
-    assert engine.num_running == 0
+    assert client.engine.num_running == 0

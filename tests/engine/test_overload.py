@@ -263,10 +263,10 @@ def test_sampling_params_cross_the_wire_unchanged_but_for_stop_strings():
         max_new_tokens=7, temperature=0.5, top_p=0.9, top_k=3, seed=11, stop=("\n",), ignore_eos=True,
         stop_token_ids=(4, 5), logit_bias=((3, -2.5),), structured=("regex", "a+"),
     )
-    frame = protocol.encode(protocol.AddRequest(5, [1, 2, 3], params.for_engine(), "t@1#ab", "acme", 12.5))
+    frame = protocol.encode(protocol.AddRequest(5, [1, 2, 3], params.for_engine(), "t@1#ab", "acme"))
     request = protocol.decode_to_engine(frame)
     assert isinstance(request, protocol.AddRequest)
-    assert request.prompt_ids == [1, 2, 3] and request.prefix_ref == "t@1#ab" and request.arrival_time == 12.5
+    assert request.prompt_ids == [1, 2, 3] and request.prefix_ref == "t@1#ab" and request.tenant == "acme"
     # the HTTP process looks for stop strings (it detokenizes); the engine never sees them; tuples stay
     # tuples
     assert request.params == protocol.EngineParams(

@@ -28,7 +28,8 @@ def run(engine: Engine, seqs: list[Sequence]) -> None:
     for seq in seqs:
         engine.submit(seq)
     engine.run_until_idle()
-    assert all(seq.finished and seq.error is None for seq in seqs), [seq.error for seq in seqs]
+    # ignore_eos: a request that failed (its error is the front end's to keep) has fewer tokens
+    assert all(len(seq.output_ids) == seq.params.max_new_tokens for seq in seqs)
 
 
 @pytest.fixture(scope="module")
