@@ -10,7 +10,7 @@ STORE ?= store
 TORCH_PIP_ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: install system-packages redis-server run test lint bench bench-peers gpu-check clean
+.PHONY: install system-packages redis-server run test test-long lint bench bench-peers gpu-check clean
 
 install: $(STAMP) system-packages
 
@@ -76,8 +76,16 @@ $(STAMP): pyproject.toml Makefile
 run: install
 	$(VENV)/bin/prefix-serve serve --host $(HOST) --port $(PORT) --model default --store-dir $(STORE)
 
+# `make test` is the everyday suite; the tests marked `long` (minutes each: every family served from a saved
+# folder, training, the engine's fault drills, the benchmarks' smoke runs; pyproject.toml says which) run with
+# `make test-long`. CI (.ci/run) runs both, so nothing is dropped. MARKS picks another selection.
+MARKS ?= not long
+
 test: install
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "$(MARKS)" $(PYTEST_ARGS)
+
+test-long: install
+	$(PY) -m pytest -q -m long $(PYTEST_ARGS)
 
 # ruff (default rules plus long lines) and mypy, as CI runs them; settings in pyproject.toml.
 lint: install

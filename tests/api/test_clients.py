@@ -22,7 +22,7 @@ from server.example import QUESTIONS  # the shipped example's questions: one lis
 from tests.helpers.server_process import ServerSpec
 from tests.helpers.support import make_adapter
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.long, pytest.mark.slow]
 
 TASK = "qa-prefix"
 SHORT_ANSWERS = [("Q: What is the capital of Italy?\nA:", "Rome"), ("Q: What color is the sky?\nA:", "Blue"),

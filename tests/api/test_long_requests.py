@@ -13,6 +13,9 @@ import pytest
 from tests.helpers.server_process import ServerSpec
 from tests.helpers.support import save_tiny_llama
 
+# minutes of real processes or fault drills: `make test-long`, which CI runs too (Makefile)
+pytestmark = pytest.mark.long
+
 CONTEXT = 8192
 PROMPTS, PROMPT_TOKENS = 4, 8000  # 32,000 prompt tokens: under the default cap of 4 contexts (32,768)
 SHORT_BOUND_S = 30  # what a 2-token request beside it may take, at most (the stall timeout's scale)

@@ -19,6 +19,9 @@ from server.api.schemas import below
 from tests.helpers.server_process import REPO_ROOT, ServerProcess, ServerSpec
 from tests.helpers.support import save_tiny_llama
 
+# minutes of real processes or fault drills: `make test-long`, which CI runs too (Makefile)
+pytestmark = pytest.mark.long
+
 KEYS = {"admin": "schema-admin", "acme": "schema-acme"}
 EXAMPLES = 25  # per route and phase; each run takes about 20 s on the 2-core CPU
 SEED = 1

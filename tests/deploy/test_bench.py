@@ -23,6 +23,9 @@ from server.bench.serving import register_tasks
 from tests.helpers.server_process import ServerProcess
 from tests.helpers.support import save_tiny_llama
 
+# minutes of real processes or fault drills: `make test-long`, which CI runs too (Makefile)
+pytestmark = pytest.mark.long
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 

@@ -24,6 +24,9 @@ from server.bench.peer_servers import cpu_info, export_model
 from server.engine.model import load_base_model
 from tests.helpers.support import save_tiny_llama
 
+# minutes of real processes or fault drills: `make test-long`, which CI runs too (Makefile)
+pytestmark = pytest.mark.long
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 

@@ -52,6 +52,9 @@ from tests.helpers.server_process import REPO_ROOT, ServerProcess, free_port
 from tests.helpers.support import save_tiny_llama
 from tests.helpers.system_programs import require_program
 
+# minutes of real processes or fault drills: `make test-long`, which CI runs too (Makefile)
+pytestmark = pytest.mark.long
+
 DOCKERFILE = REPO_ROOT / "Dockerfile"
 DOCKER = REPO_ROOT / "docker"
 DASHBOARD = DOCKER / "grafana" / "dashboards" / "prefix-serve.json"

@@ -34,6 +34,9 @@ from tests.helpers.placement import DEVICE, DTYPE
 from tests.helpers.server_process import ServerProcess
 from tests.helpers.support import assert_oracle_tokens
 
+# minutes of real processes or fault drills: `make test-long`, which CI runs too (Makefile)
+pytestmark = pytest.mark.long
+
 FAMILIES = sorted(SUPPORTED_MODEL_TYPES)
 PROMPT = "The quick brown fox jumps"
 NEW_TOKENS = 6

@@ -33,6 +33,9 @@ from tests.helpers.doc_blocks import PLACEHOLDER_URL, block_starting
 from tests.helpers.model_folders import save_family
 from tests.helpers.server_process import ServerProcess
 
+# minutes of real processes or fault drills: `make test-long`, which CI runs too (Makefile)
+pytestmark = pytest.mark.long
+
 OLD_ID = "SmolLM2-135M-Instruct"
 
 

@@ -7,8 +7,13 @@ from __future__ import annotations
 import socket
 import time
 
+import pytest
+
 from tests.helpers.nginx_server import NginxRouter
 from tests.helpers.server_process import free_port
+
+# minutes of real processes or fault drills: `make test-long`, which CI runs too (Makefile)
+pytestmark = pytest.mark.long
 
 SLOW_CLIENTS = 50
 HEADER_TIMEOUT_S = 10  # docker/nginx/nginx.conf: client_header_timeout

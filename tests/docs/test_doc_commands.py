@@ -89,6 +89,7 @@ def runnable(path: Path) -> list[Block]:
     return [b for b in command_blocks(path) if not b.not_run]
 
 
+@pytest.mark.long  # every block against a real server, training among them: minutes
 @pytest.mark.parametrize("doc", [str(p.relative_to(REPO_ROOT)) for p in DOCS if runnable(p)])
 def test_the_doc_commands_run_as_written(doc, server, tmp_path):
     blocks = runnable(REPO_ROOT / doc)

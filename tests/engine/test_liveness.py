@@ -24,6 +24,9 @@ from prefixes.formats import to_own_format
 from server.engine.model import default_model_dir
 from tests.engine.test_overload import PROMPT, _client, _engine_pid, _start, _until_running
 
+# minutes of real processes or fault drills: `make test-long`, which CI runs too (Makefile)
+pytestmark = pytest.mark.long
+
 
 @pytest.fixture(scope="module", autouse=True)
 def converted_model():

@@ -15,6 +15,9 @@ import pytest
 from server.engine.model import default_model_dir
 from tests.helpers.server_process import ServerProcess
 
+# minutes of real processes or fault drills: `make test-long`, which CI runs too (Makefile)
+pytestmark = pytest.mark.long
+
 PROMPT = "Write a long story about a lighthouse keeper."
 
 

@@ -24,6 +24,9 @@ from tests.helpers.support import save_tiny_llama
 from tests.prefixes.test_redis_store import value, wait_until
 from tests.prefixes.test_store import soft
 
+# minutes of real processes or fault drills: `make test-long`, which CI runs too (Makefile)
+pytestmark = pytest.mark.long
+
 CONVERGENCE_BOUND_S = 30.0  # what the README states; the test servers reconcile every second
 
 

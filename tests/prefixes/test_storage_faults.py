@@ -19,6 +19,9 @@ from tests.helpers.redis_server import RedisServer
 from tests.helpers.server_process import ServerProcess
 from tests.helpers.support import save_tiny_llama
 
+# minutes of real processes or fault drills: `make test-long`, which CI runs too (Makefile)
+pytestmark = pytest.mark.long
+
 BODY = {"prompt": "hello", "max_new_tokens": 3}
 
 

@@ -14,6 +14,9 @@ from tests.helpers.redis_server import RedisServer
 from tests.helpers.server_process import ServerProcess
 from tests.helpers.support import save_tiny_llama
 
+# minutes of real processes or fault drills: `make test-long`, which CI runs too (Makefile)
+pytestmark = pytest.mark.long
+
 
 def tiny_prefix(seed: int) -> PrefixArtifact:
     """Prefix-tuning KV for support.save_tiny_llama's model: 2 layers, 2 KV heads, head size 16."""

@@ -27,6 +27,9 @@ from tests.helpers.server_process import ServerProcess
 from tests.helpers.support import assert_oracle_tokens, save_tiny_llama
 from training.loop import TrainConfig, TrainingError, collate, load_examples, train
 
+# minutes of real processes or fault drills: `make test-long`, which CI runs too (Makefile)
+pytestmark = pytest.mark.long
+
 
 def write_code_word_task(folder: Path) -> tuple[Path, Path, list[dict]]:
     """60 items -> 45 train / 15 held out. The labels are made-up words: zero-shot accuracy is nil."""
