@@ -90,6 +90,26 @@ def test_cached_blocks_are_not_shared_across_tasks_or_tenants(llama, tmp_path):
     assert other_tenant.num_cached_tokens > 0
 
 
+def test_a_reuploaded_task_version_does_not_hit_the_previous_versions_blocks(llama, tmp_path):
+    """Cached prompt blocks hold keys/values computed under one task version's prefix: a re-upload (new
+    tensor, whether its values changed or not) starts a chain of its own, and its outputs are its own."""
+    v1, other = make_adapter(llama, "prefix", 4, tmp_path, 0), make_adapter(llama, "prefix", 4, tmp_path, 1)
+    engine = Engine(llama, EngineConfig(block_size=BLOCK))
+    prompt = list(range(10, 30))
+    run(engine, [Sequence(prompt, params(2), v1.prefix)])
+    again = Sequence(prompt, params(4), v1.prefix)
+    run(engine, [again])
+    assert again.num_cached_tokens == (len(prompt) - 1) // BLOCK * BLOCK  # the same version hits
+    new_values = dataclasses.replace(v1.prefix, tensor=other.prefix.tensor)  # same task, new contents
+    same_values = dataclasses.replace(v1.prefix, tensor=v1.prefix.tensor.clone())  # same contents re-sent
+    changed, unchanged = Sequence(prompt, params(4), new_values), Sequence(prompt, params(4), same_values)
+    run(engine, [changed])
+    run(engine, [unchanged])
+    assert [changed.num_cached_tokens, unchanged.num_cached_tokens] == [0, 0]
+    assert_oracle_tokens(other.oracle, prompt, changed.output_ids, "re-uploaded")
+    assert unchanged.output_ids == again.output_ids
+
+
 def test_preempted_requests_resume_and_match_peft(llama, tmp_path):
     """A pool too small for every request's whole generation: the newest are preempted, recomputed from
     their tokens when they rejoin, and every request still finishes with PEFT's tokens."""
@@ -136,6 +156,36 @@ def test_a_task_prefix_is_stored_once_for_all_its_requests(llama, tmp_path):
 
 def seq_of(n: int, new: int = 8, tenant: str = "t") -> Sequence:
     return Sequence(list(range(3, 3 + n)), SamplingParams(max_new_tokens=new), tenant=tenant)
+
+
+def test_unreferenced_cached_blocks_are_evicted_least_recently_used_first():
+    """Three prompts' cached blocks fill the pool once their requests end; a hit makes a prompt's blocks the
+    most recently used, so new requests evict the others' first, oldest first."""
+    blocks = BlockManager(num_blocks=6, block_size=4)
+
+    def serve(tokens: list[int]) -> Sequence:
+        seq = Sequence(tokens, SamplingParams(max_new_tokens=1))
+        blocks.join(seq, blocks.cached_prefix(seq))
+        blocks.grow(seq, seq.num_tokens - seq.num_computed)
+        seq.num_computed = seq.num_tokens
+        blocks.computed(seq)
+        blocks.leave(seq)
+        return seq
+
+    prompts = {name: list(range(first, first + 8)) for name, first in (("a", 10), ("b", 30), ("c", 50))}
+    for tokens in prompts.values():
+        serve(tokens)  # two full blocks each: the pool is all cached, unreferenced blocks
+
+    def cached(name: str) -> int:  # blocks a request of this prompt (plus one new token) would hit
+        return len(blocks.cached_prefix(Sequence(prompts[name] + [99], SamplingParams())))
+
+    assert blocks.pool.num_free == 6 and {name: cached(name) for name in prompts} == {"a": 2, "b": 2, "c": 2}
+    # a hit: a's blocks become the most recently used (its ninth token evicts b's first block, the LRU one)
+    assert serve(prompts["a"] + [99]).num_cached_tokens == 8
+    serve(list(range(70, 78)))  # two blocks: the one freed above and b's second (b's chain is gone)
+    assert {name: cached(name) for name in prompts} == {"a": 2, "b": 0, "c": 2}
+    serve(list(range(90, 98)))  # then c's (the new prompt's blocks were released after a's)
+    assert {name: cached(name) for name in prompts} == {"a": 2, "b": 0, "c": 0}
 
 
 def test_admission_counts_the_blocks_a_prompt_needs_now_not_its_worst_case():
