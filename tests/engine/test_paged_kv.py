@@ -8,7 +8,10 @@ import gc
 import random
 
 import pytest
+import torch
 
+from server.engine import runner
+from server.engine.attention import DecodeGroup, _attend_runs
 from server.engine.block_manager import BlockManager
 from server.engine.engine import Engine, EngineConfig
 from server.engine.model import wrap_model
@@ -132,6 +135,41 @@ def test_preempted_requests_resume_and_match_peft(llama, tmp_path):
         assert_oracle_tokens(adapter.oracle if adapter else llama.model, seq.prompt_ids, seq.output_ids,
                              "preempted")
     assert engine.blocks.num_free == engine.blocks.num_blocks  # every block came back
+
+
+def test_long_rows_read_their_slot_runs_as_views_and_match_peft(llama, tmp_path, monkeypatch):
+    """A row alone in its decode group reads its runs of consecutive slots as pool views (merged with the
+    rest by log-sum-exp) once it is wide enough; thresholds lowered so tiny rows take that path, with the
+    prefix blocks and interleaved prompt blocks making several runs and a gathered rest."""
+    monkeypatch.setattr(runner, "VIEW_MIN_WIDTH", 12)
+    monkeypatch.setattr(runner, "VIEW_MIN_RUN", 2 * BLOCK)
+    adapters = [make_adapter(llama, kind, 5, tmp_path, seed) for seed, kind in enumerate(KINDS[:4:3])]
+    rng = random.Random(2)
+    engine = Engine(llama, EngineConfig(max_batch_size=4, max_step_tokens=24, block_size=BLOCK))
+    seqs = [Sequence([rng.randrange(3, VOCAB) for _ in range(n)], params(16), prefix)
+            for n, prefix in ((40, None), (3, None), (33, adapters[0].prefix), (29, adapters[1].prefix))]
+    taken = []
+    original = runner.slot_runs
+    monkeypatch.setattr(runner, "slot_runs", lambda row, m: taken.append(original(row, m)) or taken[-1])
+    run(engine, seqs)
+    assert any(runs and rest for runs, rest in taken)  # views and a gathered rest, merged
+    for seq, adapter in zip(seqs, [None, None, *adapters]):
+        model = adapter.oracle if adapter else llama.model
+        assert_oracle_tokens(model, seq.prompt_ids, seq.output_ids, "runs")
+
+
+def test_attending_slot_runs_equals_attending_the_gathered_row():
+    torch.manual_seed(0)
+    keys, values = torch.randn(64, 2, 8), torch.randn(64, 2, 8)
+    row = list(range(3, 20)) + [40, 41, 2] + list(range(44, 60))
+    runs, rest = runner.slot_runs(row, 8)
+    assert runs == ((3, 17), (44, 16)) and rest == [40, 41, 2]
+    q = torch.randn(1, 2, 3, 8)
+    index = torch.tensor(row)
+    group = DecodeGroup(0, 1, index[None], None, torch.tensor([len(row) - 1]), runs, torch.tensor(rest))
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q, keys[index].transpose(0, 1)[None], values[index].transpose(0, 1)[None], scale=0.3)
+    torch.testing.assert_close(_attend_runs(q, keys, values, group, 0.3), expected)
 
 
 def test_a_task_prefix_is_stored_once_for_all_its_requests(llama, tmp_path):
