@@ -71,6 +71,7 @@ def _serve(args: argparse.Namespace) -> int:
             redis_reconcile_interval=args.redis_reconcile_interval,
             block_size=args.block_size, prefix_caching=not args.no_prefix_caching,
             share_prefix_cache=args.share_prefix_cache, long_prefill_threshold=args.long_prefill_threshold,
+            max_long_prefills=args.max_long_prefills,
             max_waiting_requests=args.max_waiting_requests, request_timeout=args.request_timeout,
             shutdown_timeout=args.shutdown_timeout, omp_wait_policy=args.omp_wait_policy,
             max_request_bytes=args.max_request_bytes, public_metrics=args.public_metrics,
@@ -189,6 +190,9 @@ def _add_serve_model_args(group, defaults: Settings) -> None:
     group.add_argument("--long-prefill-threshold", type=int, default=defaults.long_prefill_threshold,
                        help="a prompt with more tokens left to prefill gets at most this many per step while "
                        "others need the step (0: half of --max-step-tokens)")
+    group.add_argument("--max-long-prefills", type=int, default=defaults.max_long_prefills,
+                       help="prompts longer than --long-prefill-threshold that prefill at once (vLLM's "
+                       "--max-num-partial-prefills); more wait their turn, short prompts go ahead of them")
     group.add_argument("--threads", type=int, default=defaults.threads,
                        help="the engine process's torch threads "
                        "(0: one per core but one, left to the HTTP process)")

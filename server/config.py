@@ -31,11 +31,12 @@ class Settings:
     # The paged key/value cache (server/engine/block_manager.py): token slots per block; reuse of computed
     # prompt blocks (per tenant and task version, or across tenants when shared); a prompt with more tokens
     # than long_prefill_threshold to prefill gets at most that many of a step while others wait (0: half a
-    # step)
+    # step), and at most max_long_prefills such prompts prefill at once
     block_size: int = 16
     prefix_caching: bool = True
     share_prefix_cache: bool = False
     long_prefill_threshold: int = 0
+    max_long_prefills: int = 1
     cache_bytes: int = 1 << 30  # resident prefixes (memory tier of the store)
     max_upload_bytes: int = 256 << 20
     max_virtual_tokens: int = 1024
@@ -78,7 +79,8 @@ class Settings:
         """The engine's paged-cache options (EngineConfig's field names)."""
         return {"block_size": self.block_size, "prefix_caching": self.prefix_caching,
                 "share_prefix_cache": self.share_prefix_cache,
-                "long_prefill_threshold": self.long_prefill_threshold}
+                "long_prefill_threshold": self.long_prefill_threshold,
+                "max_long_prefills": self.max_long_prefills}
 
     def __post_init__(self):
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -97,6 +99,8 @@ class Settings:
             raise ValueError("--max-tool-prompt-tokens must be >= 0 (0: half the model's context)")
         if self.long_prefill_threshold < 0:
             raise ValueError("--long-prefill-threshold must be >= 0 (0: half of --max-step-tokens)")
+        if self.max_long_prefills < 1:
+            raise ValueError("--max-long-prefills must be at least 1")
         if self.max_step_tokens < self.max_batch_size:
             raise ValueError(f"--max-step-tokens {self.max_step_tokens} must be at least --max-batch-size "
                              f"{self.max_batch_size}: a full batch's next tokens are computed in one step")

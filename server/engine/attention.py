@@ -47,6 +47,11 @@ class DecodeGroup:
     gather: torch.Tensor  # [g, W] long
     mask: torch.Tensor | None  # [g, 1, 1, W] bool
     positions: torch.Tensor  # [g] long: each query's position (== its own key's index in gather)
+    # A long row alone in its group (g == 1, no mask): its long runs of consecutive pool slots as (first slot,
+    # count), read as views of the pool, and ``rest`` the slots of every other key (None: none), gathered
+    # (see _attend_runs); () when the row is read through ``gather``.
+    runs: tuple[tuple[int, int], ...] = ()
+    rest: torch.Tensor | None = None  # [W - sum of the runs' counts] long
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,6 +192,32 @@ def _gather(pool: torch.Tensor, slots: torch.Tensor, reuse: tuple[int, str] | No
     return torch.index_select(pool, 0, slots, out=buffer)
 
 
+def _attend_runs(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, group: DecodeGroup,
+                 scale: float) -> torch.Tensor:
+    """One long row's attention without gathering its history: q [1, Hkv, G, D] (its query heads folded per
+    key/value head); key/value the slot-major pools [N, Hkv, D]. Returns [1, Hkv, G, D].
+
+    Each run of consecutive slots is attended as a view of the pool (no copy) and the remaining keys as one
+    gathered piece; the pieces' outputs are merged by their log-sum-exp, which is softmax attention over all
+    of them (keys are already rotated and no mask applies, so the order of keys does not matter). Gathering a
+    6,000-slot row cost as much as its attention (kv bench, docs/benchmarks.md). CPU only: the merge needs
+    the log-sum-exp that CPU's flash attention returns.
+    """
+    pieces = [(key[s: s + n], value[s: s + n]) for s, n in group.runs]
+    if group.rest is not None:
+        pieces.append((key.index_select(0, group.rest), value.index_select(0, group.rest)))
+    outs, lses = [], []
+    for k, v in pieces:  # [n, Hkv, D] -> [1, Hkv, n, D], a strided view
+        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k.transpose(0, 1)[None], v.transpose(0, 1)[None], 0.0, False, scale=scale)
+        outs.append(o)  # [1, Hkv, G, D]
+        lses.append(lse)  # [1, Hkv, G] float32
+    if len(outs) == 1:
+        return outs[0]
+    weights = torch.stack(lses).softmax(0).unsqueeze(-1)  # [R, 1, Hkv, G, 1]: each piece's share
+    return (torch.stack(outs).float() * weights).sum(0).to(q.dtype)
+
+
 def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                      **kwargs) -> tuple[torch.Tensor, None]:
@@ -217,6 +248,9 @@ def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
         # ([g, Hkv, G, D]; head h = kv * G + g, transformers' repeat_kv order), so no key is ever repeated.
         g, w = group.gather.shape
         qd = q[:, group.start:group.stop].transpose(0, 1).reshape(g, kv_heads, groups, dim)
+        if group.runs and softcap is None and not window and key.device.type == "cpu":
+            out[group.start:group.stop] = _attend_runs(qd, key, value, group, scale).reshape(g, heads, dim)
+            continue
         flat = group.gather.flatten()
         kd = _gather(key, flat, (i, "k")).view(g, w, kv_heads, dim).transpose(1, 2)  # [g, Hkv, W, D]
         vd = _gather(value, flat, (i, "v")).view(g, w, kv_heads, dim).transpose(1, 2)

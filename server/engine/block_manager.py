@@ -32,7 +32,8 @@ import torch
 
 from server.engine.sequence import Sequence
 
-# Measured on the 2-core development CPU (README, "Key/value memory"): attention gathers slots, not blocks,
+# Measured on the 2-core development CPU (docs/design.md, "The paged key/value cache"; the script and its
+# output in server/bench/results/kv/block_size.py): attention gathers slots, not blocks,
 # so decode speed does not depend on the block size; a small block wastes less memory per request (half a
 # block on average) and lets more of a shared preamble be reused (only full blocks are cached).
 DEFAULT_BLOCK_SIZE = 16

@@ -60,7 +60,7 @@ class EngineCoreSpec:
     output_address: str  # PUSH: step outputs to the HTTP process
     parent_pid: int
     # the paged cache's options, EngineConfig's field names: block_size, prefix_caching, share_prefix_cache,
-    # long_prefill_threshold (absent ones keep EngineConfig's defaults)
+    # long_prefill_threshold, max_long_prefills (absent ones keep EngineConfig's defaults)
     cache_options: dict = field(default_factory=dict)
 
 

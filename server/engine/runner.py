@@ -70,6 +70,25 @@ class _PackedInputs:
 GROUP_GROWTH, GROUP_SLACK = 1.5, 64
 
 
+# A decoding row at least this wide, alone in its group, reads its runs of at least VIEW_MIN_RUN consecutive
+# slots as views of the pool instead of gathering them (attention._attend_runs; measured in
+# docs/benchmarks.md: gathering a 6,000-slot row cost as much as attending it).
+VIEW_MIN_WIDTH, VIEW_MIN_RUN = 1024, 256
+
+
+def slot_runs(row: list[int], min_run: int) -> tuple[tuple[tuple[int, int], ...], list[int]]:
+    """``row``'s runs of at least ``min_run`` consecutive slots as (first slot, count); the other slots."""
+    runs, rest, start = [], [], 0
+    for i in range(1, len(row) + 1):
+        if i == len(row) or row[i] != row[i - 1] + 1:
+            if i - start >= min_run:
+                runs.append((row[start], i - start))
+            else:
+                rest += row[start:i]
+            start = i
+    return tuple(runs), rest
+
+
 def decode_groups(widths: list[int]) -> list[tuple[int, int]]:
     """Cut rows sorted by ``widths`` (ascending) into ``[start, stop)`` runs of similar width."""
     groups: list[tuple[int, int]] = []
@@ -156,8 +175,14 @@ class ModelRunner:
             if lengths[0] != width:
                 lengths_t = torch.tensor(lengths, dtype=torch.long, device=device)
                 mask = (torch.arange(width, device=device)[None] < lengths_t[:, None])[:, None, None]
+            runs: tuple[tuple[int, int], ...] = ()
+            rest = None
+            if b - a == 1 and width >= VIEW_MIN_WIDTH:
+                runs, others = slot_runs(gather[0], VIEW_MIN_RUN)
+                rest = torch.tensor(others, dtype=torch.long, device=device) if others else None
             groups.append(DecodeGroup(a, b, torch.tensor(gather, dtype=torch.long, device=device), mask,
-                                      torch.tensor(step.positions[a:b], dtype=torch.long, device=device)))
+                                      torch.tensor(step.positions[a:b], dtype=torch.long, device=device),
+                                      runs, rest))
         return groups
 
     def _lay_out_prefill(self, step: _PackedInputs, seq: Sequence, count: int) -> PrefillChunk:

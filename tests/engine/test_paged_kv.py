@@ -8,7 +8,10 @@ import gc
 import random
 
 import pytest
+import torch
 
+from server.engine import runner
+from server.engine.attention import DecodeGroup, _attend_runs
 from server.engine.block_manager import BlockManager
 from server.engine.engine import Engine, EngineConfig
 from server.engine.model import wrap_model
@@ -91,6 +94,26 @@ def test_cached_blocks_are_not_shared_across_tasks_or_tenants(llama, tmp_path):
     assert other_tenant.num_cached_tokens > 0
 
 
+def test_a_reuploaded_task_version_does_not_hit_the_previous_versions_blocks(llama, tmp_path):
+    """Cached prompt blocks hold keys/values computed under one task version's prefix: a re-upload (new
+    tensor, whether its values changed or not) starts a chain of its own, and its outputs are its own."""
+    v1, other = make_adapter(llama, "prefix", 4, tmp_path, 0), make_adapter(llama, "prefix", 4, tmp_path, 1)
+    engine = Engine(llama, EngineConfig(block_size=BLOCK))
+    prompt = list(range(10, 30))
+    run(engine, [Sequence(prompt, params(2), v1.prefix)])
+    again = Sequence(prompt, params(4), v1.prefix)
+    run(engine, [again])
+    assert again.num_cached_tokens == (len(prompt) - 1) // BLOCK * BLOCK  # the same version hits
+    new_values = dataclasses.replace(v1.prefix, tensor=other.prefix.tensor)  # same task, new contents
+    same_values = dataclasses.replace(v1.prefix, tensor=v1.prefix.tensor.clone())  # same contents re-sent
+    changed, unchanged = Sequence(prompt, params(4), new_values), Sequence(prompt, params(4), same_values)
+    run(engine, [changed])
+    run(engine, [unchanged])
+    assert [changed.num_cached_tokens, unchanged.num_cached_tokens] == [0, 0]
+    assert_oracle_tokens(other.oracle, prompt, changed.output_ids, "re-uploaded")
+    assert unchanged.output_ids == again.output_ids
+
+
 def test_preempted_requests_resume_and_match_peft(llama, tmp_path):
     """A pool too small for every request's whole generation: the newest are preempted, recomputed from
     their tokens when they rejoin, and every request still finishes with PEFT's tokens."""
@@ -115,6 +138,41 @@ def test_preempted_requests_resume_and_match_peft(llama, tmp_path):
     assert engine.blocks.num_free == engine.blocks.num_blocks  # every block came back
 
 
+def test_long_rows_read_their_slot_runs_as_views_and_match_peft(llama, tmp_path, monkeypatch):
+    """A row alone in its decode group reads its runs of consecutive slots as pool views (merged with the
+    rest by log-sum-exp) once it is wide enough; thresholds lowered so tiny rows take that path, with the
+    prefix blocks and interleaved prompt blocks making several runs and a gathered rest."""
+    monkeypatch.setattr(runner, "VIEW_MIN_WIDTH", 12)
+    monkeypatch.setattr(runner, "VIEW_MIN_RUN", 2 * BLOCK)
+    adapters = [make_adapter(llama, kind, 5, tmp_path, seed) for seed, kind in enumerate(KINDS[:4:3])]
+    rng = random.Random(2)
+    engine = Engine(llama, EngineConfig(max_batch_size=4, max_step_tokens=24, block_size=BLOCK))
+    seqs = [Sequence([rng.randrange(3, VOCAB) for _ in range(n)], params(16), prefix)
+            for n, prefix in ((40, None), (3, None), (33, adapters[0].prefix), (29, adapters[1].prefix))]
+    taken = []
+    original = runner.slot_runs
+    monkeypatch.setattr(runner, "slot_runs", lambda row, m: taken.append(original(row, m)) or taken[-1])
+    run(engine, seqs)
+    assert any(runs and rest for runs, rest in taken)  # views and a gathered rest, merged
+    for seq, adapter in zip(seqs, [None, None, *adapters]):
+        model = adapter.oracle if adapter else llama.model
+        assert_oracle_tokens(model, seq.prompt_ids, seq.output_ids, "runs")
+
+
+def test_attending_slot_runs_equals_attending_the_gathered_row():
+    torch.manual_seed(0)
+    keys, values = torch.randn(64, 2, 8), torch.randn(64, 2, 8)
+    row = list(range(3, 20)) + [40, 41, 2] + list(range(44, 60))
+    runs, rest = runner.slot_runs(row, 8)
+    assert runs == ((3, 17), (44, 16)) and rest == [40, 41, 2]
+    q = torch.randn(1, 2, 3, 8)
+    index = torch.tensor(row)
+    group = DecodeGroup(0, 1, index[None], None, torch.tensor([len(row) - 1]), runs, torch.tensor(rest))
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q, keys[index].transpose(0, 1)[None], values[index].transpose(0, 1)[None], scale=0.3)
+    torch.testing.assert_close(_attend_runs(q, keys, values, group, 0.3), expected)
+
+
 def test_a_task_prefix_is_stored_once_for_all_its_requests(llama, tmp_path):
     task = make_adapter(llama, "prefix", 10, tmp_path, 0)  # 10 virtual tokens: 3 blocks of 4
     engine = Engine(llama, EngineConfig(block_size=BLOCK, prefix_caching=False))
@@ -137,6 +195,36 @@ def test_a_task_prefix_is_stored_once_for_all_its_requests(llama, tmp_path):
 
 def seq_of(n: int, new: int = 8, tenant: str = "t") -> Sequence:
     return Sequence(list(range(3, 3 + n)), SamplingParams(max_new_tokens=new), tenant=tenant)
+
+
+def test_unreferenced_cached_blocks_are_evicted_least_recently_used_first():
+    """Three prompts' cached blocks fill the pool once their requests end; a hit makes a prompt's blocks the
+    most recently used, so new requests evict the others' first, oldest first."""
+    blocks = BlockManager(num_blocks=6, block_size=4)
+
+    def serve(tokens: list[int]) -> Sequence:
+        seq = Sequence(tokens, SamplingParams(max_new_tokens=1))
+        blocks.join(seq, blocks.cached_prefix(seq))
+        blocks.grow(seq, seq.num_tokens - seq.num_computed)
+        seq.num_computed = seq.num_tokens
+        blocks.computed(seq)
+        blocks.leave(seq)
+        return seq
+
+    prompts = {name: list(range(first, first + 8)) for name, first in (("a", 10), ("b", 30), ("c", 50))}
+    for tokens in prompts.values():
+        serve(tokens)  # two full blocks each: the pool is all cached, unreferenced blocks
+
+    def cached(name: str) -> int:  # blocks a request of this prompt (plus one new token) would hit
+        return len(blocks.cached_prefix(Sequence(prompts[name] + [99], SamplingParams())))
+
+    assert blocks.pool.num_free == 6 and {name: cached(name) for name in prompts} == {"a": 2, "b": 2, "c": 2}
+    # a hit: a's blocks become the most recently used (its ninth token evicts b's first block, the LRU one)
+    assert serve(prompts["a"] + [99]).num_cached_tokens == 8
+    serve(list(range(70, 78)))  # two blocks: the one freed above and b's second (b's chain is gone)
+    assert {name: cached(name) for name in prompts} == {"a": 2, "b": 0, "c": 2}
+    serve(list(range(90, 98)))  # then c's (the new prompt's blocks were released after a's)
+    assert {name: cached(name) for name in prompts} == {"a": 2, "b": 0, "c": 0}
 
 
 def test_admission_counts_the_blocks_a_prompt_needs_now_not_its_worst_case():
