@@ -299,7 +299,7 @@ def _check_tool_prompt(tokenizer, tools: ToolChoice, native: bool, cap: int) -> 
                           "and schemas.", param="tools")
 
 
-def _chat_prompt_ids(tokenizer, body: ChatCompletionRequest, tools: ToolChoice, tool_cap: int) -> list[int]:
+def _chat_prompt_ids(tokenizer, body: ChatCompletionRequest, tools: ToolChoice) -> list[int]:
     messages = []
     for i, message in enumerate(body.messages):
         content = message.content
@@ -312,10 +312,8 @@ def _chat_prompt_ids(tokenizer, body: ChatCompletionRequest, tools: ToolChoice, 
                          "tool_call_id": message.tool_call_id, "name": message.name})
     if not getattr(tokenizer, "chat_template", None):
         raise OpenAIError(400, "The base model has no chat template; use /v1/completions.", param="messages")
-    native = template_renders_tools(tokenizer)
-    _check_tool_prompt(tokenizer, tools, native, tool_cap)
     try:
-        messages, tool_defs = chat_messages(messages, tools, native)
+        messages, tool_defs = chat_messages(messages, tools, template_renders_tools(tokenizer))
     except ToolError as exc:
         raise OpenAIError(400, str(exc), param=exc.param) from None
     try:
@@ -338,14 +336,14 @@ async def chat_completions(body: ChatCompletionRequest, state: State, request: R
              ("function_call", body.function_call not in (None, "none", "auto"))])
     if body.tools:
         check_text(state, json.dumps(body.tools, ensure_ascii=False), "tools")
-    tools = await _tool_choice(state, body)
+    tools = await _tool_choice(state, body, state.settings.max_tool_prompt_tokens
+                               or state.base.shape.max_positions // 2)
     prefix = await _resolve_model(state, principal, body.model)
     # rendered into the prompt
     calls = [message.tool_calls for message in body.messages if message.tool_calls]
     check_text(state, "".join(text for message in body.messages for text in _texts(message.content))
                + (json.dumps(calls, ensure_ascii=False) if calls else ""), "messages")
-    tool_cap = state.settings.max_tool_prompt_tokens or state.base.shape.max_positions // 2
-    prompt_ids = await on_tokenizer_thread(_chat_prompt_ids, state.base.tokenizer, body, tools, tool_cap)
+    prompt_ids = await on_tokenizer_thread(_chat_prompt_ids, state.base.tokenizer, body, tools)
     max_tokens = body.max_completion_tokens or body.max_tokens
     if max_tokens == 0:
         raise OpenAIError(400, "max_tokens must be at least 1 for chat.", param="max_tokens")
@@ -357,9 +355,11 @@ async def chat_completions(body: ChatCompletionRequest, state: State, request: R
                           chat=True, logprobs=logprobs, tools=tools)
 
 
-async def _tool_choice(state: ServerState, body: ChatCompletionRequest) -> ToolChoice:
+async def _tool_choice(state: ServerState, body: ChatCompletionRequest, tool_cap: int) -> ToolChoice:
     """``tools``, ``tool_choice`` and ``parallel_tool_calls`` checked: each tool's schema within the limits
-    here, then compiled in the grammar checker's process (server/frontend/grammar_check.py)."""
+    here, the tools' part of the prompt within ``tool_cap`` tokens, then (only when tools may be called:
+    ``tool_choice`` 'none' compiles nothing) each schema compiled in the grammar checker's process
+    (server/frontend/grammar_check.py); the cheap checks first, so a request they refuse costs no compile."""
     try:
         parsed = await run_in_threadpool(parse_tools, body.tools)
         tools = parse_choice(body.tool_choice, parsed, body.parallel_tool_calls)
@@ -367,7 +367,11 @@ async def _tool_choice(state: ServerState, body: ChatCompletionRequest) -> ToolC
             raise OpenAIError(400, "tool calls follow their own grammar: send tools or a structured-output "
                               "constraint (response_format, guided_*), not both, or set tool_choice 'none'.",
                               param="tool_choice")
-        await check_schemas(parsed, state.engine.check_grammar)
+        if tools.active:
+            tokenizer = state.base.tokenizer
+            await on_tokenizer_thread(_check_tool_prompt, tokenizer, tools, template_renders_tools(tokenizer),
+                                      tool_cap)
+            await check_schemas(parsed, state.engine.check_grammar)
     except ToolError as exc:
         raise OpenAIError(400, str(exc), param=exc.param) from None
     return tools

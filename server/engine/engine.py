@@ -100,7 +100,7 @@ def check_grammar(grammars: Grammars, seq: Sequence) -> None:
     """Raise :class:`RequestInvalid` when ``seq`` asks for structured output that cannot be compiled."""
     if seq.params.structured is not None:
         try:
-            grammars.check(seq.params.structured)  # llguidance validates without a compile step
+            grammars.check(seq.params.structured)  # compiles it and computes its first mask (milliseconds)
         except InvalidGrammar as exc:
             raise RequestInvalid(str(exc)) from None
 

@@ -177,7 +177,8 @@ class ModelRunner:
                 mask = (torch.arange(width, device=device)[None] < lengths_t[:, None])[:, None, None]
             runs: tuple[tuple[int, int], ...] = ()
             rest = None
-            if b - a == 1 and width >= VIEW_MIN_WIDTH:
+            # only CPU attention reads a long row's runs as views (attention.py); elsewhere it gathers
+            if b - a == 1 and width >= VIEW_MIN_WIDTH and torch.device(device).type == "cpu":
                 runs, others = slot_runs(gather[0], VIEW_MIN_RUN)
                 rest = torch.tensor(others, dtype=torch.long, device=device) if others else None
             groups.append(DecodeGroup(a, b, torch.tensor(gather, dtype=torch.long, device=device), mask,

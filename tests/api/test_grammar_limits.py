@@ -175,7 +175,9 @@ def test_a_grammar_that_crashes_the_grammar_library_costs_only_its_request(tmp_p
     process before: that tool took the whole server down.)"""
     limits = "bytes=10000000,rules=1000000,nesting=1000000"
     env = {**os.environ, "PREFIX_SERVE_GRAMMAR_LIMITS": limits}
-    with ServerProcess(tmp_path / "store", tmp_path / "server.log", env=env) as server:
+    # the tool-prompt cap raised too: it is checked before any schema is compiled, and would refuse the tool
+    with ServerProcess(tmp_path / "store", tmp_path / "server.log", env=env,
+                       extra_args=("--max-tool-prompt-tokens", "1000000")) as server:
         url = server.url
         model = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
         with httpx.stream("POST", f"{url}/v1/completions", timeout=120,
