@@ -168,6 +168,7 @@ def test_a_tool_prompt_over_the_token_cap_is_refused_before_the_conversation_is_
     assert shown_none.status_code == 200, shown_none.text  # tools not shown take no prompt
 
 
+@pytest.mark.long  # a server of its own whose checker is crashed twice: minutes (make test-long)
 def test_a_grammar_that_crashes_the_grammar_library_costs_only_its_request(tmp_path):
     """With the limits raised, the 5,000-rule chain and a tool whose parameters chain 1,000 $refs reach
     llguidance and crash the checker process: each request is a 400 saying so, a stream running beside them

@@ -567,6 +567,7 @@ def test_client_disconnect_cancels_generation(model_dir, tmp_path):
 # 4. Restart on the same store
 
 
+@pytest.mark.long  # the server stopped and started again: minutes (make test-long)
 def test_restart_preserves_tasks_and_outputs(api, server, refs):
     before = api.records()
     assert {"pre", "pt"} <= before.keys()

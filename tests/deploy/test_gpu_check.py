@@ -24,6 +24,7 @@ def positive(value) -> bool:
     return isinstance(value, (int, float)) and value > 0
 
 
+@pytest.mark.long  # the GPU check's bench part, run whole on the CPU: minutes (make test-long)
 def test_gpu_check_bench_part_runs_on_cpu_and_measures_every_field(tmp_path):
     out = tmp_path / "gpu"
     # this interpreter has everything: the script installs nothing

@@ -474,6 +474,7 @@ def _generate(client: httpx.Client, url: str, task: str) -> httpx.Response:
                        json={"prompt": PROMPT, "max_new_tokens": 8})
 
 
+@pytest.mark.long  # two real servers on one Redis: minutes (make test-long)
 @pytest.mark.slow
 def test_two_servers_share_tasks_through_redis(tmp_path, redis_server):
     from server.engine.model import default_model_dir
