@@ -208,7 +208,7 @@ def test_the_engine_process_heartbeats_every_step_and_idle_and_exits_within_1s_o
                                parent_pid=os.getpid())
     # 200 prompt tokens in steps of at most 64 (spec.max_step_tokens): 4 prefill steps, 1 new token
     request = protocol.AddRequest(1, [100 + i for i in range(200)],
-                                  SamplingParams(max_new_tokens=1).for_engine(), None, "t", time.monotonic())
+                                  SamplingParams(max_new_tokens=1).for_engine(), None, "t")
 
     async def scenario():
         process = EngineProcess(spec, None)
