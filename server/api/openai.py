@@ -289,9 +289,8 @@ def _texts(content) -> list[str]:
 
 def _check_tool_prompt(tokenizer, tools: ToolChoice, native: bool, cap: int) -> None:
     """400 when the tools would take more than ``cap`` tokens of the prompt: counted on their part alone,
-    before the conversation is rendered (the count and byte caps came before this)."""
-    if not tools.active:
-        return
+    before the conversation is rendered (the count and byte caps came before this); only active tools are
+    shown, so only they are counted (:func:`tool_prompt`)."""
     count = len(tokenizer.encode(tool_prompt(tools, native), add_special_tokens=False))
     if count > cap:
         raise OpenAIError(400, f"the tools take {count} tokens of the prompt, over the limit of {cap} per "
