@@ -30,6 +30,7 @@ import torch
 from server.engine.attention import DecodeGroup, PackedBatch, PrefillChunk, packed, use_packed_attention
 from server.engine.cpu_linear import pack_linears
 from server.engine.kv_cache import PagedKVCache
+from server.engine.llama_stack import LlamaStack
 from server.engine.model import BaseModel
 from server.engine.scheduler import StepPlan
 from server.engine.sequence import Sequence
@@ -105,6 +106,9 @@ class ModelRunner:
         self.base = base
         self.model = base.model
         use_packed_attention(self.model)
+        # Llama-shaped families: the same arithmetic without transformers' per-module Python (None: others);
+        # built first, so that pack_linears skips the projections it fuses
+        self.stack = LlamaStack.build(self.model)
         pack_linears(self.model)  # bfloat16 on CPU: oneDNN-prepacked weights (a no-op otherwise)
         self.cache = cache
         self.blocks = cache.manager
@@ -129,22 +133,21 @@ class ModelRunner:
         embeds = self.embed(torch.tensor(step.ids, dtype=torch.long, device=device))[None]  # [1, T, H]
         for first, vectors in step.soft:
             embeds[0, first: first + vectors.shape[0]] = vectors
+        positions = torch.tensor(step.positions, dtype=torch.long, device=device)
+        keep = torch.tensor(step.keep + step.score_keep, dtype=torch.long, device=device)
         with packed(batch):
-            out = self.model(
-                inputs_embeds=embeds,
-                attention_mask=self._no_mask,
-                position_ids=torch.tensor(step.positions, dtype=torch.long, device=device)[None],
-                cache=self.cache.view(batch),
-                use_cache=True,
-                logits_to_keep=torch.tensor(step.keep + step.score_keep, dtype=torch.long, device=device),
-            )
+            if self.stack is not None:
+                logits = self.stack(embeds[0], positions, batch, self.cache.keys, self.cache.values, keep)
+            else:
+                logits = self.model(inputs_embeds=embeds, attention_mask=self._no_mask,
+                                    position_ids=positions[None], cache=self.cache.view(batch),
+                                    use_cache=True, logits_to_keep=keep).logits[0]  # [len(keep), V]
         for seq in decode:
             seq.num_computed += 1
             self.blocks.computed(seq)
         for seq, count in plan.prefill:
             seq.num_computed += count
             self.blocks.computed(seq)
-        logits = out.logits[0]  # [len(keep) + len(score_keep), V]
         prompt, at = [], len(step.keep)
         for seq, first, n in step.scored:
             prompt.append(PromptLogits(seq, first, logits[at: at + n]))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from server.config import Settings
-from server.engine.cpu_linear import auto_dtype, cpu_flags, pack_linears, resolve_dtype
+from server.engine.cpu_linear import FusedLinear, auto_dtype, cpu_flags, pack_linears, resolve_dtype
 from server.engine.model import wrap_model
 from tests.helpers.support import tiny_model
 
@@ -62,3 +62,20 @@ def test_a_packed_linear_still_trains_through_autograd():
     linear(x).float().sum().backward()
     assert x.grad is not None
     torch.testing.assert_close(x.grad, linear.weight.sum(0).expand(3, 16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_fused_linears_equal_the_separate_ones_and_take_no_more_memory(dtype):
+    torch.manual_seed(0)
+    parts = [torch.nn.Linear(64, n, bias=bias).to(dtype) for n, bias in ((64, True), (32, False), (16, True))]
+    x = torch.randn(1, 5, 64, dtype=dtype)
+    with torch.inference_mode():
+        separate = torch.cat([part(x) for part in parts], -1)  # [1, 5, 112]
+        fused = FusedLinear(parts)
+        assert torch.equal(fused(x), separate)  # a decode step's few rows: bit for bit
+        assert torch.equal(torch.cat([part(x) for part in parts], -1), separate)  # the parts still work alone
+    # the parts' weights are views of the fused one: one copy of the weights, not two
+    assert all(part.weight.untyped_storage().data_ptr() == fused.weight.untyped_storage().data_ptr()
+               for part in parts)
+    # and pack_linears leaves them to the fused matmul (no second packed copy)
+    assert pack_linears(torch.nn.ModuleList(parts)) == 0

@@ -123,8 +123,8 @@ def test_long_prompt_does_not_stall_running_requests(tokenizer):
     base = wrap_model(tiny_model("llama", seed=5), tokenizer, "llama")
     engine = Engine(base, EngineConfig(max_batch_size=4, max_step_tokens=10))
     sizes: list[int] = []
-    original = engine.runner.model.forward
-    engine.runner.model.forward = lambda **kw: sizes.append(kw["inputs_embeds"].shape[1]) or original(**kw)
+    embed = engine.runner.embed  # every step embeds its packed token ids [T] once, whichever forward runs
+    engine.runner.embed = lambda ids: sizes.append(ids.shape[0]) or embed(ids)
     running = [Sequence([3, 4, 5], SamplingParams(max_new_tokens=30, ignore_eos=True)) for _ in range(3)]
     for seq in running:
         engine.submit(seq)
@@ -139,7 +139,7 @@ def test_long_prompt_does_not_stall_running_requests(tokenizer):
         assert [len(s.output_ids) for s in running] == [1 + steps] * 3  # nobody waited for the long prompt
     assert steps == 7  # 49 prompt tokens at 10 - 3 = 7 per step
     assert sizes[1:] == [10] * 7  # 3 decode tokens + 7 prompt tokens, every step
-    del engine.runner.model.forward  # the oracle below runs the same model object
+    engine.runner.embed = embed
     engine.run_until_idle()
     assert_oracle_tokens(base.model, long.prompt_ids, long.output_ids, "long prompt")
     for seq in running:
