@@ -218,6 +218,39 @@ def _attend_runs(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, group:
     return (torch.stack(outs).float() * weights).sum(0).to(q.dtype)
 
 
+def _attend_chunk(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, chunk: PrefillChunk,
+                  scale: float) -> torch.Tensor:
+    """A prefill chunk that follows earlier keys, without a mask: q [H, c, D] (its queries, positions
+    ``W - c .. W - 1``); key/value the slot-major pools [N, Hkv, D]. Returns [c, H, D].
+
+    Its queries see every earlier key of the row and their own keys causally. So it is two attentions merged
+    by their log-sum-exp: against the earlier keys with no mask (the query heads of each key/value head
+    folded into one query axis, so keys are not repeated) and against its own c keys with SDPA's causal
+    flag (square, so top-left alignment is right). The masked call this replaces built a [c, W] float mask
+    per layer and read it for every score: for a 6,000-token prompt in chunks of 512, 1 thread, bfloat16,
+    the masked attention took 4.7 s of 7.9 s and the mask conversion alone 0.8 s. CPU only, like
+    _attend_runs: the merge needs the log-sum-exp that CPU's flash attention returns.
+    """
+    heads, c, dim = q.shape
+    kv_heads = key.shape[1]
+    groups = heads // kv_heads
+    earlier, own = chunk.gather[:-c], chunk.gather[-c:]
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    # head h = kv * groups + g (transformers' repeat_kv order): [H, c, D] -> [1, Hkv, groups * c, D]
+    folded = q.reshape(1, kv_heads, groups * c, dim)
+    k = key.index_select(0, earlier).transpose(0, 1)[None]  # [1, Hkv, W - c, D]
+    v = value.index_select(0, earlier).transpose(0, 1)[None]
+    o_earlier, lse_earlier = flash(folded, k, v, 0.0, False, scale=scale)  # [1, Hkv, groups * c, D], [.., c]
+    k = key.index_select(0, own).transpose(0, 1).repeat_interleave(groups, 0)[None]  # [1, H, c, D]
+    v = value.index_select(0, own).transpose(0, 1).repeat_interleave(groups, 0)[None]
+    o_own, lse_own = flash(q[None], k, v, 0.0, True, scale=scale)  # [1, H, c, D], [1, H, c]
+    # each piece's share of every query's softmax: [2, 1, H, c, 1]
+    weights = torch.stack((lse_earlier.reshape(1, heads, c), lse_own)).softmax(0).unsqueeze(-1)
+    out = (torch.stack((o_earlier.reshape(1, heads, c, dim), o_own)).float() * weights).sum(0)
+    return out[0].to(q.dtype).transpose(0, 1)  # [c, H, D]
+
+
+
 def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                      **kwargs) -> tuple[torch.Tensor, None]:
@@ -262,6 +295,11 @@ def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
         out[group.start:group.stop] = od.reshape(g, heads, dim)
     for chunk, mask in zip(batch.prefill, prefill_masks):
         c = chunk.stop - chunk.start
+        if mask is not None and softcap is None and not window and key.device.type == "cpu":
+            # it follows earlier keys: two unmasked attentions merged (CPU; see _attend_chunk)
+            out[chunk.start:chunk.stop] = _attend_chunk(q[:, chunk.start:chunk.stop], key, value, chunk,
+                                                        scale)
+            continue
         qp = q[None, :, chunk.start:chunk.stop]  # [1, H, c, D]
         # [W, Hkv, D] -> [1, Hkv, W, D]
         kp = _gather(key, chunk.gather).transpose(0, 1)[None]

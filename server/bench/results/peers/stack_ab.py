@@ -6,8 +6,9 @@ Llama stack and fused projections against the commit before them)::
     PYTHONPATH=<checkout> python server/bench/results/peers/stack_ab.py <label> <dtype>
 
 Default model (SmolLM2-135M), one torch thread (as the served engine runs); decode tokens/s at 1 stream and
-at 32 streams (prompts of 32 tokens, 40 steps timed after all are prefilled) and a 2,000-token prompt's
-prefill tokens/s alone; one JSON line. It uses only the engine API both checkouts have.
+at 32 streams (prompts of 32 tokens, 40 steps timed after all are prefilled) and 2,000- and 6,000-token
+prompts' prefill tokens/s, each alone; one JSON line (``stack_ab_2026-12-07.jsonl`` predates the 6,000).
+It uses only the engine API both checkouts have.
 """
 
 import json
@@ -58,7 +59,8 @@ def main() -> None:
     decode(base, 32, 900)  # warm-up
     row = {"label": label, "dtype": sys.argv[2], "threads": 1,
            "decode_1": decode(base, 1, 1), "decode_32": decode(base, 32, 100),
-           "prefill_2000": prefill(base, 2000, 7), "load1": os.getloadavg()[0],
+           "prefill_2000": prefill(base, 2000, 7), "prefill_6000": prefill(base, 6000, 8),
+           "load1": os.getloadavg()[0],
            "time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
     print(json.dumps(row), flush=True)
 
