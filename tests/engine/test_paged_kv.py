@@ -10,8 +10,8 @@ import random
 import pytest
 import torch
 
-from server.engine import runner
-from server.engine.attention import DecodeGroup, _attend_runs
+from server.engine import attention, runner
+from server.engine.attention import DecodeGroup, PrefillChunk, _attend_chunk, _attend_runs
 from server.engine.block_manager import BlockManager
 from server.engine.engine import Engine, EngineConfig
 from server.engine.model import wrap_model
@@ -171,6 +171,43 @@ def test_attending_slot_runs_equals_attending_the_gathered_row():
     expected = torch.nn.functional.scaled_dot_product_attention(
         q, keys[index].transpose(0, 1)[None], values[index].transpose(0, 1)[None], scale=0.3)
     torch.testing.assert_close(_attend_runs(q, keys, values, group, 0.3), expected)
+
+
+def test_chunks_after_many_earlier_keys_attend_split_and_match_peft(llama, tmp_path, monkeypatch):
+    """Prefill chunks that follow many earlier keys (a task prefix, the prompt's earlier chunks) attend as two
+    unmasked calls merged by log-sum-exp; thresholds lowered so the tiny scenario takes that path, for
+    prefix-tuning, soft-prompt and base rows, with decode rows in the same steps."""
+    monkeypatch.setattr(attention, "SPLIT_MIN_CHUNK", 4)
+    monkeypatch.setattr(attention, "SPLIT_MIN_EARLIER", 1)
+    split = []
+    original = attention._attend_chunk
+    monkeypatch.setattr(attention, "_attend_chunk", lambda *a: split.append(a[3]) or original(*a))
+    adapters = [make_adapter(llama, kind, 6, tmp_path, seed) for seed, kind in enumerate(KINDS[:4:3])]
+    rng = random.Random(5)
+    engine = Engine(llama, EngineConfig(max_batch_size=4, max_step_tokens=16, block_size=BLOCK))
+    seqs = [Sequence([rng.randrange(3, VOCAB) for _ in range(n)], params(8), prefix)
+            for n, prefix in ((60, None), (5, None), (45, adapters[0].prefix), (38, adapters[1].prefix))]
+    run(engine, seqs)
+    assert len(split) > 6
+    for seq, adapter in zip(seqs, [None, None, *adapters]):
+        model = adapter.oracle if adapter else llama.model
+        assert_oracle_tokens(model, seq.prompt_ids, seq.output_ids, "split chunks")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_a_split_chunk_equals_the_masked_attention(dtype):
+    torch.manual_seed(0)
+    keys, values = torch.randn(300, 2, 16, dtype=dtype), torch.randn(300, 2, 16, dtype=dtype)
+    slots = torch.randperm(300)[:90]  # 70 earlier keys, then a chunk of 20 (index == position)
+    positions = torch.arange(70, 90)
+    mask = torch.arange(90)[None] <= positions[:, None]  # [20, 90]
+    q = torch.randn(6, 20, 16, dtype=dtype)  # 6 query heads over 2 key/value heads
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q[None], keys[slots].transpose(0, 1)[None], values[slots].transpose(0, 1)[None], attn_mask=mask,
+        scale=0.25, enable_gqa=True)[0].transpose(0, 1)  # [20, 6, 16]
+    got = _attend_chunk(q, keys, values, PrefillChunk(0, 20, slots, mask, positions), 0.25)
+    tolerance = {} if dtype == torch.float32 else {"rtol": 1.6e-2, "atol": 1e-2}
+    torch.testing.assert_close(got, expected, **tolerance)
 
 
 def test_a_task_prefix_is_stored_once_for_all_its_requests(llama, tmp_path):
