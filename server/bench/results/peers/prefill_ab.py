@@ -16,31 +16,19 @@ import time
 
 import torch
 
-from server.engine.engine import Engine, EngineConfig
+# run as a script, this folder is on sys.path: the one-prompt measurement is stack_ab's, on one engine here
+from stack_ab import engine_for, prefill  # type: ignore[import-not-found]
+
 from server.engine.model import load_base_model
-from server.engine.sequence import SamplingParams, Sequence
-
-
-def _ids(seed: int, length: int) -> list[int]:
-    return [(7919 * seed + 31 * j) % 4000 + 100 for j in range(length)]
 
 
 def main() -> None:
     torch.set_num_threads(1)
     base = load_base_model("default", torch.bfloat16, "cpu")
-    engine = Engine(base, EngineConfig(max_batch_size=33, max_step_tokens=512))
-
-    def prefill(seed: int, length: int) -> float:
-        seq = Sequence(_ids(seed, length), SamplingParams(max_new_tokens=1, ignore_eos=True))
-        start = time.perf_counter()
-        engine.submit(seq)
-        while not seq.output_ids:
-            engine.step()
-        return length / (time.perf_counter() - start)
-
-    prefill(1, 2000)
-    row = {"label": sys.argv[1], "p2000": [prefill(10 + i, 2000) for i in range(3)],
-           "p6000": prefill(20, 6000), "time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+    engine = engine_for(base)
+    prefill(engine, 2000, 1)
+    row = {"label": sys.argv[1], "p2000": [prefill(engine, 2000, 10 + i) for i in range(3)],
+           "p6000": prefill(engine, 6000, 20), "time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
     print(json.dumps(row), flush=True)
 
 

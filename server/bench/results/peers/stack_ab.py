@@ -42,8 +42,12 @@ def decode(base, streams: int, seed: int) -> float:
     return tokens / (time.perf_counter() - start)
 
 
-def prefill(base, length: int, seed: int) -> float:
-    engine = Engine(base, EngineConfig(max_batch_size=33, max_step_tokens=512))
+def engine_for(base) -> Engine:
+    return Engine(base, EngineConfig(max_batch_size=33, max_step_tokens=512))
+
+
+def prefill(engine: Engine, length: int, seed: int) -> float:
+    """One prompt alone to its first token on ``engine`` (main gives each measurement a fresh one)."""
     seq = Sequence(_ids(seed, length), SamplingParams(max_new_tokens=1, ignore_eos=True))
     start = time.perf_counter()
     engine.submit(seq)
@@ -59,7 +63,8 @@ def main() -> None:
     decode(base, 32, 900)  # warm-up
     row = {"label": label, "dtype": sys.argv[2], "threads": 1,
            "decode_1": decode(base, 1, 1), "decode_32": decode(base, 32, 100),
-           "prefill_2000": prefill(base, 2000, 7), "prefill_6000": prefill(base, 6000, 8),
+           "prefill_2000": prefill(engine_for(base), 2000, 7),
+           "prefill_6000": prefill(engine_for(base), 6000, 8),
            "load1": os.getloadavg()[0],
            "time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
     print(json.dumps(row), flush=True)
