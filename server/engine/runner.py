@@ -135,13 +135,7 @@ class ModelRunner:
             embeds[0, first: first + vectors.shape[0]] = vectors
         positions = torch.tensor(step.positions, dtype=torch.long, device=device)
         keep = torch.tensor(step.keep + step.score_keep, dtype=torch.long, device=device)
-        with packed(batch):
-            if self.stack is not None:
-                logits = self.stack(embeds[0], positions, batch, self.cache.keys, self.cache.values, keep)
-            else:
-                logits = self.model(inputs_embeds=embeds, attention_mask=self._no_mask,
-                                    position_ids=positions[None], cache=self.cache.view(batch),
-                                    use_cache=True, logits_to_keep=keep).logits[0]  # [len(keep), V]
+        logits = self.forward(embeds, positions, batch, keep)
         for seq in decode:
             seq.num_computed += 1
             self.blocks.computed(seq)
@@ -153,6 +147,17 @@ class ModelRunner:
             prompt.append(PromptLogits(seq, first, logits[at: at + n]))
             at += n
         return StepLogits(logits[: len(step.keep)], step.sampled, prompt)
+
+    def forward(self, embeds: torch.Tensor, positions: torch.Tensor, batch: PackedBatch,
+                keep: torch.Tensor) -> torch.Tensor:
+        """The model over one laid-out step: embeds [1, T, H], positions [T], keep [K] (packed indices whose
+        logits are wanted) -> [K, V]. The one place the model runs (the bench times it here)."""
+        with packed(batch):
+            if self.stack is not None:
+                return self.stack(embeds[0], positions, batch, self.cache.keys, self.cache.values, keep)
+            out = self.model(inputs_embeds=embeds, attention_mask=self._no_mask, position_ids=positions[None],
+                             cache=self.cache.view(batch), use_cache=True, logits_to_keep=keep)
+            return out.logits[0]
 
     def _lay_out_decode(self, step: _PackedInputs, decode: list[Sequence]) -> list[DecodeGroup]:
         """Append each decoding row's one token (rows sorted by width); one group per run of similar widths,
