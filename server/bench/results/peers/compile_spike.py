@@ -1,9 +1,6 @@
 """How ``compile_spike_<date>.jsonl`` was made: does regional ``torch.compile`` shorten the bf16 decode step?
 
-Made at 1bbeb55 and to be rerun there: the engine has since run Llama layers through
-server/engine/llama_stack.py (no decoder-layer forward is called any more), so on a later checkout the
-patches below would change nothing.
-
+Rerun it at 1bbeb55: since then Llama layers run in server/engine/llama_stack.py, not the forwards it patches.
 Issue #23's spike (a measurement, not an engine change): at one torch thread, bfloat16, the engine's decode
 step is slower than vLLM's CPU build, which compiles its forward with inductor. This script patches the loaded
 model's decoder layers (Llama family: the default SmolLM2-135M) in this process, never the engine's code::
