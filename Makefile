@@ -76,9 +76,9 @@ $(STAMP): pyproject.toml Makefile
 run: install
 	$(VENV)/bin/prefix-serve serve --host $(HOST) --port $(PORT) --model default --store-dir $(STORE)
 
-# `make test` is the everyday suite (about 6 minutes); the tests marked `@pytest.mark.long` (every family served
+# `make test` is the everyday suite (about 5 minutes); the tests marked `@pytest.mark.long` (every family served
 # from a saved folder, training, the engine's fault drills, the benchmarks' smoke runs, the docs' commands:
-# about 21 minutes) run with `make test-long`. CI (.ci/run) runs both, so nothing is dropped. MARKS picks
+# about 18 minutes) run with `make test-long`. CI (.ci/run) runs both, so nothing is dropped. MARKS picks
 # another selection, e.g. MARKS='not long and not slow'.
 MARKS ?= not long
 
