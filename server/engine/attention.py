@@ -192,6 +192,14 @@ def _gather(pool: torch.Tensor, slots: torch.Tensor, reuse: tuple[int, str] | No
     return torch.index_select(pool, 0, slots, out=buffer)
 
 
+def _merge(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> torch.Tensor:
+    """Softmax attention over the union of disjoint key sets, from each set's own: ``outs[i]`` [..., S, D]
+    and its log-sum-exp ``lses[i]`` [..., S] (float32). Weighted by each piece's share of every query's
+    softmax, in float32; returned in the outputs' dtype."""
+    weights = torch.stack(lses).softmax(0).unsqueeze(-1)  # [R, ..., S, 1]
+    return (torch.stack(outs).float() * weights).sum(0).to(outs[0].dtype)
+
+
 def _attend_runs(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, group: DecodeGroup,
                  scale: float) -> torch.Tensor:
     """One long row's attention without gathering its history: q [1, Hkv, G, D] (its query heads folded per
@@ -214,8 +222,7 @@ def _attend_runs(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, group:
         lses.append(lse)  # [1, Hkv, G] float32
     if len(outs) == 1:
         return outs[0]
-    weights = torch.stack(lses).softmax(0).unsqueeze(-1)  # [R, 1, Hkv, G, 1]: each piece's share
-    return (torch.stack(outs).float() * weights).sum(0).to(q.dtype)
+    return _merge(outs, lses)
 
 
 def _attend_chunk(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, chunk: PrefillChunk,
@@ -244,10 +251,8 @@ def _attend_chunk(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, chunk
     k = key.index_select(0, own).transpose(0, 1).repeat_interleave(groups, 0)[None]  # [1, H, c, D]
     v = value.index_select(0, own).transpose(0, 1).repeat_interleave(groups, 0)[None]
     o_own, lse_own = flash(q[None], k, v, 0.0, True, scale=scale)  # [1, H, c, D], [1, H, c]
-    # each piece's share of every query's softmax: [2, 1, H, c, 1]
-    weights = torch.stack((lse_earlier.reshape(1, heads, c), lse_own)).softmax(0).unsqueeze(-1)
-    out = (torch.stack((o_earlier.reshape(1, heads, c, dim), o_own)).float() * weights).sum(0)
-    return out[0].to(q.dtype).transpose(0, 1)  # [c, H, D]
+    out = _merge([o_earlier.reshape(1, heads, c, dim), o_own], [lse_earlier.reshape(1, heads, c), lse_own])
+    return out[0].transpose(0, 1)  # [c, H, D]
 
 
 

@@ -101,13 +101,6 @@ def pack_linears(model: torch.nn.Module) -> int:
     return packed
 
 
-def _unpack(module: torch.nn.Linear) -> None:
-    """Undo :func:`pack_linears` for one module: its forward is ``nn.Linear``'s again."""
-    if hasattr(module, "_packed_weight"):
-        object.__delattr__(module, "_packed_weight")
-        del module.forward  # the instance attribute pack_linears set; the class's forward shows through
-
-
 class FusedLinear:
     """Several ``nn.Linear``\\ s of one input as one matmul (a layer's q|k|v, or gate|up): out [..., sum of
     their out features], in the modules' order.
@@ -116,8 +109,9 @@ class FusedLinear:
     0.41x the time of three calls for one row, 0.57x for 32 rows and 0.84-0.94x for 256-512 rows (gate|up:
     0.81x, 0.84x, but 1.10-1.18x at 512-2048 rows, so llama_stack.py fuses q|k|v only). Memory stays as it
     was: the modules' weights become views of the concatenated weight (``.data``, so every reference to the
-    parameters stays valid), and for bfloat16 on CPU the one oneDNN-packed copy is the concatenated one (the
-    modules' own packed copies are dropped; called directly, they take ``F.linear``).
+    parameters stays valid), and for bfloat16 on CPU the one oneDNN-packed copy is the concatenated one
+    (:func:`pack_linears` then leaves the modules unpacked: called directly, they take ``F.linear``). So it
+    is built before pack_linears runs on the model.
 
     float32 results equal the separate modules' bit for bit (the same MKL dot products); bfloat16 ones do
     for a decode step's few rows, while at hundreds of rows oneDNN may block the wider matrix differently,
@@ -125,14 +119,12 @@ class FusedLinear:
     """
 
     def __init__(self, modules: list[torch.nn.Linear]):
-        weights = [m.weight for m in modules]
+        assert not any(hasattr(m, "_packed_weight") for m in modules), "fuse before pack_linears"
+        self.sizes = [m.weight.shape[0] for m in modules]
         with torch.no_grad():
-            fused = torch.cat([w.detach() for w in weights])  # [sum(out), in]
-            at = 0
-            for module in modules:
-                n = module.weight.shape[0]
-                module.weight.data = fused[at: at + n]
-                at += n
+            fused = torch.cat([m.weight.detach() for m in modules])  # [sum(out), in]
+            for module, part in zip(modules, fused.split(self.sizes)):
+                module.weight.data = part
             self.weight = fused
             self.bias = None
             if any(m.bias is not None for m in modules):
@@ -142,10 +134,8 @@ class FusedLinear:
         if (fused.dtype == torch.bfloat16 and fused.device.type == "cpu"
                 and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
             for module in modules:
-                _unpack(module)
-                object.__setattr__(module, "_fused_into", self)  # pack_linears leaves it unpacked from now on
+                object.__setattr__(module, "_fused_into", self)  # pack_linears leaves it unpacked
             self.packed = torch.ops.mkldnn._reorder_linear_weight(fused, None)
-        self.sizes = [m.weight.shape[0] for m in modules]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., in] -> [..., sum(out)]; inference only (the engine's forwards)

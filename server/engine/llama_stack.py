@@ -89,6 +89,9 @@ class LlamaStack:
     def build(cls, model: PreTrainedModel) -> LlamaStack | None:
         """The stack for ``model`` when its classes are one of :data:`_FAMILIES`' exactly, else None (and
         the runner calls the model as transformers built it)."""
+        built = getattr(model, "_llama_stack", None)  # another engine on this model already fused it
+        if built is not None:
+            return built
         config = model.config
         family = _FAMILIES.get(config.model_type)
         if family is None or getattr(config, "sliding_window", None) is not None:
@@ -108,9 +111,6 @@ class LlamaStack:
                 return None
         if type(model.model.norm) is not classes["RMSNorm"]:
             return None
-        built = getattr(model, "_llama_stack", None)  # another engine on this model already fused it
-        if built is not None:
-            return built
         layers = []  # only now that every layer qualifies are their projections fused
         for layer in model.model.layers:
             attention, mlp, norm_in, norm_post = (layer.self_attn, layer.mlp, layer.input_layernorm,
