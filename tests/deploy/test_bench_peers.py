@@ -20,6 +20,7 @@ import torch
 from safetensors import safe_open
 
 from server.bench import peers
+from server.bench.load import RequestResult
 from server.bench.peer_servers import cpu_info, export_model
 from server.engine.model import load_base_model
 from tests.helpers.support import save_tiny_llama
@@ -61,6 +62,21 @@ def tiny_model(tmp_path_factory, tokenizer):
     return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), tokenizer, max_positions=512)
 
 
+def test_peak_streaming_counts_requests_between_first_and_last_token():
+    def streamed(first: float, last: float) -> RequestResult:
+        return RequestResult(start=first - 0.1, end=last, first_token=first, token_times=[first, last],
+                             tokens=2)
+
+    one_after_another = [streamed(0, 1), streamed(2, 3), streamed(4, 5)]
+    assert peers.peak_streaming(one_after_another) == 1
+    # three overlapping at t=2.5; the fourth starts after the first two ended
+    overlapping = [streamed(0, 3), streamed(1, 4), streamed(2, 6), streamed(5, 7)]
+    assert peers.peak_streaming(overlapping) == 3
+    # a request that never streamed a token (failed) is not counted
+    failed = RequestResult(start=0, end=1, first_token=None, ok=False)
+    assert peers.peak_streaming([streamed(0, 1), failed]) == 1
+
+
 def test_peer_workloads_run_against_prefix_serve_alone_and_report_ratios(tiny_model, tmp_path):
     out = tmp_path / "peers"
     cmd = [sys.executable, "-m", "server.bench.peers", "--model", str(tiny_model), "--no-vllm", "--dtypes",
@@ -81,7 +97,9 @@ def test_peer_workloads_run_against_prefix_serve_alone_and_report_ratios(tiny_mo
     assert 0 < figures["preamble"]["ttft_p50_s"] <= figures["preamble"]["ttft_p99_s"]
     assert figures["preamble"]["ttft_p99_s"] <= figures["preamble"]["wall_s"]
     mix = figures["length_mix"]
-    assert mix["requests"] == 33 and 1 < mix["peak_streaming"] <= 33  # requests overlapped on the server
+    # a measurement, not a promise: the tiny model can finish each short request before the next one arrives
+    # (CI once read 1); how the peak is counted is proven on known times above
+    assert mix["requests"] == 33 and 1 <= mix["peak_streaming"] <= 33
     markdown = json_file.with_suffix(".md").read_text()
     assert markdown in run.stdout and f"CPU: {result['cpu']['model']}" in markdown
     row = next(line for line in markdown.splitlines() if line.startswith("| 1 stream x 128: decode tok/s |"))
