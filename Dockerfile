@@ -46,6 +46,12 @@ ENV PATH=/opt/venv/bin:$PATH \
     HF_HUB_OFFLINE=1 \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1
+# gcc: the engine compiles its CPU kernels for the serving machine's CPU at start (about a second; a temporary
+# folder, as the cache is read-only to the server's user); without it attention runs on torch's slower path.
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends gcc libc6-dev \
+ && rm -rf /var/lib/apt/lists/*
 RUN groupadd --system --gid 10001 serve \
  && useradd --system --uid 10001 --gid serve --home-dir /data --no-create-home serve \
  && mkdir -p /data/store \

@@ -30,6 +30,8 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from server.engine import cpu_kernels
+
 PACKED_ATTENTION = "prefix_serve_packed"
 
 
@@ -52,6 +54,9 @@ class DecodeGroup:
     # (see _attend_runs); () when the row is read through ``gather``.
     runs: tuple[tuple[int, int], ...] = ()
     rest: torch.Tensor | None = None  # [W - sum of the runs' counts] long
+    # [g] long: each row's count of valid slots in gather (what the mask says), for the CPU kernel that reads
+    # the pools at those slots directly (cpu_kernels.decode_attention); None: every row is W wide
+    lengths: torch.Tensor | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -289,10 +294,22 @@ def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     groups = heads // kv_heads
     scale = scaling if scaling is not None else dim**-0.5
     out = q.new_empty(tokens, heads, dim)
+    # the slot-major pools as the cache holds them (a family that hands over other keys keeps torch's path)
+    native = (softcap is None and not window and bool(batch.decode) and key.is_contiguous()
+              and value.is_contiguous() and cpu_kernels.supports(q, key, value)
+              and cpu_kernels.supports_shape(heads, kv_heads, dim))
     for i, (group, mask) in enumerate(zip(batch.decode, decode_masks)):
+        g, w = group.gather.shape
+        if native:  # the pools read at each row's slots, no gathered copy (cpu_kernels.c)
+            lengths = group.lengths
+            if lengths is None:
+                lengths = torch.full((g,), w, dtype=torch.long)
+            rows = q[:, group.start:group.stop].transpose(0, 1)  # [g, H, D], a view
+            cpu_kernels.decode_attention(rows, key, value, group.gather, lengths, scale,
+                                         out[group.start:group.stop])
+            continue
         # One query per row: fold the query heads that share a key/value head into the query axis
         # ([g, Hkv, G, D]; head h = kv * G + g, transformers' repeat_kv order), so no key is ever repeated.
-        g, w = group.gather.shape
         qd = q[:, group.start:group.stop].transpose(0, 1).reshape(g, kv_heads, groups, dim)
         if group.runs and softcap is None and not window and key.device.type == "cpu":
             out[group.start:group.stop] = _attend_runs(qd, key, value, group, scale).reshape(g, heads, dim)

@@ -1,0 +1,181 @@
+/* CPU kernels for the engine's hot loop, compiled at first use by server/engine/cpu_kernels.py.
+ *
+ * Plain C with no torch headers (so it compiles in about a second), called through ctypes with raw
+ * pointers. Every function computes in float32 whatever the storage type; bfloat16 is read by widening its
+ * 16 bits and written with round-to-nearest-even, as torch does. The loops are written so that gcc -O3
+ * -march=native vectorises them (-ffast-math lets it reorder the float sums; -fno-finite-math-only keeps
+ * NaN and inf meaning what they mean, so a broken prefix still yields NaN logits).
+ */
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* NaN stays a quiet NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);                                           /* round to nearest even */
+    return (uint16_t)(u >> 16);
+}
+
+/* e^x for x <= 0 (softmax's shifted scores): 2^(x log2 e) as 2^n * 2^f, f in [-0.5, 0.5], with Cephes'
+ * exp2f polynomial (relative error about 2e-7). Branch-free, so the loops calling it vectorise. */
+static inline float exp_nonpositive(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    float t = x * 1.44269504088896341f;
+    float n = floorf(t + 0.5f);
+    float f = t - n;
+    float p = 1.535336188319500e-4f;
+    p = p * f + 1.339887440266574e-3f;
+    p = p * f + 9.618437357674640e-3f;
+    p = p * f + 5.550332471162809e-2f;
+    p = p * f + 2.402264791363012e-1f;
+    p = p * f + 6.931472028550421e-1f;
+    p = p * f + 1.0f;
+    int32_t e = (int32_t)n + 127;
+    uint32_t bits = (uint32_t)e << 23;
+    float scale;
+    memcpy(&scale, &bits, 4);
+    return p * scale;
+}
+
+/* 16 floats: gcc lowers these vector-extension ops to one AVX-512 register, two AVX2 ones, or scalars. */
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef uint16_t u16x16 __attribute__((vector_size(32)));
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
+#define LANES 16
+
+static inline f32x16 load16_f32(const float *p) {
+    f32x16 x;
+    memcpy(&x, p, sizeof x);
+    return x;
+}
+
+static inline f32x16 load16_bf16(const uint16_t *p) {
+    u16x16 h;
+    memcpy(&h, p, sizeof h);
+    u32x16 u = __builtin_convertvector(h, u32x16) << 16;
+    f32x16 x;
+    memcpy(&x, &u, sizeof x);
+    return x;
+}
+
+/* The sum of x's 16 lanes as a tree (4 permutes and adds) instead of a 15-add chain. */
+static inline float sum16(f32x16 x) {
+    x += __builtin_shuffle(x, (u32x16){8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
+    x += __builtin_shuffle(x, (u32x16){4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3});
+    x += __builtin_shuffle(x, (u32x16){2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1});
+    x += __builtin_shuffle(x, (u32x16){1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0});
+    return x[0];
+}
+
+#define MAX_GROUP 8   /* query heads per key/value head that get their own unrolled loops */
+#define MAX_CHUNKS 16 /* head dims up to 256 */
+
+/* One row's key/value head: its G queries (qf [G, dim], already scaled) against the n keys and values at
+ * `slots`, written to o (G heads of dim each, `o_head` apart). scores: scratch [G, n]. G is a constant in
+ * every call below, so the per-query accumulators stay in registers. dim % 16 == 0, dim <= 256. */
+#define ATTEND_HEAD(NAME, T, LOAD16, STORE)                                                               \
+    static inline __attribute__((always_inline)) void NAME(                                               \
+        const int G, const float *restrict qf, const T *restrict k, const T *restrict v,                  \
+        const int64_t *restrict slots, int64_t n, int64_t stride, int64_t dim, float *restrict scores,    \
+        T *restrict o) {                                                                                   \
+        const int64_t chunks = dim / LANES;                                                                \
+        for (int64_t j = 0; j < n; j++) {                                                                  \
+            const T *kp = k + slots[j] * stride;                                                           \
+            f32x16 part[MAX_GROUP];                                                                        \
+            for (int g = 0; g < G; g++) part[g] = (f32x16){0};                                            \
+            for (int64_t c = 0; c < chunks; c++) {                                                         \
+                f32x16 x = LOAD16(kp + c * LANES);                                                         \
+                for (int g = 0; g < G; g++) part[g] += load16_f32(qf + g * dim + c * LANES) * x;           \
+            }                                                                                              \
+            for (int g = 0; g < G; g++) scores[g * n + j] = sum16(part[g]);                                \
+        }                                                                                                  \
+        for (int g = 0; g < G; g++) {                                                                      \
+            float *sg = scores + g * n, m = -INFINITY, sum = 0.0f;                                         \
+            for (int64_t j = 0; j < n; j++) m = sg[j] > m ? sg[j] : m;                                     \
+            for (int64_t j = 0; j < n; j++) {                                                              \
+                float e = exp_nonpositive(sg[j] - m);                                                      \
+                sg[j] = e;                                                                                 \
+                sum += e;                                                                                  \
+            }                                                                                              \
+            float inv = 1.0f / sum;                                                                        \
+            for (int64_t j = 0; j < n; j++) sg[j] *= inv;                                                  \
+        }                                                                                                  \
+        for (int64_t c = 0; c < chunks; c++) {                                                             \
+            f32x16 acc[MAX_GROUP];                                                                         \
+            for (int g = 0; g < G; g++) acc[g] = (f32x16){0};                                             \
+            for (int64_t j = 0; j < n; j++) {                                                              \
+                f32x16 x = LOAD16(v + slots[j] * stride + c * LANES);                                      \
+                for (int g = 0; g < G; g++) acc[g] += scores[g * n + j] * x;                               \
+            }                                                                                              \
+            for (int g = 0; g < G; g++)                                                                    \
+                for (int i = 0; i < LANES; i++) o[g * dim + c * LANES + i] = STORE(acc[g][i]);             \
+        }                                                                                                  \
+    }
+
+#define LOAD_F32(x) (x)
+#define STORE_F32(x) (x)
+ATTEND_HEAD(attend_head_f32, float, load16_f32, STORE_F32)
+ATTEND_HEAD(attend_head_bf16, uint16_t, load16_bf16, f32_to_bf16)
+
+/* Decode attention straight from the paged pools: one query token per row, its keys and values read at the
+ * slots the row lists, never gathered into a copy first.
+ *
+ * q:      rows x heads x dim, element (r, h, d) at q[r * q_row + h * q_head + d]
+ * k, v:   the layer's slot-major pools [N, kv_heads, dim], contiguous
+ * slots:  [rows, width] int64: row r's keys are at slots[r * width + j] for j < lengths[r]
+ * out:    rows x heads x dim, element (r, h, d) at out[r * out_row + h * dim + d]
+ * Query head h reads key/value head h / (heads / kv_heads) (grouped-query attention). Per row and key/value
+ * head, two passes: its queries' scores against every key (kept, [group, n]), then the softmax-weighted sum of
+ * the values, dim 16 lanes at a time. Returns 0; -1 when dim is not a multiple of 16 up to 256 or the group
+ * is over 8 query heads per key/value head (the caller checks :func:`supports_shape` first); -2 when scratch
+ * memory could not be had.
+ */
+#define DECODE_ATTENTION(NAME, T, LOAD, ATTEND)                                                           \
+    int NAME(const T *q, const T *k, const T *v, const int64_t *slots, const int64_t *lengths,             \
+             int64_t rows, int64_t width, int64_t heads, int64_t kv_heads, int64_t dim, int64_t q_row,     \
+             int64_t q_head, float scale, T *out, int64_t out_row) {                                       \
+        int64_t group = heads / kv_heads;                                                                  \
+        if (dim % LANES || dim > LANES * MAX_CHUNKS || group < 1 || group > MAX_GROUP) return -1;         \
+        size_t bytes = sizeof(float) * (size_t)(group * (width + dim) + LANES);                         \
+        float *scores = aligned_alloc(64, (bytes + 63) / 64 * 64);                                         \
+        if (scores == NULL) return -2;                                                                     \
+        float *qf = scores + group * width; /* [group, dim]: this kv head's queries, scaled */             \
+        for (int64_t r = 0; r < rows; r++) {                                                               \
+            const int64_t *row_slots = slots + r * width;                                                  \
+            for (int64_t kh = 0; kh < kv_heads; kh++) {                                                    \
+                for (int64_t g = 0; g < group; g++) {                                                      \
+                    const T *qh = q + r * q_row + (kh * group + g) * q_head;                               \
+                    for (int64_t d = 0; d < dim; d++) qf[g * dim + d] = LOAD(qh[d]) * scale;              \
+                }                                                                                          \
+                const T *kb = k + kh * dim, *vb = v + kh * dim;                                            \
+                T *o = out + r * out_row + kh * group * dim;                                               \
+                int64_t n = lengths[r], stride = kv_heads * dim;                                           \
+                switch (group) { /* a constant G per case: the compiler unrolls each */                   \
+                case 1: ATTEND(1, qf, kb, vb, row_slots, n, stride, dim, scores, o); break;                \
+                case 2: ATTEND(2, qf, kb, vb, row_slots, n, stride, dim, scores, o); break;                \
+                case 3: ATTEND(3, qf, kb, vb, row_slots, n, stride, dim, scores, o); break;                \
+                case 4: ATTEND(4, qf, kb, vb, row_slots, n, stride, dim, scores, o); break;                \
+                case 5: ATTEND(5, qf, kb, vb, row_slots, n, stride, dim, scores, o); break;                \
+                case 6: ATTEND(6, qf, kb, vb, row_slots, n, stride, dim, scores, o); break;                \
+                case 7: ATTEND(7, qf, kb, vb, row_slots, n, stride, dim, scores, o); break;                \
+                default: ATTEND(8, qf, kb, vb, row_slots, n, stride, dim, scores, o); break;               \
+                }                                                                                          \
+            }                                                                                              \
+        }                                                                                                  \
+        free(scores);                                                                                      \
+        return 0;                                                                                          \
+    }
+
+DECODE_ATTENTION(decode_attention_f32, float, LOAD_F32, attend_head_f32)
+DECODE_ATTENTION(decode_attention_bf16, uint16_t, bf16_to_f32, attend_head_bf16)

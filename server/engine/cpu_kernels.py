@@ -1,0 +1,147 @@
+"""The engine's C kernels (cpu_kernels.c): compiled once per machine with the system's C compiler, loaded with
+ctypes, and used where they apply; torch's ops do the same work everywhere else.
+
+Why C and not more torch ops: a decode step's attention through torch first copies every row's keys and
+values out of the paged pools (``index_select``) and then runs SDPA over the copy; at 32 streams that was
+6 ms of gathering plus 9 ms of attention in a 77 ms bfloat16 step on the 2-core Xeon at one thread
+(docs/benchmarks.md). :func:`decode_attention` reads the pools at each row's slots directly, in one pass.
+
+The library is built by ``gcc -O3 -march=native`` (``$CC`` overrides the compiler) into the cache
+directory (``$PREFIX_SERVE_CACHE``, else ``~/.cache/prefix-serve``; a temporary folder where that is
+read-only), named by a hash of the source, the compiler and its flags and this CPU's flags, so a machine
+builds it once (about a second) and a changed source or CPU gets a fresh build. No C compiler, or a failed
+build: the engine logs why and keeps torch's path, which computes the same attention.
+``PREFIX_SERVE_CPU_KERNELS=0`` turns the kernels off (the A/B benchmarks, a suspected kernel bug).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from server.engine.cpu_linear import cpu_flags
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
+# -ffast-math lets gcc reorder float sums (vectorised dot products); -fno-finite-math-only keeps NaN and inf
+# semantics, so a broken prefix still shows as non-finite logits.
+FLAGS = ("-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-fPIC", "-shared")
+ENV_SWITCH = "PREFIX_SERVE_CPU_KERNELS"
+
+_DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
+_I64 = ctypes.c_int64
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("PREFIX_SERVE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "prefix-serve")
+    return Path(base) / "kernels"
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+
+
+def _build(compiler: str) -> Path:
+    """The compiled library's path, building it first unless this machine already has it."""
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, version, *FLAGS,
+                                    *sorted(cpu_flags())]).encode()).hexdigest()[:16]
+    name = f"cpu_kernels-{key}.so"
+    for folder in (_cache_dir(), Path(tempfile.gettempdir()) / f"prefix-serve-kernels-{os.getuid()}"):
+        if (folder / name).exists():
+            return folder / name
+        try:  # a read-only cache (a container's, built by root) falls back to a temporary folder
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            continue
+        if os.access(folder, os.W_OK):
+            break
+    else:
+        raise RuntimeError(f"no writable folder for the compiled kernels (tried {_cache_dir()})")
+    target = folder / name
+    # built under a temporary name and renamed: engines starting together never load a half-written file
+    fd, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        run = subprocess.run([compiler, *FLAGS, "-o", partial, str(SOURCE), "-lm"], check=False,
+                             capture_output=True, text=True)
+        if run.returncode != 0:
+            raise RuntimeError(f"{compiler} failed: {run.stderr.strip()[-2000:]}")
+        os.replace(partial, target)
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
+    return target
+
+
+@lru_cache(maxsize=1)
+def library() -> ctypes.CDLL | None:
+    """The loaded kernels, or None (switched off, no compiler, or the build failed: logged once)."""
+    if os.environ.get(ENV_SWITCH, "1") == "0":
+        log.info("CPU kernels off (%s=0): torch's ops run attention", ENV_SWITCH)
+        return None
+    compiler = _compiler()
+    if compiler is None:
+        log.warning("CPU kernels unavailable: no C compiler (gcc or $CC) on this machine; torch's ops run "
+                    "attention instead (slower decode; install gcc to use them)")
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build(compiler)))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        log.warning("CPU kernels unavailable (%s); torch's ops run attention instead", exc)
+        return None
+    for dtype in _DTYPES.values():
+        fn = getattr(lib, f"decode_attention_{dtype}")
+        fn.argtypes = [ctypes.c_void_p] * 5 + [_I64] * 7 + [ctypes.c_float, ctypes.c_void_p, _I64]
+        fn.restype = ctypes.c_int
+    log.info("CPU kernels loaded (%s)", lib._name)
+    return lib
+
+
+def supports(*tensors: torch.Tensor) -> bool:
+    """Whether the kernels can run on these tensors: CPU, one dtype they know, and the library loaded."""
+    first = tensors[0]
+    return (first.device.type == "cpu" and first.dtype in _DTYPES
+            and all(t.dtype == first.dtype and t.device.type == "cpu" for t in tensors)
+            and library() is not None)
+
+
+def supports_shape(heads: int, kv_heads: int, dim: int) -> bool:
+    """Whether decode_attention takes this head layout: dim a multiple of 16 up to 256, and at most 8 query
+    heads per key/value head (the kernel's unrolled cases)."""
+    return dim % 16 == 0 and dim <= 256 and heads % kv_heads == 0 and heads // kv_heads <= 8
+
+
+def decode_attention(q: torch.Tensor, key_pool: torch.Tensor, value_pool: torch.Tensor, slots: torch.Tensor,
+                     lengths: torch.Tensor, scale: float, out: torch.Tensor) -> None:
+    """Each row's one query against its keys and values in the pools, written into ``out``.
+
+    q: [g, H, D] (any row and head strides, D contiguous); key_pool/value_pool: [N, Hkv, D] contiguous;
+    slots: [g, W] long, row r's keys at ``slots[r, :lengths[r]]``; lengths: [g] long; out: [g, H, D], D and
+    H contiguous. Call only when :func:`supports` says so."""
+    lib = library()
+    assert lib is not None, "supports() was checked"
+    rows, heads, dim = q.shape
+    if q.stride(2) != 1:
+        q = q.contiguous()
+    assert out.stride(2) == 1 and out.stride(1) == dim
+    assert key_pool.is_contiguous() and value_pool.is_contiguous()
+    slots, lengths = slots.contiguous(), lengths.contiguous()
+    fn = getattr(lib, f"decode_attention_{_DTYPES[q.dtype]}")
+    status = fn(q.data_ptr(), key_pool.data_ptr(), value_pool.data_ptr(), slots.data_ptr(),
+                lengths.data_ptr(), rows, slots.shape[1], heads, key_pool.shape[1], dim, q.stride(0),
+                q.stride(1), scale, out.data_ptr(), out.stride(0))
+    if status != 0:
+        raise RuntimeError(f"decode attention refused heads={heads}, kv_heads={key_pool.shape[1]}, dim={dim} "
+                           f"(status {status}; supports_shape() was not checked?)")

@@ -1,0 +1,123 @@
+"""The C decode attention (server/engine/cpu_kernels.c) against SDPA on gathered keys, and how it is built.
+
+The engine's own outputs with the kernel in place are proven against PEFT by test_engine_oracle.py (a kernel
+that drops a row's last key fails 53 of those tests); these tests pin the kernel's arithmetic on its own,
+shape by shape, and the build: compiled once per machine into the cache, reused, switched off on request.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from server.engine import cpu_kernels
+
+
+@pytest.fixture(scope="module")
+def _module_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("kernel-cache")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_library(monkeypatch, _module_cache):
+    # one build for this module's tests (about a second each), in a cache of its own
+    monkeypatch.setenv("PREFIX_SERVE_CACHE", str(_module_cache))
+    monkeypatch.delenv(cpu_kernels.ENV_SWITCH, raising=False)
+    cpu_kernels.library.cache_clear()
+    yield
+    cpu_kernels.library.cache_clear()  # the next test (or the engine) loads it from its own cache again
+
+
+def _reference(q, keys, values, slots, lengths, scale):
+    """float64 attention of each row's query over keys[slots[r, :lengths[r]]]: [g, H, D]."""
+    rows, heads, dim = q.shape
+    kv_heads = keys.shape[1]
+    out = torch.empty(rows, heads, dim, dtype=torch.float64)
+    for r in range(rows):
+        picked = slots[r, : lengths[r]]
+        k = keys.double()[picked].transpose(0, 1).repeat_interleave(heads // kv_heads, 0)  # [H, n, D]
+        v = values.double()[picked].transpose(0, 1).repeat_interleave(heads // kv_heads, 0)
+        out[r] = F.scaled_dot_product_attention(q[r].double()[:, None], k, v, scale=scale)[:, 0]
+    return out
+
+
+def _case(heads, kv_heads, dim, dtype, rows=5, width=40, pool=300, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    keys = torch.randn(pool, kv_heads, dim, generator=generator).to(dtype)
+    values = torch.randn(pool, kv_heads, dim, generator=generator).to(dtype)
+    # rows of different lengths in one call, their slots scattered over the pool as a paged cache leaves them
+    slots = torch.stack([torch.randperm(pool, generator=generator)[:width] for _ in range(rows)])
+    lengths = torch.tensor([width - 7 * r for r in range(rows)])
+    q = torch.randn(rows, heads, dim, generator=generator).to(dtype)
+    return q, keys, values, slots, lengths
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(9, 3, 64), (4, 4, 16), (8, 1, 128), (6, 2, 256),
+                                                        (14, 2, 32), (10, 2, 48)])
+def test_decode_attention_matches_attention_over_the_gathered_keys(heads, kv_heads, dim, dtype):
+    assert cpu_kernels.supports_shape(heads, kv_heads, dim)
+    q, keys, values, slots, lengths = _case(heads, kv_heads, dim, dtype)
+    out = torch.full_like(q, float("nan"))
+    cpu_kernels.decode_attention(q, keys, values, slots, lengths, dim**-0.5, out)
+    expected = _reference(q, keys, values, slots, lengths, dim**-0.5)
+    # float32: summation order only; bfloat16: the one rounding of the output (2^-8 relative)
+    tolerance = 2e-6 if dtype == torch.float32 else 8e-3
+    torch.testing.assert_close(out.double(), expected, atol=tolerance, rtol=tolerance)
+
+
+def test_queries_may_be_a_strided_view_and_padding_slots_are_never_read():
+    q, keys, values, slots, lengths = _case(9, 3, 64, torch.float32)
+    # the engine passes q as a [g, H, D] view of its [H, T, D] projection; padding past a row's length holds
+    # slots of NaN keys, which must not reach any output
+    wide = q.transpose(0, 1).contiguous().transpose(0, 1)
+    assert not wide.is_contiguous()
+    keys, values = torch.cat([keys, torch.full_like(keys[:1], float("nan"))]), torch.cat([values, values[:1]])
+    padded = slots.clone()
+    for r, n in enumerate(lengths.tolist()):
+        padded[r, n:] = keys.shape[0] - 1
+    out = torch.empty_like(q)
+    cpu_kernels.decode_attention(wide, keys, values, padded, lengths, 0.125, out)
+    torch.testing.assert_close(out.double(), _reference(q, keys, values, slots, lengths, 0.125),
+                               atol=2e-6, rtol=2e-6)
+
+
+def test_a_non_finite_key_makes_its_rows_output_nan_as_torch_does():
+    q, keys, values, slots, lengths = _case(9, 3, 64, torch.bfloat16, rows=2)
+    keys[slots[0, 3], 1] = float("nan")  # row 0's fourth key, key/value head 1 (query heads 3..5)
+    out = torch.empty_like(q)
+    cpu_kernels.decode_attention(q, keys, values, slots, lengths, 0.125, out)
+    assert out[0, 3:6].isnan().all() and not out[0, :3].isnan().any() and not out[0, 6:].isnan().any()
+    assert not out[1].isnan().any() or bool((slots[1, : lengths[1]] == slots[0, 3]).any())
+
+
+def test_shapes_outside_the_kernels_cases_are_refused_for_torchs_path():
+    assert not cpu_kernels.supports_shape(8, 8, 8)  # a head narrower than 16 lanes
+    assert not cpu_kernels.supports_shape(16, 1, 64)  # 16 query heads per key/value head
+    assert not cpu_kernels.supports_shape(4, 4, 512)
+    assert not cpu_kernels.supports(torch.zeros(2, dtype=torch.float16))
+
+
+def test_built_once_into_the_cache_and_reused(tmp_path, monkeypatch):
+    monkeypatch.setenv("PREFIX_SERVE_CACHE", str(tmp_path / "cache"))
+    lib = cpu_kernels.library()
+    assert lib is not None, "the Makefile installs gcc: the kernels must build here"
+    [built] = (tmp_path / "cache" / "kernels").glob("cpu_kernels-*.so")
+    stamp = built.stat().st_mtime_ns
+    cpu_kernels.library.cache_clear()
+    assert cpu_kernels.library() is not None
+    assert built.stat().st_mtime_ns == stamp and len(list(built.parent.iterdir())) == 1  # loaded, not rebuilt
+
+
+def test_switched_off_or_without_a_compiler_the_engine_keeps_torchs_path(monkeypatch, caplog):
+    monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "0")
+    assert cpu_kernels.library() is None and not cpu_kernels.supports(torch.zeros(2))
+    cpu_kernels.library.cache_clear()
+    monkeypatch.delenv(cpu_kernels.ENV_SWITCH)
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    with caplog.at_level(logging.WARNING, logger="server.engine.cpu_kernels"):
+        assert cpu_kernels.library() is None
+    assert "CPU kernels unavailable" in caplog.text
