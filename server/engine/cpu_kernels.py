@@ -28,8 +28,6 @@ from pathlib import Path
 
 import torch
 
-from server.engine.cpu_linear import cpu_flags
-
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
@@ -40,6 +38,19 @@ ENV_SWITCH = "PREFIX_SERVE_CPU_KERNELS"
 
 _DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
 _I64 = ctypes.c_int64
+
+
+@lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags (/proc/cpuinfo; empty where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
 
 
 def _cache_dir() -> Path:
@@ -105,6 +116,9 @@ def library() -> ctypes.CDLL | None:
         fn = getattr(lib, f"decode_attention_{dtype}")
         fn.argtypes = [ctypes.c_void_p] * 5 + [_I64] * 7 + [ctypes.c_float, ctypes.c_void_p, _I64]
         fn.restype = ctypes.c_int
+    lib.linear_bf16.argtypes = [ctypes.c_void_p, _I64, _I64, ctypes.c_void_p, ctypes.c_void_p, _I64, _I64,
+                                ctypes.c_void_p, _I64]
+    lib.linear_bf16.restype = ctypes.c_int
     log.info("CPU kernels loaded (%s)", lib._name)
     return lib
 
@@ -145,3 +159,34 @@ def decode_attention(q: torch.Tensor, key_pool: torch.Tensor, value_pool: torch.
     if status != 0:
         raise RuntimeError(f"decode attention refused heads={heads}, kv_heads={key_pool.shape[1]}, dim={dim} "
                            f"(status {status}; supports_shape() was not checked?)")
+
+
+# linear() takes steps of up to this many rows (the kernel's unrolled case); more, and oneDNN's AMX blocking
+# reads the weight as fast and computes faster.
+LINEAR_MAX_ROWS = 4
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """``x @ weight.T + bias`` for a bfloat16 CPU ``x`` [..., in] of at most :data:`LINEAR_MAX_ROWS` rows on
+    a CPU with AVX512-BF16, or None where it does not apply (then oneDNN runs it). weight: [out, in]
+    bfloat16."""
+    in_features = weight.shape[1]
+    rows = x.numel() // in_features if in_features else 0
+    if (rows < 1 or rows > LINEAR_MAX_ROWS or in_features % 32 or x.dtype != torch.bfloat16
+            or weight.dtype != torch.bfloat16 or not weight.is_contiguous() or x.device.type != "cpu"
+            or "avx512_bf16" not in cpu_flags()
+            or (bias is not None and (bias.dtype != torch.bfloat16 or not bias.is_contiguous()))):
+        return None
+    lib = library()
+    if lib is None:
+        return None
+    flat = x.reshape(rows, in_features)
+    if flat.stride(1) != 1:
+        flat = flat.contiguous()
+    y = torch.empty(rows, weight.shape[0], dtype=torch.bfloat16)
+    status = lib.linear_bf16(flat.data_ptr(), rows, flat.stride(0), weight.data_ptr(),
+                             None if bias is None else bias.data_ptr(), in_features, weight.shape[0],
+                             y.data_ptr(), y.stride(0))
+    if status != 0:
+        return None  # built without AVX512-BF16 (another compiler): oneDNN runs it
+    return y.view(*x.shape[:-1], weight.shape[0])

@@ -15,27 +15,17 @@ from __future__ import annotations
 
 import logging
 import types
-from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
+
+from server.engine import cpu_kernels
+from server.engine.cpu_kernels import cpu_flags
 
 log = logging.getLogger(__name__)
 
 # CPU flags with which bfloat16 matmuls run natively (AVX512-BF16 dot products, AMX tiles).
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
-
-
-@lru_cache(maxsize=1)
-def cpu_flags() -> frozenset[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
 
 
 def auto_dtype(device: str, flags: frozenset[str] | None = None) -> tuple[torch.dtype, str]:
@@ -71,6 +61,9 @@ def _packed_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     if (x.dtype != torch.bfloat16 or x.device.type != "cpu"
             or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
         return F.linear(x, self.weight, self.bias)
+    small = cpu_kernels.linear(x, self.weight, self.bias)  # a decode step's few rows (None: more rows)
+    if small is not None:
+        return small
     return torch.ops.mkldnn._linear_pointwise(x, self._packed_weight, self.bias, "none", [], "")
 
 
@@ -140,5 +133,8 @@ class FusedLinear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., in] -> [..., sum(out)]; inference only (the engine's forwards)
         if self.packed is not None and x.dtype == torch.bfloat16:
+            small = cpu_kernels.linear(x, self.weight, self.bias)  # a decode step's few rows
+            if small is not None:
+                return small
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)

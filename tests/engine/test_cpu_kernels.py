@@ -121,3 +121,43 @@ def test_switched_off_or_without_a_compiler_the_engine_keeps_torchs_path(monkeyp
     with caplog.at_level(logging.WARNING, logger="server.engine.cpu_kernels"):
         assert cpu_kernels.library() is None
     assert "CPU kernels unavailable" in caplog.text
+
+
+needs_bf16 = pytest.mark.skipif("avx512_bf16" not in cpu_kernels.cpu_flags(),
+                                reason="the small-row linear kernel needs AVX512-BF16; oneDNN runs them here")
+
+
+@needs_bf16
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+@pytest.mark.parametrize(("out", "in_", "bias"), [(960, 576, False), (70, 64, True), (1, 1536, True)])
+def test_small_row_linear_matches_a_float64_product_rounded_once(rows, out, in_, bias):
+    generator = torch.Generator().manual_seed(rows)
+    weight = torch.randn(out, in_, generator=generator).bfloat16()
+    b = torch.randn(out, generator=generator).bfloat16() if bias else None
+    # a view with a row stride, as a packed step's kept rows can be
+    x = torch.randn(1, rows, 2 * in_, generator=generator).bfloat16()[..., :in_]
+    got = cpu_kernels.linear(x, weight, b)
+    assert got is not None and got.shape == (1, rows, out) and got.dtype == torch.bfloat16
+    exact = x.double() @ weight.double().T + (0 if b is None else b.double())
+    # float32 sums of 2-product pairs, then one rounding to bfloat16 (2^-8 relative)
+    torch.testing.assert_close(got.double(), exact, atol=1e-2 * exact.abs().max().item(), rtol=8e-3)
+
+
+@needs_bf16
+def test_each_output_is_the_same_whichever_matrix_holds_its_row():
+    """q|k|v fused into one weight must give what the three projections give (the Llama stack's fused q|k|v
+    against transformers' modules, tests/engine/test_llama_stack.py)."""
+    generator = torch.Generator().manual_seed(3)
+    q, k = (torch.randn(n, 576, generator=generator).bfloat16() for n in (576, 192))
+    x = torch.randn(2, 576, generator=generator).bfloat16()
+    fused = cpu_kernels.linear(x, torch.cat([q, k]), None)
+    assert fused is not None
+    assert torch.equal(fused, torch.cat([cpu_kernels.linear(x, q, None), cpu_kernels.linear(x, k, None)], -1))
+
+
+def test_small_row_linear_leaves_other_steps_to_onednn():
+    weight = torch.zeros(64, 64, dtype=torch.bfloat16)
+    assert cpu_kernels.linear(torch.zeros(5, 64, dtype=torch.bfloat16), weight, None) is None  # 5 rows
+    narrow = torch.zeros(64, 48, dtype=torch.bfloat16)  # 48 inputs: not whole 32-input dot products
+    assert cpu_kernels.linear(torch.zeros(1, 48, dtype=torch.bfloat16), narrow, None) is None
+    assert cpu_kernels.linear(torch.zeros(1, 64), weight.float(), None) is None  # float32: MKL

@@ -1,0 +1,56 @@
+"""How ``kernel_ab_<date>.jsonl`` was made: decode with the C attention kernel (server/engine/cpu_kernels.c)
+against torch's gather + SDPA path, one checkout, one process, alternating::
+
+    PYTHONPATH=. python server/bench/results/peers/kernel_ab.py <dtype> <rounds> >> kernel_ab_<date>.jsonl
+
+``PREFIX_SERVE_CPU_KERNELS`` switches the kernel (the library is loaded again after each switch). Default
+model, one torch thread (the served setting); decode tokens/s at 1 and 32 streams (stack_ab.decode: 32-token
+prompts, 40 steps timed after all are prefilled) and at 1 stream whose prompt was 4,000 tokens (a long row:
+torch's path reads its runs of slots as views, _attend_runs). One JSON line per measurement.
+"""
+
+import json
+import os
+import sys
+import time
+
+import torch
+
+# run as a script, this folder is on sys.path: the decode measurement is stack_ab's
+from stack_ab import _ids, decode, engine_for  # type: ignore[import-not-found]
+
+from server.engine import cpu_kernels
+from server.engine.model import load_base_model
+from server.engine.sequence import SamplingParams, Sequence
+
+
+def long_row_decode(base, prompt: int) -> float:
+    engine = engine_for(base)
+    seq = Sequence(_ids(3, prompt), SamplingParams(max_new_tokens=60, ignore_eos=True))
+    engine.submit(seq)
+    while not seq.output_ids:
+        engine.step()
+    start = time.perf_counter()
+    for _ in range(40):
+        engine.step()
+    return 40 / (time.perf_counter() - start)
+
+
+def main() -> None:
+    dtype, rounds = getattr(torch, sys.argv[1]), int(sys.argv[2])
+    torch.set_num_threads(1)
+    base = load_base_model("default", dtype, "cpu")
+    for r in range(rounds):
+        for switch in ("1", "0"):
+            os.environ[cpu_kernels.ENV_SWITCH] = switch
+            cpu_kernels.library.cache_clear()
+            figures = {"decode_1": decode(base, 1, 5), "decode_32": decode(base, 32, 5),
+                       "decode_1_after_4000": long_row_decode(base, 4000)}
+            print(json.dumps({"round": r, "kernel": switch == "1", "dtype": sys.argv[1],
+                              **{k: round(v, 2) for k, v in figures.items()},
+                              "load1": round(os.getloadavg()[0], 2),
+                              "time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
