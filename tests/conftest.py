@@ -13,6 +13,11 @@ from transformers import AutoTokenizer
 from server.engine.model import default_model_dir, load_base_model
 from tests.helpers.server_process import ServerProcess, ServerSpec
 
+# Engines built in the test process run as a served one does on these 2-core machines (one torch thread,
+# ServerSettings.engine_threads): so the CPU kernels, which apply to one-thread engines only
+# (server/engine/cpu_kernels.py), are what the oracle tests check against PEFT.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def tokenizer():
@@ -23,7 +28,6 @@ def tokenizer():
 @pytest.fixture(scope="session")
 def default_model():
     """The real embedded default model, float32 on CPU, loaded once per test session."""
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     return load_base_model("default", torch.float32, "cpu")
 
 

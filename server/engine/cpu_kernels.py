@@ -5,6 +5,8 @@ Why C and not more torch ops: a decode step's attention through torch first copi
 values out of the paged pools (``index_select``) and then runs SDPA over the copy; at 32 streams that was
 6 ms of gathering plus 9 ms of attention in a 77 ms bfloat16 step on the 2-core Xeon at one thread
 (docs/benchmarks.md). :func:`decode_attention` reads the pools at each row's slots directly, in one pass.
+And :func:`linear` runs a decode step's bfloat16 linears of up to 4 rows without oneDNN's fixed cost per call
+(about 24 us; a step makes 151 calls). Both are single-threaded and apply to one-thread engines only.
 
 The library is built by ``gcc -O3 -march=native`` (``$CC`` overrides the compiler) into the cache
 directory (``$PREFIX_SERVE_CACHE``, else ``~/.cache/prefix-serve``; a temporary folder where that is
@@ -124,9 +126,11 @@ def library() -> ctypes.CDLL | None:
 
 
 def supports(*tensors: torch.Tensor) -> bool:
-    """Whether the kernels can run on these tensors: CPU, one dtype they know, and the library loaded."""
+    """Whether the kernels can run on these tensors: CPU, one dtype they know, an engine of one torch thread
+    (the kernels are single-threaded: with more, torch's ops run in parallel, and the kernels were measured
+    only against one thread), and the library loaded."""
     first = tensors[0]
-    return (first.device.type == "cpu" and first.dtype in _DTYPES
+    return (first.device.type == "cpu" and first.dtype in _DTYPES and torch.get_num_threads() == 1
             and all(t.dtype == first.dtype and t.device.type == "cpu" for t in tensors)
             and library() is not None)
 
@@ -174,7 +178,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     rows = x.numel() // in_features if in_features else 0
     if (rows < 1 or rows > LINEAR_MAX_ROWS or in_features % 32 or x.dtype != torch.bfloat16
             or weight.dtype != torch.bfloat16 or not weight.is_contiguous() or x.device.type != "cpu"
-            or "avx512_bf16" not in cpu_flags()
+            or "avx512_bf16" not in cpu_flags() or torch.get_num_threads() != 1  # see supports()
             or (bias is not None and (bias.dtype != torch.bfloat16 or not bias.is_contiguous()))):
         return None
     lib = library()
