@@ -81,52 +81,64 @@ static inline float sum16(f32x16 x) {
 #define MAX_GROUP 8   /* query heads per key/value head that get their own unrolled loops */
 #define MAX_CHUNKS 16 /* head dims up to 256 */
 
-/* One row's key/value head: its G queries (qf [G, dim], already scaled) against the n keys and values at
- * `slots`, written to o (G heads of dim each, `o_head` apart). scores: scratch [G, n]. G is a constant in
- * every call below, so the per-query accumulators stay in registers. dim % 16 == 0, dim <= 256. */
-#define ATTEND_HEAD(NAME, T, LOAD16, STORE)                                                               \
+/* One row: its heads' queries (qf [kv_heads * G, dim], already scaled) against the n keys and values at
+ * `slots`, written to o ([kv_heads * G, dim]). Each pass walks the row's slots once and reads every key/value
+ * head of a slot together (one contiguous run of kv_heads * dim), so the pool streams once per pass instead of
+ * once per head. scores: scratch [kv_heads * G, n]; acc: scratch [kv_heads * G, dim]. G is a constant in
+ * every call below, so a slot's per-query partial sums stay in registers. dim % 16 == 0, dim <= 256. */
+#define ATTEND_ROW(NAME, T, LOAD16, STORE)                                                                \
     static inline __attribute__((always_inline)) void NAME(                                               \
         const int G, const float *restrict qf, const T *restrict k, const T *restrict v,                  \
-        const int64_t *restrict slots, int64_t n, int64_t stride, int64_t dim, float *restrict scores,    \
-        T *restrict o) {                                                                                   \
-        const int64_t chunks = dim / LANES;                                                                \
+        const int64_t *restrict slots, int64_t n, int64_t kv_heads, int64_t dim, float *restrict scores,  \
+        float *restrict acc, T *restrict o) {                                                              \
+        const int64_t chunks = dim / LANES, stride = kv_heads * dim, queries = kv_heads * G;               \
         for (int64_t j = 0; j < n; j++) {                                                                  \
             const T *kp = k + slots[j] * stride;                                                           \
-            f32x16 part[MAX_GROUP];                                                                        \
-            for (int g = 0; g < G; g++) part[g] = (f32x16){0};                                            \
-            for (int64_t c = 0; c < chunks; c++) {                                                         \
-                f32x16 x = LOAD16(kp + c * LANES);                                                         \
-                for (int g = 0; g < G; g++) part[g] += load16_f32(qf + g * dim + c * LANES) * x;           \
+            for (int64_t kh = 0; kh < kv_heads; kh++) {                                                    \
+                f32x16 part[MAX_GROUP];                                                                    \
+                for (int g = 0; g < G; g++) part[g] = (f32x16){0};                                        \
+                for (int64_t c = 0; c < chunks; c++) {                                                     \
+                    f32x16 x = LOAD16(kp + kh * dim + c * LANES);                                          \
+                    for (int g = 0; g < G; g++)                                                            \
+                        part[g] += load16_f32(qf + (kh * G + g) * dim + c * LANES) * x;                    \
+                }                                                                                          \
+                for (int g = 0; g < G; g++) scores[(kh * G + g) * n + j] = sum16(part[g]);                 \
             }                                                                                              \
-            for (int g = 0; g < G; g++) scores[g * n + j] = sum16(part[g]);                                \
         }                                                                                                  \
-        for (int g = 0; g < G; g++) {                                                                      \
-            float *sg = scores + g * n, m = -INFINITY, sum = 0.0f;                                         \
-            for (int64_t j = 0; j < n; j++) m = sg[j] > m ? sg[j] : m;                                     \
+        for (int64_t h = 0; h < queries; h++) {                                                            \
+            float *sh = scores + h * n, m = -INFINITY, sum = 0.0f;                                         \
+            for (int64_t j = 0; j < n; j++) m = sh[j] > m ? sh[j] : m;                                     \
             for (int64_t j = 0; j < n; j++) {                                                              \
-                float e = exp_nonpositive(sg[j] - m);                                                      \
-                sg[j] = e;                                                                                 \
+                float e = exp_nonpositive(sh[j] - m);                                                      \
+                sh[j] = e;                                                                                 \
                 sum += e;                                                                                  \
             }                                                                                              \
             float inv = 1.0f / sum;                                                                        \
-            for (int64_t j = 0; j < n; j++) sg[j] *= inv;                                                  \
+            for (int64_t j = 0; j < n; j++) sh[j] *= inv;                                                  \
         }                                                                                                  \
-        for (int64_t c = 0; c < chunks; c++) {                                                             \
-            f32x16 acc[MAX_GROUP];                                                                         \
-            for (int g = 0; g < G; g++) acc[g] = (f32x16){0};                                             \
-            for (int64_t j = 0; j < n; j++) {                                                              \
-                f32x16 x = LOAD16(v + slots[j] * stride + c * LANES);                                      \
-                for (int g = 0; g < G; g++) acc[g] += scores[g * n + j] * x;                               \
+        memset(acc, 0, sizeof(float) * (size_t)(queries * dim));                                           \
+        for (int64_t j = 0; j < n; j++) {                                                                  \
+            const T *vp = v + slots[j] * stride;                                                           \
+            for (int64_t kh = 0; kh < kv_heads; kh++) {                                                    \
+                float p[MAX_GROUP];                                                                        \
+                for (int g = 0; g < G; g++) p[g] = scores[(kh * G + g) * n + j];                           \
+                for (int64_t c = 0; c < chunks; c++) {                                                     \
+                    f32x16 x = LOAD16(vp + kh * dim + c * LANES);                                          \
+                    for (int g = 0; g < G; g++) {                                                          \
+                        float *a = acc + (kh * G + g) * dim + c * LANES;                                   \
+                        f32x16 sum = load16_f32(a) + p[g] * x;                                             \
+                        memcpy(a, &sum, sizeof sum);                                                       \
+                    }                                                                                      \
+                }                                                                                          \
             }                                                                                              \
-            for (int g = 0; g < G; g++)                                                                    \
-                for (int i = 0; i < LANES; i++) o[g * dim + c * LANES + i] = STORE(acc[g][i]);             \
         }                                                                                                  \
+        for (int64_t i = 0; i < queries * dim; i++) o[i] = STORE(acc[i]);                                  \
     }
 
 #define LOAD_F32(x) (x)
 #define STORE_F32(x) (x)
-ATTEND_HEAD(attend_head_f32, float, load16_f32, STORE_F32)
-ATTEND_HEAD(attend_head_bf16, uint16_t, load16_bf16, f32_to_bf16)
+ATTEND_ROW(attend_row_f32, float, load16_f32, STORE_F32)
+ATTEND_ROW(attend_row_bf16, uint16_t, load16_bf16, f32_to_bf16)
 
 /* Decode attention straight from the paged pools: one query token per row, its keys and values read at the
  * slots the row lists, never gathered into a copy first.
@@ -135,11 +147,11 @@ ATTEND_HEAD(attend_head_bf16, uint16_t, load16_bf16, f32_to_bf16)
  * k, v:   the layer's slot-major pools [N, kv_heads, dim], contiguous
  * slots:  [rows, width] int64: row r's keys are at slots[r * width + j] for j < lengths[r]
  * out:    rows x heads x dim, element (r, h, d) at out[r * out_row + h * dim + d]
- * Query head h reads key/value head h / (heads / kv_heads) (grouped-query attention). Per row and key/value
- * head, two passes: its queries' scores against every key (kept, [group, n]), then the softmax-weighted sum of
- * the values, dim 16 lanes at a time. Returns 0; -1 when dim is not a multiple of 16 up to 256 or the group
- * is over 8 query heads per key/value head (the caller checks :func:`supports_shape` first); -2 when scratch
- * memory could not be had.
+ * Query head h reads key/value head h / (heads / kv_heads) (grouped-query attention). Per row, two passes
+ * over its slots: every query head's scores against every key (kept, [heads, n]), then after a float32
+ * softmax the weighted sum of the values, dim 16 lanes at a time. Returns 0; -1 when dim is not a multiple
+ * of 16 up to 256 or the group is over 8 query heads per key/value head (the caller checks supports_shape
+ * first); -2 when scratch memory could not be had.
  */
 #define DECODE_ATTENTION(NAME, T, LOAD, ATTEND)                                                           \
     int NAME(const T *q, const T *k, const T *v, const int64_t *slots, const int64_t *lengths,             \
@@ -147,38 +159,34 @@ ATTEND_HEAD(attend_head_bf16, uint16_t, load16_bf16, f32_to_bf16)
              int64_t q_head, float scale, T *out, int64_t out_row) {                                       \
         int64_t group = heads / kv_heads;                                                                  \
         if (dim % LANES || dim > LANES * MAX_CHUNKS || group < 1 || group > MAX_GROUP) return -1;         \
-        size_t bytes = sizeof(float) * (size_t)(group * (width + dim) + LANES);                         \
+        size_t bytes = sizeof(float) * (size_t)(heads * (width + 2 * dim) + LANES);                       \
         float *scores = aligned_alloc(64, (bytes + 63) / 64 * 64);                                         \
         if (scores == NULL) return -2;                                                                     \
-        float *qf = scores + group * width; /* [group, dim]: this kv head's queries, scaled */             \
+        float *qf = scores + heads * width; /* [heads, dim]: the row's queries, scaled */                  \
+        float *acc = qf + heads * dim;      /* [heads, dim] */                                             \
         for (int64_t r = 0; r < rows; r++) {                                                               \
+            for (int64_t h = 0; h < heads; h++)                                                            \
+                for (int64_t d = 0; d < dim; d++) qf[h * dim + d] = LOAD(q[r * q_row + h * q_head + d]) * scale; \
             const int64_t *row_slots = slots + r * width;                                                  \
-            for (int64_t kh = 0; kh < kv_heads; kh++) {                                                    \
-                for (int64_t g = 0; g < group; g++) {                                                      \
-                    const T *qh = q + r * q_row + (kh * group + g) * q_head;                               \
-                    for (int64_t d = 0; d < dim; d++) qf[g * dim + d] = LOAD(qh[d]) * scale;              \
-                }                                                                                          \
-                const T *kb = k + kh * dim, *vb = v + kh * dim;                                            \
-                T *o = out + r * out_row + kh * group * dim;                                               \
-                int64_t n = lengths[r], stride = kv_heads * dim;                                           \
-                switch (group) { /* a constant G per case: the compiler unrolls each */                   \
-                case 1: ATTEND(1, qf, kb, vb, row_slots, n, stride, dim, scores, o); break;                \
-                case 2: ATTEND(2, qf, kb, vb, row_slots, n, stride, dim, scores, o); break;                \
-                case 3: ATTEND(3, qf, kb, vb, row_slots, n, stride, dim, scores, o); break;                \
-                case 4: ATTEND(4, qf, kb, vb, row_slots, n, stride, dim, scores, o); break;                \
-                case 5: ATTEND(5, qf, kb, vb, row_slots, n, stride, dim, scores, o); break;                \
-                case 6: ATTEND(6, qf, kb, vb, row_slots, n, stride, dim, scores, o); break;                \
-                case 7: ATTEND(7, qf, kb, vb, row_slots, n, stride, dim, scores, o); break;                \
-                default: ATTEND(8, qf, kb, vb, row_slots, n, stride, dim, scores, o); break;               \
-                }                                                                                          \
+            int64_t n = lengths[r];                                                                        \
+            T *o = out + r * out_row;                                                                      \
+            switch (group) { /* a constant G per case: the compiler unrolls each */                       \
+            case 1: ATTEND(1, qf, k, v, row_slots, n, kv_heads, dim, scores, acc, o); break;               \
+            case 2: ATTEND(2, qf, k, v, row_slots, n, kv_heads, dim, scores, acc, o); break;               \
+            case 3: ATTEND(3, qf, k, v, row_slots, n, kv_heads, dim, scores, acc, o); break;               \
+            case 4: ATTEND(4, qf, k, v, row_slots, n, kv_heads, dim, scores, acc, o); break;               \
+            case 5: ATTEND(5, qf, k, v, row_slots, n, kv_heads, dim, scores, acc, o); break;               \
+            case 6: ATTEND(6, qf, k, v, row_slots, n, kv_heads, dim, scores, acc, o); break;               \
+            case 7: ATTEND(7, qf, k, v, row_slots, n, kv_heads, dim, scores, acc, o); break;               \
+            default: ATTEND(8, qf, k, v, row_slots, n, kv_heads, dim, scores, acc, o); break;              \
             }                                                                                              \
         }                                                                                                  \
         free(scores);                                                                                      \
         return 0;                                                                                          \
     }
 
-DECODE_ATTENTION(decode_attention_f32, float, LOAD_F32, attend_head_f32)
-DECODE_ATTENTION(decode_attention_bf16, uint16_t, bf16_to_f32, attend_head_bf16)
+DECODE_ATTENTION(decode_attention_f32, float, LOAD_F32, attend_row_f32)
+DECODE_ATTENTION(decode_attention_bf16, uint16_t, bf16_to_f32, attend_row_bf16)
 
 #ifdef __AVX512BF16__
 #include <immintrin.h>
