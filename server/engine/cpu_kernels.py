@@ -5,7 +5,7 @@ Why C and not more torch ops: a decode step's attention through torch first copi
 values out of the paged pools (``index_select``) and then runs SDPA over the copy; at 32 streams that was
 6 ms of gathering plus 9 ms of attention in a 77 ms bfloat16 step on the 2-core Xeon at one thread
 (docs/benchmarks.md). :func:`decode_attention` reads the pools at each row's slots directly, in one pass.
-And :func:`linear` runs a decode step's bfloat16 linears of up to 4 rows without oneDNN's fixed cost per call
+And :func:`linear` runs a decode step's bfloat16 linears of 1 or 2 rows without oneDNN's fixed cost per call
 (about 24 us; a step makes 151 calls). Both are single-threaded and apply to one-thread engines only.
 
 The library is built by ``gcc -O3 -march=native`` (``$CC`` overrides the compiler) into the cache
@@ -165,9 +165,10 @@ def decode_attention(q: torch.Tensor, key_pool: torch.Tensor, value_pool: torch.
                            f"(status {status}; supports_shape() was not checked?)")
 
 
-# linear() takes steps of up to this many rows (the kernel's unrolled case); more, and oneDNN's AMX blocking
-# reads the weight as fast and computes faster.
-LINEAR_MAX_ROWS = 4
+# linear() takes steps of up to this many rows. One layer's shapes, hot in cache, 1 thread (2-core Xeon):
+# 1 row 0.57-0.78x oneDNN's time, 2 rows 0.91-1.07x, 4 rows 1.5-1.9x (oneDNN's AMX blocking computes faster);
+# the 49152-wide head 0.49x, 0.64x, 1.66x. The kernel itself takes up to 4.
+LINEAR_MAX_ROWS = 2
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:

@@ -128,7 +128,7 @@ needs_bf16 = pytest.mark.skipif("avx512_bf16" not in cpu_kernels.cpu_flags(),
 
 
 @needs_bf16
-@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+@pytest.mark.parametrize("rows", [1, 2])
 @pytest.mark.parametrize(("out", "in_", "bias"), [(960, 576, False), (70, 64, True), (1, 1536, True)])
 def test_small_row_linear_matches_a_float64_product_rounded_once(rows, out, in_, bias):
     generator = torch.Generator().manual_seed(rows)
@@ -157,7 +157,7 @@ def test_each_output_is_the_same_whichever_matrix_holds_its_row():
 
 def test_small_row_linear_leaves_other_steps_to_onednn():
     weight = torch.zeros(64, 64, dtype=torch.bfloat16)
-    assert cpu_kernels.linear(torch.zeros(5, 64, dtype=torch.bfloat16), weight, None) is None  # 5 rows
+    assert cpu_kernels.linear(torch.zeros(3, 64, dtype=torch.bfloat16), weight, None) is None  # 3 rows
     narrow = torch.zeros(64, 48, dtype=torch.bfloat16)  # 48 inputs: not whole 32-input dot products
     assert cpu_kernels.linear(torch.zeros(1, 48, dtype=torch.bfloat16), narrow, None) is None
     assert cpu_kernels.linear(torch.zeros(1, 64), weight.float(), None) is None  # float32: MKL

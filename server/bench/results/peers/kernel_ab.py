@@ -41,11 +41,12 @@ def main() -> None:
     dtype, rounds = getattr(torch, sys.argv[1]), int(sys.argv[2])
     torch.set_num_threads(1)
     base = load_base_model("default", dtype, "cpu")
+    rows = cpu_kernels.LINEAR_MAX_ROWS
     for r in range(rounds):
         for mode in ("both", "attention", "off"):
             os.environ[cpu_kernels.ENV_SWITCH] = "0" if mode == "off" else "1"
             cpu_kernels.library.cache_clear()
-            cpu_kernels.LINEAR_MAX_ROWS = 0 if mode == "attention" else 4
+            cpu_kernels.LINEAR_MAX_ROWS = 0 if mode == "attention" else rows
             figures = {"decode_1": decode(base, 1, 5), "decode_32": decode(base, 32, 5),
                        "decode_1_after_4000": long_row_decode(base, 4000)}
             print(json.dumps({"round": r, "mode": mode, "dtype": sys.argv[1],
