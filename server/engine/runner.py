@@ -72,7 +72,7 @@ GROUP_GROWTH, GROUP_SLACK = 1.5, 64
 
 
 # A decoding row at least this wide, alone in its group, reads its runs of at least VIEW_MIN_RUN consecutive
-# slots as views of the pool instead of gathering them (attention._attend_runs; measured in
+# slots as views of the pool instead of gathering them (merged_attention.attend_runs; measured in
 # docs/benchmarks.md: gathering a 6,000-slot row cost as much as attending it).
 VIEW_MIN_WIDTH, VIEW_MIN_RUN = 1024, 256
 

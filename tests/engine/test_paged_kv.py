@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from server.engine import attention, runner
-from server.engine.attention import DecodeGroup, PrefillChunk, _attend_chunk, _attend_runs
+from server.engine.attention import DecodeGroup, PrefillChunk
 from server.engine.block_manager import BlockManager
 from server.engine.engine import Engine, EngineConfig
+from server.engine.merged_attention import attend_chunk, attend_runs
 from server.engine.model import wrap_model
 from server.engine.runner import decode_groups
 from server.engine.scheduler import Scheduler
@@ -170,7 +171,7 @@ def test_attending_slot_runs_equals_attending_the_gathered_row():
     group = DecodeGroup(0, 1, index[None], None, torch.tensor([len(row) - 1]), runs, torch.tensor(rest))
     expected = torch.nn.functional.scaled_dot_product_attention(
         q, keys[index].transpose(0, 1)[None], values[index].transpose(0, 1)[None], scale=0.3)
-    torch.testing.assert_close(_attend_runs(q, keys, values, group, 0.3), expected)
+    torch.testing.assert_close(attend_runs(q, keys, values, group, 0.3), expected)
 
 
 def test_chunks_after_many_earlier_keys_attend_split_and_match_peft(llama, tmp_path, monkeypatch):
@@ -180,8 +181,8 @@ def test_chunks_after_many_earlier_keys_attend_split_and_match_peft(llama, tmp_p
     monkeypatch.setattr(attention, "SPLIT_MIN_CHUNK", 4)
     monkeypatch.setattr(attention, "SPLIT_MIN_EARLIER", 1)
     split = []
-    original = attention._attend_chunk
-    monkeypatch.setattr(attention, "_attend_chunk", lambda *a: split.append(a[3]) or original(*a))
+    original = attention.attend_chunk
+    monkeypatch.setattr(attention, "attend_chunk", lambda *a: split.append(a[3]) or original(*a))
     adapters = [make_adapter(llama, kind, 6, tmp_path, seed) for seed, kind in enumerate(KINDS[:4:3])]
     rng = random.Random(5)
     engine = Engine(llama, EngineConfig(max_batch_size=4, max_step_tokens=16, block_size=BLOCK))
@@ -205,7 +206,7 @@ def test_a_split_chunk_equals_the_masked_attention(dtype):
     expected = torch.nn.functional.scaled_dot_product_attention(
         q[None], keys[slots].transpose(0, 1)[None], values[slots].transpose(0, 1)[None], attn_mask=mask,
         scale=0.25, enable_gqa=True)[0].transpose(0, 1)  # [20, 6, 16]
-    got = _attend_chunk(q, keys, values, PrefillChunk(0, 20, slots, mask, positions), 0.25)
+    got = attend_chunk(q, keys, values, PrefillChunk(0, 20, slots, mask, positions), 0.25)
     tolerance = {} if dtype == torch.float32 else {"rtol": 1.6e-2, "atol": 1e-2}
     torch.testing.assert_close(got, expected, **tolerance)
 

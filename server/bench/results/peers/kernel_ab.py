@@ -7,7 +7,7 @@ Modes: ``both`` (decode attention and the few-row bf16 linear, as served), ``att
 oneDNN: ``LINEAR_MAX_ROWS = 0``), ``off`` (``PREFIX_SERVE_CPU_KERNELS=0``: gather + SDPA, oneDNN). Default
 model, one torch thread (the served setting); decode tokens/s at 1 and 32 streams (stack_ab.decode: 32-token
 prompts, 40 steps timed after all are prefilled) and at 1 stream whose prompt was 4,000 tokens (a long row:
-torch's path reads its runs of slots as views, _attend_runs). One JSON line per measurement.
+torch's path reads its runs of slots as views, merged_attention.attend_runs). One JSON line per measurement.
 """
 
 import json
