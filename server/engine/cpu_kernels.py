@@ -102,17 +102,17 @@ def _build(compiler: str) -> Path:
 def library() -> ctypes.CDLL | None:
     """The loaded kernels, or None (switched off, no compiler, or the build failed: logged once)."""
     if os.environ.get(ENV_SWITCH, "1") == "0":
-        log.info("CPU kernels off (%s=0): torch's ops run attention", ENV_SWITCH)
+        log.info("CPU kernels off (%s=0): torch's ops run instead", ENV_SWITCH)
         return None
     compiler = _compiler()
     if compiler is None:
         log.warning("CPU kernels unavailable: no C compiler (gcc or $CC) on this machine; torch's ops run "
-                    "attention instead (slower decode; install gcc to use them)")
+                    "instead (slower decode; install gcc to use them)")
         return None
     try:
         lib = ctypes.CDLL(str(_build(compiler)))
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-        log.warning("CPU kernels unavailable (%s); torch's ops run attention instead", exc)
+        log.warning("CPU kernels unavailable (%s); torch's ops run instead", exc)
         return None
     for dtype in _DTYPES.values():
         fn = getattr(lib, f"decode_attention_{dtype}")

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from server.engine import cpu_kernels
 from server.engine.attention import DecodeGroup, PackedBatch, PrefillChunk, packed, use_packed_attention
 from server.engine.cpu_linear import pack_linears
 from server.engine.kv_cache import PagedKVCache
@@ -110,6 +111,8 @@ class ModelRunner:
         # built first, so that pack_linears skips the projections it fuses
         self.stack = LlamaStack.build(self.model)
         pack_linears(self.model)  # bfloat16 on CPU: oneDNN-prepacked weights (a no-op otherwise)
+        if torch.device(base.device).type == "cpu":
+            cpu_kernels.library()  # built at start (about a second, once a machine), not in a first request
         self.cache = cache
         self.blocks = cache.manager
         self.embed = self.model.get_input_embeddings()
