@@ -14,8 +14,9 @@ STAMP := $(VENV)/.installed
 
 install: $(STAMP) system-packages
 
-# gcc compiles the engine's CPU kernels at first use (server/engine/cpu_kernels.py; without it the engine
-# keeps torch's slower path, and tests/engine/test_cpu_kernels.py fails).
+# gcc and the C headers (libc6-dev: apt's gcc only recommends it, and recommends are not installed) compile
+# the engine's CPU kernels at first use (server/engine/cpu_kernels.py; without them the engine keeps torch's
+# slower path, and tests/engine/test_cpu_kernels.py fails).
 # Programs the test suite starts itself, each a real process on a free loopback port in a temp folder:
 # redis-server (tests/prefixes/test_redis_store.py, tests/deploy/test_deploy.py; `serve --redis-url` needs a Redis
 # somewhere), and for the deployment tests (tests/deploy/test_deploy.py) nginx with its njs module, prometheus
@@ -23,7 +24,7 @@ install: $(STAMP) system-packages
 # an absolute path that must exist. Checked on every install (cheap); whatever is missing is installed
 # with apt when we are root (CI: Debian, as root). A policy-rc.d stops the packages from starting their
 # system services while they install (the tests never use them); an existing policy is left alone.
-SYSTEM_DEPS := gcc=gcc redis-server=redis-server nginx=nginx \
+SYSTEM_DEPS := gcc=gcc /usr/include/stdlib.h=libc6-dev redis-server=redis-server nginx=nginx \
 	/usr/lib/nginx/modules/ngx_http_js_module.so=libnginx-mod-http-js \
 	prometheus=prometheus promtool=prometheus
 
