@@ -50,14 +50,14 @@ class DecodeGroup:
     gather: torch.Tensor  # [g, W] long
     mask: torch.Tensor | None  # [g, 1, 1, W] bool
     positions: torch.Tensor  # [g] long: each query's position (== its own key's index in gather)
+    # [g] long: each row's count of valid slots in gather (what the mask says), for the CPU kernel that reads
+    # the pools at those slots directly (cpu_kernels.decode_attention)
+    lengths: torch.Tensor
     # A long row alone in its group (g == 1, no mask): its long runs of consecutive pool slots as (first slot,
     # count), read as views of the pool, and ``rest`` the slots of every other key (None: none), gathered
     # (see merged_attention.attend_runs); () when the row is read through ``gather``.
     runs: tuple[tuple[int, int], ...] = ()
     rest: torch.Tensor | None = None  # [W - sum of the runs' counts] long
-    # [g] long: each row's count of valid slots in gather (what the mask says), for the CPU kernel that reads
-    # the pools at those slots directly (cpu_kernels.decode_attention); None: every row is W wide
-    lengths: torch.Tensor | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,11 +230,8 @@ def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     for i, (group, mask) in enumerate(zip(batch.decode, decode_masks)):
         g, w = group.gather.shape
         if native:  # the pools read at each row's slots, no gathered copy (cpu_kernels.c)
-            lengths = group.lengths
-            if lengths is None:
-                lengths = torch.full((g,), w, dtype=torch.long)
             rows = q[:, group.start:group.stop].transpose(0, 1)  # [g, H, D], a view
-            cpu_kernels.decode_attention(rows, key, value, group.gather, lengths, scale,
+            cpu_kernels.decode_attention(rows, key, value, group.gather, group.lengths, scale,
                                          out[group.start:group.stop])
             continue
         # One query per row: fold the query heads that share a key/value head into the query axis

@@ -182,9 +182,9 @@ class ModelRunner:
                 gather.append(row)
             width = lengths[-1]
             gather = [row + [row[-1]] * (width - len(row)) for row in gather]
-            mask = lengths_t = None
+            lengths_t = torch.tensor(lengths, dtype=torch.long, device=device)
+            mask = None
             if lengths[0] != width:
-                lengths_t = torch.tensor(lengths, dtype=torch.long, device=device)
                 mask = (torch.arange(width, device=device)[None] < lengths_t[:, None])[:, None, None]
             runs: tuple[tuple[int, int], ...] = ()
             rest = None
@@ -194,7 +194,7 @@ class ModelRunner:
                 rest = torch.tensor(others, dtype=torch.long, device=device) if others else None
             groups.append(DecodeGroup(a, b, torch.tensor(gather, dtype=torch.long, device=device), mask,
                                       torch.tensor(step.positions[a:b], dtype=torch.long, device=device),
-                                      runs, rest, lengths_t))
+                                      lengths_t, runs, rest))
         return groups
 
     def _lay_out_prefill(self, step: _PackedInputs, seq: Sequence, count: int) -> PrefillChunk:

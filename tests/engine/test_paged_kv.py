@@ -168,7 +168,8 @@ def test_attending_slot_runs_equals_attending_the_gathered_row():
     assert runs == ((3, 17), (44, 16)) and rest == [40, 41, 2]
     q = torch.randn(1, 2, 3, 8)
     index = torch.tensor(row)
-    group = DecodeGroup(0, 1, index[None], None, torch.tensor([len(row) - 1]), runs, torch.tensor(rest))
+    group = DecodeGroup(0, 1, index[None], None, torch.tensor([len(row) - 1]), torch.tensor([len(row)]), runs,
+                        torch.tensor(rest))
     expected = torch.nn.functional.scaled_dot_product_attention(
         q, keys[index].transpose(0, 1)[None], values[index].transpose(0, 1)[None], scale=0.3)
     torch.testing.assert_close(attend_runs(q, keys, values, group, 0.3), expected)
