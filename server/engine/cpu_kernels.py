@@ -6,7 +6,9 @@ values out of the paged pools (``index_select``) and then runs SDPA over the cop
 6 ms of gathering plus 9 ms of attention in a 77 ms bfloat16 step on the 2-core Xeon at one thread
 (docs/benchmarks.md). :func:`decode_attention` reads the pools at each row's slots directly, in one pass.
 And :func:`linear` runs a decode step's bfloat16 linears of 1 or 2 rows without oneDNN's fixed cost per call
-(about 24 us; a step makes 151 calls). Both are single-threaded and apply to one-thread engines only.
+(about 24 us; a step makes 151 calls), and on CPUs with AMX those of 2-64 rows through the tiles, streaming
+the weights at memory speed where oneDNN's 32-row step read them at about 8 GB/s. All are single-threaded
+and apply to one-thread engines only.
 
 The library is built by ``gcc -O3 -march=native`` (``$CC`` overrides the compiler) into the cache
 directory (``$PREFIX_SERVE_CACHE``, else ``~/.cache/prefix-serve``; a temporary folder where that is
@@ -121,6 +123,10 @@ def library() -> ctypes.CDLL | None:
     lib.linear_bf16.argtypes = [ctypes.c_void_p, _I64, _I64, ctypes.c_void_p, ctypes.c_void_p, _I64, _I64,
                                 ctypes.c_void_p, _I64]
     lib.linear_bf16.restype = ctypes.c_int
+    lib.amx_init.argtypes, lib.amx_init.restype = [], ctypes.c_int
+    lib.pack_amx.argtypes, lib.pack_amx.restype = [ctypes.c_void_p, _I64, _I64, ctypes.c_void_p], None
+    lib.linear_amx.argtypes = lib.linear_bf16.argtypes
+    lib.linear_amx.restype = ctypes.c_int
     log.info("CPU kernels loaded (%s)", lib._name)
     return lib
 
@@ -165,19 +171,61 @@ def decode_attention(q: torch.Tensor, key_pool: torch.Tensor, value_pool: torch.
                            f"(status {status}; supports_shape() was not checked?)")
 
 
-# linear() takes steps of up to this many rows. One layer's shapes, hot in cache, 1 thread (2-core Xeon):
-# 1 row 0.57-0.78x oneDNN's time, 2 rows 0.91-1.07x, 4 rows 1.5-1.9x (oneDNN's AMX blocking computes faster);
-# the 49152-wide head 0.49x, 0.64x, 1.66x. The kernel itself takes up to 4.
+# linear() without AMX: the AVX512-BF16 kernel takes steps of up to this many rows. One layer's shapes, hot in
+# cache, 1 thread (2-core Xeon): 1 row 0.57-0.78x oneDNN's time, 2 rows 0.91-1.07x, 4 rows 1.5-1.9x (oneDNN's
+# AMX blocking computes faster); the 49152-wide head 0.49x, 0.64x, 1.66x. The kernel itself takes up to 4.
 LINEAR_MAX_ROWS = 2
+# With AMX, linear_amx takes 2 to AMX_MAX_ROWS rows (the AVX512-BF16 kernel keeps 1 row: 20.3 ms against
+# 22.0 for a step's 151 weights, streamed from memory; 2 rows 22.0 against 23.3). Against oneDNN's packed
+# linear over the same weights (2-core Xeon, 1 thread): 0.74x the time at 2-16 rows, 0.72x at 32, 0.82x at
+# 64, but 1.17x at 512, where oneDNN's blocking reuses each tile better (see docs/benchmarks.md).
+AMX_MAX_ROWS = 64
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
-    """``x @ weight.T + bias`` for a bfloat16 CPU ``x`` [..., in] of at most :data:`LINEAR_MAX_ROWS` rows on
-    a CPU with AVX512-BF16, or None where it does not apply (then oneDNN runs it). weight: [out, in]
-    bfloat16."""
+@lru_cache(maxsize=1)
+def amx() -> bool:
+    """Whether :func:`linear` can use AMX tiles: the CPU has them (amx_tile, amx_bf16), the library was built
+    with them, and Linux granted this process the tile state (logged once either way)."""
+    if not {"amx_tile", "amx_bf16"} <= cpu_flags():
+        return False
+    lib = library()
+    if lib is None:
+        return False
+    if lib.amx_init() != 0:
+        log.warning("AMX tiles unavailable (not in this build, or the kernel refused the tile state): "
+                    "bfloat16 linears of 2-%d rows keep oneDNN", AMX_MAX_ROWS)
+        return False
+    log.info("AMX linear kernel on for bfloat16 steps of 2-%d rows", AMX_MAX_ROWS)
+    return True
+
+
+def pack_amx(weight: torch.Tensor) -> torch.Tensor | None:
+    """``weight`` [out, in] (bfloat16, CPU) repacked into AMX tile blocks for :func:`linear`, or None where
+    the AMX kernel will not run: no AMX, another dtype or device, ``in`` not a multiple of 32, or an engine of
+    more than one torch thread (the kernels are single-threaded; the copy would only take memory). The copy
+    has the weight's bytes again (out rounded up to 16)."""
+    out_features, in_features = weight.shape
+    if (weight.dtype != torch.bfloat16 or weight.device.type != "cpu" or in_features % 32
+            or torch.get_num_threads() != 1 or not amx()):
+        return None
+    lib = library()
+    assert lib is not None, "amx() checked it"
+    weight = weight.detach().contiguous()
+    packed = torch.empty((out_features + 15) // 16 * 16 * in_features, dtype=torch.bfloat16)
+    lib.pack_amx(weight.data_ptr(), out_features, in_features, packed.data_ptr())
+    return packed
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+           amx_weight: torch.Tensor | None = None) -> torch.Tensor | None:
+    """``x @ weight.T + bias`` for a bfloat16 CPU ``x`` [..., in] of a decode step's few rows, or None where
+    no kernel applies (then oneDNN runs it). weight: [out, in] bfloat16; ``amx_weight`` its
+    :func:`pack_amx` copy (None: no AMX), which takes 2 to :data:`AMX_MAX_ROWS` rows; else the AVX512-BF16
+    kernel takes up to :data:`LINEAR_MAX_ROWS`."""
     in_features = weight.shape[1]
     rows = x.numel() // in_features if in_features else 0
-    if (rows < 1 or rows > LINEAR_MAX_ROWS or in_features % 32 or x.dtype != torch.bfloat16
+    tiles = amx_weight is not None and 2 <= rows <= AMX_MAX_ROWS
+    if (rows < 1 or (rows > LINEAR_MAX_ROWS and not tiles) or in_features % 32 or x.dtype != torch.bfloat16
             or weight.dtype != torch.bfloat16 or not weight.is_contiguous() or x.device.type != "cpu"
             or "avx512_bf16" not in cpu_flags() or torch.get_num_threads() != 1  # see supports()
             or (bias is not None and (bias.dtype != torch.bfloat16 or not bias.is_contiguous()))):
@@ -189,9 +237,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     if flat.stride(1) != 1:
         flat = flat.contiguous()
     y = torch.empty(rows, weight.shape[0], dtype=torch.bfloat16)
-    status = lib.linear_bf16(flat.data_ptr(), rows, flat.stride(0), weight.data_ptr(),
-                             None if bias is None else bias.data_ptr(), in_features, weight.shape[0],
-                             y.data_ptr(), y.stride(0))
+    kernel, source = (lib.linear_amx, amx_weight) if tiles else (lib.linear_bf16, weight)
+    assert source is not None
+    status = kernel(flat.data_ptr(), rows, flat.stride(0), source.data_ptr(),
+                    None if bias is None else bias.data_ptr(), in_features, weight.shape[0], y.data_ptr(),
+                    y.stride(0))
     if status != 0:
-        return None  # built without AVX512-BF16 (another compiler): oneDNN runs it
+        return None  # built without AVX512-BF16 (another compiler), or out of memory: oneDNN runs it
     return y.view(*x.shape[:-1], weight.shape[0])

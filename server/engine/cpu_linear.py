@@ -8,7 +8,9 @@ than float32 there even with AVX512-BF16/AMX. Measured on the 2-core Intel Xeon 
 oneDNN's linear on the packed copy; the result is the same bfloat16 product with float32 accumulation.
 
 The packed copy is held next to the original weight (which the rest of transformers, tied embeddings and the
-vocabulary size still read), so a bfloat16 model's linear weights take twice their bytes.
+vocabulary size still read), so a bfloat16 model's linear weights take twice their bytes; three times on a CPU
+with AMX, where each also gets the AMX kernel's tile-blocked copy (cpu_kernels.pack_amx) for decode steps of
+2-64 rows, in one-thread engines.
 """
 
 from __future__ import annotations
@@ -61,7 +63,9 @@ def _packed_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     if (x.dtype != torch.bfloat16 or x.device.type != "cpu"
             or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
         return F.linear(x, self.weight, self.bias)
-    small = cpu_kernels.linear(x, self.weight, self.bias)  # a decode step's few rows (None: more rows)
+    # a decode step's few rows (None: more rows)
+    amx_weight: torch.Tensor | None = self._amx_weight  # type: ignore[assignment]  # set by pack_linears
+    small = cpu_kernels.linear(x, self.weight, self.bias, amx_weight)
     if small is not None:
         return small
     return torch.ops.mkldnn._linear_pointwise(x, self._packed_weight, self.bias, "none", [], "")
@@ -86,6 +90,7 @@ def pack_linears(model: torch.nn.Module) -> int:
             # an attribute, not a buffer: state_dict, .to() and PEFT see only the original weight
             object.__setattr__(module, "_packed_weight",
                                torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None))
+            object.__setattr__(module, "_amx_weight", cpu_kernels.pack_amx(weight))  # None: no AMX kernel
         # rerouting this instance's forward is the point
         module.forward = types.MethodType(_packed_forward, module)  # type: ignore[method-assign]
         packed += 1
@@ -129,11 +134,12 @@ class FusedLinear:
             for module in modules:
                 object.__setattr__(module, "_fused_into", self)  # pack_linears leaves it unpacked
             self.packed = torch.ops.mkldnn._reorder_linear_weight(fused, None)
+        self.amx = cpu_kernels.pack_amx(fused)  # None: no AMX kernel here
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., in] -> [..., sum(out)]; inference only (the engine's forwards)
         if self.packed is not None and x.dtype == torch.bfloat16:
-            small = cpu_kernels.linear(x, self.weight, self.bias)  # a decode step's few rows
+            small = cpu_kernels.linear(x, self.weight, self.bias, self.amx)  # a decode step's few rows
             if small is not None:
                 return small
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")

@@ -161,3 +161,58 @@ def test_small_row_linear_leaves_other_steps_to_onednn():
     narrow = torch.zeros(64, 48, dtype=torch.bfloat16)  # 48 inputs: not whole 32-input dot products
     assert cpu_kernels.linear(torch.zeros(1, 48, dtype=torch.bfloat16), narrow, None) is None
     assert cpu_kernels.linear(torch.zeros(1, 64), weight.float(), None) is None  # float32: MKL
+
+
+needs_amx = pytest.mark.skipif("amx_bf16" not in cpu_kernels.cpu_flags(),
+                               reason="the AMX linear kernel needs AMX tiles; oneDNN runs these steps here")
+
+
+def _amx_weight(weight: torch.Tensor) -> torch.Tensor:
+    assert cpu_kernels.amx(), "the CPU has AMX, so the build and the tile request must succeed"
+    packed = cpu_kernels.pack_amx(weight)
+    assert packed is not None
+    return packed
+
+
+@needs_amx
+@pytest.mark.parametrize("rows", [2, 3, 16, 17, 33, 64])
+@pytest.mark.parametrize(("out", "in_", "bias"), [(960, 576, False), (70, 64, True), (1, 1536, True)])
+def test_amx_linear_matches_a_float64_product(rows, out, in_, bias):
+    # 70 outputs: a partial 16-output block, and an odd count of blocks (the kernel takes them in pairs);
+    # 17 and 33 rows: a partial 16-row tile, and a last 32-row block of one tile
+    generator = torch.Generator().manual_seed(rows)
+    weight = torch.randn(out, in_, generator=generator).bfloat16()
+    b = torch.randn(out, generator=generator).bfloat16() if bias else None
+    x = torch.randn(1, rows, 2 * in_, generator=generator).bfloat16()[..., :in_]  # row-strided view
+    got = cpu_kernels.linear(x, weight, b, _amx_weight(weight))
+    assert got is not None and got.shape == (1, rows, out) and got.dtype == torch.bfloat16
+    exact = x.double() @ weight.double().T + (0 if b is None else b.double())
+    torch.testing.assert_close(got.double(), exact, atol=1e-2 * exact.abs().max().item(), rtol=8e-3)
+
+
+@needs_amx
+def test_amx_outputs_are_the_same_whichever_matrix_holds_their_row_and_survive_onednns_tiles():
+    generator = torch.Generator().manual_seed(4)
+    q, k = (torch.randn(n, 576, generator=generator).bfloat16() for n in (576, 200))
+    x = torch.randn(5, 576, generator=generator).bfloat16()
+    fused_weight = torch.cat([q, k])
+    fused = cpu_kernels.linear(x, fused_weight, None, _amx_weight(fused_weight))
+    parts = [cpu_kernels.linear(x, w, None, _amx_weight(w)) for w in (q, k)]
+    assert fused is not None and all(p is not None for p in parts)
+    assert torch.equal(fused, torch.cat(parts, -1))  # type: ignore[arg-type]
+    # oneDNN configures the same tile registers its own way (AMX, 512 rows); ours must not depend on them
+    packed = torch.ops.mkldnn._reorder_linear_weight(fused_weight, None)
+    torch.ops.mkldnn._linear_pointwise(torch.randn(512, 576).bfloat16(), packed, None, "none", [], "")
+    assert torch.equal(cpu_kernels.linear(x, fused_weight, None, _amx_weight(fused_weight)), fused)
+
+
+@needs_amx
+def test_amx_linear_leaves_large_steps_to_onednn_and_is_not_packed_for_threaded_engines(monkeypatch):
+    weight = torch.randn(64, 64).bfloat16()
+    packed = _amx_weight(weight)
+    too_many = torch.zeros(cpu_kernels.AMX_MAX_ROWS + 1, 64, dtype=torch.bfloat16)
+    assert cpu_kernels.linear(too_many, weight, None, packed) is None
+    assert cpu_kernels.pack_amx(torch.randn(64, 48).bfloat16()) is None  # not whole 32-input blocks
+    assert cpu_kernels.pack_amx(weight.float()) is None
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # the kernels are single-threaded
+    assert cpu_kernels.pack_amx(weight) is None
