@@ -34,7 +34,9 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("cpu_kernels.c")
+# compiled together into one library; the header is only hashed (a changed one must rebuild)
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("cpu_kernels.c", "cpu_linears.c"))
+HEADER = Path(__file__).with_name("cpu_kernels.h")
 # -ffast-math lets gcc reorder float sums (vectorised dot products); -fno-finite-math-only keeps NaN and inf
 # semantics, so a broken prefix still shows as non-finite logits.
 FLAGS = ("-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-fPIC", "-shared")
@@ -70,7 +72,8 @@ def _compiler() -> str | None:
 def _build(compiler: str) -> Path:
     """The compiled library's path, building it first unless this machine already has it."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, version, *FLAGS,
+    texts = [path.read_text() for path in (*SOURCES, HEADER)]
+    key = hashlib.sha256("\0".join([*texts, compiler, version, *FLAGS,
                                     *sorted(cpu_flags())]).encode()).hexdigest()[:16]
     name = f"cpu_kernels-{key}.so"
     for folder in (_cache_dir(), Path(tempfile.gettempdir()) / f"prefix-serve-kernels-{os.getuid()}"):
@@ -89,7 +92,7 @@ def _build(compiler: str) -> Path:
     fd, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        run = subprocess.run([compiler, *FLAGS, "-o", partial, str(SOURCE), "-lm"], check=False,
+        run = subprocess.run([compiler, *FLAGS, "-o", partial, *map(str, SOURCES), "-lm"], check=False,
                              capture_output=True, text=True)
         if run.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {run.stderr.strip()[-2000:]}")
@@ -124,9 +127,12 @@ def library() -> ctypes.CDLL | None:
                                 ctypes.c_void_p, _I64]
     lib.linear_bf16.restype = ctypes.c_int
     lib.amx_init.argtypes, lib.amx_init.restype = [], ctypes.c_int
-    lib.pack_amx.argtypes, lib.pack_amx.restype = [ctypes.c_void_p, _I64, _I64, ctypes.c_void_p], None
-    lib.linear_amx.argtypes = lib.linear_bf16.argtypes
-    lib.linear_amx.restype = ctypes.c_int
+    for name in ("pack_amx", "pack_panels_f32"):
+        getattr(lib, name).argtypes = [ctypes.c_void_p, _I64, _I64, ctypes.c_void_p]
+        getattr(lib, name).restype = None
+    for name in ("linear_amx", "linear_f32"):
+        getattr(lib, name).argtypes = lib.linear_bf16.argtypes
+        getattr(lib, name).restype = ctypes.c_int
     log.info("CPU kernels loaded (%s)", lib._name)
     return lib
 
@@ -171,7 +177,7 @@ def decode_attention(q: torch.Tensor, key_pool: torch.Tensor, value_pool: torch.
                            f"(status {status}; supports_shape() was not checked?)")
 
 
-# linear() without AMX: the AVX512-BF16 kernel takes steps of up to this many rows. One layer's shapes, hot in
+# bfloat16 without AMX: the AVX512-BF16 kernel takes steps of up to this many rows. One layer's shapes, hot in
 # cache, 1 thread (2-core Xeon): 1 row 0.57-0.78x oneDNN's time, 2 rows 0.91-1.07x, 4 rows 1.5-1.9x (oneDNN's
 # AMX blocking computes faster); the 49152-wide head 0.49x, 0.64x, 1.66x. The kernel itself takes up to 4.
 LINEAR_MAX_ROWS = 2
@@ -180,6 +186,12 @@ LINEAR_MAX_ROWS = 2
 # linear over the same weights (2-core Xeon, 1 thread): 0.74x the time at 2-16 rows, 0.72x at 32, 0.82x at
 # 64, but 1.17x at 512, where oneDNN's blocking reuses each tile better (see docs/benchmarks.md).
 AMX_MAX_ROWS = 64
+# float32: linear_f32 takes F32_MIN_ROWS to F32_MAX_ROWS rows. A step's weights (2-core Xeon, 1 thread)
+# against F.linear (MKL): 1 row 1.02x the time (both stream the weights at memory speed), 2 rows 0.87x,
+# 3 rows 0.81x, 8 rows 0.41x, 32 rows 0.52x, 64 rows 0.75x, 128 rows 0.90x.
+F32_MIN_ROWS, F32_MAX_ROWS = 2, 128
+# Both packed layouts hold blocks of 16 outputs, each block's weights contiguous (in * 16 elements).
+PACK_BLOCK = 16
 
 
 @lru_cache(maxsize=1)
@@ -199,36 +211,62 @@ def amx() -> bool:
     return True
 
 
-def pack_amx(weight: torch.Tensor) -> torch.Tensor | None:
-    """``weight`` [out, in] (bfloat16, CPU) repacked into AMX tile blocks for :func:`linear`, or None where
-    the AMX kernel will not run: no AMX, another dtype or device, ``in`` not a multiple of 32, or an engine of
-    more than one torch thread (the kernels are single-threaded; the copy would only take memory). The copy
-    has the weight's bytes again (out rounded up to 16)."""
+def pack(weight: torch.Tensor) -> torch.Tensor | None:
+    """The copy of ``weight`` [out, in] that :func:`linear` reads for steps of several rows, or None where no
+    such kernel runs: bfloat16 in AMX tile blocks (a CPU with AMX), float32 in input-major blocks (AVX-512);
+    ``in`` a multiple of 32 (bfloat16), a CPU tensor, an engine of one torch thread (the kernels are
+    single-threaded; the copy would only take memory). Either holds :data:`PACK_BLOCK` outputs a block (the
+    last zero-padded; float32 adds two zero blocks its kernel may read): the weight's bytes again."""
     out_features, in_features = weight.shape
-    if (weight.dtype != torch.bfloat16 or weight.device.type != "cpu" or in_features % 32
-            or torch.get_num_threads() != 1 or not amx()):
+    if weight.device.type != "cpu" or torch.get_num_threads() != 1:
+        return None
+    blocks = (out_features + PACK_BLOCK - 1) // PACK_BLOCK
+    if weight.dtype == torch.bfloat16 and in_features % 32 == 0 and amx():
+        packer = "pack_amx"
+    elif weight.dtype == torch.float32 and "avx512f" in cpu_flags() and library() is not None:
+        packer, blocks = "pack_panels_f32", blocks + 2
+    else:
         return None
     lib = library()
-    assert lib is not None, "amx() checked it"
+    assert lib is not None
     weight = weight.detach().contiguous()
-    packed = torch.empty((out_features + 15) // 16 * 16 * in_features, dtype=torch.bfloat16)
-    lib.pack_amx(weight.data_ptr(), out_features, in_features, packed.data_ptr())
+    packed = torch.empty(blocks * PACK_BLOCK * in_features, dtype=weight.dtype)
+    getattr(lib, packer)(weight.data_ptr(), out_features, in_features, packed.data_ptr())
     return packed
 
 
+def packed_part(packed: torch.Tensor | None, in_features: int, start: int) -> torch.Tensor | None:
+    """The :func:`pack` copy of rows ``start..`` of a fused weight (q of q|k|v), as a view of the fused copy
+    from that row's block on, or None where ``start`` does not begin a block (or there is no copy). The
+    kernels read a part's own blocks, and each output's sum is the same in either matrix."""
+    if packed is None or start % PACK_BLOCK:
+        return None
+    return packed[start * in_features:]
+
+
+def _kernel(dtype: torch.dtype, rows: int, in_features: int, packed: bool) -> str | None:
+    """Which linear kernel takes a step of ``rows`` rows (None: oneDNN or MKL)."""
+    if dtype == torch.float32:
+        return "linear_f32" if packed and F32_MIN_ROWS <= rows <= F32_MAX_ROWS else None
+    if dtype != torch.bfloat16 or in_features % 32 or "avx512_bf16" not in cpu_flags():
+        return None
+    if packed and 2 <= rows <= AMX_MAX_ROWS:
+        return "linear_amx"
+    return "linear_bf16" if 1 <= rows <= LINEAR_MAX_ROWS else None
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-           amx_weight: torch.Tensor | None = None) -> torch.Tensor | None:
-    """``x @ weight.T + bias`` for a bfloat16 CPU ``x`` [..., in] of a decode step's few rows, or None where
-    no kernel applies (then oneDNN runs it). weight: [out, in] bfloat16; ``amx_weight`` its
-    :func:`pack_amx` copy (None: no AMX), which takes 2 to :data:`AMX_MAX_ROWS` rows; else the AVX512-BF16
-    kernel takes up to :data:`LINEAR_MAX_ROWS`."""
+           packed: torch.Tensor | None = None) -> torch.Tensor | None:
+    """``x @ weight.T + bias`` for a CPU ``x`` [..., in] of a decode step's few rows, or None where no kernel
+    applies (then oneDNN or MKL runs it). weight: [out, in], ``x``'s dtype; ``packed`` its :func:`pack` copy
+    (None: the bfloat16 1-2 row kernel only). bfloat16: 2 to :data:`AMX_MAX_ROWS` rows through AMX, else up to
+    :data:`LINEAR_MAX_ROWS` through AVX512-BF16; float32: :data:`F32_MIN_ROWS` to :data:`F32_MAX_ROWS`."""
     in_features = weight.shape[1]
     rows = x.numel() // in_features if in_features else 0
-    tiles = amx_weight is not None and 2 <= rows <= AMX_MAX_ROWS
-    if (rows < 1 or (rows > LINEAR_MAX_ROWS and not tiles) or in_features % 32 or x.dtype != torch.bfloat16
-            or weight.dtype != torch.bfloat16 or not weight.is_contiguous() or x.device.type != "cpu"
-            or "avx512_bf16" not in cpu_flags() or torch.get_num_threads() != 1  # see supports()
-            or (bias is not None and (bias.dtype != torch.bfloat16 or not bias.is_contiguous()))):
+    kernel = _kernel(x.dtype, rows, in_features, packed is not None)
+    if (kernel is None or weight.dtype != x.dtype or not weight.is_contiguous() or x.device.type != "cpu"
+            or torch.get_num_threads() != 1  # see supports()
+            or (bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous()))):
         return None
     lib = library()
     if lib is None:
@@ -236,12 +274,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     flat = x.reshape(rows, in_features)
     if flat.stride(1) != 1:
         flat = flat.contiguous()
-    y = torch.empty(rows, weight.shape[0], dtype=torch.bfloat16)
-    kernel, source = (lib.linear_amx, amx_weight) if tiles else (lib.linear_bf16, weight)
+    y = torch.empty(rows, weight.shape[0], dtype=x.dtype)
+    source = weight if kernel == "linear_bf16" else packed
     assert source is not None
-    status = kernel(flat.data_ptr(), rows, flat.stride(0), source.data_ptr(),
-                    None if bias is None else bias.data_ptr(), in_features, weight.shape[0], y.data_ptr(),
-                    y.stride(0))
+    status = getattr(lib, kernel)(flat.data_ptr(), rows, flat.stride(0), source.data_ptr(),
+                                  None if bias is None else bias.data_ptr(), in_features, weight.shape[0],
+                                  y.data_ptr(), y.stride(0))
     if status != 0:
-        return None  # built without AVX512-BF16 (another compiler), or out of memory: oneDNN runs it
+        return None  # built without the instructions (another compiler), or out of memory: oneDNN/MKL runs it
     return y.view(*x.shape[:-1], weight.shape[0])

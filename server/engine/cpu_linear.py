@@ -9,8 +9,9 @@ oneDNN's linear on the packed copy; the result is the same bfloat16 product with
 
 The packed copy is held next to the original weight (which the rest of transformers, tied embeddings and the
 vocabulary size still read), so a bfloat16 model's linear weights take twice their bytes; three times on a CPU
-with AMX, where each also gets the AMX kernel's tile-blocked copy (cpu_kernels.pack_amx) for decode steps of
-2-64 rows, in one-thread engines.
+with AMX, where each also gets the AMX kernel's tile-blocked copy (cpu_kernels.pack) for decode steps of 2-64
+rows, in one-thread engines. A float32 model's take twice theirs there (the float32 kernel's panels, 4-64
+rows, on AVX-512 CPUs).
 """
 
 from __future__ import annotations
@@ -58,45 +59,53 @@ def resolve_dtype(name: str, device: str, announce: bool = False) -> torch.dtype
 
 
 def _packed_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    # x: [..., in] -> [..., out]. Packed only for bfloat16 CPU inputs without autograd (the engine's
-    # forwards); anything else (a test's float32 input, a backward) takes the module's own path.
-    if (x.dtype != torch.bfloat16 or x.device.type != "cpu"
+    # x: [..., in] -> [..., out]. Packed only for CPU inputs of the weight's dtype without autograd (the
+    # engine's forwards); anything else (a test's float32 input to a bfloat16 model, a backward) takes the
+    # module's own path.
+    if (x.dtype != self.weight.dtype or x.device.type != "cpu"
             or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
         return F.linear(x, self.weight, self.bias)
-    # a decode step's few rows (None: more rows)
-    amx_weight: torch.Tensor | None = self._amx_weight  # type: ignore[assignment]  # set by pack_linears
-    small = cpu_kernels.linear(x, self.weight, self.bias, amx_weight)
+    kernel_weight: torch.Tensor | None = self._kernel_weight  # type: ignore[assignment]  # see pack_linears
+    small = cpu_kernels.linear(x, self.weight, self.bias, kernel_weight)  # a decode step's rows (or None)
     if small is not None:
         return small
-    return torch.ops.mkldnn._linear_pointwise(x, self._packed_weight, self.bias, "none", [], "")
+    packed: torch.Tensor | None = self._packed_weight  # type: ignore[assignment]
+    if packed is None:  # float32: MKL
+        return F.linear(x, self.weight, self.bias)
+    return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
 
 
 def pack_linears(model: torch.nn.Module) -> int:
-    """Give every bfloat16 CPU ``nn.Linear`` of ``model`` a oneDNN-packed weight; returns how many.
-
-    No-op (0) for other dtypes and devices, or where this torch build has no oneDNN bfloat16.
+    """Give every bfloat16 CPU ``nn.Linear`` of ``model`` a oneDNN-packed weight, and every one the C
+    kernels' copy where they run (cpu_kernels.pack: bfloat16 with AMX, float32 with AVX-512, one-thread
+    engines); returns how many were rerouted. No-op (0) for other dtypes and devices, and for bfloat16 where
+    this torch build has no oneDNN bfloat16 and the kernels do not run.
     """
-    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return 0
-    packed = 0
+    onednn = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    rerouted = 0
     for module in model.modules():
-        if (type(module) is not torch.nn.Linear or hasattr(module, "_packed_weight")
+        if (type(module) is not torch.nn.Linear or hasattr(module, "_kernel_weight")
                 or hasattr(module, "_fused_into")):  # a FusedLinear's part: its packed copy is the fused one
             continue
         weight = module.weight
-        if weight.dtype != torch.bfloat16 or weight.device.type != "cpu":
+        if weight.device.type != "cpu" or weight.dtype not in (torch.bfloat16, torch.float32):
             continue
         with torch.no_grad():
-            # an attribute, not a buffer: state_dict, .to() and PEFT see only the original weight
-            object.__setattr__(module, "_packed_weight",
-                               torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None))
-            object.__setattr__(module, "_amx_weight", cpu_kernels.pack_amx(weight))  # None: no AMX kernel
+            # attributes, not buffers: state_dict, .to() and PEFT see only the original weight
+            packed = (torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+                      if weight.dtype == torch.bfloat16 and onednn else None)
+            kernel_weight = cpu_kernels.pack(weight)  # None: no kernel for several rows here
+        if packed is None and kernel_weight is None:
+            continue
+        object.__setattr__(module, "_packed_weight", packed)
+        object.__setattr__(module, "_kernel_weight", kernel_weight)
         # rerouting this instance's forward is the point
         module.forward = types.MethodType(_packed_forward, module)  # type: ignore[method-assign]
-        packed += 1
-    if packed:
-        log.info("bfloat16 linear layers: %d weights prepacked for oneDNN", packed)
-    return packed
+        rerouted += 1
+    if rerouted:
+        log.info("linear layers: %d weights prepacked (oneDNN for bfloat16, the C kernels' copies where they "
+                 "run)", rerouted)
+    return rerouted
 
 
 class FusedLinear:
@@ -131,16 +140,26 @@ class FusedLinear:
         self.packed = None
         if (fused.dtype == torch.bfloat16 and fused.device.type == "cpu"
                 and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
-            for module in modules:
-                object.__setattr__(module, "_fused_into", self)  # pack_linears leaves it unpacked
             self.packed = torch.ops.mkldnn._reorder_linear_weight(fused, None)
-        self.amx = cpu_kernels.pack_amx(fused)  # None: no AMX kernel here
+        self.kernel_weight = cpu_kernels.pack(fused)  # None: no C kernel for several rows here
+        start = 0
+        for module in modules:
+            object.__setattr__(module, "_fused_into", self)  # pack_linears leaves it unpacked
+            # called alone (transformers' own layers), a part reads its rows of the fused kernel copy, so its
+            # outputs stay the fused matmul's bit for bit on the kernels' steps
+            part = cpu_kernels.packed_part(self.kernel_weight, fused.shape[1], start)
+            if part is not None:
+                object.__setattr__(module, "_packed_weight", None)
+                object.__setattr__(module, "_kernel_weight", part)
+                module.forward = types.MethodType(_packed_forward, module)  # type: ignore[method-assign]
+            start += module.weight.shape[0]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., in] -> [..., sum(out)]; inference only (the engine's forwards)
-        if self.packed is not None and x.dtype == torch.bfloat16:
-            small = cpu_kernels.linear(x, self.weight, self.bias, self.amx)  # a decode step's few rows
+        if x.dtype == self.weight.dtype:
+            small = cpu_kernels.linear(x, self.weight, self.bias, self.kernel_weight)  # a decode step's rows
             if small is not None:
                 return small
+        if self.packed is not None and x.dtype == torch.bfloat16:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
