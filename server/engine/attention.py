@@ -249,7 +249,15 @@ def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
             m = None if mask is None else mask[:, :, None]
             od = _softcapped_attention(qd[:, :, :, None], kd, vd, m, scale, softcap)
         out[group.start:group.stop] = od.reshape(g, heads, dim)
+    # AMX tiles for bfloat16 prefill chunks (cpu_prefill.c): torch's flash attention ran at about a third of
+    # the tiles' speed
+    tiles = (softcap is None and not window and bool(batch.prefill)
+             and cpu_kernels.supports_prefill(q, key, value, heads, kv_heads, dim))
     for chunk, mask in zip(batch.prefill, prefill_masks):
+        if tiles:
+            cpu_kernels.prefill_attention(q[:, chunk.start:chunk.stop], key, value, chunk.gather, scale,
+                                          out[chunk.start:chunk.stop])
+            continue
         c = chunk.stop - chunk.start
         earlier = chunk.gather.shape[0] - c
         if (mask is not None and c >= SPLIT_MIN_CHUNK and earlier >= SPLIT_MIN_EARLIER * c and softcap is None

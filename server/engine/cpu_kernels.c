@@ -14,27 +14,6 @@
 
 #include "cpu_kernels.h"
 
-/* e^x for x <= 0 (softmax's shifted scores): 2^(x log2 e) as 2^n * 2^f, f in [-0.5, 0.5], with Cephes'
- * exp2f polynomial (relative error about 2e-7). Branch-free, so the loops calling it vectorise. */
-static inline float exp_nonpositive(float x) {
-    x = x < -87.0f ? -87.0f : x;
-    float t = x * 1.44269504088896341f;
-    float n = floorf(t + 0.5f);
-    float f = t - n;
-    float p = 1.535336188319500e-4f;
-    p = p * f + 1.339887440266574e-3f;
-    p = p * f + 9.618437357674640e-3f;
-    p = p * f + 5.550332471162809e-2f;
-    p = p * f + 2.402264791363012e-1f;
-    p = p * f + 6.931472028550421e-1f;
-    p = p * f + 1.0f;
-    int32_t e = (int32_t)n + 127;
-    uint32_t bits = (uint32_t)e << 23;
-    float scale;
-    memcpy(&scale, &bits, 4);
-    return p * scale;
-}
-
 /* 16 floats: gcc lowers these vector-extension ops to one AVX-512 register, two AVX2 ones, or scalars. */
 typedef float f32x16 __attribute__((vector_size(64)));
 typedef uint16_t u16x16 __attribute__((vector_size(32)));
@@ -93,8 +72,7 @@ static inline float sum16(f32x16 x) {
             }                                                                                              \
         }                                                                                                  \
         for (int64_t h = 0; h < queries; h++) {                                                            \
-            float *sh = scores + h * n, m = -INFINITY, sum = 0.0f;                                         \
-            for (int64_t j = 0; j < n; j++) m = sh[j] > m ? sh[j] : m;                                     \
+            float *sh = scores + h * n, m = max_f32(sh, n), sum = 0.0f;                                    \
             for (int64_t j = 0; j < n; j++) {                                                              \
                 float e = exp_nonpositive(sh[j] - m);                                                      \
                 sh[j] = e;                                                                                 \

@@ -1,10 +1,14 @@
-/* What both kernel sources share (cpu_kernels.c, cpu_linears.c): bfloat16 widened from its 16 bits and
- * rounded to nearest even, as torch does. */
+/* What the kernel sources share (cpu_kernels.c, cpu_linears.c, cpu_prefill.c): bfloat16 widened from its 16
+ * bits and rounded to nearest even, as torch does; softmax's exponential; the AMX tile configuration. */
 #ifndef PREFIX_SERVE_CPU_KERNELS_H
 #define PREFIX_SERVE_CPU_KERNELS_H
 
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
@@ -20,5 +24,70 @@ static inline uint16_t f32_to_bf16(float f) {
     u += 0x7fffu + ((u >> 16) & 1u);                                           /* round to nearest even */
     return (uint16_t)(u >> 16);
 }
+
+/* e^x for x <= 0 (softmax's shifted scores): 2^(x log2 e) as 2^n * 2^f, f in [-0.5, 0.5], with Cephes'
+ * exp2f polynomial (relative error about 2e-7). Branch-free, so the loops calling it vectorise. */
+static inline float exp_nonpositive(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    float t = x * 1.44269504088896341f;
+    float n = floorf(t + 0.5f);
+    float f = t - n;
+    float p = 1.535336188319500e-4f;
+    p = p * f + 1.339887440266574e-3f;
+    p = p * f + 9.618437357674640e-3f;
+    p = p * f + 5.550332471162809e-2f;
+    p = p * f + 2.402264791363012e-1f;
+    p = p * f + 6.931472028550421e-1f;
+    p = p * f + 1.0f;
+    int32_t e = (int32_t)n + 127;
+    uint32_t bits = (uint32_t)e << 23;
+    float scale;
+    memcpy(&scale, &bits, 4);
+    return p * scale;
+}
+
+/* The largest of x[0..n-1] (-inf for none). A plain loop does not vectorise: with NaN semantics kept
+ * (-fno-finite-math-only) gcc will not reorder a max, and a scalar chain took half a prefill's attention.
+ * A NaN score needs no care here: its exponential is NaN, so the softmax's sum and every output are too. */
+static inline float max_f32(const float *x, int64_t n) {
+#ifdef __AVX512F__
+    __m512 m0 = _mm512_set1_ps(-INFINITY), m1 = m0;
+    int64_t j = 0;
+    for (; j + 32 <= n; j += 32) {
+        m0 = _mm512_max_ps(m0, _mm512_loadu_ps(x + j));
+        m1 = _mm512_max_ps(m1, _mm512_loadu_ps(x + j + 16));
+    }
+    for (; j < n; j += 16) {
+        __mmask16 keep = n - j >= 16 ? 0xffff : (__mmask16)((1u << (n - j)) - 1);
+        m0 = _mm512_mask_max_ps(m0, keep, m0, _mm512_maskz_loadu_ps(keep, x + j));
+    }
+    return _mm512_reduce_max_ps(_mm512_max_ps(m0, m1));
+#else
+    float m = -INFINITY;
+    for (int64_t j = 0; j < n; j++) m = x[j] > m ? x[j] : m;
+    return m;
+#endif
+}
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#include <immintrin.h>
+#define HAVE_AMX 1
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t bytes_per_row[16];
+    uint8_t rows[16];
+} tile_config;
+
+/* All eight tiles as 16 rows of 64 bytes (16 x 32 bfloat16, or 16 x 16 float32). Loaded at every kernel call:
+ * oneDNN configures the tiles its own way between our calls. */
+static inline void amx_configure(void) {
+    tile_config cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int t = 0; t < 8; t++) cfg.bytes_per_row[t] = 64, cfg.rows[t] = 16;
+    _tile_loadconfig(&cfg);
+}
+#endif
 
 #endif

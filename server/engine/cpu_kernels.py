@@ -35,7 +35,8 @@ import torch
 log = logging.getLogger(__name__)
 
 # compiled together into one library; the header is only hashed (a changed one must rebuild)
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("cpu_kernels.c", "cpu_linears.c"))
+SOURCES = tuple(Path(__file__).with_name(name)
+                for name in ("cpu_kernels.c", "cpu_linears.c", "cpu_prefill.c"))
 HEADER = Path(__file__).with_name("cpu_kernels.h")
 # -ffast-math lets gcc reorder float sums (vectorised dot products); -fno-finite-math-only keeps NaN and inf
 # semantics, so a broken prefix still shows as non-finite logits.
@@ -127,6 +128,10 @@ def library() -> ctypes.CDLL | None:
                                 ctypes.c_void_p, _I64]
     lib.linear_bf16.restype = ctypes.c_int
     lib.amx_init.argtypes, lib.amx_init.restype = [], ctypes.c_int
+    pointer = ctypes.c_void_p
+    lib.prefill_attention_bf16.argtypes = [pointer, _I64, _I64, pointer, pointer, pointer, _I64, _I64, _I64,
+                                           _I64, _I64, ctypes.c_float, pointer, _I64]
+    lib.prefill_attention_bf16.restype = ctypes.c_int
     for name in ("pack_amx", "pack_panels_f32"):
         getattr(lib, name).argtypes = [ctypes.c_void_p, _I64, _I64, ctypes.c_void_p]
         getattr(lib, name).restype = None
@@ -175,6 +180,38 @@ def decode_attention(q: torch.Tensor, key_pool: torch.Tensor, value_pool: torch.
     if status != 0:
         raise RuntimeError(f"decode attention refused heads={heads}, kv_heads={key_pool.shape[1]}, dim={dim} "
                            f"(status {status}; supports_shape() was not checked?)")
+
+
+
+def supports_prefill(q: torch.Tensor, key_pool: torch.Tensor, value_pool: torch.Tensor, heads: int,
+                     kv_heads: int, dim: int) -> bool:
+    """Whether :func:`prefill_attention` takes these: bfloat16 on a CPU with AMX (see :func:`amx`), dim a
+    multiple of 16 up to 256, contiguous pools, and what :func:`supports` asks."""
+    return (q.dtype == torch.bfloat16 and dim % 16 == 0 and dim <= 256 and heads % kv_heads == 0
+            and key_pool.is_contiguous() and value_pool.is_contiguous() and supports(q, key_pool, value_pool)
+            and amx())
+
+
+def prefill_attention(q: torch.Tensor, key_pool: torch.Tensor, value_pool: torch.Tensor, slots: torch.Tensor,
+                      scale: float, out: torch.Tensor) -> None:
+    """One row's prefill chunk attending causally to the row's keys in the pools, written into ``out``.
+
+    q: [H, c, D] (any head and token strides, D contiguous), the queries of positions ``W - c .. W - 1``;
+    key_pool/value_pool: [N, Hkv, D] contiguous; slots: [W] long, the row's slots by position; out: [c, H, D]
+    with H and D contiguous. Call only when :func:`supports_prefill` says so."""
+    lib = library()
+    assert lib is not None, "supports_prefill() was checked"
+    heads, chunk, dim = q.shape
+    if q.stride(2) != 1:
+        q = q.contiguous()
+    assert out.stride(2) == 1 and out.stride(1) == dim
+    slots = slots.contiguous()
+    status = lib.prefill_attention_bf16(q.data_ptr(), q.stride(1), q.stride(0), key_pool.data_ptr(),
+                                        value_pool.data_ptr(), slots.data_ptr(), slots.shape[0], chunk, heads,
+                                        key_pool.shape[1], dim, scale, out.data_ptr(), out.stride(0))
+    if status != 0:
+        raise RuntimeError(f"prefill attention refused heads={heads}, kv_heads={key_pool.shape[1]}, "
+                           f"dim={dim}, chunk={chunk}, width={slots.shape[0]} (status {status})")
 
 
 # bfloat16 without AMX: the AVX512-BF16 kernel takes steps of up to this many rows. One layer's shapes, hot in

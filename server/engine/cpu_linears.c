@@ -71,7 +71,7 @@ int linear_bf16(const uint16_t *x, int64_t rows, int64_t x_row, const uint16_t *
 }
 #endif
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#ifdef HAVE_AMX
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -101,12 +101,6 @@ void pack_amx(const uint16_t *w, int64_t out_features, int64_t in, uint16_t *out
                 }
         }
 }
-
-typedef struct {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t bytes_per_row[16];
-    uint8_t rows[16];
-} tile_config;
 
 /* A 16 x 16 float32 tile plus bias, rounded (nearest even) into rows m0.. of y, outputs n0..; the rows
  * past `rows` (x's zero padding) and outputs past `out_features` are not written. */
@@ -140,11 +134,7 @@ int linear_amx(const uint16_t *x, int64_t rows, int64_t x_row, const uint16_t *p
         if (r < rows) memcpy(xp + r * in, x + r * x_row, (size_t)in * 2);
         else memset(xp + r * in, 0, (size_t)in * 2);
     }
-    tile_config cfg;
-    memset(&cfg, 0, sizeof cfg);
-    cfg.palette = 1;
-    for (int t = 0; t < 8; t++) cfg.bytes_per_row[t] = 64, cfg.rows[t] = 16;
-    _tile_loadconfig(&cfg); /* per call: oneDNN configures the tiles its own way between our calls */
+    amx_configure();
     float acc[4][256] __attribute__((aligned(64)));
     for (int64_t b = 0; b < blocks; b += 2) {
         int second = b + 1 < blocks;

@@ -108,3 +108,36 @@ def test_switched_off_or_without_a_compiler_the_engine_keeps_torchs_path(monkeyp
     with caplog.at_level(logging.WARNING, logger="server.engine.cpu_kernels"):
         assert cpu_kernels.library() is None
     assert "CPU kernels unavailable" in caplog.text
+
+
+needs_amx = pytest.mark.skipif("amx_bf16" not in cpu_kernels.cpu_flags(),
+                               reason="the prefill attention kernel needs AMX tiles; torch's flash runs here")
+
+
+@needs_amx
+@pytest.mark.parametrize(("heads", "kv_heads", "dim", "width", "chunk"), [
+    (9, 3, 64, 40, 40),  # a whole prompt in one chunk, not a multiple of 16 queries or 32 keys
+    (9, 3, 64, 600, 37),  # a chunk after a cached preamble
+    (8, 2, 128, 517, 512),  # a full chunk after a few keys; four 16-dim blocks and more a pass
+    (2, 1, 256, 100, 17),
+    (4, 4, 32, 1, 1),
+    (4, 2, 16, 30, 30),  # head sizes of 16 and 48 fill part of a 32-dim block (zero-padded): the tiny models'
+    (6, 2, 48, 70, 33),
+])
+def test_prefill_attention_matches_causal_attention_over_the_row(heads, kv_heads, dim, width, chunk):
+    generator = torch.Generator().manual_seed(width)
+    pool = width + 50
+    keys = torch.randn(pool, kv_heads, dim, generator=generator).bfloat16()
+    values = torch.randn(pool, kv_heads, dim, generator=generator).bfloat16()
+    slots = torch.randperm(pool, generator=generator)[:width]  # the row's slots by position, anywhere
+    q = torch.randn(heads, chunk + 7, dim, generator=generator).bfloat16()[:, 3:3 + chunk]  # a strided view
+    assert cpu_kernels.supports_prefill(q, keys, values, heads, kv_heads, dim)
+    out = torch.full((chunk, heads, dim), float("nan"), dtype=torch.bfloat16)
+    cpu_kernels.prefill_attention(q, keys, values, slots, dim**-0.5, out)
+    k = keys.double()[slots].transpose(0, 1).repeat_interleave(heads // kv_heads, 0)  # [H, W, D]
+    v = values.double()[slots].transpose(0, 1).repeat_interleave(heads // kv_heads, 0)
+    visible = torch.arange(width)[None, :] <= torch.arange(width - chunk, width)[:, None]  # [c, W]
+    scores = (q.double() @ k.transpose(1, 2) * dim**-0.5).masked_fill(~visible, float("-inf"))
+    exact = (scores.softmax(-1) @ v).transpose(0, 1)  # [c, H, D]
+    # probabilities rounded to bfloat16 before the values (as SDPA's flash attention does), output rounded
+    torch.testing.assert_close(out.double(), exact, atol=2e-2, rtol=2e-2)
