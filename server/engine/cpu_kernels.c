@@ -152,3 +152,61 @@ ATTEND_ROW(attend_row_bf16, uint16_t, load16_bf16, f32_to_bf16)
 
 DECODE_ATTENTION(decode_attention_f32, float, LOAD_F32, attend_row_f32)
 DECODE_ATTENTION(decode_attention_bf16, uint16_t, bf16_to_f32, attend_row_bf16)
+
+
+#ifdef __AVX512BF16__
+/* 16 bfloat16 (masked) widened to float32; float32 rounded to bfloat16 (nearest even, as torch rounds) and
+ * widened again: what a torch op on bfloat16 tensors hands the next one. */
+static inline __m512 widen16(__mmask16 keep, const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(keep, p)), 16));
+}
+static inline __m256i round16(__m512 x) { return (__m256i)_mm512_cvtneps_pbh(x); }
+static inline __m512 rounded16(__m512 x) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(round16(x)), 16));
+}
+
+/* One head's rotary embedding, transformers' bfloat16 ops exactly: out = x * cos + rotate_half(x) * sin,
+ * each product and the sum rounded to bfloat16 (so no fused multiply-add can form across them), with
+ * rotate_half(x) = (-x2, x1) for the halves x1, x2. dim even; masked 16-lane steps over each half. */
+static inline void rotate_bf16(const uint16_t *x, const uint16_t *c, const uint16_t *s, int64_t dim,
+                               uint16_t *out) {
+    const int64_t half = dim / 2;
+    for (int64_t i = 0; i < half; i += 16) {
+        __mmask16 keep = half - i >= 16 ? 0xffff : (__mmask16)((1u << (half - i)) - 1);
+        __m512 x1 = widen16(keep, x + i), x2 = widen16(keep, x + half + i);
+        __m512 minus_x2 = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(x2), _mm512_set1_epi32(INT32_MIN)));
+        __m512 lo = _mm512_add_ps(rounded16(_mm512_mul_ps(x1, widen16(keep, c + i))),
+                                  rounded16(_mm512_mul_ps(minus_x2, widen16(keep, s + i))));
+        __m512 hi = _mm512_add_ps(rounded16(_mm512_mul_ps(x2, widen16(keep, c + half + i))),
+                                  rounded16(_mm512_mul_ps(x1, widen16(keep, s + half + i))));
+        _mm256_mask_storeu_epi16(out + i, keep, round16(lo));
+        _mm256_mask_storeu_epi16(out + half + i, keep, round16(hi));
+    }
+}
+
+/* A step's q|k|v projection [T, (heads + 2 kv_heads) * dim] (row stride qkv_row): q rotated into q_out
+ * [T, heads, dim] (contiguous), k rotated into key_pool and v copied into value_pool at slots[t] (the pools
+ * [N, kv_heads, dim] contiguous). cos, sin: [T, dim] with row stride cs_row. What llama_stack.py's rotary
+ * ops and the two index_copy_ calls did, in one pass with no intermediate tensors. Returns 0. */
+int rope_cache_bf16(const uint16_t *qkv, int64_t rows, int64_t qkv_row, int64_t heads, int64_t kv_heads,
+                    int64_t dim, const uint16_t *cos, const uint16_t *sin, int64_t cs_row, const int64_t *slots,
+                    uint16_t *key_pool, uint16_t *value_pool, uint16_t *q_out) {
+    for (int64_t t = 0; t < rows; t++) {
+        const uint16_t *row = qkv + t * qkv_row, *c = cos + t * cs_row, *s = sin + t * cs_row;
+        for (int64_t h = 0; h < heads; h++) rotate_bf16(row + h * dim, c, s, dim, q_out + (t * heads + h) * dim);
+        uint16_t *key = key_pool + slots[t] * kv_heads * dim;
+        for (int64_t h = 0; h < kv_heads; h++) rotate_bf16(row + (heads + h) * dim, c, s, dim, key + h * dim);
+        memcpy(value_pool + slots[t] * kv_heads * dim, row + (heads + kv_heads) * dim,
+               (size_t)(kv_heads * dim) * 2);
+    }
+    return 0;
+}
+#else
+int rope_cache_bf16(const uint16_t *qkv, int64_t rows, int64_t qkv_row, int64_t heads, int64_t kv_heads,
+                    int64_t dim, const uint16_t *cos, const uint16_t *sin, int64_t cs_row, const int64_t *slots,
+                    uint16_t *key_pool, uint16_t *value_pool, uint16_t *q_out) {
+    (void)qkv, (void)rows, (void)qkv_row, (void)heads, (void)kv_heads, (void)dim, (void)cos, (void)sin;
+    (void)cs_row, (void)slots, (void)key_pool, (void)value_pool, (void)q_out;
+    return -1;
+}
+#endif

@@ -128,6 +128,9 @@ def library() -> ctypes.CDLL | None:
                                 ctypes.c_void_p, _I64]
     lib.linear_bf16.restype = ctypes.c_int
     lib.amx_init.argtypes, lib.amx_init.restype = [], ctypes.c_int
+    lib.rope_cache_bf16.argtypes = [ctypes.c_void_p] + [_I64] * 5 + [ctypes.c_void_p] * 2 + [_I64] + \
+        [ctypes.c_void_p] * 4
+    lib.rope_cache_bf16.restype = ctypes.c_int
     pointer = ctypes.c_void_p
     lib.prefill_attention_bf16.argtypes = [pointer, _I64, _I64, pointer, pointer, pointer, _I64, _I64, _I64,
                                            _I64, _I64, ctypes.c_float, pointer, _I64]
@@ -181,6 +184,34 @@ def decode_attention(q: torch.Tensor, key_pool: torch.Tensor, value_pool: torch.
         raise RuntimeError(f"decode attention refused heads={heads}, kv_heads={key_pool.shape[1]}, dim={dim} "
                            f"(status {status}; supports_shape() was not checked?)")
 
+
+
+def supports_rope(qkv: torch.Tensor, key_pool: torch.Tensor, value_pool: torch.Tensor, dim: int) -> bool:
+    """Whether :func:`rope_cache` takes a step: bfloat16 on a CPU with AVX512-BF16, an even head size,
+    contiguous pools, and what :func:`supports` asks."""
+    return (qkv.dtype == torch.bfloat16 and dim % 2 == 0 and "avx512_bf16" in cpu_flags()
+            and key_pool.is_contiguous() and value_pool.is_contiguous()
+            and supports(qkv, key_pool, value_pool))
+
+
+def rope_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
+               key_pool: torch.Tensor, value_pool: torch.Tensor, heads: int, dim: int) -> torch.Tensor:
+    """A step's rotary embedding and cache write in one pass, the same bfloat16 values as
+    ``x * cos + rotate_half(x) * sin`` and ``index_copy_``: qkv [T, (H + 2 Hkv) * D] (q|k|v, D contiguous);
+    cos, sin: [T, D]; slots: [T] long; key_pool/value_pool: [N, Hkv, D] contiguous. Writes the rotated keys
+    and the values at ``slots``, returns the rotated queries [T, H, D]. Call when :func:`supports_rope`."""
+    lib = library()
+    assert lib is not None, "supports_rope() was checked"
+    rows = qkv.shape[0]
+    if qkv.stride(1) != 1:
+        qkv = qkv.contiguous()
+    cos, sin = cos.contiguous(), sin.contiguous()  # views of the rotary embedding's [1, T, D]: no copies
+    slots = slots.contiguous()
+    q = torch.empty(rows, heads, dim, dtype=qkv.dtype)
+    lib.rope_cache_bf16(qkv.data_ptr(), rows, qkv.stride(0), heads, key_pool.shape[1], dim, cos.data_ptr(),
+                        sin.data_ptr(), cos.stride(0), slots.data_ptr(), key_pool.data_ptr(),
+                        value_pool.data_ptr(), q.data_ptr())
+    return q
 
 
 def supports_prefill(q: torch.Tensor, key_pool: torch.Tensor, value_pool: torch.Tensor, heads: int,

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
+from server.engine import cpu_kernels
 from server.engine.attention import PackedBatch, packed_attention
 from server.engine.cpu_linear import FusedLinear
 
@@ -135,13 +136,20 @@ class LlamaStack:
         cos, sin = self.rotary(embeds, positions[None])  # [1, T, D] each, in the model's dtype
         cos, sin = cos[0, :, None], sin[0, :, None]  # [T, 1, D]
         hidden = embeds[None]  # [1, T, hidden]: the linears see what transformers' layers pass them
+        # bfloat16 on AVX512-BF16: rotary and the cache write as one C pass (cpu_kernels.c), the same values
+        fused = cpu_kernels.supports_rope(embeds, keys[0], values[0], dim)
         for layer, key_pool, value_pool in zip(self.layers, keys, values):
             x = _rms_norm(hidden, layer.norm_in, layer.eps_in)
-            q, k, v = layer.qkv(x).split(layer.qkv.sizes, -1)  # [1, T, H * D], [1, T, Hkv * D] x 2
-            q = _rotate(q.view(tokens, heads, dim), cos, sin)  # [T, H, D]
-            k = _rotate(k.view(tokens, kv_heads, dim), cos, sin)  # [T, Hkv, D]
-            key_pool.index_copy_(0, batch.slots, k)
-            value_pool.index_copy_(0, batch.slots, v.view(tokens, kv_heads, dim))
+            qkv = layer.qkv(x)  # [1, T, (H + 2 Hkv) * D]
+            if fused:
+                q = cpu_kernels.rope_cache(qkv[0], cos[:, 0], sin[:, 0], batch.slots, key_pool, value_pool,
+                                           heads, dim)  # [T, H, D]
+            else:
+                q, k, v = qkv.split(layer.qkv.sizes, -1)  # [1, T, H * D], [1, T, Hkv * D] x 2
+                q = _rotate(q.view(tokens, heads, dim), cos, sin)  # [T, H, D]
+                k = _rotate(k.view(tokens, kv_heads, dim), cos, sin)  # [T, Hkv, D]
+                key_pool.index_copy_(0, batch.slots, k)
+                value_pool.index_copy_(0, batch.slots, v.view(tokens, kv_heads, dim))
             # packed_attention's interface: query [1, H, T, D], pools [1, Hkv, N, D] (views, no copies)
             keys_view, values_view = key_pool.permute(1, 0, 2)[None], value_pool.permute(1, 0, 2)[None]
             out, _ = packed_attention(layer.attention, q.transpose(0, 1)[None], keys_view, values_view, None,

@@ -141,3 +141,30 @@ def test_prefill_attention_matches_causal_attention_over_the_row(heads, kv_heads
     exact = (scores.softmax(-1) @ v).transpose(0, 1)  # [c, H, D]
     # probabilities rounded to bfloat16 before the values (as SDPA's flash attention does), output rounded
     torch.testing.assert_close(out.double(), exact, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.skipif("avx512_bf16" not in cpu_kernels.cpu_flags(), reason="needs AVX512-BF16")
+@pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(9, 3, 64), (4, 2, 16), (6, 2, 48)])
+def test_rotary_and_cache_write_equal_torchs_bfloat16_ops_bit_for_bit(heads, kv_heads, dim):
+    generator = torch.Generator().manual_seed(dim)
+    tokens, pool, width = 7, 40, (heads + 2 * kv_heads) * dim
+    qkv = (torch.randn(tokens, width + 5, generator=generator) * 3).bfloat16()[:, :width]  # a strided view
+    angles = (torch.rand(tokens, dim // 2, generator=generator) * 50).repeat(1, 2)  # [T, D], as RoPE's
+    cos, sin = angles.cos().bfloat16(), angles.sin().bfloat16()
+    slots = torch.randperm(pool, generator=generator)[:tokens]
+    keys, values = (torch.zeros(pool, kv_heads, dim, dtype=torch.bfloat16) for _ in range(2))
+    assert cpu_kernels.supports_rope(qkv, keys, values, dim)
+    q = cpu_kernels.rope_cache(qkv, cos, sin, slots, keys, values, heads, dim)
+
+    def rotate(x):  # llama_stack._rotate: transformers' apply_rotary_pos_emb, in bfloat16 tensors
+        half = dim // 2
+        return x * cos[:, None] + torch.cat((-x[..., half:], x[..., :half]), -1) * sin[:, None]
+
+    q_ref, k_ref, v_ref = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], -1)
+    assert torch.equal(q.view(torch.int16), rotate(q_ref.reshape(tokens, heads, dim)).view(torch.int16))
+    assert torch.equal(keys[slots].view(torch.int16),
+                       rotate(k_ref.reshape(tokens, kv_heads, dim)).view(torch.int16))
+    assert torch.equal(values[slots], v_ref.reshape(tokens, kv_heads, dim))
+    untouched = torch.ones(pool, dtype=torch.bool)
+    untouched[slots] = False
+    assert not keys[untouched].any() and not values[untouched].any()
