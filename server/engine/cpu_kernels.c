@@ -154,6 +154,22 @@ DECODE_ATTENTION(decode_attention_f32, float, LOAD_F32, attend_row_f32)
 DECODE_ATTENTION(decode_attention_bf16, uint16_t, bf16_to_f32, attend_row_bf16)
 
 
+/* What this build's instructions allow (bits: 1 AVX-512, 2 AVX512-BF16, 4 AMX). The Python side asks before
+ * it uses a kernel: a compiler older than the CPU builds the stubs, which must not be called as kernels. */
+int kernel_features(void) {
+    int bits = 0;
+#ifdef __AVX512F__
+    bits |= 1;
+#endif
+#ifdef __AVX512BF16__
+    bits |= 2;
+#endif
+#ifdef HAVE_AMX
+    bits |= 4;
+#endif
+    return bits;
+}
+
 #ifdef __AVX512BF16__
 /* 16 bfloat16 (masked) widened to float32; float32 rounded to bfloat16 (nearest even, as torch rounds) and
  * widened again: what a torch op on bfloat16 tensors hands the next one. */

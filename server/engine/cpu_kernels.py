@@ -128,6 +128,7 @@ def library() -> ctypes.CDLL | None:
                                 ctypes.c_void_p, _I64]
     lib.linear_bf16.restype = ctypes.c_int
     lib.amx_init.argtypes, lib.amx_init.restype = [], ctypes.c_int
+    lib.kernel_features.argtypes, lib.kernel_features.restype = [], ctypes.c_int
     lib.rope_cache_bf16.argtypes = [ctypes.c_void_p] + [_I64] * 5 + [ctypes.c_void_p] * 2 + [_I64] + \
         [ctypes.c_void_p] * 4
     lib.rope_cache_bf16.restype = ctypes.c_int
@@ -143,6 +144,22 @@ def library() -> ctypes.CDLL | None:
         getattr(lib, name).restype = ctypes.c_int
     log.info("CPU kernels loaded (%s)", lib._name)
     return lib
+
+
+# kernel_features() bits: what the library was built with (gcc -march=native on this CPU; an older compiler
+# builds stubs for what it cannot emit)
+FEATURE_AVX512, FEATURE_BF16, FEATURE_AMX = 1, 2, 4
+
+
+@lru_cache(maxsize=4)
+def _features(lib: ctypes.CDLL) -> int:
+    return int(lib.kernel_features())
+
+
+def built_with(feature: int) -> bool:
+    """Whether the loaded library has the kernels that need ``feature`` (a FEATURE_* bit)."""
+    lib = library()
+    return lib is not None and bool(_features(lib) & feature)
 
 
 def supports(*tensors: torch.Tensor) -> bool:
@@ -189,7 +206,7 @@ def decode_attention(q: torch.Tensor, key_pool: torch.Tensor, value_pool: torch.
 def supports_rope(qkv: torch.Tensor, key_pool: torch.Tensor, value_pool: torch.Tensor, dim: int) -> bool:
     """Whether :func:`rope_cache` takes a step: bfloat16 on a CPU with AVX512-BF16, an even head size,
     contiguous pools, and what :func:`supports` asks."""
-    return (qkv.dtype == torch.bfloat16 and dim % 2 == 0 and "avx512_bf16" in cpu_flags()
+    return (qkv.dtype == torch.bfloat16 and dim % 2 == 0 and built_with(FEATURE_BF16)
             and key_pool.is_contiguous() and value_pool.is_contiguous()
             and supports(qkv, key_pool, value_pool))
 
@@ -266,16 +283,15 @@ PACK_BLOCK = 16
 def amx() -> bool:
     """Whether :func:`linear` can use AMX tiles: the CPU has them (amx_tile, amx_bf16), the library was built
     with them, and Linux granted this process the tile state (logged once either way)."""
-    if not {"amx_tile", "amx_bf16"} <= cpu_flags():
-        return False
     lib = library()
-    if lib is None:
+    if lib is None or not {"amx_tile", "amx_bf16"} <= cpu_flags():
         return False
-    if lib.amx_init() != 0:
-        log.warning("AMX tiles unavailable (not in this build, or the kernel refused the tile state): "
-                    "bfloat16 linears of 2-%d rows keep oneDNN", AMX_MAX_ROWS)
+    if not built_with(FEATURE_AMX) or lib.amx_init() != 0:
+        log.warning("AMX tiles unavailable (the compiler did not build them, or Linux refused the tile "
+                    "state): bfloat16 linears of 2-%d rows and prefill attention keep oneDNN and torch",
+                    AMX_MAX_ROWS)
         return False
-    log.info("AMX linear kernel on for bfloat16 steps of 2-%d rows", AMX_MAX_ROWS)
+    log.info("AMX kernels on: bfloat16 linears of 2-%d rows, prefill attention", AMX_MAX_ROWS)
     return True
 
 
@@ -291,7 +307,7 @@ def pack(weight: torch.Tensor) -> torch.Tensor | None:
     blocks = (out_features + PACK_BLOCK - 1) // PACK_BLOCK
     if weight.dtype == torch.bfloat16 and in_features % 32 == 0 and amx():
         packer = "pack_amx"
-    elif weight.dtype == torch.float32 and "avx512f" in cpu_flags() and library() is not None:
+    elif weight.dtype == torch.float32 and built_with(FEATURE_AVX512):
         packer, blocks = "pack_panels_f32", blocks + 2
     else:
         return None
@@ -316,7 +332,7 @@ def _kernel(dtype: torch.dtype, rows: int, in_features: int, packed: bool) -> st
     """Which linear kernel takes a step of ``rows`` rows (None: oneDNN or MKL)."""
     if dtype == torch.float32:
         return "linear_f32" if packed and F32_MIN_ROWS <= rows <= F32_MAX_ROWS else None
-    if dtype != torch.bfloat16 or in_features % 32 or "avx512_bf16" not in cpu_flags():
+    if dtype != torch.bfloat16 or in_features % 32 or not built_with(FEATURE_BF16):
         return None
     if packed and 2 <= rows <= AMX_MAX_ROWS:
         return "linear_amx"

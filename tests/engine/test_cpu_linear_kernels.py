@@ -124,3 +124,30 @@ def test_steps_outside_the_kernels_are_left_to_onednn_and_mkl(monkeypatch):
             assert cpu_kernels.packed_part(packed, 64, 8) is None  # a part must start on a 16-output block
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # the kernels are single-threaded
     assert cpu_kernels.pack(weight.float()) is None
+
+
+@pytest.mark.skipif("avx512f" not in cpu_kernels.cpu_flags(), reason="the point is a build below this CPU")
+def test_a_build_without_the_cpus_instructions_keeps_the_libraries(tmp_path, monkeypatch):
+    """A compiler older than the CPU builds stubs for what it cannot emit: none may then be used as a kernel
+    (the packed copies would be garbage, the rotary output uninitialised)."""
+    wrapper = tmp_path / "old-cc"
+    wrapper.write_text('#!/bin/sh\nexec gcc "$@" -march=x86-64-v2\n')  # the last -march wins: no AVX at all
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("CC", str(wrapper))
+    cpu_kernels.library.cache_clear()
+    cpu_kernels.amx.cache_clear()
+    try:
+        assert cpu_kernels.library() is not None
+        features = (cpu_kernels.FEATURE_AVX512, cpu_kernels.FEATURE_BF16, cpu_kernels.FEATURE_AMX)
+        assert not any(cpu_kernels.built_with(feature) for feature in features)
+        weight = torch.randn(64, 64)
+        assert cpu_kernels.pack(weight) is None and cpu_kernels.pack(weight.bfloat16()) is None
+        assert not cpu_kernels.amx()
+        x = torch.randn(1, 64).bfloat16()
+        assert cpu_kernels.linear(x, weight.bfloat16(), None) is None
+        pool = torch.zeros(8, 2, 32, dtype=torch.bfloat16)
+        assert not cpu_kernels.supports_rope(x, pool, pool, 32)
+        assert not cpu_kernels.supports_prefill(x, pool, pool, 4, 2, 32)
+    finally:
+        cpu_kernels.library.cache_clear()
+        cpu_kernels.amx.cache_clear()  # the engine's AMX state for the tests after this one

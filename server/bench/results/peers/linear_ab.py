@@ -1,5 +1,5 @@
-"""How ``amx_ab_<date>.jsonl`` and ``linear_ab_<date>.jsonl`` were made: decode with the C linear kernels for a
-step's several rows (server/engine/cpu_linears.c) against the libraries they replace, one checkout, one
+"""How ``amx_ab_<date>.jsonl`` and ``linear_ab_<date>.jsonl`` were made: decode with the C linear kernels for
+a step's several rows (server/engine/cpu_linears.c) against the libraries they replace, one checkout, one
 process, the modes alternated within each round::
 
     PYTHONPATH=. python server/bench/results/peers/linear_ab.py <dtype> <rounds> >> linear_ab_<date>.jsonl
