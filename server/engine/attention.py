@@ -198,6 +198,35 @@ def _gather(pool: torch.Tensor, slots: torch.Tensor, reuse: tuple[int, str] | No
     return torch.index_select(pool, 0, slots, out=buffer)
 
 
+def _prefill_chunk(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, chunk: PrefillChunk,
+                   mask: torch.Tensor | None, scale: float, softcap: float | None,
+                   window: int | None) -> torch.Tensor:
+    """torch's attention for one prefill chunk: q [H, c, D] its queries; key/value the slot-major pools
+    [N, Hkv, D]; mask [c, W] (None: the chunk is the whole row, plain causal). Returns [c, H, D]."""
+    heads, c, dim = q.shape
+    kv_heads = key.shape[1]
+    groups = heads // kv_heads
+    earlier = chunk.gather.shape[0] - c
+    if (mask is not None and c >= SPLIT_MIN_CHUNK and earlier >= SPLIT_MIN_EARLIER * c and softcap is None
+            and not window and key.device.type == "cpu"):
+        # it follows many earlier keys: two unmasked attentions merged (CPU; merged_attention.py)
+        return attend_chunk(q, key, value, chunk, scale)
+    qp = q[None]  # [1, H, c, D]
+    # [W, Hkv, D] -> [1, Hkv, W, D]
+    kp = _gather(key, chunk.gather).transpose(0, 1)[None]
+    vp = _gather(value, chunk.gather).transpose(0, 1)[None]
+    if softcap is None:
+        op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, is_causal=mask is None,
+                                            scale=scale, enable_gqa=groups > 1)  # [1, H, c, D]
+    else:  # [1, Hkv, G, c, D] queries; mask [1, 1, 1, c, W]
+        if mask is None:
+            mask = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
+        qg = qp.reshape(1, kv_heads, groups, c, dim)
+        op = _softcapped_attention(qg, kp, vp, mask[None, None, None], scale, softcap)
+        op = op.reshape(1, heads, c, dim)
+    return op[0].transpose(0, 1)
+
+
 def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                      **kwargs) -> tuple[torch.Tensor, None]:
@@ -254,32 +283,11 @@ def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     tiles = (softcap is None and not window and bool(batch.prefill)
              and cpu_kernels.supports_prefill(q, key, value, heads, kv_heads, dim))
     for chunk, mask in zip(batch.prefill, prefill_masks):
+        queries, rows = q[:, chunk.start:chunk.stop], out[chunk.start:chunk.stop]  # [H, c, D], [c, H, D]
         if tiles:
-            cpu_kernels.prefill_attention(q[:, chunk.start:chunk.stop], key, value, chunk.gather, scale,
-                                          out[chunk.start:chunk.stop])
-            continue
-        c = chunk.stop - chunk.start
-        earlier = chunk.gather.shape[0] - c
-        if (mask is not None and c >= SPLIT_MIN_CHUNK and earlier >= SPLIT_MIN_EARLIER * c and softcap is None
-                and not window and key.device.type == "cpu"):
-            # it follows many earlier keys: two unmasked attentions merged (CPU; merged_attention.py)
-            out[chunk.start:chunk.stop] = attend_chunk(q[:, chunk.start:chunk.stop], key, value, chunk,
-                                                        scale)
-            continue
-        qp = q[None, :, chunk.start:chunk.stop]  # [1, H, c, D]
-        # [W, Hkv, D] -> [1, Hkv, W, D]
-        kp = _gather(key, chunk.gather).transpose(0, 1)[None]
-        vp = _gather(value, chunk.gather).transpose(0, 1)[None]
-        if softcap is None:
-            op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, is_causal=mask is None,
-                                                scale=scale, enable_gqa=groups > 1)  # [1, H, c, D]
-        else:  # [1, Hkv, G, c, D] queries; mask [1, 1, 1, c, W]
-            if mask is None:
-                mask = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
-            qg = qp.reshape(1, kv_heads, groups, c, dim)
-            op = _softcapped_attention(qg, kp, vp, mask[None, None, None], scale, softcap)
-            op = op.reshape(1, heads, c, dim)
-        out[chunk.start:chunk.stop] = op[0].transpose(0, 1)
+            cpu_kernels.prefill_attention(queries, key, value, chunk.gather, scale, rows)
+        else:
+            rows[:] = _prefill_chunk(queries, key, value, chunk, mask, scale, softcap, window)
     return out[None], None
 
 

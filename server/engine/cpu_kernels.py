@@ -1,5 +1,7 @@
-"""The engine's C kernels (cpu_kernels.c): compiled once per machine with the system's C compiler, loaded with
-ctypes, and used where they apply; torch's ops do the same work everywhere else.
+"""The engine's C kernels (cpu_kernels.c: decode attention, rotary + cache write; cpu_linears.c: linear layers
+of a decode step's rows; cpu_prefill.c: AMX prefill attention): compiled once per machine with the system's C
+compiler into one library, loaded with ctypes, and used where they apply; torch's ops do the same work
+everywhere else.
 
 Why C and not more torch ops: a decode step's attention through torch first copies every row's keys and
 values out of the paged pools (``index_select``) and then runs SDPA over the copy; at 32 streams that was
@@ -13,7 +15,7 @@ and apply to one-thread engines only.
 The library is built by ``gcc -O3 -march=native`` (``$CC`` overrides the compiler) into the cache
 directory (``$PREFIX_SERVE_CACHE``, else ``~/.cache/prefix-serve``; a temporary folder where that is
 read-only), named by a hash of the source, the compiler and its flags and this CPU's flags, so a machine
-builds it once (about a second) and a changed source or CPU gets a fresh build. No C compiler, or a failed
+builds it once (about 3 seconds) and a changed source or CPU gets a fresh build. No C compiler, or a failed
 build: the engine logs why and keeps torch's path, which computes the same attention.
 ``PREFIX_SERVE_CPU_KERNELS=0`` turns the kernels off (the A/B benchmarks, a suspected kernel bug).
 """

@@ -15,7 +15,7 @@ def _kernel_cache(tmp_path_factory):
 @pytest.fixture
 def fresh_kernels(monkeypatch, _kernel_cache):
     """The C kernels loaded afresh for a test, switched on, from a cache folder of the module's own (one
-    build per module, about a second); afterwards the engine loads them from its own cache again."""
+    build per module, about 3 seconds); afterwards the engine loads them from its own cache again."""
     monkeypatch.setenv("PREFIX_SERVE_CACHE", str(_kernel_cache))
     monkeypatch.delenv(cpu_kernels.ENV_SWITCH, raising=False)
     cpu_kernels.library.cache_clear()
