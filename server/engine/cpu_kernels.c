@@ -171,12 +171,7 @@ int kernel_features(void) {
 }
 
 #ifdef __AVX512BF16__
-/* 16 bfloat16 (masked) widened to float32; float32 rounded to bfloat16 (nearest even, as torch rounds) and
- * widened again: what a torch op on bfloat16 tensors hands the next one. */
-static inline __m512 widen16(__mmask16 keep, const uint16_t *p) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(keep, p)), 16));
-}
-static inline __m256i round16(__m512 x) { return (__m256i)_mm512_cvtneps_pbh(x); }
+/* float32 rounded to bfloat16 and widened again: what a torch op on bfloat16 tensors hands the next one. */
 static inline __m512 rounded16(__m512 x) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(round16(x)), 16));
 }

@@ -1,5 +1,6 @@
 /* What the kernel sources share (cpu_kernels.c, cpu_linears.c, cpu_prefill.c): bfloat16 widened from its 16
- * bits and rounded to nearest even, as torch does; softmax's exponential; the AMX tile configuration. */
+ * bits and rounded to nearest even, as torch does (scalar and 16 lanes); softmax's exponential and max; the
+ * AMX tile configuration. */
 #ifndef PREFIX_SERVE_CPU_KERNELS_H
 #define PREFIX_SERVE_CPU_KERNELS_H
 
@@ -25,20 +26,30 @@ static inline uint16_t f32_to_bf16(float f) {
     return (uint16_t)(u >> 16);
 }
 
-/* e^x for x <= 0 (softmax's shifted scores): 2^(x log2 e) as 2^n * 2^f, f in [-0.5, 0.5], with Cephes'
- * exp2f polynomial (relative error about 2e-7). Branch-free, so the loops calling it vectorise. */
+/* Cephes' exp2f polynomial for 2^f, f in [-0.5, 0.5] (relative error about 2e-7), highest power first:
+ * the scalar exponential below and the prefill kernel's 16-lane one (cpu_prefill.c) both evaluate it. */
+#define EXP2_C6 1.535336188319500e-4f
+#define EXP2_C5 1.339887440266574e-3f
+#define EXP2_C4 9.618437357674640e-3f
+#define EXP2_C3 5.550332471162809e-2f
+#define EXP2_C2 2.402264791363012e-1f
+#define EXP2_C1 6.931472028550421e-1f
+#define EXP2_C0 1.0f
+
+/* e^x for x <= 0 (softmax's shifted scores): 2^(x log2 e) as 2^n * 2^f, f in [-0.5, 0.5]. Branch-free, so
+ * the loops calling it vectorise. */
 static inline float exp_nonpositive(float x) {
     x = x < -87.0f ? -87.0f : x;
     float t = x * 1.44269504088896341f;
     float n = floorf(t + 0.5f);
     float f = t - n;
-    float p = 1.535336188319500e-4f;
-    p = p * f + 1.339887440266574e-3f;
-    p = p * f + 9.618437357674640e-3f;
-    p = p * f + 5.550332471162809e-2f;
-    p = p * f + 2.402264791363012e-1f;
-    p = p * f + 6.931472028550421e-1f;
-    p = p * f + 1.0f;
+    float p = EXP2_C6;
+    p = p * f + EXP2_C5;
+    p = p * f + EXP2_C4;
+    p = p * f + EXP2_C3;
+    p = p * f + EXP2_C2;
+    p = p * f + EXP2_C1;
+    p = p * f + EXP2_C0;
     int32_t e = (int32_t)n + 127;
     uint32_t bits = (uint32_t)e << 23;
     float scale;
@@ -68,6 +79,15 @@ static inline float max_f32(const float *x, int64_t n) {
     return m;
 #endif
 }
+
+#ifdef __AVX512BF16__
+/* 16 bfloat16 (masked) widened to float32, and 16 float32 rounded to bfloat16 (nearest even, as torch
+ * rounds): the loads and stores of every kernel that computes bfloat16 in float32 lanes. */
+static inline __m512 widen16(__mmask16 keep, const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(keep, p)), 16));
+}
+static inline __m256i round16(__m512 x) { return (__m256i)_mm512_cvtneps_pbh(x); }
+#endif
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
 #include <immintrin.h>

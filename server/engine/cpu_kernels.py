@@ -204,7 +204,6 @@ def decode_attention(q: torch.Tensor, key_pool: torch.Tensor, value_pool: torch.
                            f"(status {status}; supports_shape() was not checked?)")
 
 
-
 def supports_rope(qkv: torch.Tensor, key_pool: torch.Tensor, value_pool: torch.Tensor, dim: int) -> bool:
     """Whether :func:`rope_cache` takes a step: bfloat16 on a CPU with AVX512-BF16, an even head size,
     contiguous pools, and what :func:`supports` asks."""

@@ -108,14 +108,10 @@ static inline void store_tile(const float *acc, const uint16_t *bias, int64_t n0
                               int64_t m0, int64_t rows, uint16_t *y, int64_t y_row) {
     int64_t left = out_features - n0;
     __mmask16 keep = left >= 16 ? 0xffff : (__mmask16)((1u << left) - 1);
-    __m512 b = _mm512_setzero_ps();
-    if (bias)
-        b = _mm512_castsi512_ps(_mm512_slli_epi32(
-            _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(keep, bias + n0)), 16));
-    for (int r = 0; r < 16 && m0 + r < rows; r++) {
-        __m256bh v = _mm512_cvtneps_pbh(_mm512_add_ps(_mm512_load_ps(acc + r * 16), b));
-        _mm256_mask_storeu_epi16(y + (m0 + r) * y_row + n0, keep, (__m256i)v);
-    }
+    __m512 b = bias ? widen16(keep, bias + n0) : _mm512_setzero_ps();
+    for (int r = 0; r < 16 && m0 + r < rows; r++)
+        _mm256_mask_storeu_epi16(y + (m0 + r) * y_row + n0, keep,
+                                 round16(_mm512_add_ps(_mm512_load_ps(acc + r * 16), b)));
 }
 
 #define AMX_PREFETCH 4 /* blocks ahead: measured flat from 1 to 16 */

@@ -59,13 +59,13 @@ static inline __m512 exp16_nonpositive(__m512 x) {
     __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
     __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m512 f = _mm512_sub_ps(t, n);
-    __m512 p = _mm512_set1_ps(1.535336188319500e-4f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.339887440266574e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618437357674640e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550332471162809e-2f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402264791363012e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931472028550421e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    __m512 p = _mm512_set1_ps(EXP2_C6);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(EXP2_C5));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(EXP2_C4));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(EXP2_C3));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(EXP2_C2));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(EXP2_C1));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(EXP2_C0));
     return _mm512_scalef_ps(p, n);
 }
 
@@ -91,7 +91,7 @@ static void softmax_block(const float *scores, uint16_t *p, int64_t span, int64_
             __m512 e = _mm512_maskz_mov_ps(keep, exp16_nonpositive(
                 _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(keep, s + j), m), vscale)));
             sum = _mm512_add_ps(sum, e);
-            _mm256_storeu_si256((__m256i *)(pr + j), (__m256i)_mm512_cvtneps_pbh(e));
+            _mm256_storeu_si256((__m256i *)(pr + j), round16(e));
         }
         sums[r] = _mm512_reduce_add_ps(sum);
     }
@@ -197,7 +197,7 @@ int prefill_attention_bf16(const uint16_t *q, int64_t q_token, int64_t q_head, c
                         for (int r = 0; r < rows; r++) {
                             __m512 o = _mm512_mul_ps(_mm512_load_ps(tile + r * 16), _mm512_set1_ps(1.0f / sums[r]));
                             _mm256_storeu_si256((__m256i *)(out + (t0 + r) * out_token + h * dim + (c + i) * 16),
-                                                (__m256i)_mm512_cvtneps_pbh(o));
+                                                round16(o));
                         }
                     }
                 }
