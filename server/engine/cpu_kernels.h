@@ -27,7 +27,7 @@ static inline uint16_t f32_to_bf16(float f) {
 }
 
 /* Cephes' exp2f polynomial for 2^f, f in [-0.5, 0.5] (relative error about 2e-7), highest power first:
- * the scalar exponential below and the prefill kernel's 16-lane one (cpu_prefill.c) both evaluate it. */
+ * the scalar exponential below evaluates it (the prefill kernel's 16-lane one, cpu_prefill.c, fits [0, 1)). */
 #define EXP2_C6 1.535336188319500e-4f
 #define EXP2_C5 1.339887440266574e-3f
 #define EXP2_C4 9.618437357674640e-3f

@@ -2,13 +2,20 @@
  * causal, bfloat16. Compiled with cpu_kernels.c into one library by server/engine/cpu_kernels.py.
  *
  * torch's CPU flash attention computed a 6,000-token prompt's attention at about 350 GFLOP/s on the 2-core
- * Xeon (3.6 s of its 6.5 s prefill), while the AMX linears of the same prefill ran at 930-1,300. Here both
- * products are tile ops (16 queries x 32 dims of Q times 32 dims x 16 keys of K^T; 16 queries x 32 keys of
- * P times 32 keys x 16 dims of V), and the softmax between them is exact, two passes over a block's scores
- * (max, then exponentials and their sum), not flash attention's running rescale: a block of 16 queries keeps
- * its scores against every visible key (16 x width float32, in L2 for a few thousand keys).
+ * Xeon (3.6 s of its 6.5 s prefill). Here both products are tile ops, computed transposed so that one zmm
+ * register holds one key's scores for 16 queries: S^T = K Q^T (16 keys x 32 dims of K times 32 dims x 16
+ * queries), O^T += V^T P^T (16 dims x 32 keys of V^T times 32 keys x 16 queries). The softmax between them
+ * is then all vertical: a key block's max, sum and rescale for 16 queries are one register each. The
+ * query-major version before it (a query's scores in a row, an exact two-pass softmax over the whole row)
+ * needed a horizontal max and sum per query, and its rows outgrew L2 past a few thousand keys: one layer's
+ * attention for a 6,000-token prompt (512-token chunks) took 103 ms there and 63 ms here.
+ *
+ * The softmax is flash attention's online one: keys are taken KEY_BLOCK at a time (the outer loop, packed
+ * once and met by every query block of the chunk while they are in cache); each 16-query block carries its
+ * float32 output, running max and sum from one key block to the next.
  */
 
+#include <float.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -16,84 +23,227 @@
 #include "cpu_kernels.h"
 
 #ifdef HAVE_AMX
-/* One key/value head's keys in the blocks S = Q K^T reads: block (b, c) holds keys 16b..16b+15 by dims
- * 32c..32c+31 as 16 rows of dim pairs, each row every key's pair. Keys past `width` and dims past `dim` (a
- * head size of 16 or 48 fills half a block) are zero. */
-static void pack_keys(const uint16_t *pool, const int64_t *slots, int64_t width, int64_t blocks,
-                      int64_t stride, int64_t dim, uint32_t *out) {
-    const int64_t depth = (dim + 31) / 32, pairs = dim / 2;
-    for (int64_t b = 0; b < blocks; b++)
-        for (int key = 0; key < 16; key++) {
-            int64_t j = b * 16 + key;
-            const uint32_t *src = j < width ? (const uint32_t *)(pool + slots[j] * stride) : NULL;
-            for (int64_t c = 0; c < depth; c++) {
-                uint32_t *block = out + (b * depth + c) * 256; /* 16 x 16 pairs */
-                for (int pair = 0; pair < 16; pair++)
-                    block[pair * 16 + key] = src && c * 16 + pair < pairs ? src[c * 16 + pair] : 0;
+/* Keys per pass over the chunk's queries (a multiple of 32). At a head size of 64 a pass's packed keys and
+ * values, scores and probabilities take 22 KB, within L1 with a query block's own data. The 6,000-token
+ * layer above, before the conditional rescale: 32 keys 1.28x the time of 64, 128 keys 1.03x, 256 1.24x. */
+#define KEY_BLOCK 64
+
+/* 2^t, 16 lanes: f = t - floor(t) in [0, 1) by vreduceps, 2^f by a degree-5 polynomial (a least-squares
+ * fit in relative error, at most 2.4e-7 from 2^f, with 2^0 = 1 exactly), times 2^floor(t) by vscalefps, which
+ * gives 0 below float's range, so t needs no clamp. Three instructions fewer than round, subtract and
+ * exp_nonpositive's degree-6 polynomial on [-0.5, 0.5]; the exponentials are most of the kernel's time. */
+static inline __m512 exp2_16(__m512 t) {
+    __m512 f = _mm512_reduce_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    __m512 p = _mm512_set1_ps(1.8571876310247047e-3f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.02880753082792e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5802054686316875e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.40159023663246e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931524558099379e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, t);
+}
+
+/* One key/value head's keys k0 .. k0 + avail - 1 of the row, as the A operands of S^T = K Q^T: kt [KEY_BLOCK,
+ * padded], a key's dims contiguous and zero-padded to `padded` (a head size of 16 or 48 fills part of a
+ * 32-dim step); keys past avail are zero. And its values as the A operands of O^T = V^T P^T: block (b, c)
+ * of vt holds dims 16c..16c+15 by keys 32b..32b+31, each dim's keys contiguous (zero past avail: 0 x
+ * garbage could be NaN). */
+static void pack_block(const uint16_t *k, const uint16_t *v, const int64_t *slots, int64_t avail, int64_t stride,
+                       int64_t dim, int64_t padded, uint16_t *kt, uint16_t *vt) {
+    const int64_t vdepth = dim / 16;
+    memset(kt, 0, (size_t)(KEY_BLOCK * padded * 2));
+    for (int64_t j = 0; j < avail; j++) memcpy(kt + j * padded, k + slots[j] * stride, (size_t)dim * 2);
+    for (int64_t j = 0; j < KEY_BLOCK; j++) {
+        const uint16_t *src = j < avail ? v + slots[j] * stride : NULL;
+        for (int64_t c = 0; c < vdepth; c++) {
+            uint16_t *block = vt + ((j / 32) * vdepth + c) * 512 + j % 32;
+            for (int d = 0; d < 16; d++) block[d * 32] = src ? src[c * 16 + d] : 0;
+        }
+    }
+}
+
+/* A query block's B operands for S^T = K Q^T: qt [kdepth, 16 dim pairs, 16 queries, 2], query n's dims
+ * 32c + 2 pair + {0, 1} at (c, pair, n); queries past `rows` and dims past `dim` are zero. */
+static void pack_queries(const uint16_t *q, int64_t q_token, int64_t rows, int64_t dim, int64_t kdepth,
+                         uint16_t *qt) {
+    memset(qt, 0, (size_t)(kdepth * 512 * 2));
+    for (int64_t n = 0; n < rows; n++)
+        for (int64_t d = 0; d < dim; d++) qt[(d / 32) * 512 + (d % 32 / 2) * 32 + n * 2 + d % 2] = q[n * q_token + d];
+}
+
+/* S^T [16 * nk keys, 16 queries] float32 into s (a key's 16 scores contiguous), nk 16-key blocks. */
+static void block_scores(const uint16_t *qt, const uint16_t *kt, int64_t padded, int64_t kdepth, int64_t nk,
+                         float *s) {
+    for (int64_t b = 0; b < nk; b += 4) { /* four 16-key blocks a pass */
+        const int64_t n = nk - b < 4 ? nk - b : 4;
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        for (int64_t c = 0; c < kdepth; c++) {
+            const uint16_t *kc = kt + b * 16 * padded + c * 32;
+            _tile_loadd(6, qt + c * 512, 64);
+            _tile_loadd(4, kc, padded * 2);
+            _tile_dpbf16ps(0, 4, 6);
+            if (n > 1) {
+                _tile_loadd(5, kc + 16 * padded, padded * 2);
+                _tile_dpbf16ps(1, 5, 6);
+            }
+            if (n > 2) {
+                _tile_loadd(7, kc + 32 * padded, padded * 2);
+                _tile_dpbf16ps(2, 7, 6);
+            }
+            if (n > 3) {
+                _tile_loadd(4, kc + 48 * padded, padded * 2);
+                _tile_dpbf16ps(3, 4, 6);
             }
         }
+        _tile_stored(0, s + b * 256, 64);
+        if (n > 1) _tile_stored(1, s + (b + 1) * 256, 64);
+        if (n > 2) _tile_stored(2, s + (b + 2) * 256, 64);
+        if (n > 3) _tile_stored(3, s + (b + 3) * 256, 64);
+    }
 }
 
-/* Its values in the blocks O = P V reads: block (b, c) holds keys 32b..32b+31 by dims 16c..16c+15 as 16
- * rows of key pairs, each row every dim's pair. Keys past `width` are zero (0 x garbage could be NaN). */
-static void pack_values(const uint16_t *pool, const int64_t *slots, int64_t width, int64_t blocks,
-                        int64_t stride, int64_t dim, uint16_t *out) {
-    const int64_t depth = dim / 16;
-    for (int64_t b = 0; b < blocks; b++)
-        for (int pair = 0; pair < 16; pair++)
-            for (int t = 0; t < 2; t++) {
-                int64_t j = b * 32 + pair * 2 + t;
-                const uint16_t *src = j < width ? pool + slots[j] * stride : NULL;
-                for (int64_t c = 0; c < depth; c++) {
-                    uint16_t *block = out + (b * depth + c) * 512;
-                    for (int d = 0; d < 16; d++) block[pair * 32 + d * 2 + t] = src ? src[c * 16 + d] : 0;
-                }
+/* Which of the 16 queries see key `key` (positions; the block's first query is at `first`, `rows` of them). */
+static inline __mmask16 sees(int64_t key, int64_t first, int64_t rows) {
+    const int64_t shift = key - first;
+    const uint32_t valid = (1u << rows) - 1;
+    return (__mmask16)(shift <= 0 ? valid : shift >= 16 ? 0 : valid & (0xffffu << shift));
+}
+
+/* The online softmax's step over one key block for 16 queries: `used` keys of s (a multiple of 32; keys a
+ * query does not see count as absent). Raises the running max *m where the block's is well above it, with
+ * *rescale = e^(old max - new max) for what earlier blocks left in the output (returning which queries'),
+ * updates the sum *l, and writes p, the probabilities
+ * e^(score - max) rounded to bfloat16 (as SDPA rounds them) as the B operands of O^T = V^T P^T: [used / 2 key
+ * pairs, 16 queries, 2]. c is the softmax scale times log2(e). `all` says every query sees every used key. */
+static __mmask16 block_softmax(const float *s, uint16_t *p, int64_t used, int64_t k0, int64_t first,
+                               int64_t rows, int all, float c, __m512 *m, __m512 *l, __m512 *rescale) {
+    /* four maxima in turn: one would be a chain of vmaxps latencies, a key's whole share of the time */
+    __m512 top0 = *m, top1 = top0, top2 = top0, top3 = top0;
+    for (int64_t j = 0; j < used; j += 4) {
+        if (all) {
+            top0 = _mm512_max_ps(top0, _mm512_load_ps(s + j * 16));
+            top1 = _mm512_max_ps(top1, _mm512_load_ps(s + j * 16 + 16));
+            top2 = _mm512_max_ps(top2, _mm512_load_ps(s + j * 16 + 32));
+            top3 = _mm512_max_ps(top3, _mm512_load_ps(s + j * 16 + 48));
+        } else {
+            top0 = _mm512_mask_max_ps(top0, sees(k0 + j, first, rows), top0, _mm512_load_ps(s + j * 16));
+            top1 = _mm512_mask_max_ps(top1, sees(k0 + j + 1, first, rows), top1, _mm512_load_ps(s + j * 16 + 16));
+            top2 = _mm512_mask_max_ps(top2, sees(k0 + j + 2, first, rows), top2, _mm512_load_ps(s + j * 16 + 32));
+            top3 = _mm512_mask_max_ps(top3, sees(k0 + j + 3, first, rows), top3, _mm512_load_ps(s + j * 16 + 48));
+        }
+    }
+    const __m512 top = _mm512_max_ps(_mm512_max_ps(top0, top1), _mm512_max_ps(top2, top3));
+    /* A query's max is raised only when the block's exceeds it by more than 2^8 in e^(score - max): its
+     * probabilities then stay below 256 (no concern for float32 sums or bfloat16's relative rounding) and
+     * after the first blocks the output is rarely rescaled (flash attention 4's conditional rescaling). */
+    const __m512 vc = _mm512_set1_ps(c);
+    const __mmask16 raise = _mm512_cmp_ps_mask(_mm512_mul_ps(_mm512_sub_ps(top, *m), vc), _mm512_set1_ps(8.0f),
+                                               _CMP_GT_OQ);
+    const __m512 max = _mm512_mask_mov_ps(*m, raise, top), shift = _mm512_mul_ps(max, _mm512_set1_ps(-c));
+    *rescale = raise ? exp2_16(_mm512_mul_ps(_mm512_sub_ps(*m, max), vc)) : _mm512_set1_ps(1.0f);
+    /* 16-bit lanes: even ones from the first key of a pair, odd ones from the second */
+    const __m512i pairs = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
+                                           22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    __m512 sum0 = _mm512_setzero_ps(), sum1 = sum0;
+    for (int64_t j = 0; j < used; j += 2) {
+        __m512 e0 = exp2_16(_mm512_fmadd_ps(_mm512_load_ps(s + j * 16), vc, shift));
+        __m512 e1 = exp2_16(_mm512_fmadd_ps(_mm512_load_ps(s + j * 16 + 16), vc, shift));
+        if (!all) {
+            e0 = _mm512_maskz_mov_ps(sees(k0 + j, first, rows), e0);
+            e1 = _mm512_maskz_mov_ps(sees(k0 + j + 1, first, rows), e1);
+        }
+        sum0 = _mm512_add_ps(sum0, e0);
+        sum1 = _mm512_add_ps(sum1, e1);
+        __m512i both = (__m512i)_mm512_cvtne2ps_pbh(e1, e0); /* e0's 16 bfloat16, then e1's */
+        _mm512_store_si512((__m512i *)(p + j * 16), _mm512_permutexvar_epi16(pairs, both));
+    }
+    *m = max;
+    *l = _mm512_fmadd_ps(*l, *rescale, _mm512_add_ps(sum0, sum1));
+    return raise;
+}
+
+/* o^T [dim, 16 queries] float32 = rescale * o^T + V^T P^T over `used` keys: the tiles load o^T as their
+ * accumulators and store it back, and the rescale is a pass of its own only where a max was raised. */
+static void block_values(const uint16_t *p, const uint16_t *vt, int64_t vdepth, int64_t used, __mmask16 raise,
+                         __m512 rescale, float *o) {
+    if (raise)
+        for (int64_t d = 0; d < vdepth * 16; d++) _mm512_store_ps(o + d * 16, _mm512_mul_ps(_mm512_load_ps(o + d * 16),
+                                                                                         rescale));
+    for (int64_t c = 0; c < vdepth; c += 4) { /* four 16-dim blocks a pass */
+        const int64_t n = vdepth - c < 4 ? vdepth - c : 4;
+        float *oc = o + c * 256;
+        _tile_loadd(0, oc, 64);
+        if (n > 1) _tile_loadd(1, oc + 256, 64);
+        if (n > 2) _tile_loadd(2, oc + 512, 64);
+        if (n > 3) _tile_loadd(3, oc + 768, 64);
+        for (int64_t b = 0; b < used / 32; b++) {
+            const uint16_t *vc = vt + (b * vdepth + c) * 512;
+            _tile_loadd(4, p + b * 512, 64);
+            _tile_loadd(5, vc, 64);
+            _tile_dpbf16ps(0, 5, 4);
+            if (n > 1) {
+                _tile_loadd(6, vc + 512, 64);
+                _tile_dpbf16ps(1, 6, 4);
             }
+            if (n > 2) {
+                _tile_loadd(7, vc + 1024, 64);
+                _tile_dpbf16ps(2, 7, 4);
+            }
+            if (n > 3) {
+                _tile_loadd(5, vc + 1536, 64);
+                _tile_dpbf16ps(3, 5, 4);
+            }
+        }
+        _tile_stored(0, oc, 64);
+        if (n > 1) _tile_stored(1, oc + 256, 64);
+        if (n > 2) _tile_stored(2, oc + 512, 64);
+        if (n > 3) _tile_stored(3, oc + 768, 64);
+    }
 }
 
-/* e^x for x <= 0, 16 lanes: exp_nonpositive's polynomial (cpu_kernels.h) on AVX-512, with the power of two
- * applied by vscalefps. gcc vectorised the scalar one at 256 bits, and the exponentials were most of the
- * kernel's time. max(-87, x) keeps a NaN (vmaxps returns its second operand when either is NaN). */
-static inline __m512 exp16_nonpositive(__m512 x) {
-    x = _mm512_max_ps(_mm512_set1_ps(-87.0f), x);
-    __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
-    __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 f = _mm512_sub_ps(t, n);
-    __m512 p = _mm512_set1_ps(EXP2_C6);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(EXP2_C5));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(EXP2_C4));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(EXP2_C3));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(EXP2_C2));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(EXP2_C1));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(EXP2_C0));
-    return _mm512_scalef_ps(p, n);
+/* What one call's key blocks share. */
+typedef struct {
+    int64_t width, chunk, tblocks, nq, kdepth, padded, vdepth;
+    float c;          /* the softmax scale times log2(e) */
+    uint16_t *qt;     /* [nq, kdepth * 512] the query blocks of one key/value head (pack_queries) */
+    uint16_t *kt;     /* [KEY_BLOCK, padded] and the values, packed (pack_block) */
+    uint16_t *vt, *p; /* p: [KEY_BLOCK * 16] probabilities (block_softmax) */
+    float *o, *ml;    /* [nq, dim, 16] outputs^T; [nq, 2, 16] running maxima and sums */
+    float *s;         /* [KEY_BLOCK, 16] scores^T */
+} prefill_plan;
+
+/* Every query block against the key block at k0 (avail keys). */
+static void key_block_pass(const prefill_plan *pl, int64_t k0, int64_t avail) {
+    const int64_t dim = pl->vdepth * 16;
+    for (int64_t i = 0; i < pl->nq; i++) { /* query block i: head group member i / tblocks */
+        const int64_t t0 = i % pl->tblocks * 16, rows = pl->chunk - t0 < 16 ? pl->chunk - t0 : 16;
+        const int64_t first = pl->width - pl->chunk + t0; /* the block's first query's position */
+        int64_t seen = first + rows - k0;                /* keys of this block its last query sees */
+        if (seen <= 0) continue;
+        seen = seen < avail ? seen : avail;
+        const int64_t nk = (seen + 15) / 16, used = (seen + 31) / 32 * 32;
+        block_scores(pl->qt + i * pl->kdepth * 512, pl->kt, pl->padded, pl->kdepth, nk, pl->s);
+        if (used > nk * 16) memset(pl->s + nk * 256, 0, 1024); /* read, masked out */
+        const int all = rows == 16 && k0 + used - 1 <= first;
+        __m512 m = _mm512_load_ps(pl->ml + i * 32), l = _mm512_load_ps(pl->ml + i * 32 + 16);
+        __m512 rescale;
+        const __mmask16 raise = block_softmax(pl->s, pl->p, used, k0, first, rows, all, pl->c, &m, &l, &rescale);
+        _mm512_store_ps(pl->ml + i * 32, m);
+        _mm512_store_ps(pl->ml + i * 32 + 16, l);
+        block_values(pl->p, pl->vt, pl->vdepth, used, raise, rescale, pl->o + i * dim * 16);
+    }
 }
 
-/* scores [16, span] of one query block -> probabilities p [16, span] (bfloat16, exactly zero past each
- * query's visible keys, up to `used`), returning each row's sum in `sums`; rows past `rows` are all zero.
- * Query r sees keys 0..first + r. One pass after the row's max. */
-static void softmax_block(const float *scores, uint16_t *p, int64_t span, int64_t used, int rows,
-                          int64_t first, float scale, float *sums) {
-    const __m512 vscale = _mm512_set1_ps(scale);
-    for (int r = 0; r < 16; r++) {
-        const float *s = scores + r * span;
-        uint16_t *pr = p + r * span;
-        if (r >= rows) {
-            memset(pr, 0, (size_t)used * 2);
-            sums[r] = 1.0f;
-            continue;
-        }
-        const int64_t see = first + r + 1;
-        const __m512 m = _mm512_set1_ps(max_f32(s, see));
-        __m512 sum = _mm512_setzero_ps();
-        for (int64_t j = 0; j < used; j += 16) {
-            __mmask16 keep = see - j >= 16 ? 0xffff : see > j ? (__mmask16)((1u << (see - j)) - 1) : 0;
-            __m512 e = _mm512_maskz_mov_ps(keep, exp16_nonpositive(
-                _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(keep, s + j), m), vscale)));
-            sum = _mm512_add_ps(sum, e);
-            _mm256_storeu_si256((__m256i *)(pr + j), round16(e));
-        }
-        sums[r] = _mm512_reduce_add_ps(sum);
+/* out[t0 + n, h, :] = o^T[:, n] / l[n] in bfloat16, for the block's `rows` queries */
+static void write_block(const float *o, const float *l, int64_t dim, int64_t rows, uint16_t *out, int64_t out_token) {
+    uint16_t column[16] __attribute__((aligned(32)));
+    const __m512 inv = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_load_ps(l));
+    for (int64_t d = 0; d < dim; d++) {
+        _mm256_store_si256((__m256i *)column, round16(_mm512_mul_ps(_mm512_load_ps(o + d * 16), inv)));
+        for (int64_t n = 0; n < rows; n++) out[n * out_token + d] = column[n];
     }
 }
 
@@ -107,105 +257,43 @@ int prefill_attention_bf16(const uint16_t *q, int64_t q_token, int64_t q_head, c
                            const uint16_t *v, const int64_t *slots, int64_t width, int64_t chunk, int64_t heads,
                            int64_t kv_heads, int64_t dim, float scale, uint16_t *out, int64_t out_token) {
     if (dim % 16 || dim > 256 || kv_heads < 1 || heads % kv_heads || chunk < 1 || chunk > width) return -1;
-    const int64_t group = heads / kv_heads, stride = kv_heads * dim, kblocks = (width + 15) / 16;
-    const int64_t vblocks = (width + 31) / 32, span = vblocks * 32, vdepth = dim / 16;
-    const int64_t kdepth = (dim + 31) / 32, padded = kdepth * 32; /* the products' depth, zero-padded */
-    uint32_t *kt = aligned_alloc(64, (size_t)(kblocks * 16 * padded * 2));
-    uint16_t *vt = aligned_alloc(64, (size_t)(span * dim * 2)), *p = aligned_alloc(64, (size_t)(16 * span * 2));
-    uint16_t *qb = aligned_alloc(64, (size_t)(16 * padded * 2));
-    float *scores = aligned_alloc(64, (size_t)(16 * span * 4));
-    float tile[256] __attribute__((aligned(64))), sums[16];
+    const int64_t group = heads / kv_heads, stride = kv_heads * dim, tblocks = (chunk + 15) / 16;
+    const int64_t nq = group * tblocks, kdepth = (dim + 31) / 32, padded = kdepth * 32;
+    prefill_plan pl = {width, chunk, tblocks, nq, kdepth, padded, dim / 16, scale * 1.44269504088896341f,
+                       aligned_alloc(64, (size_t)(nq * kdepth * 1024)), aligned_alloc(64, KEY_BLOCK * padded * 2),
+                       aligned_alloc(64, KEY_BLOCK * dim * 2), aligned_alloc(64, KEY_BLOCK * 32),
+                       aligned_alloc(64, (size_t)(nq * dim * 64)), aligned_alloc(64, (size_t)(nq * 128)),
+                       aligned_alloc(64, KEY_BLOCK * 64)};
     int status = 0;
-    if (!kt || !vt || !p || !qb || !scores) {
+    if (!pl.qt || !pl.kt || !pl.vt || !pl.p || !pl.o || !pl.ml || !pl.s) {
         status = -2;
         goto done;
     }
     amx_configure();
     for (int64_t kh = 0; kh < kv_heads; kh++) {
-        pack_keys(k + kh * dim, slots, width, kblocks, stride, dim, kt);
-        pack_values(v + kh * dim, slots, width, vblocks, stride, dim, vt);
-        for (int64_t h = kh * group; h < (kh + 1) * group; h++)
-            for (int64_t t0 = 0; t0 < chunk; t0 += 16) {
-                const int rows = chunk - t0 < 16 ? (int)(chunk - t0) : 16;
-                memset(qb, 0, (size_t)(16 * padded * 2));
-                for (int r = 0; r < rows; r++)
-                    memcpy(qb + r * padded, q + (t0 + r) * q_token + h * q_head, (size_t)dim * 2);
-                const int64_t first = width - chunk + t0;      /* the block's first query's position */
-                const int64_t visible = first + rows;          /* keys its last query sees */
-                const int64_t nk = (visible + 15) / 16, used = (visible + 31) / 32 * 32;
-                for (int64_t b = 0; b < nk; b += 4) { /* S = Q K^T, four 16-key blocks a pass */
-                    const int64_t n = nk - b < 4 ? nk - b : 4;
-                    _tile_zero(0);
-                    _tile_zero(1);
-                    _tile_zero(2);
-                    _tile_zero(3);
-                    for (int64_t c = 0; c < kdepth; c++) {
-                        const uint32_t *kc = kt + (b * kdepth + c) * 256;
-                        _tile_loadd(4, qb + c * 32, padded * 2);
-                        _tile_loadd(5, kc, 64);
-                        _tile_dpbf16ps(0, 4, 5);
-                        if (n > 1) {
-                            _tile_loadd(6, kc + kdepth * 256, 64);
-                            _tile_dpbf16ps(1, 4, 6);
-                        }
-                        if (n > 2) {
-                            _tile_loadd(7, kc + 2 * kdepth * 256, 64);
-                            _tile_dpbf16ps(2, 4, 7);
-                        }
-                        if (n > 3) {
-                            _tile_loadd(5, kc + 3 * kdepth * 256, 64);
-                            _tile_dpbf16ps(3, 4, 5);
-                        }
-                    }
-                    _tile_stored(0, scores + b * 16, span * 4);
-                    if (n > 1) _tile_stored(1, scores + (b + 1) * 16, span * 4);
-                    if (n > 2) _tile_stored(2, scores + (b + 2) * 16, span * 4);
-                    if (n > 3) _tile_stored(3, scores + (b + 3) * 16, span * 4);
-                }
-                softmax_block(scores, p, span, used, rows, first, scale, sums);
-                for (int64_t c = 0; c < vdepth; c += 4) { /* O = P V, four 16-dim blocks a pass */
-                    const int64_t n = vdepth - c < 4 ? vdepth - c : 4;
-                    _tile_zero(0);
-                    _tile_zero(1);
-                    _tile_zero(2);
-                    _tile_zero(3);
-                    for (int64_t b = 0; b < used / 32; b++) {
-                        const uint16_t *vc = vt + (b * vdepth + c) * 512;
-                        _tile_loadd(4, p + b * 32, span * 2);
-                        _tile_loadd(5, vc, 64);
-                        _tile_dpbf16ps(0, 4, 5);
-                        if (n > 1) {
-                            _tile_loadd(6, vc + 512, 64);
-                            _tile_dpbf16ps(1, 4, 6);
-                        }
-                        if (n > 2) {
-                            _tile_loadd(7, vc + 1024, 64);
-                            _tile_dpbf16ps(2, 4, 7);
-                        }
-                        if (n > 3) {
-                            _tile_loadd(5, vc + 1536, 64);
-                            _tile_dpbf16ps(3, 4, 5);
-                        }
-                    }
-                    for (int64_t i = 0; i < n; i++) {
-                        switch (i) { /* tile numbers are immediates */
-                        case 0: _tile_stored(0, tile, 64); break;
-                        case 1: _tile_stored(1, tile, 64); break;
-                        case 2: _tile_stored(2, tile, 64); break;
-                        default: _tile_stored(3, tile, 64); break;
-                        }
-                        for (int r = 0; r < rows; r++) {
-                            __m512 o = _mm512_mul_ps(_mm512_load_ps(tile + r * 16), _mm512_set1_ps(1.0f / sums[r]));
-                            _mm256_storeu_si256((__m256i *)(out + (t0 + r) * out_token + h * dim + (c + i) * 16),
-                                                round16(o));
-                        }
-                    }
-                }
-            }
+        memset(pl.o, 0, (size_t)(nq * dim * 64));
+        for (int64_t i = 0; i < nq; i++) {
+            const int64_t h = kh * group + i / tblocks, t0 = i % tblocks * 16;
+            pack_queries(q + t0 * q_token + h * q_head, q_token, chunk - t0 < 16 ? chunk - t0 : 16, dim, kdepth,
+                         pl.qt + i * kdepth * 512);
+            /* -FLT_MAX, not -inf: the first rescale is then e^(-huge) = 0, never e^(-inf + inf) */
+            _mm512_store_ps(pl.ml + i * 32, _mm512_set1_ps(-FLT_MAX));
+            _mm512_store_ps(pl.ml + i * 32 + 16, _mm512_setzero_ps());
+        }
+        for (int64_t k0 = 0; k0 < width; k0 += KEY_BLOCK) {
+            const int64_t avail = width - k0 < KEY_BLOCK ? width - k0 : KEY_BLOCK;
+            pack_block(k + kh * dim, v + kh * dim, slots + k0, avail, stride, dim, padded, pl.kt, pl.vt);
+            key_block_pass(&pl, k0, avail);
+        }
+        for (int64_t i = 0; i < nq; i++) {
+            const int64_t h = kh * group + i / tblocks, t0 = i % tblocks * 16;
+            write_block(pl.o + i * dim * 16, pl.ml + i * 32 + 16, dim, chunk - t0 < 16 ? chunk - t0 : 16,
+                        out + t0 * out_token + h * dim, out_token);
+        }
     }
     _tile_release();
 done:
-    free(kt), free(vt), free(p), free(qb), free(scores);
+    free(pl.qt), free(pl.kt), free(pl.vt), free(pl.p), free(pl.o), free(pl.ml), free(pl.s);
     return status;
 }
 #else

@@ -125,11 +125,28 @@ needs_amx = pytest.mark.skipif("amx_bf16" not in cpu_kernels.cpu_flags(),
     (6, 2, 48, 70, 33),
 ])
 def test_prefill_attention_matches_causal_attention_over_the_row(heads, kv_heads, dim, width, chunk):
+    _check_prefill_attention(heads, kv_heads, dim, width, chunk, key_scale=torch.ones(width))
+
+
+@needs_amx
+@pytest.mark.parametrize("ramp", ["rising", "falling"])
+def test_prefill_attention_keeps_the_softmax_exact_when_later_keys_score_far_higher_or_lower(ramp):
+    # the kernel takes keys 64 at a time with a running max per query, raised only when a block's scores
+    # exceed it by more than 2^8 in e^(score - max): keys scaled 0.2x..8x along the row raise it again and
+    # again (rising), or never after the first block, leaving later probabilities tiny (falling)
+    scale = torch.linspace(0.2, 8.0, 650)
+    _check_prefill_attention(9, 3, 64, 650, 300, key_scale=scale if ramp == "rising" else scale.flip(0))
+
+
+def _check_prefill_attention(heads, kv_heads, dim, width, chunk, key_scale):
+    """The kernel against float64 softmax attention; key_scale [width] scales the row's keys by position."""
     generator = torch.Generator().manual_seed(width)
     pool = width + 50
-    keys = torch.randn(pool, kv_heads, dim, generator=generator).bfloat16()
+    keys = torch.randn(pool, kv_heads, dim, generator=generator)
     values = torch.randn(pool, kv_heads, dim, generator=generator).bfloat16()
     slots = torch.randperm(pool, generator=generator)[:width]  # the row's slots by position, anywhere
+    keys[slots] *= key_scale[:, None, None]
+    keys = keys.bfloat16()
     q = torch.randn(heads, chunk + 7, dim, generator=generator).bfloat16()[:, 3:3 + chunk]  # a strided view
     assert cpu_kernels.supports_prefill(q, keys, values, heads, kv_heads, dim)
     out = torch.full((chunk, heads, dim), float("nan"), dtype=torch.bfloat16)
