@@ -278,8 +278,8 @@ def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
             m = None if mask is None else mask[:, :, None]
             od = _softcapped_attention(qd[:, :, :, None], kd, vd, m, scale, softcap)
         out[group.start:group.stop] = od.reshape(g, heads, dim)
-    # AMX tiles for bfloat16 prefill chunks (cpu_prefill.c): torch's flash attention ran at about a third of
-    # the tiles' speed
+    # C kernels for prefill chunks: AMX tiles in bfloat16 (cpu_prefill.c; torch's flash attention ran at about
+    # a third of their speed), AVX-512 FMAs in float32 (cpu_prefill_f32.c)
     tiles = (softcap is None and not window and bool(batch.prefill)
              and cpu_kernels.supports_prefill(q, key, value, heads, kv_heads, dim))
     for chunk, mask in zip(batch.prefill, prefill_masks):

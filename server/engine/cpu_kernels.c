@@ -154,7 +154,8 @@ DECODE_ATTENTION(decode_attention_f32, float, LOAD_F32, attend_row_f32)
 DECODE_ATTENTION(decode_attention_bf16, uint16_t, bf16_to_f32, attend_row_bf16)
 
 
-/* What this build's instructions allow (bits: 1 AVX-512, 2 AVX512-BF16, 4 AMX). The Python side asks before
+/* What this build's instructions allow (bits: 1 AVX-512, 2 AVX512-BF16, 4 AMX, 8 AVX-512 DQ, which the prefill
+ * kernels' exponential needs). The Python side asks before
  * it uses a kernel: a compiler older than the CPU builds the stubs, which must not be called as kernels. */
 int kernel_features(void) {
     int bits = 0;
@@ -166,6 +167,9 @@ int kernel_features(void) {
 #endif
 #ifdef HAVE_AMX
     bits |= 4;
+#endif
+#ifdef HAVE_PREFILL_MATH
+    bits |= 8;
 #endif
     return bits;
 }

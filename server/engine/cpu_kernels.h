@@ -89,6 +89,34 @@ static inline __m512 widen16(__mmask16 keep, const uint16_t *p) {
 static inline __m256i round16(__m512 x) { return (__m256i)_mm512_cvtneps_pbh(x); }
 #endif
 
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
+/* What the two prefill attention kernels share (cpu_prefill.c for bfloat16 on AMX, cpu_prefill_f32.c). */
+#define HAVE_PREFILL_MATH 1
+
+/* 2^t, 16 lanes: f = t - floor(t) in [0, 1) by vreduceps, 2^f by a degree-5 polynomial (a least-squares
+ * fit in relative error, at most 2.4e-7 from 2^f, with 2^0 = 1 exactly), times 2^floor(t) by vscalefps, which
+ * gives 0 below float's range, so t needs no clamp. Three instructions fewer than round, subtract and
+ * exp_nonpositive's degree-6 polynomial on [-0.5, 0.5]; the exponentials are most of the kernel's time. */
+static inline __m512 exp2_16(__m512 t) {
+    __m512 f = _mm512_reduce_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    __m512 p = _mm512_set1_ps(1.8571876310247047e-3f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.02880753082792e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5802054686316875e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.40159023663246e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931524558099379e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, t);
+}
+
+/* Which of the 16 queries see key `key` (positions; the block's first query is at `first`, `rows` of them). */
+static inline __mmask16 prefill_sees(int64_t key, int64_t first, int64_t rows) {
+    const int64_t shift = key - first;
+    const uint32_t valid = (1u << rows) - 1;
+    return (__mmask16)(shift <= 0 ? valid : shift >= 16 ? 0 : valid & (0xffffu << shift));
+}
+
+#endif
+
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
 #include <immintrin.h>
 #define HAVE_AMX 1

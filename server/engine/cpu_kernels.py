@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 # compiled together into one library; the header is only hashed (a changed one must rebuild)
 SOURCES = tuple(Path(__file__).with_name(name)
-                for name in ("cpu_kernels.c", "cpu_linears.c", "cpu_prefill.c"))
+                for name in ("cpu_kernels.c", "cpu_linears.c", "cpu_prefill.c", "cpu_prefill_f32.c"))
 HEADER = Path(__file__).with_name("cpu_kernels.h")
 # -ffast-math lets gcc reorder float sums (vectorised dot products); -fno-finite-math-only keeps NaN and inf
 # semantics, so a broken prefix still shows as non-finite logits.
@@ -138,6 +138,8 @@ def library() -> ctypes.CDLL | None:
     lib.prefill_attention_bf16.argtypes = [pointer, _I64, _I64, pointer, pointer, pointer, _I64, _I64, _I64,
                                            _I64, _I64, ctypes.c_float, pointer, _I64]
     lib.prefill_attention_bf16.restype = ctypes.c_int
+    lib.prefill_attention_f32.argtypes = lib.prefill_attention_bf16.argtypes
+    lib.prefill_attention_f32.restype = ctypes.c_int
     for name in ("pack_amx", "pack_panels_f32"):
         getattr(lib, name).argtypes = [ctypes.c_void_p, _I64, _I64, ctypes.c_void_p]
         getattr(lib, name).restype = None
@@ -150,7 +152,7 @@ def library() -> ctypes.CDLL | None:
 
 # kernel_features() bits: what the library was built with (gcc -march=native on this CPU; an older compiler
 # builds stubs for what it cannot emit)
-FEATURE_AVX512, FEATURE_BF16, FEATURE_AMX = 1, 2, 4
+FEATURE_AVX512, FEATURE_BF16, FEATURE_AMX, FEATURE_PREFILL = 1, 2, 4, 8
 
 
 @lru_cache(maxsize=4)
@@ -234,11 +236,13 @@ def rope_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: t
 
 def supports_prefill(q: torch.Tensor, key_pool: torch.Tensor, value_pool: torch.Tensor, heads: int,
                      kv_heads: int, dim: int) -> bool:
-    """Whether :func:`prefill_attention` takes these: bfloat16 on a CPU with AMX (see :func:`amx`), dim a
-    multiple of 16 up to 256, contiguous pools, and what :func:`supports` asks."""
-    return (q.dtype == torch.bfloat16 and dim % 16 == 0 and dim <= 256 and heads % kv_heads == 0
-            and key_pool.is_contiguous() and value_pool.is_contiguous() and supports(q, key_pool, value_pool)
-            and amx())
+    """Whether :func:`prefill_attention` takes these: dim a multiple of 16 up to 256, contiguous pools, what
+    :func:`supports` asks, and bfloat16 on a CPU with AMX (see :func:`amx`) or float32 on AVX-512."""
+    if not (dim % 16 == 0 and dim <= 256 and heads % kv_heads == 0 and key_pool.is_contiguous()
+            and value_pool.is_contiguous() and supports(q, key_pool, value_pool)
+            and built_with(FEATURE_PREFILL)):
+        return False
+    return amx() if q.dtype == torch.bfloat16 else q.dtype == torch.float32
 
 
 def prefill_attention(q: torch.Tensor, key_pool: torch.Tensor, value_pool: torch.Tensor, slots: torch.Tensor,
@@ -255,9 +259,10 @@ def prefill_attention(q: torch.Tensor, key_pool: torch.Tensor, value_pool: torch
         q = q.contiguous()
     assert out.stride(2) == 1 and out.stride(1) == dim
     slots = slots.contiguous()
-    status = lib.prefill_attention_bf16(q.data_ptr(), q.stride(1), q.stride(0), key_pool.data_ptr(),
-                                        value_pool.data_ptr(), slots.data_ptr(), slots.shape[0], chunk, heads,
-                                        key_pool.shape[1], dim, scale, out.data_ptr(), out.stride(0))
+    kernel = lib.prefill_attention_bf16 if q.dtype == torch.bfloat16 else lib.prefill_attention_f32
+    status = kernel(q.data_ptr(), q.stride(1), q.stride(0), key_pool.data_ptr(), value_pool.data_ptr(),
+                    slots.data_ptr(), slots.shape[0], chunk, heads, key_pool.shape[1], dim, scale,
+                    out.data_ptr(), out.stride(0))
     if status != 0:
         raise RuntimeError(f"prefill attention refused heads={heads}, kv_heads={key_pool.shape[1]}, "
                            f"dim={dim}, chunk={chunk}, width={slots.shape[0]} (status {status})")

@@ -22,26 +22,11 @@
 
 #include "cpu_kernels.h"
 
-#ifdef HAVE_AMX
+#if defined(HAVE_AMX) && defined(HAVE_PREFILL_MATH)
 /* Keys per pass over the chunk's queries (a multiple of 32). At a head size of 64 a pass's packed keys and
  * values, scores and probabilities take 22 KB, within L1 with a query block's own data. The 6,000-token
  * layer above, before the conditional rescale: 32 keys 1.28x the time of 64, 128 keys 1.03x, 256 1.24x. */
 #define KEY_BLOCK 64
-
-/* 2^t, 16 lanes: f = t - floor(t) in [0, 1) by vreduceps, 2^f by a degree-5 polynomial (a least-squares
- * fit in relative error, at most 2.4e-7 from 2^f, with 2^0 = 1 exactly), times 2^floor(t) by vscalefps, which
- * gives 0 below float's range, so t needs no clamp. Three instructions fewer than round, subtract and
- * exp_nonpositive's degree-6 polynomial on [-0.5, 0.5]; the exponentials are most of the kernel's time. */
-static inline __m512 exp2_16(__m512 t) {
-    __m512 f = _mm512_reduce_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-    __m512 p = _mm512_set1_ps(1.8571876310247047e-3f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.02880753082792e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5802054686316875e-2f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.40159023663246e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931524558099379e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, t);
-}
 
 /* One key/value head's keys k0 .. k0 + avail - 1 of the row, as the A operands of S^T = K Q^T: kt [KEY_BLOCK,
  * padded], a key's dims contiguous and zero-padded to `padded` (a head size of 16 or 48 fills part of a
@@ -139,13 +124,6 @@ static inline __m512i pair_lanes(void) {
                             4, 19, 3, 18, 2, 17, 1, 16, 0);
 }
 
-/* Which of the 16 queries see key `key` (positions; the block's first query is at `first`, `rows` of them). */
-static inline __mmask16 sees(int64_t key, int64_t first, int64_t rows) {
-    const int64_t shift = key - first;
-    const uint32_t valid = (1u << rows) - 1;
-    return (__mmask16)(shift <= 0 ? valid : shift >= 16 ? 0 : valid & (0xffffu << shift));
-}
-
 /* The online softmax's step over one key block for 16 queries: `used` keys of s (a multiple of 32; keys a
  * query does not see count as absent). Raises the running max *m where the block's is well above it, with
  * *rescale = e^(old max - new max) for what earlier blocks left in the output (returning which queries'),
@@ -157,17 +135,13 @@ static __mmask16 block_softmax(const float *s, uint16_t *p, int64_t used, int64_
     /* four maxima in turn: one would be a chain of vmaxps latencies, a key's whole share of the time */
     __m512 top0 = *m, top1 = top0, top2 = top0, top3 = top0;
     for (int64_t j = 0; j < used; j += 4) {
-        if (all) {
-            top0 = _mm512_max_ps(top0, _mm512_load_ps(s + j * 16));
-            top1 = _mm512_max_ps(top1, _mm512_load_ps(s + j * 16 + 16));
-            top2 = _mm512_max_ps(top2, _mm512_load_ps(s + j * 16 + 32));
-            top3 = _mm512_max_ps(top3, _mm512_load_ps(s + j * 16 + 48));
-        } else {
-            top0 = _mm512_mask_max_ps(top0, sees(k0 + j, first, rows), top0, _mm512_load_ps(s + j * 16));
-            top1 = _mm512_mask_max_ps(top1, sees(k0 + j + 1, first, rows), top1, _mm512_load_ps(s + j * 16 + 16));
-            top2 = _mm512_mask_max_ps(top2, sees(k0 + j + 2, first, rows), top2, _mm512_load_ps(s + j * 16 + 32));
-            top3 = _mm512_mask_max_ps(top3, sees(k0 + j + 3, first, rows), top3, _mm512_load_ps(s + j * 16 + 48));
-        }
+        __mmask16 k[4] = {0xffff, 0xffff, 0xffff, 0xffff};
+        if (!all)
+            for (int t = 0; t < 4; t++) k[t] = prefill_sees(k0 + j + t, first, rows);
+        top0 = _mm512_mask_max_ps(top0, k[0], top0, _mm512_load_ps(s + j * 16));
+        top1 = _mm512_mask_max_ps(top1, k[1], top1, _mm512_load_ps(s + j * 16 + 16));
+        top2 = _mm512_mask_max_ps(top2, k[2], top2, _mm512_load_ps(s + j * 16 + 32));
+        top3 = _mm512_mask_max_ps(top3, k[3], top3, _mm512_load_ps(s + j * 16 + 48));
     }
     const __m512 top = _mm512_max_ps(_mm512_max_ps(top0, top1), _mm512_max_ps(top2, top3));
     /* A query's max is raised only when the block's exceeds it by more than 2^8 in e^(score - max): its
@@ -184,8 +158,8 @@ static __mmask16 block_softmax(const float *s, uint16_t *p, int64_t used, int64_
         __m512 e0 = exp2_16(_mm512_fmadd_ps(_mm512_load_ps(s + j * 16), vc, shift));
         __m512 e1 = exp2_16(_mm512_fmadd_ps(_mm512_load_ps(s + j * 16 + 16), vc, shift));
         if (!all) {
-            e0 = _mm512_maskz_mov_ps(sees(k0 + j, first, rows), e0);
-            e1 = _mm512_maskz_mov_ps(sees(k0 + j + 1, first, rows), e1);
+            e0 = _mm512_maskz_mov_ps(prefill_sees(k0 + j, first, rows), e0);
+            e1 = _mm512_maskz_mov_ps(prefill_sees(k0 + j + 1, first, rows), e1);
         }
         sum0 = _mm512_add_ps(sum0, e0);
         sum1 = _mm512_add_ps(sum1, e1);

@@ -110,11 +110,16 @@ def test_switched_off_or_without_a_compiler_the_engine_keeps_torchs_path(monkeyp
     assert "CPU kernels unavailable" in caplog.text
 
 
-needs_amx = pytest.mark.skipif("amx_bf16" not in cpu_kernels.cpu_flags(),
-                               reason="the prefill attention kernel needs AMX tiles; torch's flash runs here")
+# the prefill attention kernels: bfloat16 on AMX tiles, float32 on AVX-512 (with DQ, for the exponential)
+PREFILL_DTYPES = [
+    pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
+        "amx_bf16" not in cpu_kernels.cpu_flags(), reason="needs AMX tiles; torch's flash runs here")),
+    pytest.param(torch.float32, marks=pytest.mark.skipif(
+        not {"avx512f", "avx512dq"} <= cpu_kernels.cpu_flags(), reason="needs AVX-512; torch's runs here")),
+]
 
 
-@needs_amx
+@pytest.mark.parametrize("dtype", PREFILL_DTYPES)
 @pytest.mark.parametrize(("heads", "kv_heads", "dim", "width", "chunk"), [
     (9, 3, 64, 40, 40),  # a whole prompt in one chunk, not a multiple of 16 queries or 32 keys
     (9, 3, 64, 600, 37),  # a chunk after a cached preamble
@@ -124,38 +129,41 @@ needs_amx = pytest.mark.skipif("amx_bf16" not in cpu_kernels.cpu_flags(),
     (4, 2, 16, 30, 30),  # head sizes of 16 and 48 fill part of a 32-dim block (zero-padded): the tiny models'
     (6, 2, 48, 70, 33),
 ])
-def test_prefill_attention_matches_causal_attention_over_the_row(heads, kv_heads, dim, width, chunk):
-    _check_prefill_attention(heads, kv_heads, dim, width, chunk, key_scale=torch.ones(width))
+def test_prefill_attention_matches_causal_attention_over_the_row(heads, kv_heads, dim, width, chunk, dtype):
+    _check_prefill_attention(heads, kv_heads, dim, width, chunk, torch.ones(width), dtype)
 
 
-@needs_amx
+@pytest.mark.parametrize("dtype", PREFILL_DTYPES)
 @pytest.mark.parametrize("ramp", ["rising", "falling"])
-def test_prefill_attention_keeps_the_softmax_exact_when_later_keys_score_far_higher_or_lower(ramp):
-    # the kernel takes keys 64 at a time with a running max per query, raised only when a block's scores
+def test_prefill_attention_keeps_the_softmax_exact_when_later_keys_score_far_higher_or_lower(ramp, dtype):
+    # the kernels take keys 64 at a time with a running max per query, raised only when a block's scores
     # exceed it by more than 2^8 in e^(score - max): keys scaled 0.2x..8x along the row raise it again and
     # again (rising), or never after the first block, leaving later probabilities tiny (falling)
     scale = torch.linspace(0.2, 8.0, 650)
-    _check_prefill_attention(9, 3, 64, 650, 300, key_scale=scale if ramp == "rising" else scale.flip(0))
+    _check_prefill_attention(9, 3, 64, 650, 300, scale if ramp == "rising" else scale.flip(0), dtype)
 
 
-def _check_prefill_attention(heads, kv_heads, dim, width, chunk, key_scale):
+def _check_prefill_attention(heads, kv_heads, dim, width, chunk, key_scale, dtype):
     """The kernel against float64 softmax attention; key_scale [width] scales the row's keys by position."""
     generator = torch.Generator().manual_seed(width)
     pool = width + 50
     keys = torch.randn(pool, kv_heads, dim, generator=generator)
-    values = torch.randn(pool, kv_heads, dim, generator=generator).bfloat16()
+    values = torch.randn(pool, kv_heads, dim, generator=generator).to(dtype)
     slots = torch.randperm(pool, generator=generator)[:width]  # the row's slots by position, anywhere
     keys[slots] *= key_scale[:, None, None]
-    keys = keys.bfloat16()
-    q = torch.randn(heads, chunk + 7, dim, generator=generator).bfloat16()[:, 3:3 + chunk]  # a strided view
+    keys = keys.to(dtype)
+    q = torch.randn(heads, chunk + 7, dim, generator=generator).to(dtype)[:, 3:3 + chunk]  # a strided view
     assert cpu_kernels.supports_prefill(q, keys, values, heads, kv_heads, dim)
-    out = torch.full((chunk, heads, dim), float("nan"), dtype=torch.bfloat16)
+    out = torch.full((chunk, heads, dim), float("nan"), dtype=dtype)
     cpu_kernels.prefill_attention(q, keys, values, slots, dim**-0.5, out)
     k = keys.double()[slots].transpose(0, 1).repeat_interleave(heads // kv_heads, 0)  # [H, W, D]
     v = values.double()[slots].transpose(0, 1).repeat_interleave(heads // kv_heads, 0)
     visible = torch.arange(width)[None, :] <= torch.arange(width - chunk, width)[:, None]  # [c, W]
     scores = (q.double() @ k.transpose(1, 2) * dim**-0.5).masked_fill(~visible, float("-inf"))
     exact = (scores.softmax(-1) @ v).transpose(0, 1)  # [c, H, D]
+    if dtype == torch.float32:  # float32 throughout, the exponential within 2.4e-7
+        torch.testing.assert_close(out.double(), exact, atol=2e-5, rtol=2e-5)
+        return
     # probabilities rounded to bfloat16 before the values (as SDPA's flash attention does), output rounded
     torch.testing.assert_close(out.double(), exact, atol=2e-2, rtol=2e-2)
 

@@ -10,7 +10,7 @@ import random
 import pytest
 import torch
 
-from server.engine import attention, runner
+from server.engine import attention, cpu_kernels, runner
 from server.engine.attention import DecodeGroup, PrefillChunk
 from server.engine.block_manager import BlockManager
 from server.engine.engine import Engine, EngineConfig
@@ -181,6 +181,8 @@ def test_chunks_after_many_earlier_keys_attend_split_and_match_peft(llama, tmp_p
     prefix-tuning, soft-prompt and base rows, with decode rows in the same steps."""
     monkeypatch.setattr(attention, "SPLIT_MIN_CHUNK", 4)
     monkeypatch.setattr(attention, "SPLIT_MIN_EARLIER", 1)
+    # torch's path: the prefill attention kernels take every chunk where they apply (cpu_prefill*.c)
+    monkeypatch.setattr(cpu_kernels, "supports_prefill", lambda *args: False)
     split = []
     original = attention.attend_chunk
     monkeypatch.setattr(attention, "attend_chunk", lambda *a: split.append(a[3]) or original(*a))
