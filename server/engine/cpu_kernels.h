@@ -115,6 +115,39 @@ static inline __mmask16 prefill_sees(int64_t key, int64_t first, int64_t rows) {
     return (__mmask16)(shift <= 0 ? valid : shift >= 16 ? 0 : valid & (0xffffu << shift));
 }
 
+/* The online softmax's max step for 16 queries over `used` keys (a multiple of 4) of s, key j's 16 scores at
+ * s + 16 j, leaving out the keys a query does not see (`all`: it sees every one), from running max m. A
+ * query's max is raised only where the block's exceeds it by more than 2^8 in e^(score - max): its
+ * probabilities then stay below 256 (no concern for float32 sums or bfloat16's relative rounding) and after
+ * the first blocks the output is rarely rescaled (flash attention 4's conditional rescaling). Returned by
+ * value (through pointers it cost the bf16 kernel 9%): the new max, rescale = e^(old - new) where raised and
+ * 1 elsewhere, and which queries were raised. c is the softmax scale times log2(e). */
+typedef struct {
+    __m512 max, rescale;
+    __mmask16 raised;
+} prefill_max_step;
+
+static inline prefill_max_step prefill_raise_max(const float *s, int64_t used, int64_t k0, int64_t first,
+                                                 int64_t rows, int all, float c, __m512 m) {
+    /* four maxima in turn: one would be a chain of vmaxps latencies, a key's whole share of the time */
+    __m512 top0 = m, top1 = m, top2 = m, top3 = m;
+    for (int64_t j = 0; j < used; j += 4) {
+        __mmask16 k[4] = {0xffff, 0xffff, 0xffff, 0xffff};
+        if (!all)
+            for (int t = 0; t < 4; t++) k[t] = prefill_sees(k0 + j + t, first, rows);
+        top0 = _mm512_mask_max_ps(top0, k[0], top0, _mm512_load_ps(s + j * 16));
+        top1 = _mm512_mask_max_ps(top1, k[1], top1, _mm512_load_ps(s + j * 16 + 16));
+        top2 = _mm512_mask_max_ps(top2, k[2], top2, _mm512_load_ps(s + j * 16 + 32));
+        top3 = _mm512_mask_max_ps(top3, k[3], top3, _mm512_load_ps(s + j * 16 + 48));
+    }
+    const __m512 top = _mm512_max_ps(_mm512_max_ps(top0, top1), _mm512_max_ps(top2, top3)), vc = _mm512_set1_ps(c);
+    prefill_max_step step;
+    step.raised = _mm512_cmp_ps_mask(_mm512_mul_ps(_mm512_sub_ps(top, m), vc), _mm512_set1_ps(8.0f), _CMP_GT_OQ);
+    step.max = _mm512_mask_mov_ps(m, step.raised, top);
+    step.rescale = step.raised ? exp2_16(_mm512_mul_ps(_mm512_sub_ps(m, step.max), vc)) : _mm512_set1_ps(1.0f);
+    return step;
+}
+
 #endif
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)

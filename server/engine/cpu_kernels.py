@@ -259,7 +259,7 @@ def prefill_attention(q: torch.Tensor, key_pool: torch.Tensor, value_pool: torch
         q = q.contiguous()
     assert out.stride(2) == 1 and out.stride(1) == dim
     slots = slots.contiguous()
-    kernel = lib.prefill_attention_bf16 if q.dtype == torch.bfloat16 else lib.prefill_attention_f32
+    kernel = getattr(lib, f"prefill_attention_{_DTYPES[q.dtype]}")
     status = kernel(q.data_ptr(), q.stride(1), q.stride(0), key_pool.data_ptr(), value_pool.data_ptr(),
                     slots.data_ptr(), slots.shape[0], chunk, heads, key_pool.shape[1], dim, scale,
                     out.data_ptr(), out.stride(0))

@@ -125,33 +125,15 @@ static inline __m512i pair_lanes(void) {
 }
 
 /* The online softmax's step over one key block for 16 queries: `used` keys of s (a multiple of 32; keys a
- * query does not see count as absent). Raises the running max *m where the block's is well above it, with
- * *rescale = e^(old max - new max) for what earlier blocks left in the output (returning which queries'),
- * updates the sum *l, and writes p, the probabilities
- * e^(score - max) rounded to bfloat16 (as SDPA rounds them) as the B operands of O^T = V^T P^T: [used / 2 key
- * pairs, 16 queries, 2]. c is the softmax scale times log2(e). `all` says every query sees every used key. */
+ * query does not see count as absent). Raises the running max *m where the block's is well above it
+ * (prefill_raise_max, cpu_kernels.h), with *rescale = e^(old max - new max) for what earlier blocks left in the
+ * output (returning which queries'), updates the sum *l, and writes p, the probabilities e^(score - max)
+ * rounded to bfloat16 (as SDPA rounds them) as the B operands of O^T = V^T P^T: [used / 2 key pairs, 16
+ * queries, 2]. c is the softmax scale times log2(e). `all` says every query sees every used key. */
 static __mmask16 block_softmax(const float *s, uint16_t *p, int64_t used, int64_t k0, int64_t first,
                                int64_t rows, int all, float c, __m512 *m, __m512 *l, __m512 *rescale) {
-    /* four maxima in turn: one would be a chain of vmaxps latencies, a key's whole share of the time */
-    __m512 top0 = *m, top1 = top0, top2 = top0, top3 = top0;
-    for (int64_t j = 0; j < used; j += 4) {
-        __mmask16 k[4] = {0xffff, 0xffff, 0xffff, 0xffff};
-        if (!all)
-            for (int t = 0; t < 4; t++) k[t] = prefill_sees(k0 + j + t, first, rows);
-        top0 = _mm512_mask_max_ps(top0, k[0], top0, _mm512_load_ps(s + j * 16));
-        top1 = _mm512_mask_max_ps(top1, k[1], top1, _mm512_load_ps(s + j * 16 + 16));
-        top2 = _mm512_mask_max_ps(top2, k[2], top2, _mm512_load_ps(s + j * 16 + 32));
-        top3 = _mm512_mask_max_ps(top3, k[3], top3, _mm512_load_ps(s + j * 16 + 48));
-    }
-    const __m512 top = _mm512_max_ps(_mm512_max_ps(top0, top1), _mm512_max_ps(top2, top3));
-    /* A query's max is raised only when the block's exceeds it by more than 2^8 in e^(score - max): its
-     * probabilities then stay below 256 (no concern for float32 sums or bfloat16's relative rounding) and
-     * after the first blocks the output is rarely rescaled (flash attention 4's conditional rescaling). */
-    const __m512 vc = _mm512_set1_ps(c);
-    const __mmask16 raise = _mm512_cmp_ps_mask(_mm512_mul_ps(_mm512_sub_ps(top, *m), vc), _mm512_set1_ps(8.0f),
-                                               _CMP_GT_OQ);
-    const __m512 max = _mm512_mask_mov_ps(*m, raise, top), shift = _mm512_mul_ps(max, _mm512_set1_ps(-c));
-    *rescale = raise ? exp2_16(_mm512_mul_ps(_mm512_sub_ps(*m, max), vc)) : _mm512_set1_ps(1.0f);
+    const prefill_max_step step = prefill_raise_max(s, used, k0, first, rows, all, c, *m);
+    const __m512 vc = _mm512_set1_ps(c), shift = _mm512_mul_ps(step.max, _mm512_set1_ps(-c));
     const __m512i pairs = pair_lanes();
     __m512 sum0 = _mm512_setzero_ps(), sum1 = sum0;
     for (int64_t j = 0; j < used; j += 2) {
@@ -166,9 +148,9 @@ static __mmask16 block_softmax(const float *s, uint16_t *p, int64_t used, int64_
         __m512i both = (__m512i)_mm512_cvtne2ps_pbh(e1, e0); /* e0's 16 bfloat16, then e1's */
         _mm512_store_si512((__m512i *)(p + j * 16), _mm512_permutexvar_epi16(pairs, both));
     }
-    *m = max;
-    *l = _mm512_fmadd_ps(*l, *rescale, _mm512_add_ps(sum0, sum1));
-    return raise;
+    *m = step.max, *rescale = step.rescale;
+    *l = _mm512_fmadd_ps(*l, step.rescale, _mm512_add_ps(sum0, sum1));
+    return step.raised;
 }
 
 /* o^T [dim, 16 queries] float32 = rescale * o^T + V^T P^T over `used` keys: the tiles load o^T as their

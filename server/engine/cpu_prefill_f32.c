@@ -52,26 +52,11 @@ static inline __attribute__((always_inline)) void scores_f32(const float *const 
 }
 
 /* The online softmax's step, as block_softmax in cpu_prefill.c, over `used` keys (a multiple of 16); the
- * probabilities stay float32 and replace the scores in s. Returns the queries whose max was raised. Its max
- * step is block_softmax's line for line: as one inline function in cpu_kernels.h it made the bf16 kernel 9%
- * slower (63 against 58 ms for the 6,000-token layer), so each kernel keeps its own. */
+ * probabilities stay float32 and replace the scores in s. Returns the queries whose max was raised. */
 static __mmask16 softmax_f32(float *s, int64_t used, int64_t k0, int64_t first, int64_t rows, int all, float c,
                              __m512 *m, __m512 *l, __m512 *rescale) {
-    __m512 top0 = *m, top1 = top0, top2 = top0, top3 = top0;
-    for (int64_t j = 0; j < used; j += 4) {
-        __mmask16 k[4] = {0xffff, 0xffff, 0xffff, 0xffff};
-        if (!all)
-            for (int t = 0; t < 4; t++) k[t] = prefill_sees(k0 + j + t, first, rows);
-        top0 = _mm512_mask_max_ps(top0, k[0], top0, _mm512_load_ps(s + j * 16));
-        top1 = _mm512_mask_max_ps(top1, k[1], top1, _mm512_load_ps(s + j * 16 + 16));
-        top2 = _mm512_mask_max_ps(top2, k[2], top2, _mm512_load_ps(s + j * 16 + 32));
-        top3 = _mm512_mask_max_ps(top3, k[3], top3, _mm512_load_ps(s + j * 16 + 48));
-    }
-    const __m512 top = _mm512_max_ps(_mm512_max_ps(top0, top1), _mm512_max_ps(top2, top3)), vc = _mm512_set1_ps(c);
-    const __mmask16 raise = _mm512_cmp_ps_mask(_mm512_mul_ps(_mm512_sub_ps(top, *m), vc), _mm512_set1_ps(8.0f),
-                                               _CMP_GT_OQ);
-    const __m512 max = _mm512_mask_mov_ps(*m, raise, top), shift = _mm512_mul_ps(max, _mm512_set1_ps(-c));
-    *rescale = raise ? exp2_16(_mm512_mul_ps(_mm512_sub_ps(*m, max), vc)) : _mm512_set1_ps(1.0f);
+    const prefill_max_step step = prefill_raise_max(s, used, k0, first, rows, all, c, *m);
+    const __m512 vc = _mm512_set1_ps(c), shift = _mm512_mul_ps(step.max, _mm512_set1_ps(-c));
     __m512 sum0 = _mm512_setzero_ps(), sum1 = sum0;
     for (int64_t j = 0; j < used; j += 2) {
         __m512 e0 = exp2_16(_mm512_fmadd_ps(_mm512_load_ps(s + j * 16), vc, shift));
@@ -85,9 +70,9 @@ static __mmask16 softmax_f32(float *s, int64_t used, int64_t k0, int64_t first, 
         _mm512_store_ps(s + j * 16, e0);
         _mm512_store_ps(s + j * 16 + 16, e1);
     }
-    *m = max;
-    *l = _mm512_fmadd_ps(*l, *rescale, _mm512_add_ps(sum0, sum1));
-    return raise;
+    *m = step.max, *rescale = step.rescale;
+    *l = _mm512_fmadd_ps(*l, step.rescale, _mm512_add_ps(sum0, sum1));
+    return step.raised;
 }
 
 /* o_b^T [dim, 16 queries] = rescale_b * o_b^T + V^T P_b^T over `used` keys for the n blocks b: vt [keys,
@@ -118,7 +103,7 @@ static inline __attribute__((always_inline)) void values_f32(const float *const 
 
 /* What one call's key blocks share (as prefill_plan in cpu_prefill.c). */
 typedef struct {
-    int64_t width, chunk, tblocks, nq, dim, group;
+    int64_t width, chunk, tblocks, dim, group;
     float c;               /* the softmax scale times log2(e) */
     float *qt, *kt, *vt;   /* [nq, dim, 16] query blocks^T; [KEY_BLOCK_F32, dim] keys and values */
     float *o, *ml, *s;     /* [nq, dim, 16] outputs^T; [nq, 2, 16] maxima, sums; [SHARED, KEY_BLOCK_F32, 16] */
@@ -170,7 +155,7 @@ int prefill_attention_f32(const float *q, int64_t q_token, int64_t q_head, const
     if (dim % 16 || dim > 256 || kv_heads < 1 || heads % kv_heads || chunk < 1 || chunk > width) return -1;
     const int64_t group = heads / kv_heads, stride = kv_heads * dim, tblocks = (chunk + 15) / 16;
     const int64_t nq = group * tblocks;
-    prefill_plan_f32 pl = {width, chunk, tblocks, nq, dim, group, scale * 1.44269504088896341f,
+    prefill_plan_f32 pl = {width, chunk, tblocks, dim, group, scale * 1.44269504088896341f,
                            aligned_alloc(64, (size_t)(nq * dim * 64)), aligned_alloc(64, KEY_BLOCK_F32 * dim * 4),
                            aligned_alloc(64, KEY_BLOCK_F32 * dim * 4), aligned_alloc(64, (size_t)(nq * dim * 64)),
                            aligned_alloc(64, (size_t)(nq * 128)), aligned_alloc(64, SHARED * KEY_BLOCK_F32 * 64)};
